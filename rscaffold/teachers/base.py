@@ -1,0 +1,67 @@
+"""The one small interface every LLM backend implements (teacher and labeler alike)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from rscaffold.config import SamplingConfig
+
+
+@dataclass
+class ChatRequest:
+    """One chat completion to run. ``request_id`` is stable across re-runs (used for resume)."""
+
+    request_id: str
+    messages: list[dict[str, str]]
+    # JSON schema the output must follow; backends constrain decoding where they can
+    # (OpenAI response_format, vLLM guided decoding) and otherwise ignore it (caller validates).
+    json_schema: dict[str, Any] | None = None
+    n: int = 1  # samples for this request (vLLM / OpenAI ``n``); transformers loops
+
+
+@dataclass
+class Completion:
+    """The result of one request (one sample). ``error`` is set when it failed."""
+
+    request_id: str
+    text: str = ""
+    reasoning: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_s: float = 0.0
+    sample_index: int = 0
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+ResultCallback = Callable[[Completion], None]
+
+
+@runtime_checkable
+class LLMBackend(Protocol):
+    name: str
+    model_id: str
+
+    def generate(
+        self,
+        requests: Sequence[ChatRequest],
+        sampling: SamplingConfig,
+        on_result: ResultCallback | None = None,
+    ) -> list[Completion]:
+        """Run all requests; return one Completion per (request, sample), never raising for a
+        single bad request (its Completion carries ``error``). ``on_result`` is called as each
+        completion finishes so callers can persist work incrementally."""
+        ...
+
+    def close(self) -> None: ...
