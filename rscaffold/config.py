@@ -206,6 +206,7 @@ class EvaluationConfig(_Section):
 
 
 class RunSettings(_Section):
+    # Relative to the working directory (not to the config file), like any output location.
     artifacts_dir: str = "artifacts"
     retries: int = Field(default=1, ge=0)
     retry_delay_s: float = Field(default=2.0, ge=0)
@@ -231,7 +232,6 @@ _PATH_FIELDS: dict[str, tuple[str, ...]] = {
     "problems": ("train", "eval"),
     "labeling": ("taxonomy",),
     "training": ("student", "tokenizer"),
-    "run": ("artifacts_dir",),
 }
 _LLM_PATH_FIELDS = ("model", "tokenizer")
 

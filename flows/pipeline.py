@@ -1,0 +1,98 @@
+"""The full rscaffold flow, and the flow that re-runs one stage (and optionally what follows).
+
+Both take a pydantic ``PipelineConfig`` parameter, so the Prefect UI renders a form for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from rscaffold.config import STAGES, PipelineConfig, StageName
+from rscaffold.pipeline import plan_fingerprints
+from rscaffold.store import StageDir
+from tasks.dataset import dataset_task
+from tasks.evaluation import evaluation_task
+from tasks.labeling import labeling_task
+from tasks.problems import problems_task
+from tasks.teacher import teacher_task
+from tasks.training import training_task
+
+TASKS = {
+    "problems": problems_task,
+    "teacher": teacher_task,
+    "labeling": labeling_task,
+    "dataset": dataset_task,
+    "training": training_task,
+    "evaluation": evaluation_task,
+}
+
+
+def expand_refresh(refresh: list[str] | set[str]) -> set[str]:
+    """A refreshed stage forces every stage after it, since they consume its output."""
+    if not refresh:
+        return set()
+    unknown = set(refresh) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
+    first = min(STAGES.index(s) for s in refresh)
+    return set(STAGES[first:])
+
+
+def _configured(stage: str, config: PipelineConfig, fps: dict[str, str], forced: set[str]):
+    """The stage task with retries from config; Prefect's cache is bypassed for a forced stage
+    and for a stage whose artifact directory is missing or incomplete (a cached result would
+    point at nothing)."""
+    complete = StageDir(config.run.artifacts_dir, stage, fps[stage]).is_complete()
+    return TASKS[stage].with_options(
+        retries=config.run.retries,
+        retry_delay_seconds=config.run.retry_delay_s,
+        refresh_cache=(stage in forced) or not complete,
+    )
+
+
+def run_stages(config: PipelineConfig, refresh: set[str], until: str = "evaluation") -> dict[str, dict[str, Any]]:
+    logger = get_run_logger()
+    fps = plan_fingerprints(config)
+    forced = expand_refresh(refresh)
+    refs: dict[str, dict[str, Any]] = {}
+    last = STAGES.index(until)
+
+    def call(stage: str, *upstream: dict) -> dict:
+        result = _configured(stage, config, fps, forced)(config, fps, *upstream, force=stage in forced)
+        logger.info("stage %-10s %s -> %s", stage, result["fingerprint"], result["path"])
+        return result
+
+    refs["problems"] = call("problems")
+    if last >= 1:
+        refs["teacher"] = call("teacher", refs["problems"])
+    if last >= 2:
+        refs["labeling"] = call("labeling", refs["teacher"])
+    if last >= 3:
+        refs["dataset"] = call("dataset", refs["teacher"], refs["labeling"])
+    if last >= 4:
+        refs["training"] = call("training", refs["dataset"])
+    if last >= 5:
+        refs["evaluation"] = call("evaluation", refs["problems"], refs["training"])
+    return refs
+
+
+@flow(name="rscaffold-pipeline", flow_run_name="rscaffold-{config.problems.format}", log_prints=True)
+def rscaffold_pipeline(config: PipelineConfig, refresh: list[StageName] | None = None) -> dict[str, dict[str, Any]]:
+    """Problems -> teacher traces -> signal labels -> dataset -> students -> evaluation.
+
+    ``refresh``: stages to recompute even if cached (each also forces the stages after it).
+    """
+    return run_stages(config, set(refresh or []))
+
+
+@flow(name="rscaffold-stage", flow_run_name="rscaffold-stage-{stage}", log_prints=True)
+def rscaffold_stage(config: PipelineConfig, stage: StageName, downstream: bool = False) -> dict[str, dict[str, Any]]:
+    """Re-run one stage against the existing upstream artifacts of ``config``.
+
+    Upstream stages are taken from the cache/store (computed only if missing); ``downstream``
+    also recomputes every stage after it.
+    """
+    until = "evaluation" if downstream else stage
+    return run_stages(config, {stage}, until=until)

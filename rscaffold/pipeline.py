@@ -1,0 +1,445 @@
+"""The six stages as plain functions over the artifact store (no Prefect here).
+
+Each ``run_<stage>`` takes the pipeline config and the references of its inputs, computes its
+fingerprint (config section + input fingerprints + code version), and either returns the
+complete output that already exists for that fingerprint or produces it. Partial work (traces,
+labels, checkpoints) is kept under the stage directory so a failed stage resumes on re-run.
+
+:func:`plan_fingerprints` derives every stage's fingerprint from the config alone, which is what
+the Prefect tasks use as their cache keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rscaffold.config import STAGES, PipelineConfig
+from rscaffold.records import (
+    ExampleRecord,
+    LabeledStepRecord,
+    MetricRecord,
+    PredictionRecord,
+    ProblemRecord,
+    TraceRecord,
+)
+from rscaffold.store import StageDir, StageRef, code_version, file_digest, fingerprint, read_records, write_records
+
+log = logging.getLogger("rscaffold.pipeline")
+
+Progress = Callable[[int, int], None]
+
+# Library modules whose source goes into each stage's code version.
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "problems": ("benchmarks", "records.py", "pipeline.py"),
+    "teacher": ("teachers", "traces.py", "benchmarks/answers.py", "records.py", "models.py"),
+    "labeling": ("segment.py", "signals.py", "teachers", "records.py"),
+    "dataset": ("dataset.py", "records.py"),
+    "training": ("training", "models.py", "records.py"),
+    "evaluation": ("inference.py", "evaluation.py", "benchmarks", "training/format.py", "records.py"),
+}
+
+
+def _source_digest(source: str) -> str:
+    """Content digest of a local input file; hub sources are identified by their id."""
+    return source if source.startswith("hub:") else file_digest(source)
+
+
+def plan_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
+    """The fingerprint of every stage, from the config alone (upstream fingerprints chained)."""
+    from rscaffold.signals import load_taxonomy
+
+    fps: dict[str, str] = {}
+    p = cfg.problems
+    fps["problems"] = fingerprint(
+        "problems", p, _source_digest(p.train), _source_digest(p.eval), code_version(*STAGE_CODE["problems"])
+    )
+    fps["teacher"] = fingerprint("teacher", fps["problems"], cfg.teacher, code_version(*STAGE_CODE["teacher"]))
+    fps["labeling"] = fingerprint(
+        "labeling",
+        fps["teacher"],
+        cfg.labeling.model_dump(exclude={"taxonomy"}),
+        cfg.labeler_llm() if cfg.labeling.method == "llm" else None,
+        load_taxonomy(cfg.labeling.taxonomy).digest(),
+        code_version(*STAGE_CODE["labeling"]),
+    )
+    fps["dataset"] = fingerprint("dataset", fps["labeling"], cfg.dataset, code_version(*STAGE_CODE["dataset"]))
+    fps["training"] = fingerprint("training", fps["dataset"], cfg.training, code_version(*STAGE_CODE["training"]))
+    fps["evaluation"] = fingerprint(
+        "evaluation", fps["training"], fps["problems"], cfg.evaluation, code_version(*STAGE_CODE["evaluation"])
+    )
+    assert tuple(fps) == STAGES
+    return fps
+
+
+def stage_dir(cfg: PipelineConfig, stage: str, fps: dict[str, str] | None = None) -> StageDir:
+    fps = fps or plan_fingerprints(cfg)
+    return StageDir(cfg.run.artifacts_dir, stage, fps[stage])
+
+
+def completed_ref(cfg: PipelineConfig, stage: str, fps: dict[str, str] | None = None) -> StageRef | None:
+    sd = stage_dir(cfg, stage, fps)
+    return sd.ref() if sd.is_complete() else None
+
+
+def _open(cfg: PipelineConfig, stage: str, fps: dict[str, str], force: bool) -> tuple[StageDir, StageRef | None]:
+    sd = StageDir(cfg.run.artifacts_dir, stage, fps[stage])
+    if sd.is_complete() and not force:
+        log.info("%s: complete output found at %s", stage, sd.path)
+        return sd, sd.ref()
+    sd.prepare(fresh=force)
+    return sd, None
+
+
+def _inputs(*refs: StageRef) -> dict[str, str]:
+    return {r.stage: r.fingerprint for r in refs}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. problems
+
+
+def run_problems(cfg: PipelineConfig, fps: dict[str, str], force: bool = False) -> StageRef:
+    from rscaffold.benchmarks.loaders import load_problems
+
+    sd, done = _open(cfg, "problems", fps, force)
+    if done:
+        return done
+    started = time.time()
+    p = cfg.problems
+    train = load_problems(p.train, benchmark=p.format, split="train", limit=p.limit_train, seed=p.seed)
+    evl = load_problems(p.eval, benchmark=p.format, split="eval", limit=p.limit_eval, seed=p.seed)
+    train = [r.model_copy(update={"split": "train"}) for r in train]
+    evl = [r.model_copy(update={"split": "eval"}) for r in evl]
+    write_records(sd.path / "problems.parquet", train + evl, ProblemRecord)
+    return sd.finish(
+        {"problems": "problems.parquet"},
+        p,
+        {"train": _source_digest(p.train), "eval": _source_digest(p.eval)},
+        {"train": len(train), "eval": len(evl)},
+        started,
+        code_version(*STAGE_CODE["problems"]),
+    )
+
+
+def read_problems(ref: StageRef, split: str | None = None) -> list[ProblemRecord]:
+    rows = read_records(ref.output("problems"), ProblemRecord)
+    return [r for r in rows if split is None or r.split == split]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. teacher traces
+
+
+def run_teacher(
+    cfg: PipelineConfig, fps: dict[str, str], problems: StageRef, force: bool = False, progress: Progress | None = None
+) -> StageRef:
+    from rscaffold.benchmarks.answers import extract_answer, is_correct
+    from rscaffold.benchmarks.loaders import BENCHMARKS
+    from rscaffold.teachers import create_backend
+    from rscaffold.traces import generate_traces, select_traces
+
+    sd, done = _open(cfg, "teacher", fps, force)
+    if done:
+        return done
+    started = time.time()
+    answer_type = BENCHMARKS[cfg.problems.format].answer_type
+    train = read_problems(problems, "train")
+    backend = create_backend(cfg.teacher.llm)
+    try:
+        result = generate_traces(
+            train,
+            backend,
+            cfg.teacher,
+            sd,
+            answer_fn=lambda text: extract_answer(text, answer_type),
+            check_fn=lambda pred, gold: pred is not None and is_correct(pred, gold, answer_type),
+            progress=progress,
+        )
+    finally:
+        backend.close()
+    kept, dropped = select_traces(result.traces, cfg.teacher.keep)
+    write_records(sd.path / "traces.parquet", result.traces, TraceRecord)
+    write_records(sd.path / "kept_traces.parquet", kept, TraceRecord)
+    summary = {
+        **result.counts,
+        "kept": len(kept),
+        "dropped": dropped,
+        "failure_reasons": dict(result.failure_reasons),
+    }
+    return sd.finish(
+        {"traces": "traces.parquet", "kept_traces": "kept_traces.parquet"},
+        cfg.teacher,
+        _inputs(problems),
+        summary,
+        started,
+        code_version(*STAGE_CODE["teacher"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. labeling
+
+
+def run_labeling(
+    cfg: PipelineConfig, fps: dict[str, str], teacher: StageRef, force: bool = False, progress: Progress | None = None
+) -> StageRef:
+    from rscaffold.segment import split_steps
+    from rscaffold.signals import label_quality_report, label_traces, load_taxonomy
+
+    sd, done = _open(cfg, "labeling", fps, force)
+    if done:
+        return done
+    started = time.time()
+    tax = load_taxonomy(cfg.labeling.taxonomy)
+    traces = read_records(teacher.output("kept_traces"), TraceRecord)
+
+    # Resume: traces whose labels are already in shards are not sent again.
+    finished = sd.read_shards("labeled_steps", LabeledStepRecord)
+    finished_ids = {s.trace_id for s in finished} | set(_read_json(sd.shards / "empty_traces.json", []))
+    todo = []
+    empty: list[str] = []
+    for t in traces:
+        if t.trace_id in finished_ids:
+            continue
+        text = "\n\n".join(x for x in (t.reasoning, t.text) if x)
+        steps = split_steps(text, cfg.labeling.segmentation)
+        if not steps:
+            empty.append(t.trace_id)
+            continue
+        todo.append((t.trace_id, t.problem_id, t.question, steps))
+    if empty:
+        # Traces with no steps are remembered so a resumed run does not count them as pending.
+        previous = _read_json(sd.shards / "empty_traces.json", [])
+        _write_json(sd.shards / "empty_traces.json", sorted(set(previous) | set(empty)))
+
+    backend = None
+    if cfg.labeling.method == "llm" and todo:
+        from rscaffold.teachers import create_backend
+
+        backend = create_backend(cfg.labeler_llm())
+    stats: Counter[str] = Counter()
+    try:
+        done_n = 0
+        # Label in shard-sized groups: each group is one batched generate call, persisted at once.
+        for i in range(0, len(todo), cfg.labeling.shard_size):
+            group = todo[i : i + cfg.labeling.shard_size]
+            batch: list[LabeledStepRecord] = []
+            for records in label_traces(group, tax, backend, cfg.labeling.sampling, cfg.labeling, stats=stats):
+                batch.extend(records)
+            sd.write_shard("labeled_steps", batch, LabeledStepRecord)
+            done_n += len(group)
+            if progress:
+                progress(done_n, len(todo))
+    finally:
+        if backend is not None:
+            backend.close()
+
+    steps = sd.read_shards("labeled_steps", LabeledStepRecord)
+    steps.sort(key=lambda s: (s.trace_id, s.step_index))
+    write_records(sd.path / "labeled_steps.parquet", steps, LabeledStepRecord)
+    report = label_quality_report(steps, tax)
+    _write_json(sd.path / "quality.json", report)
+    summary = {
+        "traces": len(traces),
+        "labeled_traces": len({s.trace_id for s in steps}),
+        "steps": len(steps),
+        "empty_traces": len(_read_json(sd.shards / "empty_traces.json", [])),
+        "label_sources": dict(Counter(s.source for s in steps)),
+        "this_run": dict(stats),
+        "taxonomy_digest": tax.digest(),
+    }
+    return sd.finish(
+        {"labeled_steps": "labeled_steps.parquet", "quality": "quality.json"},
+        {"labeling": cfg.labeling, "labeler": cfg.labeler_llm() if cfg.labeling.method == "llm" else None},
+        _inputs(teacher),
+        summary,
+        started,
+        code_version(*STAGE_CODE["labeling"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. dataset
+
+
+def run_dataset(cfg: PipelineConfig, fps: dict[str, str], teacher: StageRef, labeling: StageRef, force: bool = False) -> StageRef:
+    from rscaffold.dataset import assemble_examples, dataset_stats
+    from rscaffold.signals import load_taxonomy
+
+    sd, done = _open(cfg, "dataset", fps, force)
+    if done:
+        return done
+    started = time.time()
+    traces = read_records(teacher.output("kept_traces"), TraceRecord)
+    steps = read_records(labeling.output("labeled_steps"), LabeledStepRecord)
+    examples, dropped = assemble_examples(traces, steps, cfg.dataset)
+    if not any(e.split == "train" for e in examples):
+        raise RuntimeError(
+            f"the dataset has no training rows ({len(traces)} traces, dropped: {dropped}); "
+            "check the teacher output and dataset.only_correct/min_steps"
+        )
+    tax = load_taxonomy(cfg.labeling.taxonomy)
+    write_records(sd.path / "examples.parquet", examples, ExampleRecord)
+    stats = dataset_stats(examples, tax.names)
+    stats["dropped"] = dropped
+    stats["taxonomy_digest"] = tax.digest()
+    stats["fingerprint"] = sd.fingerprint
+    _write_json(sd.path / "stats.json", stats)
+    return sd.finish(
+        {"examples": "examples.parquet", "stats": "stats.json"},
+        cfg.dataset,
+        _inputs(teacher, labeling),
+        stats,
+        started,
+        code_version(*STAGE_CODE["dataset"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. training
+
+
+def run_training(cfg: PipelineConfig, fps: dict[str, str], dataset: StageRef, force: bool = False) -> StageRef:
+    from rscaffold.models import save_tiny_model
+    from rscaffold.signals import load_taxonomy
+    from rscaffold.training.trainer import train_student
+
+    sd, done = _open(cfg, "training", fps, force)
+    if done:
+        return done
+    started = time.time()
+    tax = load_taxonomy(cfg.labeling.taxonomy)
+    examples = read_records(dataset.output("examples"), ExampleRecord)
+    train_rows = [e for e in examples if e.split == "train"]
+    tcfg = cfg.training
+    if tcfg.tiny is not None:
+        # The untrained starting point is saved so that "base" is evaluated on exactly the
+        # weights both students start from.
+        base_dir = sd.path / "base"
+        if not (base_dir / "config.json").exists():
+            save_tiny_model(tcfg.tokenizer or tcfg.student, tcfg.tiny, base_dir)
+        base = str(base_dir)
+        tcfg = tcfg.model_copy(update={"student": base, "tiny": None, "tokenizer": None})
+    else:
+        base = tcfg.student
+    card = {"dataset_fingerprint": dataset.fingerprint, "taxonomy_digest": tax.digest(), "training_fingerprint": sd.fingerprint}
+    results: dict[str, Any] = {}
+    outputs = {"base": "base" if cfg.training.tiny is not None else base}
+    variants = [("scaffolded", True)] + ([("cot_sft", False)] if tcfg.train_baseline else [])
+    for name, scaffolded in variants:
+        res = train_student(
+            train_rows, tcfg, tax.names, tax.tokens, sd.path / name, scaffolded=scaffolded, model_card_info=card
+        )
+        results[name] = _as_dict(res)
+        outputs[name] = os.path.relpath(Path(res.model_dir).resolve(), sd.path.resolve())
+    _write_json(sd.path / "train_metrics.json", results)
+    outputs["metrics"] = "train_metrics.json"
+    return sd.finish(
+        outputs,
+        cfg.training,
+        _inputs(dataset),
+        {"train_rows": len(train_rows), **{k: {m: v.get(m) for m in ("train_loss", "step_loss", "signal_loss", "steps", "runtime_s")} for k, v in results.items()}},
+        started,
+        code_version(*STAGE_CODE["training"]),
+    )
+
+
+def model_path(ref: StageRef, name: str) -> str:
+    """Absolute path (or hub id) of a model the training stage produced or started from."""
+    value = ref.outputs[name]
+    p = Path(ref.path) / value
+    return str(p) if p.exists() else value
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. evaluation
+
+
+def run_evaluation(
+    cfg: PipelineConfig,
+    fps: dict[str, str],
+    problems: StageRef,
+    training: StageRef,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> StageRef:
+    from rscaffold.benchmarks.loaders import BENCHMARKS
+    from rscaffold.evaluation import compute_metrics, render_markdown_report, score_output, signal_distribution, metrics_table
+    from rscaffold.inference import generate
+    from rscaffold.training.trainer import load_student
+
+    sd, done = _open(cfg, "evaluation", fps, force)
+    if done:
+        return done
+    started = time.time()
+    ecfg = cfg.evaluation
+    bench = cfg.problems.format
+    answer_type = BENCHMARKS[bench].answer_type
+    problems_eval = read_problems(problems, "eval")
+    if ecfg.limit:
+        problems_eval = problems_eval[: ecfg.limit]
+    questions = [p.question for p in problems_eval]
+
+    # Per-model predictions are persisted as soon as a model is done (resume per model).
+    predictions: list[PredictionRecord] = []
+    for i, name in enumerate(ecfg.models):
+        shard = sd.path / f"predictions-{name}.parquet"
+        if shard.exists():
+            predictions.extend(read_records(shard, PredictionRecord))
+            continue
+        student = load_student(model_path(training, name))
+        mode = "guided" if name == "scaffolded" else "plain"
+        outs = generate(student, questions, mode=mode, max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size, guided=ecfg.guided)
+        preds = [
+            score_output(name, bench, p, o.text, answer_type, o.output_tokens, o.signals, o.latency_s)
+            for p, o in zip(problems_eval, outs)
+        ]
+        write_records(shard, preds, PredictionRecord)
+        predictions.extend(preds)
+        del student
+        if progress:
+            progress(i + 1, len(ecfg.models))
+
+    metrics = compute_metrics(predictions, ecfg.bootstrap_samples, ecfg.seed)
+    write_records(sd.path / "predictions.parquet", predictions, PredictionRecord)
+    write_records(sd.path / "metrics.parquet", metrics, MetricRecord)
+    signals = signal_distribution(predictions)
+    _write_json(sd.path / "metrics.json", {"metrics": [m.model_dump() for m in metrics], "generated_signals": signals})
+    (sd.path / "report.md").write_text(render_markdown_report(metrics, signals))
+    return sd.finish(
+        {"predictions": "predictions.parquet", "metrics": "metrics.parquet", "metrics_json": "metrics.json", "report": "report.md"},
+        ecfg,
+        _inputs(problems, training),
+        {"table": metrics_table(metrics)},
+        started,
+        code_version(*STAGE_CODE["evaluation"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(obj).items()}
+    return dict(obj)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=str))
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    return json.loads(path.read_text()) if path.exists() else default

@@ -1,0 +1,77 @@
+"""What every stage task shares: cache keys, progress and UI artifacts.
+
+The cache key of a stage task is the stage's fingerprint (config section + upstream fingerprints
++ code version, see ``rscaffold.pipeline.plan_fingerprints``), so Prefect's cache and the
+content-addressed artifact store agree on what "the same work" is.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
+
+from rscaffold.store import StageRef
+
+
+def stage_cache_key(stage: str):
+    def key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
+        return f"rscaffold-{stage}-{params['fps'][stage]}"
+
+    key.__name__ = f"{stage}_cache_key"
+    return key
+
+
+def artifact_key(stage: str, ref: StageRef | None = None) -> str:
+    # Prefect artifact keys: lowercase letters, digits and dashes only.
+    return f"rscaffold-{stage}"
+
+
+class ProgressReporter:
+    """A Prefect progress artifact (and log lines) for a long stage; throttled."""
+
+    def __init__(self, stage: str, every_s: float = 2.0):
+        self.stage = stage
+        self.every_s = every_s
+        self._last = 0.0
+        self._id = None
+        try:
+            self._id = create_progress_artifact(progress=0.0, description=f"{stage} progress")
+        except Exception:  # no API available: progress is informative, never fatal
+            self._id = None
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self._last < self.every_s:
+            return
+        self._last = now
+        pct = 100.0 * done / total if total else 100.0
+        get_run_logger().info("%s: %d/%d (%.0f%%)", self.stage, done, total, pct)
+        if self._id is not None:
+            try:
+                update_progress_artifact(self._id, progress=pct)
+            except Exception:
+                pass
+
+
+def publish_stage(ref: StageRef, extra_markdown: str = "") -> None:
+    """Log where the stage's outputs are and publish a markdown artifact describing them."""
+    logger = get_run_logger()
+    lines = [f"## {ref.stage} `{ref.fingerprint}`", "", f"Directory: `{ref.path}`", "", "| output | path |", "|---|---|"]
+    for name, rel in ref.outputs.items():
+        lines.append(f"| {name} | `{rel}` |")
+        logger.info("%s output %s: %s/%s", ref.stage, name, ref.path, rel)
+    if ref.summary:
+        lines += ["", "```json", _json(ref.summary), "```"]
+    if extra_markdown:
+        lines += ["", extra_markdown]
+    create_markdown_artifact("\n".join(lines), key=artifact_key(ref.stage), description=f"{ref.stage} outputs")
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=str)[:20000]

@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rscaffold.config import ConfigError, PipelineConfig, check_inputs_exist, load_config
+
+
+def write(tmp_path: Path, data) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return p
+
+
+def test_default_config_loads_and_points_at_built_in_data():
+    cfg = load_config()
+    assert Path(cfg.problems.train).name == "train.jsonl" and Path(cfg.problems.train).exists()
+    assert Path(cfg.labeling.taxonomy).exists()
+    assert cfg.teacher.llm.backend == "transformers"
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, {"teacher": {"sampling": {"max_new_token": 3}}}))
+    assert "teacher.sampling.max_new_token" in str(e.value) and "unknown key" in str(e.value)
+
+
+def test_wrong_type_is_named(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, {"training": {"max_steps": "many"}}))
+    assert "training.max_steps" in str(e.value)
+
+
+def test_unknown_backend_is_named(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, {"teacher": {"llm": {"backend": "ollama"}}}))
+    msg = str(e.value)
+    assert "teacher.llm.backend" in msg and "transformers" in msg
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "teacher: [unclosed"))
+
+
+def test_relative_paths_resolve_against_config_dir(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "t.jsonl").write_text("")
+    cfg = load_config(write(tmp_path, {"problems": {"train": "p/t.jsonl"}}))
+    assert cfg.problems.train == str((tmp_path / "p" / "t.jsonl").resolve())
+
+
+def test_missing_input_files_are_reported_before_running(tmp_path):
+    cfg = load_config(write(tmp_path, {"problems": {"train": "missing.jsonl"}}))
+    with pytest.raises(ConfigError) as e:
+        check_inputs_exist(cfg)
+    assert "problems.train" in str(e.value) and "missing.jsonl" in str(e.value)
+
+
+def test_prompt_template_needs_question():
+    with pytest.raises(Exception, match="question"):
+        PipelineConfig.model_validate({"teacher": {"prompt_template": "solve it"}})
+
+
+def test_labeler_defaults_to_teacher_backend():
+    cfg = PipelineConfig()
+    assert cfg.labeler_llm() is cfg.teacher.llm
