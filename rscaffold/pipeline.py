@@ -190,7 +190,7 @@ def run_teacher(
 def run_labeling(
     cfg: PipelineConfig, fps: dict[str, str], teacher: StageRef, force: bool = False, progress: Progress | None = None
 ) -> StageRef:
-    from rscaffold.segment import split_steps
+    from rscaffold.segment import split_steps, trace_body
     from rscaffold.signals import label_quality_report, label_traces, load_taxonomy
 
     sd, done = _open(cfg, "labeling", fps, force)
@@ -208,8 +208,7 @@ def run_labeling(
     for t in traces:
         if t.trace_id in finished_ids:
             continue
-        text = "\n\n".join(x for x in (t.reasoning, t.text) if x)
-        steps = split_steps(text, cfg.labeling.segmentation)
+        steps = split_steps(trace_body(t.reasoning, t.text), cfg.labeling.segmentation)
         if not steps:
             empty.append(t.trace_id)
             continue

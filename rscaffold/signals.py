@@ -20,7 +20,7 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -41,6 +41,7 @@ PROMPT_STEPS_BUDGET_CHARS = 6000  # all steps of one trace together
 PROMPT_QUESTION_CHARS = 600
 RETRY_ANSWER_CHARS = 1500  # how much of a failed answer is quoted back in a retry
 TRUNCATION_MARK = " [...]"
+MAX_REPORTED_PROBLEMS = 5  # per kind, in a parse error (the error is quoted back in retries)
 
 # Rough output-token cost of one answer entry, used to pick the answer format that fits
 # ``sampling.max_new_tokens`` (small local labelers get ~160 new tokens).
@@ -563,35 +564,40 @@ def parse_labels(text: str, n_steps: int, tax: Taxonomy) -> list[ParsedLabel]:
             offset = 0  # consistently 0-based: unambiguous
         indexed = [(int(s) - offset, label, rat) for s, label, rat in entries]  # type: ignore[arg-type]
 
-    problems: list[str] = []
-    unknown = False
+    out_of_range: list[str] = []
+    unknown: list[str] = []
     out: dict[int, ParsedLabel] = {}
     dup: set[int] = set()
     for idx, label, rat in indexed:
-        shown = idx + 1
         if not 0 <= idx < n_steps:
-            problems.append(f"step {shown} is out of range 1..{n_steps}")
+            out_of_range.append(f"step {idx + 1} is out of range 1..{n_steps}")
             continue
         if idx in out or idx in dup:
             dup.add(idx)
             continue
         name = resolve_signal(label, tax)
         if name is None:
-            problems.append(f"step {shown}: unknown signal {label.strip()[:60]!r}")
-            unknown = True
-            out[idx] = ParsedLabel(idx, "", None)  # placeholder: not missing, but invalid
+            unknown.append(f"step {idx + 1}: unknown signal {label.strip()[:60]!r}")
+            out[idx] = ParsedLabel(idx, "", None)  # placeholder: present, but invalid
             continue
         out[idx] = ParsedLabel(idx, name, rat.strip() if isinstance(rat, str) and rat.strip() else None)
+    problems = _capped(out_of_range)
     if dup:
         problems.append("step(s) labeled more than once: " + ", ".join(str(i + 1) for i in sorted(dup)))
     missing = [i + 1 for i in range(n_steps) if i not in out]
     if missing:
         problems.append("missing step(s): " + _ranges(missing))
+    if unknown:
+        problems += _capped(unknown) + [f"valid signals: {', '.join(tax.names)}"]
     if problems:
-        if unknown:
-            problems.append(f"valid signals: {', '.join(tax.names)}")
         raise LabelParseError("; ".join(problems))
     return [out[i] for i in range(n_steps)]
+
+
+def _capped(problems: list[str]) -> list[str]:
+    if len(problems) <= MAX_REPORTED_PROBLEMS:
+        return problems
+    return problems[:MAX_REPORTED_PROBLEMS] + [f"and {len(problems) - MAX_REPORTED_PROBLEMS} more"]
 
 
 def _ranges(nums: list[int]) -> str:
@@ -661,6 +667,9 @@ class Labeler:
     def label(self, traces: Sequence[tuple[str, str, str, Sequence[str]]]) -> Iterator[list[LabeledStepRecord]]:
         """Yield one list of records per trace, in input order."""
         items = [TraceSteps(*t) for t in traces]
+        dups = sorted(k for k, c in Counter(t.trace_id for t in items).items() if c > 1)
+        if dups:
+            raise ValueError(f"trace ids must be unique within one call: {', '.join(dups[:5])}")
         pre = [[keyword_prelabel(s, self.tax) for s in t.steps] for t in items]
         for t, p in zip(items, pre):
             self.stats.traces += 1
@@ -676,6 +685,7 @@ class Labeler:
         self, t: TraceSteps, pre: list[tuple[str | None, str | None]], parsed: list[ParsedLabel] | None
     ) -> list[LabeledStepRecord]:
         out = []
+        source: Source
         for i, (step, (sig, cue)) in enumerate(zip(t.steps, pre)):
             if parsed is not None:
                 signal, source, rationale = parsed[i].signal, "llm", parsed[i].rationale
@@ -753,11 +763,9 @@ class Labeler:
 
     def _generate(self, requests: list[ChatRequest]) -> dict[str, Completion]:
         assert self.backend is not None
-        try:
-            completions = self.backend.generate(requests, self.sampling)
-        except Exception as err:  # a backend must not raise, but a crash must not lose the shard
-            log.exception("labeler backend raised")
-            return {r.request_id: Completion(r.request_id, error=f"{type(err).__name__}: {err}") for r in requests}
+        # A backend reports a bad request in its Completion; an exception is a systemic failure
+        # (server down, out of memory) and propagates, so no shard is filled with fallback labels.
+        completions = self.backend.generate(requests, self.sampling)
         out: dict[str, Completion] = {}
         for c in completions:
             out.setdefault(c.request_id, c)  # n=1: the first sample
@@ -770,18 +778,25 @@ def label_traces(
     backend: LLMBackend | None,
     sampling: SamplingConfig,
     cfg: LabelingConfig,
-    stats: LabelStats | None = None,
+    stats: LabelStats | MutableMapping[str, int] | None = None,
 ) -> Iterator[list[LabeledStepRecord]]:
     """Label ``(trace_id, problem_id, question, steps)`` tuples; yield one record list per trace.
 
     Method ``keyword`` (or no backend): keyword pre-label, else the default signal. Method ``llm``:
-    one batched ``generate`` call for all traces, one for each retry round. Pass ``stats`` to
-    receive the counters.
+    one batched ``generate`` call for all traces, one for each retry round. ``stats`` receives the
+    counters: a :class:`LabelStats` is updated in place; a mapping (e.g. a ``Counter``) gets the
+    numeric counters added when the iteration ends.
     """
     labeler = Labeler(tax, backend, sampling, cfg)
-    if stats is not None:
+    if isinstance(stats, LabelStats):
         labeler.stats = stats
-    yield from labeler.label(traces)
+    try:
+        yield from labeler.label(traces)
+    finally:
+        if stats is not None and not isinstance(stats, LabelStats):
+            for key, value in labeler.stats.as_dict().items():
+                if isinstance(value, int):
+                    stats[key] = stats.get(key, 0) + value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -813,3 +828,43 @@ def cohens_kappa(a: Sequence[str], b: Sequence[str]) -> float:
     if pe >= 1.0:
         return 1.0
     return (po - pe) / (1.0 - pe)
+
+
+def label_quality_report(steps: Sequence[LabeledStepRecord], tax: Taxonomy) -> dict[str, Any]:
+    """JSON-able quality summary of labeled steps (for ``quality.json`` and the stage artifact).
+
+    ``keyword_coverage``: share of steps with a keyword pre-label (the paper reports ~74%);
+    ``prelabel_agreement`` / ``prelabel_kappa``: agreement of the pre-label with the LLM label on
+    LLM-labeled steps that had one (the paper reports ~87% agreement); ``transitions``: signal
+    bigram counts over traces (rows: from, columns: to, in ``names`` order).
+    """
+    names = tax.names
+    n = len(steps)
+    by_trace: dict[str, list[LabeledStepRecord]] = {}
+    for s in steps:
+        by_trace.setdefault(s.trace_id, []).append(s)
+    sequences = [[s.signal for s in sorted(v, key=lambda r: r.step_index)] for v in by_trace.values()]
+    signal_counts = Counter(s.signal for s in steps)
+    checked = [(s.prelabel, s.signal) for s in steps if s.source == "llm" and s.prelabel is not None]
+    lengths: dict[str, list[int]] = {}
+    for s in steps:
+        lengths.setdefault(s.signal, []).append(len(s.text))
+    return {
+        "taxonomy_digest": tax.digest(),
+        "names": names,
+        "traces": len(by_trace),
+        "steps": n,
+        "steps_per_trace": (n / len(by_trace)) if by_trace else 0.0,
+        "signal_counts": {k: signal_counts.get(k, 0) for k in names},
+        "unknown_signals": sorted(k for k in signal_counts if k not in tax.by_name),
+        "source_counts": dict(Counter(s.source for s in steps)),
+        "keyword_coverage": (sum(s.prelabel is not None for s in steps) / n) if n else 0.0,
+        "prelabel_checked": len(checked),
+        "prelabel_agreement": (sum(a == b for a, b in checked) / len(checked)) if checked else None,
+        "prelabel_kappa": cohens_kappa([a for a, _ in checked], [b for _, b in checked]) if checked else None,
+        "mean_chars_per_signal": {k: (sum(v) / len(v)) for k, v in lengths.items() if k in tax.by_name},
+        "first_signal_counts": dict(Counter(seq[0] for seq in sequences if seq)),
+        "transitions": transition_matrix(
+            [[x for x in seq if x in tax.by_name] for seq in sequences], names
+        ),
+    }

@@ -9,6 +9,7 @@ may stop before the block is closed. :func:`split_reasoning` handles all of thes
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 
 from rscaffold.teachers.base import Completion
@@ -152,3 +153,12 @@ def describe_error(err: BaseException, limit: int = 500) -> str:
     if len(msg) > limit:
         msg = msg[: limit - 3] + "..."
     return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
+
+
+def derive_seed(seed: int, request_id: str, offset: int = 0) -> int:
+    """A per-request sampling seed, stable across runs and processes (unlike ``hash()``).
+
+    Seeding each request from its own id makes a resumed run draw the same samples for a request
+    as an uninterrupted run would, whatever else is in flight.
+    """
+    return zlib.crc32(f"{seed}:{request_id}:{offset}".encode()) & 0x7FFFFFFF

@@ -1,0 +1,237 @@
+"""Any OpenAI-compatible chat-completions server (OpenAI, vLLM ``serve``, SGLang, llama.cpp,
+``transformers serve``, hosted APIs).
+
+Transport robustness is the ``openai`` client's: it retries 408/409/429/5xx, timeouts and
+dropped connections ``cfg.max_retries`` times with exponential backoff (honouring
+``Retry-After``), and times a request out after ``cfg.request_timeout_s``. This module adds:
+
+- bounded concurrency (``asyncio.Semaphore(cfg.concurrency)``) on one event loop;
+- per-request isolation: a request that still fails (HTTP 400, an invalid or empty response,
+  retries exhausted) becomes error Completions, never an exception;
+- fallbacks for servers that reject parts of the request with HTTP 400: ``response_format``
+  (JSON-schema constrained output) is retried once without it, and ``max_tokens`` is switched to
+  ``max_completion_tokens`` (newer OpenAI reasoning models); a fallback that works is kept for the
+  rest of the backend's life;
+- ``n`` samples per request; servers that ignore ``n`` (return fewer choices) are asked again
+  for the missing ones, each with its own derived seed;
+- reasoning: the ``reasoning_content`` / ``reasoning`` message field (vLLM, DeepSeek, SGLang,
+  OpenRouter) and ``<think>`` blocks in the content both go to ``Completion.reasoning``.
+
+The API key is read from ``$<cfg.api_key_env>`` ("EMPTY" when unset, which local servers accept)
+and is never logged; it is masked in any error text that would carry it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from rscaffold.config import BackendConfig, SamplingConfig
+from rscaffold.teachers.base import ChatRequest, Completion, ResultCallback
+from rscaffold.teachers.parsing import completion_from_output, derive_seed, describe_error, error_completions
+
+log = logging.getLogger(__name__)
+
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "0.0.0.0", "[::1]")
+
+
+def response_format_for(schema: dict[str, Any]) -> dict[str, Any]:
+    """The ``response_format`` argument that asks for output following ``schema``."""
+    name = re.sub(r"[^a-zA-Z0-9_-]", "_", str(schema.get("title") or "response"))[:64] or "response"
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+
+
+def message_reasoning(message: Any) -> str | None:
+    """The separate reasoning field of a chat message, under any of its common names."""
+    extra = getattr(message, "model_extra", None) or {}
+    for key in ("reasoning_content", "reasoning"):
+        value = getattr(message, key, None)
+        if value is None:
+            value = extra.get(key)
+        if isinstance(value, str) and value.strip():
+            return value
+    return None
+
+
+class OpenAIBackend:
+    """:class:`~rscaffold.teachers.base.LLMBackend` over an OpenAI-compatible HTTP API."""
+
+    name = "openai"
+
+    def __init__(self, cfg: BackendConfig):
+        import openai  # core dependency; imported here so that importing the registry stays cheap
+
+        self._openai = openai
+        self.cfg = cfg
+        self.model_id = cfg.model
+        self._api_key = os.environ.get(cfg.api_key_env) or "EMPTY"
+        if self._api_key == "EMPTY" and not self._is_local():
+            log.warning("no API key in $%s; a remote server will probably answer 401", cfg.api_key_env)
+        self._use_response_format = True
+        self._max_tokens_param = "max_tokens"
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"OpenAIBackend(model={self.cfg.model!r}, base_url={self.cfg.base_url!r})"
+
+    def _is_local(self) -> bool:
+        url = self.cfg.base_url or os.environ.get("OPENAI_BASE_URL") or ""
+        return any(h in url for h in _LOCAL_HOSTS)
+
+    def _mask(self, text: str) -> str:
+        if self._api_key != "EMPTY" and len(self._api_key) >= 6:
+            text = text.replace(self._api_key, "***")
+        return text
+
+    def _client(self):
+        return self._openai.AsyncOpenAI(
+            base_url=self.cfg.base_url,
+            api_key=self._api_key,
+            max_retries=self.cfg.max_retries,
+            timeout=self.cfg.request_timeout_s,
+        )
+
+    # -- one HTTP call, with the 400 fallbacks ------------------------------------------------
+    async def _create(self, client, req: ChatRequest, sampling: SamplingConfig, n: int, seed: int):
+        kwargs: dict[str, Any] = {
+            "model": self.cfg.model,
+            "messages": req.messages,
+            "temperature": sampling.temperature,
+            "seed": seed,
+        }
+        if sampling.top_p < 1.0:
+            kwargs["top_p"] = sampling.top_p
+        if n > 1:
+            kwargs["n"] = n
+        kwargs[self._max_tokens_param] = sampling.max_new_tokens
+        if req.json_schema and self._use_response_format:
+            kwargs["response_format"] = response_format_for(req.json_schema)
+        tried_without_format = tried_other_max = False
+        while True:
+            try:
+                resp = await client.chat.completions.create(**kwargs)
+            except self._openai.BadRequestError as err:
+                msg = str(err)
+                if "max_completion_tokens" in msg and "max_tokens" in kwargs and not tried_other_max:
+                    tried_other_max = True
+                    kwargs["max_completion_tokens"] = kwargs.pop("max_tokens")
+                    if self._max_tokens_param != "max_completion_tokens":
+                        log.warning("server wants 'max_completion_tokens' instead of 'max_tokens'; switching")
+                        self._max_tokens_param = "max_completion_tokens"
+                    continue
+                if "response_format" in kwargs and not tried_without_format:
+                    tried_without_format = True
+                    kwargs.pop("response_format")
+                    continue
+                raise
+            if tried_without_format and self._use_response_format:
+                log.warning(
+                    "server rejected response_format json_schema (HTTP 400) but accepted the request "
+                    "without it; sending no response_format from now on (outputs are validated by the caller)"
+                )
+                self._use_response_format = False
+            return resp
+
+    def _parse(self, resp: Any, req: ChatRequest, start_index: int, latency: float) -> list[Completion]:
+        choices = getattr(resp, "choices", None)
+        if not isinstance(choices, list):
+            raise ValueError(f"invalid response: expected a chat completion, got {type(resp).__name__}")
+        usage = getattr(resp, "usage", None)
+        prompt_tokens = getattr(usage, "prompt_tokens", None)
+        total_completion = getattr(usage, "completion_tokens", None)
+        out: list[Completion] = []
+        ordered = sorted(choices, key=lambda c: getattr(c, "index", 0) or 0)
+        for k, choice in enumerate(ordered[: req.n - start_index]):
+            message = getattr(choice, "message", None)
+            if message is None:
+                out.append(Completion(req.request_id, sample_index=start_index + k, error="invalid response: choice without message", latency_s=latency))
+                continue
+            extra = {"response_id": getattr(resp, "id", None)}
+            if len(ordered) > 1 and total_completion is not None:
+                extra["usage_completion_tokens_total"] = total_completion
+            c = completion_from_output(
+                req.request_id,
+                start_index + k,
+                message.content,
+                getattr(choice, "finish_reason", None),
+                reasoning_field=message_reasoning(message),
+                prompt_tokens=prompt_tokens,
+                completion_tokens=total_completion if len(ordered) == 1 else None,
+                latency_s=latency,
+                extra=extra,
+            )
+            refusal = getattr(message, "refusal", None)
+            if c.error and refusal:
+                c.error = f"refusal: {refusal}"
+            out.append(c)
+        return out
+
+    # -- one request (all its samples) ------------------------------------------------------
+    async def _run_request(self, client, sem, req: ChatRequest, sampling: SamplingConfig, on_result) -> list[Completion]:
+        got: list[Completion] = []
+        async with sem:
+            t0 = time.perf_counter()
+            try:
+                call = 0
+                while len(got) < req.n:
+                    seed = derive_seed(sampling.seed, req.request_id, call)
+                    resp = await self._create(client, req, sampling, n=req.n - len(got), seed=seed)
+                    parsed = self._parse(resp, req, len(got), time.perf_counter() - t0)
+                    if not parsed:
+                        raise ValueError("invalid response: no choices")
+                    got.extend(parsed)
+                    call += 1
+            except Exception as err:  # isolate: this request fails, the run goes on
+                error = self._mask(describe_error(err))
+                log.debug("request %s failed: %s", req.request_id, error)
+                got.extend(error_completions(req.request_id, req.n - len(got), error, time.perf_counter() - t0, start_index=len(got)))
+        # Outside the try: the caller's callback may raise, and that must stop the run.
+        if on_result:
+            for c in got:
+                on_result(c)
+        return got
+
+    async def _generate_async(self, requests: Sequence[ChatRequest], sampling: SamplingConfig, on_result) -> list[Completion]:
+        sem = asyncio.Semaphore(self.cfg.concurrency)
+        async with self._client() as client:
+            tasks = [asyncio.create_task(self._run_request(client, sem, r, sampling, on_result)) for r in requests]
+            try:
+                per_request = await asyncio.gather(*tasks)
+            except BaseException:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+        return [c for cs in per_request for c in cs]
+
+    # -- LLMBackend ---------------------------------------------------------------------------
+    def generate(
+        self,
+        requests: Sequence[ChatRequest],
+        sampling: SamplingConfig,
+        on_result: ResultCallback | None = None,
+    ) -> list[Completion]:
+        """Run all requests concurrently; ``on_result`` is called on the thread running the event
+        loop (this thread, or a helper thread when this thread already runs a loop)."""
+        if not requests:
+            return []
+
+        def run() -> list[Completion]:
+            return asyncio.run(self._generate_async(requests, sampling, on_result))
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return run()
+        # Called from async code (a running loop in this thread): asyncio.run would refuse, so the
+        # requests get a loop of their own on a fresh thread, and this call blocks until done.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rscaffold-openai") as ex:
+            return ex.submit(run).result()
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,189 @@
+"""Tokenization of (prompt, completion) pairs and batching for the dual-objective student.
+
+One encoded example holds
+
+* ``input_ids``: prompt ids followed by completion ids (tokenized separately, as at inference,
+  where the completion is generated after the prompt ids);
+* ``labels``: the step targets (L_step): ``-100`` on every prompt token and on every signal token,
+  the completion token id elsewhere (step text, the blank lines between steps, the final eos).
+  Signal tokens are predicted only by the signal objective;
+* ``signal_positions`` / ``signal_labels``: the positions ``p`` whose *next* token
+  ``input_ids[p + 1]`` is a signal token, and that signal's class index (its place in the
+  taxonomy order). The hidden state at ``p`` is what predicts the signal (L_signal).
+
+Truncation to ``max_length`` keeps the whole prompt and cuts the completion; an example whose
+prompt alone does not leave room for one completion token is dropped (``encode_example`` returns
+``None``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rscaffold.records import ExampleRecord
+from rscaffold.training.format import render_example
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def encode_example(
+    prompt: str,
+    completion: str,
+    tokenizer,
+    signal_token_ids: Sequence[int] = (),
+    max_length: int | None = None,
+) -> dict[str, list[int]] | None:
+    """Tokenize one pair into ``input_ids``, ``labels``, ``signal_positions``, ``signal_labels``."""
+    # The chat template already carries the special tokens; add_special_tokens=False avoids a
+    # second BOS (and matches how inference encodes the prompt).
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    if max_length is not None:
+        room = max_length - len(prompt_ids)
+        if room < 1:
+            return None
+        completion_ids = completion_ids[:room]
+    class_of = {tid: k for k, tid in enumerate(signal_token_ids)}
+    input_ids = prompt_ids + completion_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids)
+    signal_positions: list[int] = []
+    signal_labels: list[int] = []
+    for i, tid in enumerate(completion_ids):
+        k = class_of.get(tid)
+        if k is None:
+            labels.append(tid)
+        else:
+            labels.append(IGNORE_INDEX)
+            signal_positions.append(len(prompt_ids) + i - 1)
+            signal_labels.append(k)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "signal_positions": signal_positions,
+        "signal_labels": signal_labels,
+    }
+
+
+def encode_examples(
+    examples: Sequence[ExampleRecord],
+    tokenizer,
+    signal_tokens: Mapping[str, str] | None,
+    signal_token_ids: Sequence[int] = (),
+    max_length: int | None = None,
+) -> list[dict[str, list[int]]]:
+    """Render and tokenize dataset rows (``signal_tokens=None``: the plain baseline form).
+
+    Rows without any loss target after truncation are dropped, with a warning.
+    """
+    rows = []
+    dropped = 0
+    for ex in examples:
+        steps = [(s.signal, s.text) for s in ex.steps]
+        prompt, completion = render_example(ex.question, steps, tokenizer, signal_tokens)
+        enc = encode_example(prompt, completion, tokenizer, signal_token_ids if signal_tokens else (), max_length)
+        if enc is None or (all(x == IGNORE_INDEX for x in enc["labels"]) and not enc["signal_labels"]):
+            dropped += 1
+            continue
+        rows.append(enc)
+    if dropped:
+        log.warning("dropped %d of %d examples whose prompt leaves no room under max_length=%s", dropped, len(examples), max_length)
+    return rows
+
+
+@dataclass
+class ScaffoldCollator:
+    """Right-pads a batch of encoded examples (or flattens it, ``padding_free=True``).
+
+    Padded output: ``input_ids``/``labels``/``attention_mask`` of shape (B, T) and
+    ``signal_positions``/``signal_labels`` of shape (B, S) (S = most signals in one row;
+    missing entries are position 0 / label -100).
+
+    Padding-free output: the rows concatenated into one row (1, N) with ``position_ids``
+    restarting at 0 for each example and no attention mask, plus the ``cu_seq_lens_*`` /
+    ``max_length_*`` / ``seq_idx`` fields TRL's own padding-free collator emits (flash-attention
+    varlen kernels use them; the SDPA/eager paths of transformers >= 5 derive a block-diagonal
+    causal mask from the restarting ``position_ids``). Signal positions are offset into the
+    flattened row, shape (1, S_total).
+    """
+
+    pad_token_id: int
+    padding_free: bool = False
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        if self.padding_free:
+            return self._flatten(examples)
+        lengths = [len(e["input_ids"]) for e in examples]
+        T = max(lengths)
+        if self.pad_to_multiple_of:
+            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        S = max(1, max(len(e["signal_positions"]) for e in examples))
+        B = len(examples)
+        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        sig_pos = torch.zeros((B, S), dtype=torch.long)
+        sig_lab = torch.full((B, S), IGNORE_INDEX, dtype=torch.long)
+        for b, e in enumerate(examples):
+            n = lengths[b]
+            input_ids[b, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
+            labels[b, :n] = torch.as_tensor(e["labels"], dtype=torch.long)
+            attention_mask[b, :n] = 1
+            k = len(e["signal_positions"])
+            if k:
+                sig_pos[b, :k] = torch.as_tensor(e["signal_positions"], dtype=torch.long)
+                sig_lab[b, :k] = torch.as_tensor(e["signal_labels"], dtype=torch.long)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "signal_positions": sig_pos,
+            "signal_labels": sig_lab,
+        }
+
+    def _flatten(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        ids, labels, pos, sig_pos, sig_lab = [], [], [], [], []
+        offset = 0
+        for e in examples:
+            n = len(e["input_ids"])
+            ids.extend(e["input_ids"])
+            # The first token of each example would otherwise be "predicted" from the previous
+            # example's last token; it is a prompt token, so its label is already -100.
+            labels.extend([IGNORE_INDEX] + list(e["labels"][1:]))
+            pos.extend(range(n))
+            sig_pos.extend(p + offset for p in e["signal_positions"])
+            sig_lab.extend(e["signal_labels"])
+            offset += n
+        T = offset
+        if self.pad_to_multiple_of:
+            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        pad = T - offset
+        ids += [self.pad_token_id] * pad
+        labels += [IGNORE_INDEX] * pad
+        pos += list(range(pad))  # padding forms its own "sequence"
+        if not sig_pos:
+            sig_pos, sig_lab = [0], [IGNORE_INDEX]
+        position_ids = torch.tensor([pos], dtype=torch.long)
+        starts = (position_ids[0] == 0).nonzero().flatten()
+        cu = torch.cat([starts, torch.tensor([T])]).to(torch.int32)
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": position_ids,
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": int(cu.diff().max()),
+            "max_length_k": int(cu.diff().max()),
+            "seq_idx": torch.repeat_interleave(torch.arange(cu.numel() - 1, dtype=torch.int32), cu.diff())[None],
+            "signal_positions": torch.tensor([sig_pos], dtype=torch.long),
+            "signal_labels": torch.tensor([sig_lab], dtype=torch.long),
+        }

@@ -1,0 +1,181 @@
+"""The trained student as saved on disk, and how it scores the next signal.
+
+Kept apart from :mod:`rscaffold.training.trainer` so that inference and evaluation do not import
+TRL. A student directory holds
+
+* the model and tokenizer (``save_pretrained``), with the signal tokens in the tokenizer;
+* ``rscaffold_student.json``: signal names/tokens (taxonomy order = class index), objective,
+  scaffolded flag, the system prompt;
+* ``signal_head.pt`` + ``signal_head.json`` for the ``head`` objective;
+* ``README.md``: the model card.
+
+A directory without ``rscaffold_student.json`` (a plain base model) loads as an unscaffolded
+student.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+STUDENT_META = "rscaffold_student.json"
+HEAD_WEIGHTS = "signal_head.pt"
+HEAD_META = "signal_head.json"
+
+
+class SignalHead(nn.Module):
+    """Linear classifier over the K signals, read from the hidden state at a step boundary."""
+
+    def __init__(self, hidden_size: int, num_signals: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.num_signals = num_signals
+        self.proj = nn.Linear(hidden_size, num_signals)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden.to(self.proj.weight.dtype))
+
+    def save(self, directory: Path, signal_names: list[str]) -> None:
+        directory = Path(directory)
+        state = {k: v.detach().to("cpu", torch.float32) for k, v in self.state_dict().items()}
+        torch.save(state, directory / HEAD_WEIGHTS)
+        meta = {"hidden_size": self.hidden_size, "num_signals": self.num_signals, "signal_names": list(signal_names)}
+        (directory / HEAD_META).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> "SignalHead":
+        directory = Path(directory)
+        meta = json.loads((directory / HEAD_META).read_text())
+        head = cls(meta["hidden_size"], meta["num_signals"])
+        head.load_state_dict(torch.load(directory / HEAD_WEIGHTS, map_location="cpu", weights_only=True))
+        return head
+
+
+def causal_lm_of(model: Any) -> Any:
+    """The underlying ``*ForCausalLM`` (through DDP/accelerate wrappers and PEFT)."""
+    m = model
+    while hasattr(m, "module") and isinstance(getattr(m, "module"), nn.Module) and not hasattr(m, "config"):
+        m = m.module
+    if hasattr(m, "get_base_model") and hasattr(m, "peft_config"):
+        m = m.get_base_model()
+    return m
+
+
+def backbone_of(model: Any) -> nn.Module:
+    """The decoder stack whose ``last_hidden_state`` feeds the LM head (``model.model`` for Llama)."""
+    lm = causal_lm_of(model)
+    return lm.base_model
+
+
+def signal_logits(
+    model: Any,
+    hidden: torch.Tensor,
+    signal_token_ids: list[int],
+    head: nn.Module | None = None,
+) -> torch.Tensor:
+    """Logits over the K signals for hidden states ``(..., H)``, as float32 ``(..., K)``.
+
+    ``head`` given: the signal head. Otherwise the LM head's logits restricted to the signal
+    token ids (the LM head module is called, so PEFT wrappers on it are respected; it is applied
+    only to the few boundary positions, so the full-vocabulary cost is negligible).
+    """
+    if head is not None:
+        return head(hidden).float()
+    lm_head = causal_lm_of(model).get_output_embeddings()
+    ids = torch.as_tensor(signal_token_ids, device=hidden.device)
+    return lm_head(hidden).index_select(-1, ids).float()
+
+
+@dataclass
+class Student:
+    """A loaded student: model + tokenizer + what it knows about signals."""
+
+    model: Any
+    tokenizer: Any
+    signal_names: list[str] = field(default_factory=list)
+    signal_tokens: list[str] = field(default_factory=list)
+    signal_token_ids: list[int] = field(default_factory=list)
+    head: SignalHead | None = None
+    scaffolded: bool = False
+    signal_objective: str | None = None
+    system_prompt: str | None = None
+    model_dir: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_student(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> Student:
+    """Load a student directory written by ``train_student`` (or any plain causal LM directory)."""
+    from rscaffold.models import load_causal_lm, resolve_device
+    from rscaffold.training.format import STUDENT_SYSTEM_PROMPT
+
+    model_dir = Path(model_dir)
+    meta_path = model_dir / STUDENT_META
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    dev = resolve_device(device)
+    model, tokenizer = load_causal_lm(str(model_dir), device=dev, dtype=dtype)
+    scaffolded = bool(meta.get("scaffolded", False))
+    names = list(meta.get("signal_names", []))
+    tokens = list(meta.get("signal_tokens", []))
+    ids = [int(i) for i in tokenizer.convert_tokens_to_ids(tokens)] if tokens else []
+    if scaffolded and meta.get("signal_token_ids") and ids != list(meta["signal_token_ids"]):
+        raise ValueError(f"{model_dir}: tokenizer ids of the signal tokens {ids} differ from the saved ones {meta['signal_token_ids']}")
+    head = None
+    if (model_dir / HEAD_WEIGHTS).exists():
+        head = SignalHead.load(model_dir).to(dev, dtype=next(model.parameters()).dtype).eval()
+    return Student(
+        model=model,
+        tokenizer=tokenizer,
+        signal_names=names,
+        signal_tokens=tokens,
+        signal_token_ids=ids,
+        head=head,
+        scaffolded=scaffolded,
+        signal_objective=meta.get("signal_objective"),
+        system_prompt=meta.get("system_prompt", STUDENT_SYSTEM_PROMPT),
+        model_dir=model_dir,
+        meta=meta,
+    )
+
+
+@torch.no_grad()
+def evaluate_signal_accuracy(student: Student, examples, batch_size: int = 8, max_length: int | None = None) -> float:
+    """Teacher-forced next-signal accuracy over the gold scaffolds of ``examples`` (ExampleRecords)."""
+    from rscaffold.training.collator import IGNORE_INDEX, ScaffoldCollator, encode_examples
+
+    if not student.scaffolded or not student.signal_token_ids:
+        raise ValueError("signal accuracy needs a scaffolded student")
+    tok = student.tokenizer
+    rows = encode_examples(
+        examples, tok, dict(zip(student.signal_names, student.signal_tokens)), student.signal_token_ids, max_length
+    )
+    collate = ScaffoldCollator(pad_token_id=tok.pad_token_id)
+    correct = total = 0
+    model = student.model
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(rows), batch_size):
+            batch = collate(rows[i : i + batch_size])
+            dev = student.device
+            hidden = backbone_of(model)(
+                input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)
+            ).last_hidden_state
+            lab = batch["signal_labels"].to(dev)
+            valid = lab != IGNORE_INDEX
+            rows_idx = torch.arange(lab.shape[0], device=dev)[:, None].expand_as(lab)[valid]
+            h = hidden[rows_idx, batch["signal_positions"].to(dev)[valid]]
+            pred = signal_logits(model, h, student.signal_token_ids, student.head).argmax(-1)
+            correct += int((pred == lab[valid]).sum())
+            total += int(valid.sum())
+    finally:
+        model.train(was_training)
+    return correct / total if total else float("nan")

@@ -1,0 +1,563 @@
+"""Dual-objective student training on TRL: L = L_step + lambda * L_signal.
+
+The student sees the question and the steps so far and is trained jointly to (a) predict the next
+signal and (b) generate the next step conditioned on the gold signal (Reasoning Scaffolding,
+arXiv 2509.23619, section "dual-objective training"). :class:`ScaffoldTrainer` is an
+``trl.SFTTrainer`` that only overrides ``compute_loss``: the training loop, optimiser,
+scheduler, mixed precision, gradient checkpointing, LoRA, checkpointing and resumption are
+TRL/transformers'.
+
+* L_step is exactly TRL's SFT loss (its fused, chunked LM head: per-token NLL over the
+  non-ignored labels, normalised by the number of label tokens in the accumulated batch). The
+  collator sets the labels to ``-100`` on the prompt and on the signal tokens.
+* L_signal is a cross entropy over the K signals at the positions whose next token is a signal.
+  It reads the last hidden state of the backbone, captured by a forward hook during the one
+  forward pass TRL already makes, so the scaffolded objective costs no extra forward pass.
+
+The baseline (CoT-SFT) is the same trainer with no signal tokens and lambda = 0, which reduces
+to TRL's plain SFT loss (tested numerically).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from trl import SFTConfig, SFTTrainer
+
+from rscaffold.config import LoraSettings, TrainingConfig
+from rscaffold.records import ExampleRecord
+from rscaffold.training.collator import IGNORE_INDEX, ScaffoldCollator, encode_examples
+from rscaffold.training.format import STUDENT_SYSTEM_PROMPT, add_signal_tokens
+from rscaffold.training.student import (
+    HEAD_META,
+    HEAD_WEIGHTS,
+    STUDENT_META,
+    SignalHead,
+    Student,
+    backbone_of,
+    causal_lm_of,
+    evaluate_signal_accuracy,
+    load_student,
+    signal_logits,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ScaffoldTrainer",
+    "SignalHead",
+    "Student",
+    "TrainResult",
+    "build_trainer",
+    "evaluate_signal_accuracy",
+    "load_student",
+    "load_student_base",
+    "make_sft_config",
+    "train_student",
+]
+
+CHECKPOINTS_DIRNAME = "checkpoints"
+MODEL_DIRNAME = "model"
+SAVE_TOTAL_LIMIT = 2
+
+
+class ScaffoldTrainer(SFTTrainer):
+    """``SFTTrainer`` with the joint objective ``L_step + signal_loss_weight * L_signal``.
+
+    ``signal_objective``:
+
+    * ``"token"`` (default): the signal logits are the LM head's logits restricted to the K
+      signal token ids, and L_signal is the cross entropy of that K-way softmax. No parameters
+      are added: the signal tokens' own output embeddings are the classifier, so the same rows
+      that let the model *read* a gold signal before a step (the input embedding, tied or not)
+      are the ones trained to *predict* it, and the trained model can emit its own signals in
+      free decoding. The K-way restriction (rather than the full-vocabulary LM loss on the signal
+      token) keeps L_signal a pure "which signal" decision, comparable with the head objective
+      and with the paper's classification loss, and does not push down the logits of ordinary
+      text at step boundaries.
+    * ``"head"``: a :class:`SignalHead` (``nn.Linear(hidden, K)``) on the hidden state at the
+      boundary. It is a submodule of the causal LM (``model.signal_head``), so the optimiser
+      sees it and checkpoints hold it (with LoRA it is in ``modules_to_save``).
+
+    Both read the hidden state at position ``p`` where ``input_ids[p + 1]`` is the gold signal.
+    The batch must carry ``signal_positions`` / ``signal_labels`` (see :mod:`.collator`).
+
+    Logged every logging step (through SFTTrainer's metric buffer, which ``log()`` averages over
+    the window): ``step_loss``, ``signal_loss``, ``signal_accuracy`` next to TRL's ``loss``,
+    ``mean_token_accuracy``, ``entropy``, ``num_tokens``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        signal_token_ids: list[int] | tuple[int, ...] = (),
+        signal_loss_weight: float = 1.0,
+        signal_objective: str = "token",
+        **kwargs: Any,
+    ):
+        if signal_objective not in ("token", "head"):
+            raise ValueError(f"signal_objective must be 'token' or 'head', got {signal_objective!r}")
+        self.signal_token_ids = [int(i) for i in signal_token_ids]
+        self.signal_loss_weight = float(signal_loss_weight)
+        self.signal_objective = signal_objective
+        self._capture_hidden = False
+        self._captured_hidden: torch.Tensor | None = None
+        super().__init__(*args, **kwargs)
+        if self.signal_token_ids and signal_objective == "head" and self._signal_head() is None:
+            raise ValueError("signal_objective='head' needs a SignalHead attached as model.signal_head")
+        self._hidden_hook = backbone_of(self.model).register_forward_hook(self._hidden_hook_fn)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _hidden_hook_fn(self, module, args, output) -> None:
+        if self._capture_hidden:
+            self._captured_hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    def _signal_head(self):
+        return getattr(causal_lm_of(self.accelerator.unwrap_model(self.model)), "signal_head", None)
+
+    def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
+        # Mirrors Trainer.training_step: when True the Trainer does not divide the returned loss
+        # by the number of accumulation steps (the step loss is already normalised over the whole
+        # accumulated batch), so the per-micro-batch signal mean must be divided here.
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func)
+
+    # -- the loss --------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        sig_pos = inputs.pop("signal_positions", None)
+        sig_lab = inputs.pop("signal_labels", None)
+        want_signal = bool(self.signal_token_ids) and sig_lab is not None and bool((sig_lab != IGNORE_INDEX).any())
+
+        self._captured_hidden = None
+        self._capture_hidden = want_signal
+        try:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        finally:
+            self._capture_hidden = False
+        step_loss, outputs = result if return_outputs else (result, None)
+
+        # Undo the normalisations TRL applies for gradient accumulation / data parallelism, so the
+        # logged step_loss is this micro-batch's mean token loss (averaged over the logging window
+        # it equals TRL's logged `loss` when lambda = 0).
+        ga = self.current_gradient_accumulation_steps if (num_items_in_batch is not None and self._loss_scaled_for_ga(num_items_in_batch)) else 1
+        dp = 1
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            dp = max(1, self.accelerator.num_processes // self.get_tp_size())
+        self._metrics[mode]["step_loss"].append(step_loss.detach().item() * ga / dp)
+
+        loss = step_loss
+        if want_signal:
+            hidden = self._captured_hidden
+            self._captured_hidden = None
+            if hidden is None:
+                raise RuntimeError("the backbone hook did not capture hidden states")
+            sig_lab = sig_lab.to(hidden.device)
+            sig_pos = sig_pos.to(hidden.device)
+            valid = sig_lab != IGNORE_INDEX
+            rows = torch.arange(sig_lab.shape[0], device=hidden.device)[:, None].expand_as(sig_lab)[valid]
+            h = hidden[rows, sig_pos[valid]]
+            target = sig_lab[valid]
+            logits = signal_logits(model, h, self.signal_token_ids, self._signal_head() if self.signal_objective == "head" else None)
+            signal_loss = F.cross_entropy(logits, target)
+            with torch.no_grad():
+                acc = (logits.argmax(-1) == target).float().mean()
+            self._metrics[mode]["signal_loss"].append(signal_loss.detach().item())
+            self._metrics[mode]["signal_accuracy"].append(acc.item())
+            if self.signal_loss_weight > 0:
+                loss = loss + self.signal_loss_weight * signal_loss / ga
+        return (loss, outputs) if return_outputs else loss
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+
+
+def use_bf16(setting: Any) -> bool:
+    """``"auto"``: bf16 mixed precision on a CUDA device that supports it, else fp32."""
+    if setting == "auto":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return bool(setting)
+
+
+def make_sft_config(cfg: TrainingConfig, checkpoint_dir: Path, **overrides: Any) -> SFTConfig:
+    """The ``SFTConfig`` for a pre-tokenized dataset with extra (signal) columns."""
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(checkpoint_dir),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        per_device_eval_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of max_steps
+        weight_decay=cfg.weight_decay,
+        logging_strategy="steps",
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=SAVE_TOTAL_LIMIT,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=use_bf16(cfg.bf16),
+        fp16=False,
+        gradient_checkpointing=cfg.gradient_checkpointing,  # SFTConfig defaults to True; ours to False
+        report_to="none",
+        disable_tqdm=True,
+        # The dataset is tokenized by rscaffold (prompt masking, signal positions, truncation that
+        # keeps the prompt), so TRL's preparation is skipped and the extra columns are kept for
+        # the collator.
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        max_length=None,
+        packing=False,
+        # TRL's own padding_free refuses a custom collator; ScaffoldCollator implements it.
+        padding_free=False,
+        dataloader_num_workers=0,
+    )
+    kwargs.update(overrides)
+    return SFTConfig(**kwargs)
+
+
+def load_student_base(cfg: TrainingConfig):
+    """The untrained student (model in fp32, tokenizer with a pad token) named by ``cfg``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rscaffold.models import build_tiny_model
+
+    if cfg.tiny is not None:
+        model, tokenizer = build_tiny_model(cfg.tokenizer or cfg.student, cfg.tiny)
+    else:
+        gguf = {"gguf_file": cfg.student_gguf_file} if cfg.student_gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.student, **({} if cfg.tokenizer else gguf))
+        model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32, **gguf)
+        if gguf:
+            model = _plain_copy(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return model, tokenizer
+
+
+def _plain_copy(model):
+    """A model loaded from a (quantized) GGUF carries quantization state that ``save_pretrained``
+    refuses; rebuild a plain fp32 model from its config and dequantized weights (as
+    ``rscaffold.models.dequantize_gguf_to_dir`` does)."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"weight mismatch rebuilding the GGUF student: missing={missing[:5]} unexpected={unexpected[:5]}")
+    if getattr(plain.config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    return plain
+
+
+def _lora_config(settings: LoraSettings, signal_token_ids: list[int], with_head: bool):
+    from peft import LoraConfig
+
+    kwargs: dict[str, Any] = dict(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    if signal_token_ids:
+        # The new rows start as copies of the mean embedding; frozen, every signal would stay the
+        # same vector (indistinguishable as input, equal logits as output). Train just those rows.
+        kwargs["trainable_token_indices"] = {"embed_tokens": list(signal_token_ids)}
+    if with_head:
+        kwargs["modules_to_save"] = ["signal_head"]
+    return LoraConfig(**kwargs)
+
+
+def _to_dataset(rows: list[dict[str, list[int]]]):
+    from datasets import Dataset, Features, Sequence, Value
+
+    features = Features(
+        {
+            "input_ids": Sequence(Value("int64")),
+            "labels": Sequence(Value("int64")),
+            "signal_positions": Sequence(Value("int64")),
+            "signal_labels": Sequence(Value("int64")),
+        }
+    )
+    return Dataset.from_list(rows, features=features)
+
+
+def build_trainer(
+    model,
+    tokenizer,
+    train_rows: list[dict[str, list[int]]],
+    cfg: TrainingConfig,
+    checkpoint_dir: Path,
+    signal_token_ids: list[int],
+    signal_objective: str = "token",
+    signal_loss_weight: float = 1.0,
+    eval_rows: list[dict[str, list[int]]] | None = None,
+    **config_overrides: Any,
+) -> ScaffoldTrainer:
+    """A :class:`ScaffoldTrainer` over encoded rows (see ``collator.encode_examples``)."""
+    if not train_rows:
+        raise ValueError("no training rows")
+    args = make_sft_config(cfg, checkpoint_dir, **config_overrides)
+    with_head = signal_objective == "head" and bool(signal_token_ids)
+    peft_config = _lora_config(cfg.lora, signal_token_ids, with_head) if cfg.lora is not None else None
+    return ScaffoldTrainer(
+        model=model,
+        args=args,
+        data_collator=ScaffoldCollator(pad_token_id=tokenizer.pad_token_id, padding_free=cfg.padding_free),
+        train_dataset=_to_dataset(train_rows),
+        eval_dataset=_to_dataset(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        signal_token_ids=signal_token_ids,
+        signal_loss_weight=signal_loss_weight,
+        signal_objective=signal_objective,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the entry point
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced.
+
+    ``train_loss``: the Trainer's mean total loss over the steps run in this call.
+    ``step_loss`` / ``signal_loss`` / ``signal_accuracy``: the last logging window (end of
+    training; None when nothing was logged, or for the baseline's signal fields).
+    ``tokens_per_s``: non-padding tokens processed in this call per second of training.
+    ``eval_metrics``: Trainer.evaluate on the rows with ``split == "validation"`` (if any).
+    """
+
+    model_dir: Path
+    train_loss: float | None
+    step_loss: float | None
+    signal_loss: float | None
+    steps: int
+    runtime_s: float
+    tokens_per_s: float | None
+    signal_accuracy: float | None
+    scaffolded: bool = True
+    resumed_from: str | None = None
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["model_dir"] = str(self.model_dir)
+        return d
+
+
+def train_student(
+    examples: list[ExampleRecord],
+    cfg: TrainingConfig,
+    signal_names: list[str],
+    signal_tokens: list[str],
+    output_dir: Path,
+    scaffolded: bool = True,
+    model_card_info: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train the scaffolded student (or, ``scaffolded=False``, the CoT-SFT baseline) on ``examples``.
+
+    Rows with ``split == "validation"`` are held out for a final evaluation; all others train.
+    The baseline uses the same rows without signal tokens and with lambda = 0.
+
+    Checkpoints go to ``output_dir/checkpoints`` every ``cfg.save_steps``; if that folder already
+    holds one, training resumes from the last (so a killed run continues, and a larger
+    ``max_steps`` extends a finished one). ``output_dir`` must therefore be specific to the
+    inputs (config apart from ``max_steps``, data, taxonomy); the pipeline's content-addressed
+    stage directory is. The final model is written to ``output_dir/model``.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model_card_info = dict(model_card_info or {})
+    if scaffolded:
+        if len(signal_names) != len(signal_tokens) or not signal_names:
+            raise ValueError("signal_names and signal_tokens must be non-empty and of the same length")
+    train_examples = [e for e in examples if e.split != "validation"]
+    eval_examples = [e for e in examples if e.split == "validation"]
+    if not train_examples:
+        raise ValueError("no training examples (all rows are split='validation')")
+
+    model, tokenizer = load_student_base(cfg)
+    if scaffolded:
+        token_ids = add_signal_tokens(tokenizer, model, signal_tokens)
+        token_map: dict[str, str] | None = dict(zip(signal_names, signal_tokens))
+        weight, objective = cfg.signal_loss_weight, cfg.signal_objective
+        if objective == "head":
+            torch.manual_seed(cfg.seed)
+            model.signal_head = SignalHead(model.config.get_text_config().hidden_size, len(signal_names))
+    else:
+        token_ids, token_map, weight, objective = [], None, 0.0, cfg.signal_objective
+
+    train_rows = encode_examples(train_examples, tokenizer, token_map, token_ids, cfg.max_length)
+    eval_rows = encode_examples(eval_examples, tokenizer, token_map, token_ids, cfg.max_length) if eval_examples else None
+    checkpoint_dir = output_dir / CHECKPOINTS_DIRNAME
+    trainer = build_trainer(
+        model, tokenizer, train_rows, cfg, checkpoint_dir, token_ids, objective, weight, eval_rows=eval_rows
+    )
+    last = _last_checkpoint(checkpoint_dir)
+    if last:
+        log.info("resuming from %s", last)
+    t0 = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=last)
+    runtime = out.metrics.get("train_runtime", time.perf_counter() - t0)
+    eval_metrics: dict[str, float] = {}
+    if eval_rows:
+        eval_metrics = {k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))}
+
+    last_log = _last_logged(trainer.state.log_history, ("step_loss", "signal_loss", "signal_accuracy"))
+    tokens = trainer._total_train_tokens
+    result = TrainResult(
+        model_dir=output_dir / MODEL_DIRNAME,
+        train_loss=_finite(out.metrics.get("train_loss")),
+        step_loss=last_log.get("step_loss"),
+        signal_loss=last_log.get("signal_loss") if scaffolded else None,
+        steps=int(trainer.state.global_step),
+        runtime_s=float(runtime),
+        tokens_per_s=(tokens / runtime) if runtime and tokens else None,
+        signal_accuracy=last_log.get("signal_accuracy") if scaffolded else None,
+        scaffolded=scaffolded,
+        resumed_from=last,
+        eval_metrics=eval_metrics,
+    )
+    meta = {
+        "format_version": 1,
+        "scaffolded": scaffolded,
+        "signal_objective": objective if scaffolded else None,
+        "signal_loss_weight": weight,
+        "signal_names": list(signal_names) if scaffolded else [],
+        "signal_tokens": list(signal_tokens) if scaffolded else [],
+        "signal_token_ids": token_ids,
+        "system_prompt": STUDENT_SYSTEM_PROMPT,
+        "base_model": "tiny:" + (cfg.tokenizer or cfg.student) if cfg.tiny is not None else cfg.student,
+        "model_card_info": model_card_info,
+        "metrics": result.to_dict(),
+    }
+    _save_final(trainer, tokenizer, result.model_dir, meta, cfg, signal_names if scaffolded else [])
+    return result
+
+
+def _finite(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _last_checkpoint(checkpoint_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not checkpoint_dir.is_dir():
+        return None
+    return get_last_checkpoint(str(checkpoint_dir))
+
+
+def _last_logged(history: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for entry in reversed(history):
+        for k in keys:
+            if k not in found and k in entry:
+                found[k] = float(entry[k])
+        if len(found) == len(keys):
+            break
+    return found
+
+
+def _save_final(trainer: ScaffoldTrainer, tokenizer, model_dir: Path, meta: dict[str, Any], cfg: TrainingConfig, signal_names: list[str]) -> None:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
+        model = model.merge_and_unload()  # a plain model directory: no peft needed to load it
+    lm = causal_lm_of(model)
+    tmp = model_dir.with_name(model_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    head = lm._modules.pop("signal_head", None)  # saved on its own, not inside the LM weights
+    try:
+        lm.save_pretrained(tmp)
+    finally:
+        if head is not None:
+            lm.signal_head = head
+    if head is not None:
+        head.save(tmp, signal_names)
+    tokenizer.save_pretrained(tmp)
+    (tmp / STUDENT_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    (tmp / "README.md").write_text(_model_card(meta, cfg))
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    tmp.rename(model_dir)
+
+
+def _model_card(meta: dict[str, Any], cfg: TrainingConfig) -> str:
+    m = meta["metrics"]
+    kind = "Reasoning-Scaffolding student (signals + steps)" if meta["scaffolded"] else "CoT-SFT baseline"
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [rscaffold, reasoning-scaffolding, sft]",
+        "---",
+        f"# rscaffold student: {kind}",
+        "",
+        "Distilled with rscaffold (Reasoning Scaffolding, arXiv 2509.23619).",
+        "",
+        "## Provenance",
+        "",
+        "| key | value |",
+        "|---|---|",
+        f"| base model | `{meta['base_model']}` |",
+    ]
+    for k, v in sorted(meta["model_card_info"].items()):
+        lines.append(f"| {k} | `{v}` |")
+    lines += [
+        "",
+        "## Objective",
+        "",
+        f"- scaffolded: {meta['scaffolded']}",
+        f"- signal objective: {meta['signal_objective']}",
+        f"- lambda (signal loss weight): {meta['signal_loss_weight']}",
+        f"- signals: {', '.join(meta['signal_names']) or '(none)'}",
+        "",
+        "## Training",
+        "",
+        f"- max_steps {cfg.max_steps}, lr {cfg.learning_rate}, batch {cfg.per_device_batch_size} x accumulation "
+        f"{cfg.gradient_accumulation_steps}, max_length {cfg.max_length}, LoRA {'yes' if cfg.lora else 'no'}",
+        "",
+        "## Metrics",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for k in ("train_loss", "step_loss", "signal_loss", "signal_accuracy", "steps", "runtime_s", "tokens_per_s"):
+        lines.append(f"| {k} | {m.get(k)} |")
+    for k, v in sorted(m.get("eval_metrics", {}).items()):
+        lines.append(f"| {k} | {v} |")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from rscaffold.training.student import load_student",
+        "from rscaffold.inference import generate",
+        f"student = load_student('{'<this directory>'}')",
+        "out = generate(student, questions=['...'], mode='guided' if student.scaffolded else 'plain')",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
