@@ -39,7 +39,7 @@ Progress = Callable[[int, int], None]
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "problems": ("benchmarks", "records.py", "pipeline.py"),
     "teacher": ("teachers", "traces.py", "benchmarks/answers.py", "records.py", "models.py"),
-    "labeling": ("segment.py", "signals.py", "teachers", "records.py"),
+    "labeling": ("segment.py", "signals.py", "labeling_report.py", "teachers", "records.py"),
     "dataset": ("dataset.py", "records.py"),
     "training": ("training", "models.py", "records.py"),
     "evaluation": ("inference.py", "evaluation.py", "benchmarks", "training/format.py", "records.py"),
@@ -190,6 +190,7 @@ def run_teacher(
 def run_labeling(
     cfg: PipelineConfig, fps: dict[str, str], teacher: StageRef, force: bool = False, progress: Progress | None = None
 ) -> StageRef:
+    from rscaffold.labeling_report import plot_transition_heatmap, render_quality_markdown
     from rscaffold.segment import split_steps, trace_body
     from rscaffold.signals import label_quality_report, label_traces, load_taxonomy
 
@@ -245,6 +246,8 @@ def run_labeling(
     write_records(sd.path / "labeled_steps.parquet", steps, LabeledStepRecord)
     report = label_quality_report(steps, tax)
     _write_json(sd.path / "quality.json", report)
+    (sd.path / "quality.md").write_text(render_quality_markdown(report, tax))
+    plot_transition_heatmap(report, tax, sd.path / "transitions.png")
     summary = {
         "traces": len(traces),
         "labeled_traces": len({s.trace_id for s in steps}),
@@ -255,7 +258,12 @@ def run_labeling(
         "taxonomy_digest": tax.digest(),
     }
     return sd.finish(
-        {"labeled_steps": "labeled_steps.parquet", "quality": "quality.json"},
+        {
+            "labeled_steps": "labeled_steps.parquet",
+            "quality": "quality.json",
+            "quality_report": "quality.md",
+            "transitions_png": "transitions.png",
+        },
         {"labeling": cfg.labeling, "labeler": cfg.labeler_llm() if cfg.labeling.method == "llm" else None},
         _inputs(teacher),
         summary,

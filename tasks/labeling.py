@@ -17,5 +17,7 @@ from tasks._common import ProgressReporter, publish_stage, stage_cache_key
 def labeling_task(config: PipelineConfig, fps: dict[str, str], teacher: dict, force: bool = False) -> dict:
     """Split traces into steps and label each step with a semantic signal."""
     ref = pipeline.run_labeling(config, fps, StageRef.from_dict(teacher), force=force, progress=ProgressReporter("labeling"))
-    publish_stage(ref)
+    from pathlib import Path
+
+    publish_stage(ref, extra_markdown=(Path(ref.path) / ref.outputs["quality_report"]).read_text())
     return ref.to_dict()

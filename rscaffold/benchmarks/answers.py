@@ -130,14 +130,14 @@ _MATH_ANCHOR = re.compile(
 )
 # number (optionally with currency, percent) followed by nothing but words: units to drop
 _NUMBER_WITH_UNITS = re.compile(
-    rf"^(?:\\?\$|€|£)?\s*(?P<num>(?:{_NUM})(?:/\d+)?)\s*(?:\\?%|percent\b)?\s*(?P<rest>[A-Za-z][A-Za-z\s'’.-]*)?$"
+    rf"^(?:\\?\$|€|£)?\s*(?P<num>(?:{_NUM})(?:/\d+)?)(?:\s*(?:\\?%|percent\b))?(?:\s+(?P<rest>[A-Za-z]{{2,}}[A-Za-z\s'’.-]*))?$"
 )
 _LAST_NUMBER = re.compile(rf"(?:(?<![\w)\]}}])-)?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+)?")
 _SENTENCE_END = re.compile(r"\.(?:\s|$)|\s+(?:because|since|as)\s")
 
 
 def _strip_markdown(text: str) -> str:
-    return text.replace("**", "").replace("__", "")
+    return text.replace("**", "").replace("__", "").replace("\u2212", "-")
 
 
 def _cut_math_span(s: str) -> str:
@@ -169,10 +169,14 @@ def clean_math_answer(ans: str) -> str:
     s = re.sub(r"(?:\\[,;!]|\s)+$", "", s)
     s = s.rstrip(".,;:!")
     s = s.strip()
-    # "x = 5" or "18 + 2 = 20": take the right-hand side when it is a plain number
-    if "=" in s and not re.search(r"\\(?:le|ge|ne)q?", s):
-        rhs = s.rsplit("=", 1)[1].strip()
-        if re.fullmatch(rf"(?:\\?\$)?\s*(?:{_NUM})", rhs):
+    # "x = 5" or "18 + 2 = 20": the right-hand side, when it is a plain number and the left-hand
+    # side a single variable or plain arithmetic (an equation such as "5x - 7y + 4 = 0" is kept)
+    if s.count("=") == 1 and "," not in s:
+        lhs, rhs = (part.strip() for part in s.split("="))
+        single_var = re.fullmatch(r"[A-Za-z](?:_\{?\w+\}?)?|\\[A-Za-z]+", lhs)
+        # no letter outside LaTeX commands such as \times or \frac
+        arithmetic = re.search(r"\d", lhs) and not re.search(r"(?<![\\A-Za-z])[A-Za-z]", lhs)
+        if (single_var or arithmetic) and re.fullmatch(rf"(?:\\?\$)?\s*(?:{_NUM})", rhs):
             s = rhs
     # a number followed only by unit words, possibly wrapped in \text{...}
     plain = re.sub(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}", r" \1", s).strip()
@@ -268,7 +272,8 @@ def _extract_choice(text: str, options: Sequence[str] | None) -> str | None:
     letter = rf"(?:[(\[]\s*(?P<p>{up}|{low})\s*[)\]]|(?P<u>{up})(?![\w'’]))"
 
     def pick(m: re.Match[str]) -> str:
-        return (m.group("p") or m.group("u")).upper()
+        groups = m.groupdict()
+        return next(groups[k] for k in ("p", "u", "l") if groups.get(k)).upper()
 
     boxed = find_boxed(text)
     if boxed:
@@ -276,21 +281,20 @@ def _extract_choice(text: str, options: Sequence[str] | None) -> str | None:
         m = re.fullmatch(rf"\s*(?:{letter})\s*[.)]?.*", b, re.DOTALL)
         if m:
             return pick(m)
+    # keywords in any case, letters as described above
+    # (after "answer is", a lone lower-case letter ending the line counts too: "answer: b")
     anchor = re.compile(
-        rf"(?:\banswer\b\s*(?:is\b|:|=)\s*:?\s*(?:(?:option|choice)\s*)?|\b(?:option|choice)\s+){letter}",
-        re.IGNORECASE if False else 0,
+        rf"(?:\b(?i:answer)\b\s*(?i:is\b|:|=)\s*:?\s*(?:(?i:option|choice)\s*)?|\b(?i:option|choice)\s+)"
+        rf"(?:{letter}|(?P<l>{low})(?=\s*[.!]?\s*$))",
+        re.MULTILINE,
     )
-    anchor_ci = re.compile(r"\banswer\b|\boption\b|\bchoice\b", re.IGNORECASE)
-    # case-insensitive keywords, case-sensitive letters: lower-case the keywords only
-    normalised = anchor_ci.sub(lambda k: k.group(0).lower(), text)
-    normalised = re.sub(r"\bIs\b", "is", normalised)
-    hits = list(anchor.finditer(normalised))
+    hits = list(anchor.finditer(text))
     if hits:
         return pick(hits[-1])
 
     last = _last_line(text)
     # a lone letter, "(C) bank", "C. bank", "C) bank", "C: bank"
-    m = re.match(rf"^(?:{letter})\s*(?:[.):]|$)", last) or re.match(rf"^(?P<u>{up})[.):]\s", last)
+    m = re.match(rf"^(?:{letter})\s*(?:[.):]|$)", last)
     if m:
         return pick(m)
     paren = list(re.finditer(rf"[(\[]\s*(?P<p>{up})\s*[)\]]", last))
@@ -565,7 +569,6 @@ class _MathVerifyWorker:
                     self._start()
                 except Exception as err:  # noqa: BLE001
                     self._broken = f"{type(err).__name__}: {err}"
-                    logging.getLogger("math_verify").addFilter(_NoTimeoutWarningFilter())
                     for name in ("math_verify.parser", "math_verify.grader"):
                         logging.getLogger(name).addFilter(_NoTimeoutWarningFilter())
                     logger.warning(
@@ -579,7 +582,7 @@ class _MathVerifyWorker:
 
     def _request(self, gold: str, predicted: str, timeout_s: float) -> bool | None:
         assert self._proc is not None and self._proc.stdin is not None
-        inner = max(1, math.ceil(timeout_s))
+        inner = max(1, int(timeout_s / 2))  # math_verify's own per-operation limit, in the helper
         try:
             self._proc.stdin.write(json.dumps({"gold": gold, "pred": predicted, "timeout": inner}) + "\n")
             self._proc.stdin.flush()

@@ -135,8 +135,9 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, cfg: BackendConfig, llm: Any = None):
-        self._vllm = import_vllm()
+    def __init__(self, cfg: BackendConfig, llm: Any = None, vllm_module: Any = None):
+        """``llm`` / ``vllm_module`` inject an engine and module (tests, or sharing one engine)."""
+        self._vllm = vllm_module if vllm_module is not None else import_vllm()
         self.cfg = cfg
         self.model_id = cfg.model
         if llm is None:

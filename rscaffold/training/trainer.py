@@ -20,6 +20,7 @@ to TRL's plain SFT loss (tested numerically).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -38,8 +39,6 @@ from rscaffold.records import ExampleRecord
 from rscaffold.training.collator import IGNORE_INDEX, ScaffoldCollator, encode_examples
 from rscaffold.training.format import STUDENT_SYSTEM_PROMPT, add_signal_tokens
 from rscaffold.training.student import (
-    HEAD_META,
-    HEAD_WEIGHTS,
     STUDENT_META,
     SignalHead,
     Student,
@@ -212,7 +211,7 @@ def make_sft_config(cfg: TrainingConfig, checkpoint_dir: Path, **overrides: Any)
         data_seed=cfg.seed,
         bf16=use_bf16(cfg.bf16),
         fp16=False,
-        gradient_checkpointing=cfg.gradient_checkpointing,  # SFTConfig defaults to True; ours to False
+        dataloader_pin_memory=torch.cuda.is_available(),
         report_to="none",
         disable_tqdm=True,
         # The dataset is tokenized by rscaffold (prompt masking, signal positions, truncation that
@@ -226,6 +225,11 @@ def make_sft_config(cfg: TrainingConfig, checkpoint_dir: Path, **overrides: Any)
         padding_free=False,
         dataloader_num_workers=0,
     )
+    # SFTConfig defaults to gradient checkpointing on; ours is off unless asked. transformers 5
+    # renamed the argument (the old name still works, with a FutureWarning).
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    ckpt_arg = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    kwargs[ckpt_arg] = cfg.gradient_checkpointing
     kwargs.update(overrides)
     return SFTConfig(**kwargs)
 

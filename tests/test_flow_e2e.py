@@ -1,0 +1,158 @@
+"""End-to-end: the real Prefect flow on a tiny random-init model, under prefect_test_harness.
+
+Every stage does its real work (generation, LLM labeling with validation + fallback, TRL training,
+evaluation); the tiny model makes each stage take seconds. Checks real rows in every Parquet
+output, Prefect cache hits on a second run, selective re-runs, and resume after a failure
+injected into the training stage.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+import rscaffold.pipeline as pipeline_mod
+from rscaffold.config import STAGES, config_from_dict
+from rscaffold.pipeline import plan_fingerprints
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def make_config(tiny_model_dir: Path, smollm2_dir: Path, artifacts: Path, **training):
+    data = Path(__file__).resolve().parents[1] / "data"
+    return config_from_dict(
+        {
+            "run": {"artifacts_dir": str(artifacts), "retries": 0},
+            "problems": {
+                "train": str(data / "problems" / "train.jsonl"),
+                "eval": str(data / "problems" / "eval.jsonl"),
+                "limit_train": 8,
+                "limit_eval": 4,
+            },
+            "teacher": {
+                "llm": {"backend": "transformers", "model": str(tiny_model_dir), "batch_size": 4},
+                "sampling": {"max_new_tokens": 24},
+                "shard_size": 4,
+            },
+            "labeling": {"method": "llm", "sampling": {"max_new_tokens": 24}, "shard_size": 4},
+            "dataset": {"validation_fraction": 0.25},
+            "training": {
+                "student": str(smollm2_dir),
+                "tiny": {},
+                "tokenizer": str(smollm2_dir),
+                "max_steps": 2,
+                "per_device_batch_size": 2,
+                "max_length": 128,
+                "save_steps": 1,
+                **training,
+            },
+            "evaluation": {"max_new_tokens": 12, "batch_size": 4, "bootstrap_samples": 50, "guided": {"max_steps": 3, "max_step_tokens": 6}},
+        }
+    )
+
+
+class CallCounter:
+    """Counts how often each stage's library function actually ran (a Prefect cache hit skips it)."""
+
+    def __init__(self, monkeypatch):
+        self.calls: Counter[str] = Counter()
+        for stage in STAGES:
+            original = getattr(pipeline_mod, f"run_{stage}")
+
+            def wrapped(*a, __orig=original, __stage=stage, **kw):
+                self.calls[__stage] += 1
+                return __orig(*a, **kw)
+
+            monkeypatch.setattr(pipeline_mod, f"run_{stage}", wrapped)
+
+
+def test_pipeline_end_to_end(harness, tiny_model_dir, smollm2_dir, tmp_path, monkeypatch):
+    from flows.pipeline import rscaffold_pipeline
+
+    cfg = make_config(tiny_model_dir, smollm2_dir, tmp_path / "artifacts")
+    counter = CallCounter(monkeypatch)
+    refs = rscaffold_pipeline(config=cfg)
+    assert set(refs) == set(STAGES)
+    assert counter.calls == Counter({s: 1 for s in STAGES})
+
+    # real rows in every Parquet output, readable with plain pyarrow / polars
+    def table(stage: str, name: str):
+        return pq.read_table(Path(refs[stage]["path"]) / refs[stage]["outputs"][name])
+
+    problems = table("problems", "problems")
+    assert Counter(problems.column("split").to_pylist()) == {"train": 8, "eval": 4}
+    traces = table("teacher", "traces")
+    assert traces.num_rows == 8 and all(traces.column("model").to_pylist())
+    steps = pl.read_parquet(Path(refs["labeling"]["path"]) / "labeled_steps.parquet")
+    assert steps.height > 0 and set(steps["source"].unique()) <= {"llm", "keyword", "fallback"}
+    examples = table("dataset", "examples")
+    assert examples.num_rows > 0 and set(examples.column("split").to_pylist()) <= {"train", "validation"}
+    assert min(examples.column("n_steps").to_pylist()) >= 1
+    preds = pl.read_parquet(Path(refs["evaluation"]["path"]) / "predictions.parquet")
+    assert preds.height == 3 * 4 and set(preds["model"].unique()) == {"base", "cot_sft", "scaffolded"}
+    metrics = pl.read_parquet(Path(refs["evaluation"]["path"]) / "metrics.parquet")
+    assert metrics.height == 3 and metrics["accuracy"].is_between(0, 1).all()
+    for model in ("scaffolded", "cot_sft"):
+        assert (Path(refs["training"]["path"]) / refs["training"]["outputs"][model] / "config.json").exists()
+
+    # second run, nothing changed: Prefect cache hit for every stage, nothing recomputed
+    counter.calls.clear()
+    refs2 = rscaffold_pipeline(config=cfg)
+    assert counter.calls == Counter()
+    assert {s: r["fingerprint"] for s, r in refs2.items()} == {s: r["fingerprint"] for s, r in refs.items()}
+
+    # changing only the training config re-runs training and evaluation only
+    cfg_lr = make_config(tiny_model_dir, smollm2_dir, tmp_path / "artifacts", learning_rate=1e-4)
+    rscaffold_pipeline(config=cfg_lr)
+    assert counter.calls == Counter({"training": 1, "evaluation": 1})
+
+    # --refresh labeling forces labeling and everything after it
+    counter.calls.clear()
+    rscaffold_pipeline(config=cfg, refresh=["labeling"])
+    assert counter.calls == Counter({"labeling": 1, "dataset": 1, "training": 1, "evaluation": 1})
+
+
+def test_training_failure_keeps_upstream_and_resumes(harness, tiny_model_dir, smollm2_dir, tmp_path, monkeypatch):
+    from flows.pipeline import rscaffold_pipeline
+    import rscaffold.training.trainer as trainer_mod
+
+    cfg = make_config(tiny_model_dir, smollm2_dir, tmp_path / "artifacts", max_steps=3)
+    fps = plan_fingerprints(cfg)
+    original = trainer_mod.train_student
+    trained: list[bool] = []
+
+    def failing_after_scaffolded(rows, tcfg, names, tokens, out, scaffolded, model_card_info):
+        # Injected failure: the scaffolded student trains, then the baseline's training crashes.
+        if not scaffolded:
+            raise RuntimeError("injected failure in training")
+        trained.append(scaffolded)
+        return original(rows, tcfg, names, tokens, out, scaffolded=scaffolded, model_card_info=model_card_info)
+
+    monkeypatch.setattr(trainer_mod, "train_student", failing_after_scaffolded)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        rscaffold_pipeline(config=cfg)
+    root = Path(cfg.run.artifacts_dir)
+    for stage in ("problems", "teacher", "labeling", "dataset"):
+        assert (root / stage / fps[stage] / "manifest.json").exists(), stage
+    training_dir = root / "training" / fps["training"]
+    assert not (training_dir / "manifest.json").exists()
+    assert list((training_dir / "scaffolded").rglob("checkpoint-*")), "checkpoints of the finished student are kept"
+
+    monkeypatch.setattr(trainer_mod, "train_student", original)
+    counter = CallCounter(monkeypatch)
+    refs = rscaffold_pipeline(config=cfg)
+    # upstream stages come from Prefect's cache; training and evaluation run
+    assert counter.calls == Counter({"training": 1, "evaluation": 1})
+    assert (Path(refs["training"]["path"]) / "manifest.json").exists()
+    assert pq.read_table(Path(refs["evaluation"]["path"]) / "metrics.parquet").num_rows == 3

@@ -1,0 +1,237 @@
+"""The teacher stage library: outcome policy, persistence, resume, failure threshold, selection."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from rscaffold.config import BackendConfig, SamplingConfig, TeacherConfig, TinyModelConfig
+from rscaffold.paths import default_model_dir
+from rscaffold.records import ProblemRecord, TraceRecord
+from rscaffold.store import StageDir
+from rscaffold.teachers.base import ChatRequest, Completion
+from rscaffold.traces import TRACES_SHARD, TeacherFailureError, build_request, generate_traces, select_traces
+
+SMOLLM2_DIR = Path(os.environ.get("RSCAFFOLD_SMOLLM2_DIR", str(default_model_dir())))
+
+
+def answer_fn(text: str) -> str | None:
+    m = re.findall(r"answer is\s*(-?\d+)", text)
+    return m[-1] if m else None
+
+
+def check_fn(pred: str | None, gold: str) -> bool:
+    return pred is not None and pred.strip() == gold.strip()
+
+
+def problems(k: int) -> list[ProblemRecord]:
+    return [ProblemRecord(problem_id=f"q{i}", split="train", source="test", question=f"What is {i}+1?", gold_answer=str(i + 1)) for i in range(k)]
+
+
+def stage_dir(tmp_path) -> StageDir:
+    return StageDir(tmp_path, "teacher", "fp").prepare()
+
+
+class ScriptedBackend:
+    """Test fake: answers each (request, sample) with ``script(problem_id, sample_index)``, which
+    returns a Completion's fields or raises; records every request it receives."""
+
+    name = "scripted"
+    model_id = "scripted-model"
+
+    def __init__(self, script):
+        self.script = script
+        self.requests: list[ChatRequest] = []
+
+    def generate(self, requests: Sequence[ChatRequest], sampling: SamplingConfig, on_result=None) -> list[Completion]:
+        out = []
+        for r in requests:
+            self.requests.append(r)
+            for i in range(r.n):
+                c = Completion(request_id=r.request_id, sample_index=i, **self.script(r.request_id, i))
+                out.append(c)
+                if on_result:
+                    on_result(c)
+        return out
+
+    def close(self):
+        pass
+
+
+def test_outcome_policy(tmp_path):
+    script = {
+        "q0": dict(text="The answer is 1.", finish_reason="stop", completion_tokens=5),
+        "q1": dict(text="The answer is 7.", finish_reason="stop"),
+        "q2": dict(text="", reasoning="so the answer is 3", finish_reason="length"),
+        "q3": dict(text="   "),
+        "q4": dict(error="APIConnectionError: Connection error."),
+        "q5": dict(text="no number here \udcff", finish_reason="stop"),
+        "q6": dict(text="The answer is 7", extra={"unclosed_think": True}),
+    }
+    backend = ScriptedBackend(lambda pid, i: script[pid])
+    cfg = TeacherConfig(max_failure_rate=1.0, shard_size=3)
+    res = generate_traces(problems(7), backend, cfg, stage_dir(tmp_path), answer_fn, check_fn)
+    t = {r.problem_id: r for r in res.traces}
+    assert [r.trace_id for r in res.traces] == [f"q{i}#0" for i in range(7)]
+    assert t["q0"].correct and t["q0"].predicted_answer == "1" and t["q0"].status == "ok" and t["q0"].completion_tokens == 5
+    assert t["q0"].backend == "scripted" and t["q0"].model == "scripted-model" and t["q0"].gold_answer == "1"
+    assert t["q1"].correct is False and t["q1"].predicted_answer == "7"
+    assert t["q2"].predicted_answer == "3" and t["q2"].correct and t["q2"].truncated  # answer from the reasoning
+    assert t["q3"].status == "failed" and t["q3"].error == "empty output"
+    assert t["q4"].status == "failed" and "Connection" in t["q4"].error and t["q4"].correct is None
+    assert t["q5"].status == "ok" and t["q5"].predicted_answer is None and t["q5"].correct is False
+    assert "\ufffd" in t["q5"].text or "?" in t["q5"].text  # stored as valid UTF-8
+    assert t["q6"].truncated and t["q6"].correct  # truncated is recorded, not judged
+    assert res.counts == {"total": 7, "requested": 7, "resumed": 0, "ok": 5, "failed": 2, "truncated": 2, "correct": 3}
+    assert res.failure_reasons == {"empty output": 1, "APIConnectionError: Connection error.": 1}
+    # persisted in shards of 3 (3 + 3 + 1)
+    shards = sorted((tmp_path / "teacher" / "fp" / "shards").glob(f"{TRACES_SHARD}-*.parquet"))
+    assert len(shards) == 3
+    assert len(stage_dir(tmp_path).read_shards(TRACES_SHARD, TraceRecord)) == 7
+
+
+def test_request_building():
+    cfg = TeacherConfig(system_prompt="SYS", prompt_template="Q: {question}\nA:", samples_per_problem=3)
+    r = build_request(problems(1)[0], cfg)
+    assert r.request_id == "q0" and r.n == 3
+    assert r.messages == [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Q: What is 0+1?\nA:"}]
+    assert build_request(problems(1)[0], cfg.model_copy(update={"system_prompt": ""})).messages[0]["role"] == "user"
+
+
+def test_failed_pairs_are_retried_and_answer_fn_errors_fail(tmp_path):
+    stage = stage_dir(tmp_path)
+    cfg = TeacherConfig(samples_per_problem=2, max_failure_rate=1.0, shard_size=2)
+    first = ScriptedBackend(lambda pid, i: dict(error="HTTP 503") if (pid, i) in {("q1", 1), ("q2", 0)} else dict(text="The answer is 2"))
+    r1 = generate_traces(problems(3), first, cfg, stage, answer_fn, check_fn)
+    assert r1.counts["failed"] == 2
+    second = ScriptedBackend(lambda pid, i: dict(text="The answer is 9"))
+    r2 = generate_traces(problems(3), second, cfg, stage, answer_fn, check_fn)
+    # only the failed pairs are asked for, one sample each
+    assert sorted((r.request_id, r.n) for r in second.requests) == [("q1", 1), ("q2", 1)]
+    t = {r.trace_id: r for r in r2.traces}
+    assert t["q1#1"].predicted_answer == "9" and t["q2#0"].predicted_answer == "9" and t["q1#0"].predicted_answer == "2"
+    assert r2.counts["resumed"] == 4 and r2.counts["requested"] == 2 and r2.counts["failed"] == 0 and len(r2.traces) == 6
+
+    def broken_answer_fn(text):
+        raise TypeError("bad regex")
+
+    r3 = generate_traces(problems(1), ScriptedBackend(lambda pid, i: dict(text="x")), cfg, stage_dir(tmp_path / "b"), broken_answer_fn, check_fn)
+    assert r3.counts["failed"] == 2 and r3.traces[0].error == "answer check: TypeError: bad regex"
+
+
+def test_failure_threshold_raises_after_persisting(tmp_path):
+    stage = stage_dir(tmp_path)
+    backend = ScriptedBackend(lambda pid, i: dict(text="The answer is 1") if pid == "q0" else dict(error="RateLimitError: slow down"))
+    cfg = TeacherConfig(max_failure_rate=0.5, shard_size=4)
+    with pytest.raises(TeacherFailureError, match=r"4 of 5 .*most common error \(4x\): RateLimitError: slow down") as info:
+        generate_traces(problems(5), backend, cfg, stage, answer_fn, check_fn)
+    assert info.value.result.counts["failed"] == 4
+    persisted = stage.read_shards(TRACES_SHARD, TraceRecord)
+    assert sorted(t.trace_id for t in persisted) == [f"q{i}#0" for i in range(5)]
+    # exactly at the threshold: no error
+    ok = generate_traces(problems(2), ScriptedBackend(lambda pid, i: dict(error="x") if pid == "q0" else dict(text="a")), cfg, stage_dir(tmp_path / "c"), answer_fn, check_fn)
+    assert ok.failure_rate == 0.5
+
+
+def test_select_traces():
+    def tr(i, status="ok", pred="1", correct=True):
+        return TraceRecord(trace_id=f"q{i}#0", problem_id=f"q{i}", sample_index=0, question="q", gold_answer="1", text="t", status=status, predicted_answer=pred, correct=correct)
+
+    traces = [tr(0), tr(1, correct=False, pred="2"), tr(2, pred=None, correct=False), tr(3, status="failed", pred=None, correct=None), tr(4)]
+    kept, dropped = select_traces(traces, "correct")
+    assert [t.trace_id for t in kept] == ["q0#0", "q4#0"] and dropped == {"incorrect": 1, "no_answer": 1, "failed": 1}
+    kept, dropped = select_traces(traces, "all")
+    assert [t.trace_id for t in kept] == ["q0#0", "q1#0", "q2#0", "q4#0"] and dropped == {"failed": 1}
+    with pytest.raises(ValueError):
+        select_traces(traces, "best")
+
+
+# ---------------------------------------------------------------------------------------------
+# resume with the real transformers backend on a tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_backend(tmp_path_factory):
+    if not (SMOLLM2_DIR / "tokenizer.json").exists():
+        pytest.skip(f"SmolLM2 tokenizer not found at {SMOLLM2_DIR} (set RSCAFFOLD_SMOLLM2_DIR)")
+    from rscaffold.models import build_tiny_model
+    from rscaffold.teachers.transformers_local import TransformersBackend
+
+    model, tok = build_tiny_model(str(SMOLLM2_DIR), TinyModelConfig())
+    b = TransformersBackend(BackendConfig(model="tiny", device="cpu", batch_size=2), model=model.eval(), tokenizer=tok)
+    yield b
+    b.close()
+
+
+class CrashAfter:
+    """Test fake wrapping a real backend: counts the requests it forwards and raises (as a crash
+    of the process would end the run) after ``crash_after`` completions have been delivered."""
+
+    def __init__(self, inner, crash_after: int | None = None):
+        self.inner = inner
+        self.name, self.model_id = inner.name, inner.model_id
+        self.crash_after = crash_after
+        self.requests: list[ChatRequest] = []
+
+    def generate(self, requests, sampling, on_result=None):
+        self.requests.extend(requests)
+        delivered = 0
+
+        def relay(c):
+            nonlocal delivered
+            on_result(c)
+            delivered += 1
+            if self.crash_after is not None and delivered >= self.crash_after:
+                raise RuntimeError("simulated crash")
+
+        return self.inner.generate(requests, sampling, on_result=relay)
+
+    def close(self):
+        pass
+
+
+def test_resume_after_crash(tmp_path, tiny_backend):
+    stage = stage_dir(tmp_path)
+    cfg = TeacherConfig(
+        samples_per_problem=2,
+        shard_size=3,
+        max_failure_rate=1.0,
+        sampling=SamplingConfig(max_new_tokens=6, temperature=1.0, seed=1),
+    )
+    probs = problems(5)
+    wanted = {f"q{i}#{s}" for i in range(5) for s in range(2)}
+
+    crashing = CrashAfter(tiny_backend, crash_after=5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        generate_traces(probs, crashing, cfg, stage, answer_fn, check_fn)
+    first = stage.read_shards(TRACES_SHARD, TraceRecord)
+    assert len(first) == 5  # 3 in a full shard + 2 flushed by the finally
+    done = {t.trace_id for t in first if t.status == "ok"}
+    assert len(done) == 5  # random tokens sampled at temperature 1 are never empty
+
+    progress = []
+    again = CrashAfter(tiny_backend)
+    res = generate_traces(probs, again, cfg, stage, answer_fn, check_fn, progress=lambda d, t: progress.append((d, t)))
+    # no finished pair is asked for again (a partly done problem asks only for its missing sample)
+    missing_per_problem = {pid: sum(1 for s in range(2) if f"{pid}#{s}" not in done) for pid in (p.problem_id for p in probs)}
+    assert {r.request_id: r.n for r in again.requests} == {pid: n for pid, n in missing_per_problem.items() if n}
+    assert sum(r.n for r in again.requests) == 10 - len(done)
+    assert res.counts["resumed"] == len(done) and res.counts["requested"] == 10 - len(done) and res.counts["total"] == 10
+    assert {t.trace_id for t in res.traces} == wanted and len(res.traces) == 10
+    assert progress[0] == (len(done), 10) and progress[-1] == (10, 10)
+    # nothing lost; on disk, each pair is there once per attempt (a retried failure twice, the
+    # latest winning), and the ok traces of the first run were not written again
+    on_disk = stage.read_shards(TRACES_SHARD, TraceRecord)
+    assert {t.trace_id for t in on_disk} == wanted
+    assert len(on_disk) == len(first) + (10 - len(done))
+    assert all(t.backend == "transformers" for t in on_disk)
+
+    # a third run has nothing to do
+    idle = CrashAfter(tiny_backend)
+    res3 = generate_traces(probs, idle, cfg, stage, answer_fn, check_fn)
+    assert {t.trace_id for t in res3.traces} == wanted
+    assert idle.requests == [] and res3.counts["requested"] == 0 and res3.counts["resumed"] == 10
