@@ -82,7 +82,7 @@ class ProblemsConfig(_Section):
     which needs network access to the Hugging Face hub.
     """
 
-    format: Literal["gsm8k"] = "gsm8k"
+    format: Literal["gsm8k", "math500", "strategyqa", "commonsenseqa", "truthfulqa"] = "gsm8k"
     train: str = Field(default_factory=lambda: str(data_dir() / "problems" / "train.jsonl"))
     eval: str = Field(default_factory=lambda: str(data_dir() / "problems" / "eval.jsonl"))
     limit_train: int | None = Field(default=None, ge=1)

@@ -98,7 +98,9 @@ def build_messages(problem: ProblemRecord, cfg: TeacherConfig) -> list[dict[str,
 
 def build_request(problem: ProblemRecord, cfg: TeacherConfig, n: int | None = None) -> ChatRequest:
     """The chat request for one problem (``request_id`` = ``problem_id``)."""
-    return ChatRequest(request_id=problem.problem_id, messages=build_messages(problem, cfg), n=n or cfg.samples_per_problem)
+    return ChatRequest(
+        request_id=problem.problem_id, messages=build_messages(problem, cfg), n=n or cfg.samples_per_problem
+    )
 
 
 def trace_from_completion(
@@ -240,7 +242,9 @@ def generate_traces(
             for pid, idx in missing.items():  # a backend that lost a sample is a failure too
                 for k in range(len(idx)):
                     if (pid, k) not in handled:
-                        on_result(Completion(request_id=pid, sample_index=k, error="no completion returned by the backend"))
+                        on_result(
+                            Completion(request_id=pid, sample_index=k, error="no completion returned by the backend")
+                        )
     finally:
         flush()
 

@@ -137,22 +137,23 @@ def test_math_end_to_end() -> None:
 
 def test_math_verify_in_a_worker_thread() -> None:
     """Prefect runs tasks in worker threads, where signal-based timeouts raise ValueError."""
-    results: list[object] = []
+    results: dict[int, list[object]] = {}
 
-    def work() -> None:
+    def work(k: int) -> None:
+        out = results.setdefault(k, [])
         try:
-            results.append(is_correct("\\frac{\\sqrt{3}}{2}", "\\sqrt{3}/2", "math"))
-            results.append(is_correct("(3, \\pi/2)", "\\left( 3, \\frac{\\pi}{2} \\right)", "math"))
-            results.append(is_correct("\\frac{1}{3}", "\\frac{1}{2}", "math"))
+            out.append(is_correct("\\frac{\\sqrt{3}}{2}", "\\sqrt{3}/2", "math"))
+            out.append(is_correct("(3, \\pi/2)", "\\left( 3, \\frac{\\pi}{2} \\right)", "math"))
+            out.append(is_correct("\\frac{1}{3}", "\\frac{1}{2}", "math"))
         except Exception as err:  # noqa: BLE001 - surfaced in the assertion
-            results.append(err)
+            out.append(err)
 
-    threads = [threading.Thread(target=work) for _ in range(3)]
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
-    assert results == [True, True, False] * 3
+    assert results == {k: [True, True, False] for k in range(3)}
 
 
 def test_math_verify_hard_timeout_recovers() -> None:
@@ -275,3 +276,19 @@ def test_unknown_answer_type() -> None:
         extract_answer("18", "number")
     with pytest.raises(ValueError, match="unknown answer type"):
         is_correct("18", "18", "number")
+
+
+def test_math_verify_falls_back_in_process_when_the_helper_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = answers._MathVerifyWorker()
+
+    def cannot_start() -> None:
+        raise OSError("no subprocesses here")
+
+    monkeypatch.setattr(worker, "_start", cannot_start)
+    monkeypatch.setattr(answers, "_WORKER", worker)
+    results: list[object] = []
+    thread = threading.Thread(target=lambda: results.append(is_correct("(3, \\pi/2)", "\\left( 3, \\frac{\\pi}{2} \\right)", "math")))
+    thread.start()
+    thread.join(timeout=60)
+    assert results == [True]
+    assert worker._broken is not None and "no subprocesses here" in worker._broken

@@ -259,6 +259,9 @@ def test_malformed_csv(tmp_path: Path) -> None:
     path = _write(tmp_path / "TruthfulQA.csv", [header, good, good.replace("green", "red"), only_best])
     with pytest.raises(BenchmarkFormatError, match=re.escape(f"{path}:4: no 'Incorrect Answers' to use")):
         load_problems(path, "truthfulqa")
+    path = _write(tmp_path / "TruthfulQA.csv", [header, good, good + ",extra,fields"])
+    with pytest.raises(BenchmarkFormatError, match=re.escape(f"{path}:3: 9 fields, the header has 7")):
+        load_problems(path, "truthfulqa")
     path = _write(tmp_path / "missing_col.csv", ["Question,Best Answer", "Q?,A"])
     with pytest.raises(BenchmarkFormatError, match=r"missing_col.csv:1: missing column\(s\) Incorrect Answers"):
         load_problems(path, "truthfulqa")

@@ -30,7 +30,9 @@ def build_tiny_teacher(out_dir: Path) -> Path:
     greedy decoding degenerates to whitespace, which would make output comparisons vacuous.
     """
     if not (SMOLLM2_DIR / "tokenizer.json").exists():
-        pytest.skip(f"SmolLM2 tokenizer not found at {SMOLLM2_DIR} (set RSCAFFOLD_SMOLLM2_DIR or run `rscaffold models fetch`)")
+        pytest.skip(
+            f"SmolLM2 tokenizer not found at {SMOLLM2_DIR} (set RSCAFFOLD_SMOLLM2_DIR or run `rscaffold models fetch`)"
+        )
     import torch
 
     from rscaffold.models import build_tiny_model
@@ -82,7 +84,12 @@ QUESTIONS = [
     [
         ("plain answer", None, "plain answer", False),
         ("<think>step 1\n\nstep 2</think>\nThe answer is 4.", "step 1\n\nstep 2", "The answer is 4.", False),
-        ("opening tag was in the prompt</think>The answer is 4.", "opening tag was in the prompt", "The answer is 4.", False),
+        (
+            "opening tag was in the prompt</think>The answer is 4.",
+            "opening tag was in the prompt",
+            "The answer is 4.",
+            False,
+        ),
         ("<think>cut off mid thou", "cut off mid thou", "", True),
         ("<think>a</think>x<think>b</think>y", "a\n\nb", "xy", False),
         ("<think>\n\n</think>\n\nvisible", None, "visible", False),
@@ -183,13 +190,17 @@ def test_finish_reason_stop_and_length(backend, monkeypatch):
 
     enc = backend.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.inference_mode():
-        ids = backend.model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=backend.tokenizer.pad_token_id)
+        ids = backend.model.generate(
+            **enc, max_new_tokens=3, do_sample=False, pad_token_id=backend.tokenizer.pad_token_id
+        )
     third = int(ids[0, -1])
-    first_two = ids[0, enc["input_ids"].shape[1]:-1].tolist()
+    first_two = ids[0, enc["input_ids"].shape[1] : -1].tolist()
     if third in first_two:
         pytest.skip("degenerate sample: the third token also appears earlier")
     monkeypatch.setattr(backend, "eos_token_ids", backend.eos_token_ids + [third])
-    stopped = backend.generate([_req("x", "What is 2+3?"), _req("y", "A much longer question that pads the other row")], s)
+    stopped = backend.generate(
+        [_req("x", "What is 2+3?"), _req("y", "A much longer question that pads the other row")], s
+    )
     x = next(c for c in stopped if c.request_id == "x")
     assert x.finish_reason == "stop" and x.completion_tokens == 3 and not x.truncated
     assert x.text == backend.tokenizer.decode(first_two, skip_special_tokens=True).strip()

@@ -29,7 +29,12 @@ def check_fn(pred: str | None, gold: str) -> bool:
 
 
 def problems(k: int) -> list[ProblemRecord]:
-    return [ProblemRecord(problem_id=f"q{i}", split="train", source="test", question=f"What is {i}+1?", gold_answer=str(i + 1)) for i in range(k)]
+    return [
+        ProblemRecord(
+            problem_id=f"q{i}", split="train", source="test", question=f"What is {i}+1?", gold_answer=str(i + 1)
+        )
+        for i in range(k)
+    ]
 
 
 def stage_dir(tmp_path) -> StageDir:
@@ -77,7 +82,12 @@ def test_outcome_policy(tmp_path):
     res = generate_traces(problems(7), backend, cfg, stage_dir(tmp_path), answer_fn, check_fn)
     t = {r.problem_id: r for r in res.traces}
     assert [r.trace_id for r in res.traces] == [f"q{i}#0" for i in range(7)]
-    assert t["q0"].correct and t["q0"].predicted_answer == "1" and t["q0"].status == "ok" and t["q0"].completion_tokens == 5
+    assert (
+        t["q0"].correct
+        and t["q0"].predicted_answer == "1"
+        and t["q0"].status == "ok"
+        and t["q0"].completion_tokens == 5
+    )
     assert t["q0"].backend == "scripted" and t["q0"].model == "scripted-model" and t["q0"].gold_answer == "1"
     assert t["q1"].correct is False and t["q1"].predicted_answer == "7"
     assert t["q2"].predicted_answer == "3" and t["q2"].correct and t["q2"].truncated  # answer from the reasoning
@@ -105,7 +115,9 @@ def test_request_building():
 def test_failed_pairs_are_retried_and_answer_fn_errors_fail(tmp_path):
     stage = stage_dir(tmp_path)
     cfg = TeacherConfig(samples_per_problem=2, max_failure_rate=1.0, shard_size=2)
-    first = ScriptedBackend(lambda pid, i: dict(error="HTTP 503") if (pid, i) in {("q1", 1), ("q2", 0)} else dict(text="The answer is 2"))
+    first = ScriptedBackend(
+        lambda pid, i: dict(error="HTTP 503") if (pid, i) in {("q1", 1), ("q2", 0)} else dict(text="The answer is 2")
+    )
     r1 = generate_traces(problems(3), first, cfg, stage, answer_fn, check_fn)
     assert r1.counts["failed"] == 2
     second = ScriptedBackend(lambda pid, i: dict(text="The answer is 9"))
@@ -114,34 +126,70 @@ def test_failed_pairs_are_retried_and_answer_fn_errors_fail(tmp_path):
     assert sorted((r.request_id, r.n) for r in second.requests) == [("q1", 1), ("q2", 1)]
     t = {r.trace_id: r for r in r2.traces}
     assert t["q1#1"].predicted_answer == "9" and t["q2#0"].predicted_answer == "9" and t["q1#0"].predicted_answer == "2"
-    assert r2.counts["resumed"] == 4 and r2.counts["requested"] == 2 and r2.counts["failed"] == 0 and len(r2.traces) == 6
+    assert (
+        r2.counts["resumed"] == 4 and r2.counts["requested"] == 2 and r2.counts["failed"] == 0 and len(r2.traces) == 6
+    )
 
     def broken_answer_fn(text):
         raise TypeError("bad regex")
 
-    r3 = generate_traces(problems(1), ScriptedBackend(lambda pid, i: dict(text="x")), cfg, stage_dir(tmp_path / "b"), broken_answer_fn, check_fn)
+    r3 = generate_traces(
+        problems(1),
+        ScriptedBackend(lambda pid, i: dict(text="x")),
+        cfg,
+        stage_dir(tmp_path / "b"),
+        broken_answer_fn,
+        check_fn,
+    )
     assert r3.counts["failed"] == 2 and r3.traces[0].error == "answer check: TypeError: bad regex"
 
 
 def test_failure_threshold_raises_after_persisting(tmp_path):
     stage = stage_dir(tmp_path)
-    backend = ScriptedBackend(lambda pid, i: dict(text="The answer is 1") if pid == "q0" else dict(error="RateLimitError: slow down"))
+    backend = ScriptedBackend(
+        lambda pid, i: dict(text="The answer is 1") if pid == "q0" else dict(error="RateLimitError: slow down")
+    )
     cfg = TeacherConfig(max_failure_rate=0.5, shard_size=4)
-    with pytest.raises(TeacherFailureError, match=r"4 of 5 .*most common error \(4x\): RateLimitError: slow down") as info:
+    with pytest.raises(
+        TeacherFailureError, match=r"4 of 5 .*most common error \(4x\): RateLimitError: slow down"
+    ) as info:
         generate_traces(problems(5), backend, cfg, stage, answer_fn, check_fn)
     assert info.value.result.counts["failed"] == 4
     persisted = stage.read_shards(TRACES_SHARD, TraceRecord)
     assert sorted(t.trace_id for t in persisted) == [f"q{i}#0" for i in range(5)]
     # exactly at the threshold: no error
-    ok = generate_traces(problems(2), ScriptedBackend(lambda pid, i: dict(error="x") if pid == "q0" else dict(text="a")), cfg, stage_dir(tmp_path / "c"), answer_fn, check_fn)
+    ok = generate_traces(
+        problems(2),
+        ScriptedBackend(lambda pid, i: dict(error="x") if pid == "q0" else dict(text="a")),
+        cfg,
+        stage_dir(tmp_path / "c"),
+        answer_fn,
+        check_fn,
+    )
     assert ok.failure_rate == 0.5
 
 
 def test_select_traces():
     def tr(i, status="ok", pred="1", correct=True):
-        return TraceRecord(trace_id=f"q{i}#0", problem_id=f"q{i}", sample_index=0, question="q", gold_answer="1", text="t", status=status, predicted_answer=pred, correct=correct)
+        return TraceRecord(
+            trace_id=f"q{i}#0",
+            problem_id=f"q{i}",
+            sample_index=0,
+            question="q",
+            gold_answer="1",
+            text="t",
+            status=status,
+            predicted_answer=pred,
+            correct=correct,
+        )
 
-    traces = [tr(0), tr(1, correct=False, pred="2"), tr(2, pred=None, correct=False), tr(3, status="failed", pred=None, correct=None), tr(4)]
+    traces = [
+        tr(0),
+        tr(1, correct=False, pred="2"),
+        tr(2, pred=None, correct=False),
+        tr(3, status="failed", pred=None, correct=None),
+        tr(4),
+    ]
     kept, dropped = select_traces(traces, "correct")
     assert [t.trace_id for t in kept] == ["q0#0", "q4#0"] and dropped == {"incorrect": 1, "no_answer": 1, "failed": 1}
     kept, dropped = select_traces(traces, "all")
@@ -217,10 +265,14 @@ def test_resume_after_crash(tmp_path, tiny_backend):
     again = CrashAfter(tiny_backend)
     res = generate_traces(probs, again, cfg, stage, answer_fn, check_fn, progress=lambda d, t: progress.append((d, t)))
     # no finished pair is asked for again (a partly done problem asks only for its missing sample)
-    missing_per_problem = {pid: sum(1 for s in range(2) if f"{pid}#{s}" not in done) for pid in (p.problem_id for p in probs)}
+    missing_per_problem = {
+        pid: sum(1 for s in range(2) if f"{pid}#{s}" not in done) for pid in (p.problem_id for p in probs)
+    }
     assert {r.request_id: r.n for r in again.requests} == {pid: n for pid, n in missing_per_problem.items() if n}
     assert sum(r.n for r in again.requests) == 10 - len(done)
-    assert res.counts["resumed"] == len(done) and res.counts["requested"] == 10 - len(done) and res.counts["total"] == 10
+    assert (
+        res.counts["resumed"] == len(done) and res.counts["requested"] == 10 - len(done) and res.counts["total"] == 10
+    )
     assert {t.trace_id for t in res.traces} == wanted and len(res.traces) == 10
     assert progress[0] == (len(done), 10) and progress[-1] == (10, 10)
     # nothing lost; on disk, each pair is there once per attempt (a retried failure twice, the

@@ -259,7 +259,7 @@ def test_padding_free_matches_padded(tmp_path):
 def trained_token(tmp_path_factory):
     out = tmp_path_factory.mktemp("token")
     examples = synthetic(24) + synthetic(4, split="validation")
-    c = cfg(max_steps=40, logging_steps=10, learning_rate=1e-2, signal_objective="token")
+    c = cfg(max_steps=16, logging_steps=4, learning_rate=2e-2, signal_objective="token")
     result = train_student(examples, c, NAMES, TOKENS, out, scaffolded=True,
                            model_card_info={"data_fingerprint": "data123", "taxonomy_hash": "tax456"})
     return result, examples, c
@@ -276,7 +276,7 @@ def test_signal_accuracy_rises(trained_token):
     assert acc_after > acc_before
     assert acc_after >= 0.9
     assert result.signal_accuracy is not None and result.signal_accuracy > acc_before
-    assert result.steps == 40 and result.signal_loss is not None and result.step_loss is not None
+    assert result.steps == 16 and result.signal_loss is not None and result.step_loss is not None
     assert result.eval_metrics.get("eval_signal_accuracy", 0) >= 0.9
     assert result.tokens_per_s and result.tokens_per_s > 0
 

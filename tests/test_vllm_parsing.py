@@ -49,7 +49,9 @@ def fake_vllm(new_api: bool = True, old_api: bool = False, allowed=None):
 
 
 def out(index, text, finish="stop", n_tokens=3, stop_reason=None):
-    return SimpleNamespace(index=index, text=text, token_ids=list(range(n_tokens)), finish_reason=finish, stop_reason=stop_reason)
+    return SimpleNamespace(
+        index=index, text=text, token_ids=list(range(n_tokens)), finish_reason=finish, stop_reason=stop_reason
+    )
 
 
 def test_build_sampling_kwargs():
@@ -99,7 +101,11 @@ def test_parse_request_output():
 def test_parse_request_output_errors():
     ro = SimpleNamespace(
         prompt_token_ids=None,
-        outputs=[out(0, "", "stop", 1), out(1, "partial", "abort", 2), out(2, "<think>never closed", "length", 5, stop_reason=None)],
+        outputs=[
+            out(0, "", "stop", 1),
+            out(1, "partial", "abort", 2),
+            out(2, "<think>never closed", "length", 5, stop_reason=None),
+        ],
     )
     c0, c1, c2 = parse_request_output(ro, "p")
     assert c0.error == EMPTY_OUTPUT and c0.prompt_tokens is None
@@ -118,7 +124,10 @@ class FakeLLM:
         if any(m[-1]["content"] == "explode" for m in messages):
             raise RuntimeError("engine died")
         return [
-            SimpleNamespace(prompt_token_ids=[0] * 5, outputs=[out(i, f"echo {m[-1]['content']} #{i}") for i in range(p.kwargs["n"])])
+            SimpleNamespace(
+                prompt_token_ids=[0] * 5,
+                outputs=[out(i, f"echo {m[-1]['content']} #{i}") for i in range(p.kwargs["n"])],
+            )
             for m, p in zip(messages, sampling_params)
         ]
 
@@ -129,7 +138,9 @@ def test_backend_with_fake_engine(monkeypatch):
     monkeypatch.setattr(ve, "VLLM_MIN_CHUNK", 2)
     llm = FakeLLM()
     b = VLLMBackend(BackendConfig(backend="vllm", model="m", batch_size=2), llm=llm, vllm_module=fake_vllm())
-    reqs = [ChatRequest(f"r{i}", [{"role": "user", "content": c}], n=2) for i, c in enumerate(["a", "b", "explode", "c"])]
+    reqs = [
+        ChatRequest(f"r{i}", [{"role": "user", "content": c}], n=2) for i, c in enumerate(["a", "b", "explode", "c"])
+    ]
     reqs.append(ChatRequest("j", [{"role": "user", "content": "d"}], json_schema=SCHEMA))
     seen = []
     res = b.generate(reqs, SamplingConfig(), on_result=seen.append)

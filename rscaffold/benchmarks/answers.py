@@ -132,7 +132,7 @@ _MATH_ANCHOR = re.compile(
 _NUMBER_WITH_UNITS = re.compile(
     rf"^(?:\\?\$|€|£)?\s*(?P<num>(?:{_NUM})(?:/\d+)?)(?:\s*(?:\\?%|percent\b))?(?:\s+(?P<rest>[A-Za-z]{{2,}}[A-Za-z\s'’.-]*))?$"
 )
-_LAST_NUMBER = re.compile(rf"(?:(?<![\w)\]}}])-)?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+)?")
+_LAST_NUMBER = re.compile(r"(?:(?<![\w)\]}])-)?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+)?")
 _SENTENCE_END = re.compile(r"\.(?:\s|$)|\s+(?:because|since|as)\s")
 
 
@@ -491,8 +491,8 @@ def _verify_direct(gold: str, predicted: str, timeout: int | None) -> bool | Non
     """
     from math_verify import parse, verify
 
-    g = parse(_as_latex(gold), parsing_timeout=timeout)  # type: ignore[arg-type]
-    p = parse(_as_latex(predicted), parsing_timeout=timeout)  # type: ignore[arg-type]
+    g = parse(_as_latex(gold), parsing_timeout=timeout)
+    p = parse(_as_latex(predicted), parsing_timeout=timeout)
     if not g or not p:
         return None
     return bool(verify(g, p, timeout_seconds=timeout))
@@ -600,7 +600,8 @@ class _MathVerifyWorker:
             logger.warning("the math_verify helper process exited; restarting it")
             self._restart()
             return None
-        return json.loads(line).get("result")
+        result = json.loads(line).get("result")
+        return None if result is None else bool(result)
 
     def _restart(self) -> None:
         if self._proc is not None:

@@ -203,7 +203,10 @@ def read_csv_records(path: Path, required: Iterable[str] = ()) -> Iterator[RawRo
         try:
             for row in reader:
                 if None in row:  # more fields than the header
-                    raise BenchmarkFormatError(f"{path}:{reader.line_num}: {len(header) + len(row[None])} fields, the header has {len(header)}")  # type: ignore[index]
+                    extra = len(row[None])
+                    raise BenchmarkFormatError(
+                        f"{path}:{reader.line_num}: {len(header) + extra} fields, the header has {len(header)}"
+                    )
                 if not any((v or "").strip() for v in row.values()):
                     continue
                 yield RawRow(row, f"{path}:{reader.line_num}", index)

@@ -9,9 +9,9 @@ dropped connections ``cfg.max_retries`` times with exponential backoff (honourin
 - per-request isolation: a request that still fails (HTTP 400, an invalid or empty response,
   retries exhausted) becomes error Completions, never an exception;
 - fallbacks for servers that reject parts of the request with HTTP 400: ``response_format``
-  (JSON-schema constrained output) is retried once without it, and ``max_tokens`` is switched to
-  ``max_completion_tokens`` (newer OpenAI reasoning models); a fallback that works is kept for the
-  rest of the backend's life;
+  (JSON-schema constrained output) is retried once without it, ``max_tokens`` is switched to
+  ``max_completion_tokens`` and a rejected ``temperature``/``top_p``/``seed`` is dropped (newer
+  OpenAI reasoning models); a fallback that works is kept for the rest of the backend's life;
 - ``n`` samples per request; servers that ignore ``n`` (return fewer choices) are asked again
   for the missing ones, each with its own derived seed;
 - reasoning: the ``reasoning_content`` / ``reasoning`` message field (vLLM, DeepSeek, SGLang,
@@ -39,6 +39,14 @@ from rscaffold.teachers.parsing import completion_from_output, derive_seed, desc
 log = logging.getLogger(__name__)
 
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "0.0.0.0", "[::1]")
+INVALID_RESPONSE = "invalid response"
+# Sampling parameters some models reject with HTTP 400 (e.g. OpenAI reasoning models accept only
+# the default temperature); when the error names one of them in quotes, it is dropped and retried.
+DROPPABLE_PARAMS = ("temperature", "top_p", "seed")
+
+
+class InvalidResponseError(ValueError):
+    """The server answered 200 with something that is not a usable chat completion."""
 
 
 def response_format_for(schema: dict[str, Any]) -> dict[str, Any]:
@@ -75,6 +83,7 @@ class OpenAIBackend:
             log.warning("no API key in $%s; a remote server will probably answer 401", cfg.api_key_env)
         self._use_response_format = True
         self._max_tokens_param = "max_tokens"
+        self._unsupported_params: set[str] = set()
 
     def __repr__(self) -> str:  # never shows the key
         return f"OpenAIBackend(model={self.cfg.model!r}, base_url={self.cfg.base_url!r})"
@@ -106,6 +115,8 @@ class OpenAIBackend:
         }
         if sampling.top_p < 1.0:
             kwargs["top_p"] = sampling.top_p
+        for name in self._unsupported_params:
+            kwargs.pop(name, None)
         if n > 1:
             kwargs["n"] = n
         kwargs[self._max_tokens_param] = sampling.max_new_tokens
@@ -124,6 +135,14 @@ class OpenAIBackend:
                         log.warning("server wants 'max_completion_tokens' instead of 'max_tokens'; switching")
                         self._max_tokens_param = "max_completion_tokens"
                     continue
+                rejected = [p for p in DROPPABLE_PARAMS if p in kwargs and f"'{p}'" in msg]
+                if rejected:
+                    for p in rejected:
+                        kwargs.pop(p)
+                        if p not in self._unsupported_params:
+                            log.warning("server rejects parameter %r (HTTP 400); not sending it from now on", p)
+                            self._unsupported_params.add(p)
+                    continue
                 if "response_format" in kwargs and not tried_without_format:
                     tried_without_format = True
                     kwargs.pop("response_format")
@@ -137,10 +156,18 @@ class OpenAIBackend:
                 self._use_response_format = False
             return resp
 
+    def _describe(self, err: BaseException) -> str:
+        if isinstance(err, InvalidResponseError):
+            return str(err)
+        if isinstance(err, (ValueError, self._openai.APIResponseValidationError)):
+            # undecodable JSON, a body that does not validate as a chat completion
+            return f"{INVALID_RESPONSE}: {describe_error(err)}"
+        return describe_error(err)
+
     def _parse(self, resp: Any, req: ChatRequest, start_index: int, latency: float) -> list[Completion]:
         choices = getattr(resp, "choices", None)
         if not isinstance(choices, list):
-            raise ValueError(f"invalid response: expected a chat completion, got {type(resp).__name__}")
+            raise InvalidResponseError(f"{INVALID_RESPONSE}: expected a chat completion, got {type(resp).__name__}")
         usage = getattr(resp, "usage", None)
         prompt_tokens = getattr(usage, "prompt_tokens", None)
         total_completion = getattr(usage, "completion_tokens", None)
@@ -149,7 +176,14 @@ class OpenAIBackend:
         for k, choice in enumerate(ordered[: req.n - start_index]):
             message = getattr(choice, "message", None)
             if message is None:
-                out.append(Completion(req.request_id, sample_index=start_index + k, error="invalid response: choice without message", latency_s=latency))
+                out.append(
+                    Completion(
+                        req.request_id,
+                        sample_index=start_index + k,
+                        error=f"{INVALID_RESPONSE}: choice without message",
+                        latency_s=latency,
+                    )
+                )
                 continue
             extra = {"response_id": getattr(resp, "id", None)}
             if len(ordered) > 1 and total_completion is not None:
@@ -172,7 +206,9 @@ class OpenAIBackend:
         return out
 
     # -- one request (all its samples) ------------------------------------------------------
-    async def _run_request(self, client, sem, req: ChatRequest, sampling: SamplingConfig, on_result) -> list[Completion]:
+    async def _run_request(
+        self, client, sem, req: ChatRequest, sampling: SamplingConfig, on_result
+    ) -> list[Completion]:
         got: list[Completion] = []
         async with sem:
             t0 = time.perf_counter()
@@ -183,20 +219,26 @@ class OpenAIBackend:
                     resp = await self._create(client, req, sampling, n=req.n - len(got), seed=seed)
                     parsed = self._parse(resp, req, len(got), time.perf_counter() - t0)
                     if not parsed:
-                        raise ValueError("invalid response: no choices")
+                        raise InvalidResponseError(f"{INVALID_RESPONSE}: no choices")
                     got.extend(parsed)
                     call += 1
             except Exception as err:  # isolate: this request fails, the run goes on
-                error = self._mask(describe_error(err))
+                error = self._mask(self._describe(err))
                 log.debug("request %s failed: %s", req.request_id, error)
-                got.extend(error_completions(req.request_id, req.n - len(got), error, time.perf_counter() - t0, start_index=len(got)))
+                got.extend(
+                    error_completions(
+                        req.request_id, req.n - len(got), error, time.perf_counter() - t0, start_index=len(got)
+                    )
+                )
         # Outside the try: the caller's callback may raise, and that must stop the run.
         if on_result:
             for c in got:
                 on_result(c)
         return got
 
-    async def _generate_async(self, requests: Sequence[ChatRequest], sampling: SamplingConfig, on_result) -> list[Completion]:
+    async def _generate_async(
+        self, requests: Sequence[ChatRequest], sampling: SamplingConfig, on_result
+    ) -> list[Completion]:
         sem = asyncio.Semaphore(self.cfg.concurrency)
         async with self._client() as client:
             tasks = [asyncio.create_task(self._run_request(client, sem, r, sampling, on_result)) for r in requests]

@@ -47,18 +47,18 @@ def parse_reasoning(text: str) -> ReasoningSplit:
     first_open = rest.find(THINK_OPEN)
     if first_close != -1 and (first_open == -1 or first_close < first_open):
         reasoning_parts.append(rest[:first_close])
-        rest = rest[first_close + len(THINK_CLOSE):]
+        rest = rest[first_close + len(THINK_CLOSE) :]
     unclosed = False
     pos = 0
     for m in _BLOCK.finditer(rest):
-        visible_parts.append(rest[pos:m.start()])
+        visible_parts.append(rest[pos : m.start()])
         reasoning_parts.append(m.group(1))
         pos = m.end()
     tail = rest[pos:]
     open_idx = tail.find(THINK_OPEN)
     if open_idx != -1:
         visible_parts.append(tail[:open_idx])
-        reasoning_parts.append(tail[open_idx + len(THINK_OPEN):])
+        reasoning_parts.append(tail[open_idx + len(THINK_OPEN) :])
         unclosed = True
     else:
         visible_parts.append(tail)
@@ -139,7 +139,9 @@ def completion_from_output(
     )
 
 
-def error_completions(request_id: str, n: int, error: str, latency_s: float = 0.0, start_index: int = 0) -> list[Completion]:
+def error_completions(
+    request_id: str, n: int, error: str, latency_s: float = 0.0, start_index: int = 0
+) -> list[Completion]:
     """``n`` error Completions for one request (samples ``start_index..start_index+n-1``)."""
     return [
         Completion(request_id=request_id, sample_index=start_index + i, error=error, latency_s=latency_s)

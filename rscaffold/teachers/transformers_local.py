@@ -161,7 +161,7 @@ class TransformersBackend:
                 on_result(c)
         bs = self.cfg.batch_size
         for b, start in enumerate(range(0, len(rows), bs)):
-            batch = rows[start:start + bs]
+            batch = rows[start : start + bs]
             t0 = time.perf_counter()
             try:
                 done = self._generate_batch(batch, sampling, seed=sampling.seed + b)
@@ -169,7 +169,9 @@ class TransformersBackend:
                 log.warning("transformers batch %d (%d rows) failed: %s", b, len(batch), describe_error(err))
                 latency = time.perf_counter() - t0
                 done = [
-                    Completion(request_id=r.request.request_id, sample_index=i, error=describe_error(err), latency_s=latency)
+                    Completion(
+                        request_id=r.request.request_id, sample_index=i, error=describe_error(err), latency_s=latency
+                    )
                     for r in batch
                     for i in r.sample_indices
                 ]

@@ -95,7 +95,9 @@ def make_sampling_params(vllm_module: Any, kwargs: dict[str, Any]):
         return vllm_module.SamplingParams(**kw)
 
 
-def parse_request_output(output: Any, request_id: str, latency_s: float = 0.0, n: int | None = None) -> list[Completion]:
+def parse_request_output(
+    output: Any, request_id: str, latency_s: float = 0.0, n: int | None = None
+) -> list[Completion]:
     """``vllm.RequestOutput`` -> one Completion per sample (``outputs[i].index`` = sample index).
 
     Reads only ``prompt_token_ids`` and ``outputs[*].{index, text, token_ids, finish_reason}``.
@@ -118,14 +120,20 @@ def parse_request_output(output: Any, request_id: str, latency_s: float = 0.0, n
             prompt_tokens=prompt_tokens,
             completion_tokens=len(token_ids) if token_ids is not None else None,
             latency_s=latency_s,
-            extra={"stop_reason": getattr(sample, "stop_reason", None)} if getattr(sample, "stop_reason", None) is not None else None,
+            extra={"stop_reason": getattr(sample, "stop_reason", None)}
+            if getattr(sample, "stop_reason", None) is not None
+            else None,
         )
         if finish == "abort":
             c.error = "generation aborted"
         results.append(c)
     for index in range(n or 0):
         if index not in seen:
-            results.append(Completion(request_id, sample_index=index, error="invalid response: sample missing", latency_s=latency_s))
+            results.append(
+                Completion(
+                    request_id, sample_index=index, error="invalid response: sample missing", latency_s=latency_s
+                )
+            )
     results.sort(key=lambda c: c.sample_index)
     return results
 
@@ -166,7 +174,7 @@ class VLLMBackend:
         results: list[Completion] = []
         chunk = max(self.cfg.batch_size, VLLM_MIN_CHUNK)
         for start in range(0, len(requests), chunk):
-            part = list(requests[start:start + chunk])
+            part = list(requests[start : start + chunk])
             t0 = time.perf_counter()
             try:
                 params = [make_sampling_params(self._vllm, build_sampling_kwargs(sampling, r)) for r in part]

@@ -113,6 +113,7 @@ class ScaffoldTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         if self.signal_token_ids and signal_objective == "head" and self._signal_head() is None:
             raise ValueError("signal_objective='head' needs a SignalHead attached as model.signal_head")
+        _expose_output_bias(self.model)
         self._hidden_hook = backbone_of(self.model).register_forward_hook(self._hidden_hook_fn)
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -178,6 +179,25 @@ class ScaffoldTrainer(SFTTrainer):
             if self.signal_loss_weight > 0:
                 loss = loss + self.signal_loss_weight * signal_loss / ga
         return (loss, outputs) if return_outputs else loss
+
+
+def _expose_output_bias(model) -> None:
+    """PEFT compatibility shim for TRL's fused LM head.
+
+    With LoRA, the signal-token rows are trained through PEFT's ``trainable_token_indices``. On a
+    model with tied embeddings PEFT then wraps the LM head too, in a ``TrainableTokensWrapper``
+    that exposes ``weight`` (the merged, differentiable weight) but raises on ``bias``, which
+    TRL's fused LM head reads. The wrapped head has the bias of the module it wraps (None for
+    Llama-style heads); expose it.
+    """
+    head = causal_lm_of(model).get_output_embeddings()
+    if head is None:
+        return
+    try:
+        head.bias
+    except AttributeError:
+        original = getattr(head, "original_module", None)
+        object.__setattr__(head, "bias", getattr(original, "bias", None))
 
 
 # ---------------------------------------------------------------------------------------------
