@@ -42,7 +42,8 @@ def make_config(tiny_model_dir: Path, smollm2_dir: Path, artifacts: Path, **trai
             },
             "teacher": {
                 "llm": {"backend": "transformers", "model": str(tiny_model_dir), "batch_size": 4},
-                "sampling": {"max_new_tokens": 24},
+                # a random-init model decodes only newlines greedily; sampling gives it text to label
+                "sampling": {"max_new_tokens": 24, "temperature": 1.0, "seed": 1},
                 "shard_size": 4,
             },
             "labeling": {"method": "llm", "sampling": {"max_new_tokens": 24}, "shard_size": 4},

@@ -20,11 +20,9 @@ from pathlib import Path
 import pytest
 
 from rscaffold.config import BackendConfig, SamplingConfig, TinyModelConfig
-from rscaffold.paths import default_model_dir
 from rscaffold.teachers.base import ChatRequest
 from rscaffold.teachers.openai_api import OpenAIBackend
 
-SMOLLM2_DIR = Path(os.environ.get("RSCAFFOLD_SMOLLM2_DIR", str(default_model_dir())))
 SERVER_START_TIMEOUT_S = 90
 
 
@@ -48,15 +46,13 @@ def _req(rid: str, question: str, n: int = 1, schema=None) -> ChatRequest:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    if not (SMOLLM2_DIR / "tokenizer.json").exists():
-        pytest.skip(f"SmolLM2 tokenizer not found at {SMOLLM2_DIR} (set RSCAFFOLD_SMOLLM2_DIR)")
+def tiny_dir(smollm2_dir, tmp_path_factory) -> Path:
     import torch
 
     from rscaffold.models import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny-served")
-    model, tok = build_tiny_model(str(SMOLLM2_DIR), TinyModelConfig())
+    model, tok = build_tiny_model(str(smollm2_dir), TinyModelConfig())
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # larger weights than the default init: varied, non-blank greedy text
         for p in model.parameters():

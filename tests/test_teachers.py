@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from rscaffold.config import BackendConfig, SamplingConfig, TinyModelConfig
-from rscaffold.paths import default_model_dir
 from rscaffold.teachers import BACKENDS, backend_class, create_backend
 from rscaffold.teachers.base import ChatRequest, Completion, LLMBackend
 from rscaffold.teachers.parsing import (
@@ -20,24 +18,18 @@ from rscaffold.teachers.parsing import (
     split_reasoning,
 )
 
-SMOLLM2_DIR = Path(os.environ.get("RSCAFFOLD_SMOLLM2_DIR", str(default_model_dir())))
 
-
-def build_tiny_teacher(out_dir: Path) -> Path:
+def build_tiny_teacher(smollm2_dir: Path, out_dir: Path) -> Path:
     """A tiny random-init Llama with SmolLM2's tokenizer and chat template.
 
     The matrices are re-drawn with std 0.3: at the default 0.02 the logits are almost flat and
     greedy decoding degenerates to whitespace, which would make output comparisons vacuous.
     """
-    if not (SMOLLM2_DIR / "tokenizer.json").exists():
-        pytest.skip(
-            f"SmolLM2 tokenizer not found at {SMOLLM2_DIR} (set RSCAFFOLD_SMOLLM2_DIR or run `rscaffold models fetch`)"
-        )
     import torch
 
     from rscaffold.models import build_tiny_model
 
-    model, tok = build_tiny_model(str(SMOLLM2_DIR), TinyModelConfig())
+    model, tok = build_tiny_model(str(smollm2_dir), TinyModelConfig())
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -49,8 +41,8 @@ def build_tiny_teacher(out_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return build_tiny_teacher(tmp_path_factory.mktemp("tiny-teacher"))
+def tiny_dir(smollm2_dir, tmp_path_factory) -> Path:
+    return build_tiny_teacher(smollm2_dir, tmp_path_factory.mktemp("tiny-teacher"))
 
 
 @pytest.fixture(scope="module")

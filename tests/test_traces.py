@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import pytest
 
-from rscaffold.config import BackendConfig, SamplingConfig, TeacherConfig, TinyModelConfig
-from rscaffold.paths import default_model_dir
+from rscaffold.config import BackendConfig, SamplingConfig, TeacherConfig
 from rscaffold.records import ProblemRecord, TraceRecord
 from rscaffold.store import StageDir
 from rscaffold.teachers.base import ChatRequest, Completion
 from rscaffold.traces import TRACES_SHARD, TeacherFailureError, build_request, generate_traces, select_traces
-
-SMOLLM2_DIR = Path(os.environ.get("RSCAFFOLD_SMOLLM2_DIR", str(default_model_dir())))
 
 
 def answer_fn(text: str) -> str | None:
@@ -203,14 +198,10 @@ def test_select_traces():
 
 
 @pytest.fixture(scope="module")
-def tiny_backend(tmp_path_factory):
-    if not (SMOLLM2_DIR / "tokenizer.json").exists():
-        pytest.skip(f"SmolLM2 tokenizer not found at {SMOLLM2_DIR} (set RSCAFFOLD_SMOLLM2_DIR)")
-    from rscaffold.models import build_tiny_model
+def tiny_backend(tiny_model_dir):
     from rscaffold.teachers.transformers_local import TransformersBackend
 
-    model, tok = build_tiny_model(str(SMOLLM2_DIR), TinyModelConfig())
-    b = TransformersBackend(BackendConfig(model="tiny", device="cpu", batch_size=2), model=model.eval(), tokenizer=tok)
+    b = TransformersBackend(BackendConfig(model=str(tiny_model_dir), device="cpu", batch_size=2))
     yield b
     b.close()
 

@@ -366,7 +366,8 @@ def build_trainer(
 class TrainResult:
     """What a training run produced.
 
-    ``train_loss``: the Trainer's mean total loss over the steps run in this call.
+    ``train_loss``: the Trainer's mean total loss over the steps run in this call (None when the
+    call only resumed an already finished run).
     ``step_loss`` / ``signal_loss`` / ``signal_accuracy``: the last logging window (end of
     training; None when nothing was logged, or for the baseline's signal fields).
     ``tokens_per_s``: non-padding tokens processed in this call per second of training.
@@ -440,8 +441,12 @@ def train_student(
         model, tokenizer, train_rows, cfg, checkpoint_dir, token_ids, objective, weight, eval_rows=eval_rows
     )
     last = _last_checkpoint(checkpoint_dir)
+    start_step = 0
     if last:
         log.info("resuming from %s", last)
+        state_file = Path(last) / "trainer_state.json"
+        if state_file.exists():
+            start_step = int(json.loads(state_file.read_text()).get("global_step", 0))
     t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=last)
     runtime = out.metrics.get("train_runtime", time.perf_counter() - t0)
@@ -451,9 +456,10 @@ def train_student(
 
     last_log = _last_logged(trainer.state.log_history, ("step_loss", "signal_loss", "signal_accuracy"))
     tokens = trainer._total_train_tokens
+    trained_now = trainer.state.global_step > start_step  # False: resumed a finished run
     result = TrainResult(
         model_dir=output_dir / MODEL_DIRNAME,
-        train_loss=_finite(out.metrics.get("train_loss")),
+        train_loss=_finite(out.metrics.get("train_loss")) if trained_now else None,
         step_loss=last_log.get("step_loss"),
         signal_loss=last_log.get("signal_loss") if scaffolded else None,
         steps=int(trainer.state.global_step),

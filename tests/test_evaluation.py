@@ -1,0 +1,44 @@
+import pytest
+
+from rscaffold.evaluation import bootstrap_ci, compute_metrics, render_markdown_report, score_output, signal_distribution
+from rscaffold.records import ProblemRecord
+
+
+def problem(i: int, gold: str = "18") -> ProblemRecord:
+    return ProblemRecord(problem_id=f"p{i}", split="eval", source="gsm8k", question=f"q{i}", gold_answer=gold)
+
+
+def test_score_output_checks_numbers():
+    good = score_output("cot_sft", "gsm8k", problem(0), "6 * 3 = 18\n\nThe answer is 18.", "math", 9, [], 0.1)
+    bad = score_output("cot_sft", "gsm8k", problem(1), "The answer is 17.", "math", 5, [], 0.1)
+    none = score_output("base", "gsm8k", problem(2), "I am not sure.", "math", 4, [], 0.1)
+    assert good.correct and good.parsed and good.predicted_answer == "18"
+    assert not bad.correct and bad.parsed
+    assert not none.correct and not none.parsed and none.predicted_answer is None
+
+
+def test_bootstrap_interval_contains_mean_and_is_deterministic():
+    correct = [True] * 30 + [False] * 70
+    lo, hi = bootstrap_ci(correct, samples=500, seed=1)
+    assert lo < 0.3 < hi and 0.15 < lo and hi < 0.45
+    assert bootstrap_ci(correct, samples=500, seed=1) == (lo, hi)
+    assert bootstrap_ci([True] * 10, samples=100) == (1.0, 1.0)
+    assert bootstrap_ci([]) == (0.0, 0.0)
+
+
+def test_metrics_per_model():
+    preds = [
+        score_output("base", "gsm8k", problem(0), "The answer is 18.", "math", 10, [], 0.0),
+        score_output("base", "gsm8k", problem(1), "no idea", "math", 20, [], 0.0),
+        score_output("scaffolded", "gsm8k", problem(0), "The answer is 18.", "math", 6, ["Conclusion and Summary"], 0.0),
+        score_output("scaffolded", "gsm8k", problem(1), "The answer is 18.", "math", 8, ["Reasoning and Analysis", "Conclusion and Summary"], 0.0),
+    ]
+    m = {x.model: x for x in compute_metrics(preds, bootstrap_samples=100)}
+    assert [x.model for x in compute_metrics(preds, 0)] == ["base", "scaffolded"]
+    assert m["base"].accuracy == pytest.approx(0.5) and m["base"].unparseable_rate == pytest.approx(0.5)
+    assert m["base"].mean_output_tokens == pytest.approx(15)
+    assert m["scaffolded"].accuracy == 1.0
+    dist = signal_distribution(preds)
+    assert dist == {"scaffolded": {"Conclusion and Summary": 2, "Reasoning and Analysis": 1}}
+    md = render_markdown_report(list(m.values()), dist)
+    assert "| scaffolded | gsm8k | 2 | 100.0 |" in md and "Conclusion and Summary (2)" in md
