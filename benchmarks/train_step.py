@@ -112,7 +112,8 @@ class Variant:
         self.trainer = trainer
         self.model = trainer.model
         self.batch = trainer._prepare_inputs(batch)
-        self.tokens = int(batch["attention_mask"].sum())
+        # non-padding tokens (padding-free batches have no attention mask and no padding)
+        self.tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
         self.optimizer = trainer.create_optimizer()
         trainer.current_gradient_accumulation_steps = 1
         self.times: list[float] = []

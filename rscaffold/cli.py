@@ -101,6 +101,39 @@ def stage(
     _print_results(refs)
 
 
+@app.command("serve")
+def serve_command(
+    config: ConfigOpt = None,
+    cron: Annotated[
+        Optional[str],
+        typer.Option(help='Cron schedule of the full pipeline; default "0 3 * * *" (nightly). "" for no schedule.'),
+    ] = None,
+    timezone: Annotated[str, typer.Option(help="IANA time zone of the cron schedule.")] = "UTC",
+    limit: Annotated[int, typer.Option(min=1, help="Flow runs executed at the same time.")] = 1,
+    artifacts_dir: ArtifactsOpt = None,
+) -> None:
+    """Serve the pipeline (on a cron schedule) and the stage flow from this process, no work pool needed.
+
+    Registers the deployments rscaffold-pipeline/nightly-served and rscaffold-stage/stage-served with the config as their parameter, then runs whatever is scheduled or started from the UI until interrupted (Ctrl-C pauses the schedule).
+
+    Needs a Prefect server: `prefect server start` and PREFECT_API_URL.
+    """
+    cfg = _load(config, artifacts_dir)
+    from flows.serve import DEFAULT_CRON, ServeError, check_cron, require_api_server, serve_pipeline
+
+    cron = DEFAULT_CRON if cron is None else (cron.strip() or None)
+    try:
+        url = require_api_server()
+        if cron:
+            check_cron(cron, timezone)
+    except ServeError as e:
+        err.print(f"[bold red]error[/]: {e}")
+        raise typer.Exit(2)
+    schedule = f"cron {cron!r} ({timezone})" if cron else "no schedule"
+    console.print(f"serving rscaffold-pipeline/nightly-served ({schedule}) and rscaffold-stage/stage-served on {url}")
+    serve_pipeline(cfg, cron=cron, timezone=timezone, limit=limit)
+
+
 @app.command("show-config")
 def show_config(config: ConfigOpt = None) -> None:
     """Print the fully resolved config (defaults filled in) as YAML."""

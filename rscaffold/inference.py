@@ -46,9 +46,13 @@ class Generated:
     """One output. ``text``: the steps joined by blank lines, signal tokens removed.
 
     ``signals``: the signals that open steps in this output, in order (committed by the gate or
-    emitted by the model). ``output_tokens``: tokens produced after the prompt (signal tokens and
-    the final eos included, padding excluded). ``latency_s``: wall time spent on this question (a
-    batch's time is split evenly over its questions).
+    emitted by the model). ``output_tokens``: tokens the model produced after the prompt (signal
+    tokens and the final eos included; padding, and in guided mode a signal token that ended a
+    step and was discarded, excluded); never more than ``max_new_tokens``. ``latency_s``: wall
+    time spent on this question (a batch's time is split evenly over its questions).
+    ``steps`` / ``step_signals`` / ``confidences``: per step, its text, the signal that opened it
+    (None: no signal) and, in guided mode, the gate's top probability (None in plain mode or when
+    every signal was pruned).
     """
 
     text: str
@@ -76,8 +80,11 @@ def generate(
     """Generate answers for ``questions`` with a :class:`Student` (or a model + tokenizer + signal info).
 
     With a ``Student`` its tokenizer, signal names/ids, head and system prompt are used unless
-    given explicitly. ``mode="guided"`` needs signal names and ids (a scaffolded student).
+    given explicitly, and ``generate(student, questions, ...)`` (questions in the tokenizer's
+    place) is accepted. ``mode="guided"`` needs signal names and ids (a scaffolded student).
     """
+    if isinstance(tokenizer, (list, tuple)) and not questions and all(isinstance(q, str) for q in tokenizer):
+        questions, tokenizer = tokenizer, None
     if isinstance(student_or_model, Student):
         s = student_or_model
         model = s.model
@@ -90,6 +97,8 @@ def generate(
         model = student_or_model
         signal_names = list(signal_names or [])
         signal_token_ids = list(signal_token_ids or [])
+    if mode not in ("plain", "guided"):
+        raise ValueError(f"mode must be 'plain' or 'guided', got {mode!r}")
     if tokenizer is None:
         raise ValueError("a tokenizer is needed")
     system_prompt = system_prompt or STUDENT_SYSTEM_PROMPT
@@ -105,7 +114,7 @@ def generate(
     try:
         if mode == "plain":
             return _generate_plain(model, tokenizer, questions, max_new_tokens, batch_size, signal_names, signal_token_ids, system_prompt)
-        if mode == "guided":
+        else:
             if not signal_token_ids:
                 raise ValueError("guided decoding needs a scaffolded student (signal names and token ids)")
             guided = guided or GuidedInferenceConfig()
@@ -116,7 +125,6 @@ def generate(
                 _generate_guided(model, tokenizer, q, max_new_tokens, guided, signal_names, signal_token_ids, signal_head, system_prompt)
                 for q in questions
             ]
-        raise ValueError(f"mode must be 'plain' or 'guided', got {mode!r}")
     finally:
         model.train(was_training)
 
@@ -233,19 +241,13 @@ def _generate_guided(model, tokenizer, question, max_new_tokens, guided: GuidedI
     steps: list[str] = []
     step_signals: list[str | None] = []
     confidences: list[float | None] = []
-    finished = False
-
-    def encode(text: str) -> list[int]:
-        return list(prompt_ids) + (tokenizer(text, add_special_tokens=False)["input_ids"] if text else [])
-
-    def used(ids: list[int]) -> int:
-        return len(ids) - len(prompt_ids)
+    produced = 0  # tokens generated so far (committed signals, step bodies, eos)
 
     for _ in range(guided.max_steps):
-        ctx = encode(completion)
-        budget = max_new_tokens - used(ctx)
+        budget = max_new_tokens - produced
         if budget <= 0:
             break
+        ctx = list(prompt_ids) + (tokenizer(completion, add_special_tokens=False)["input_ids"] if completion else [])
         probs = next_signal_distribution(model, torch.tensor([ctx], device=dev), signal_token_ids, head, pruned_idx)
         signal: str | None = None
         conf: float | None = None
@@ -254,16 +256,17 @@ def _generate_guided(model, tokenizer, question, max_new_tokens, guided: GuidedI
             if conf >= guided.confidence_threshold:
                 signal = signal_names[int(k)]
                 completion += token_of[signal]
-                ctx = ctx + [signal_token_ids[int(k)]]
-                budget -= 1
-        body, stop, stop_id = _generate_step(model, tokenizer, ctx, min(guided.max_step_tokens, budget), signal_token_ids, pruned_ids, dev)
+                ctx.append(signal_token_ids[int(k)])
+                produced += 1
+        body, stop, stop_id = _generate_step(model, tokenizer, ctx, min(guided.max_step_tokens, max_new_tokens - produced), signal_token_ids, pruned_ids, dev)
         if signal is None and stop == "signal" and not body:
             # Free decoding opened the step with a signal of the model's own choosing: keep it.
             signal = signal_of[stop_id]
             completion += token_of[signal]
-            ctx = ctx + [stop_id]
-            budget -= 1
-            body, stop, stop_id = _generate_step(model, tokenizer, ctx, min(guided.max_step_tokens, budget), signal_token_ids, pruned_ids, dev)
+            ctx.append(stop_id)
+            produced += 1
+            body, stop, stop_id = _generate_step(model, tokenizer, ctx, min(guided.max_step_tokens, max_new_tokens - produced), signal_token_ids, pruned_ids, dev)
+        produced += len(body) + (1 if stop == "eos" else 0)
         text = tokenizer.decode(body, skip_special_tokens=True)
         if STEP_SEPARATOR in text:
             text = text.split(STEP_SEPARATOR, 1)[0]
@@ -272,21 +275,17 @@ def _generate_guided(model, tokenizer, question, max_new_tokens, guided: GuidedI
         step_signals.append(signal)
         confidences.append(conf)
         if stop == "eos":
-            completion += text + tokenizer.eos_token
-            finished = True
             break
-        completion += text + STEP_SEPARATOR
+        if text or signal is not None:
+            completion += text + STEP_SEPARATOR
         if stop == "budget":
             break
 
-    # A trailing separator that closed the last step is not part of the output.
-    n_out = used(encode(completion if finished else completion.removesuffix(STEP_SEPARATOR)))
     keep = [(t, s, c) for t, s, c in zip(steps, step_signals, confidences) if t or s]
-    steps = [t for t, _, _ in keep if t]
     return Generated(
-        text=STEP_SEPARATOR.join(steps),
+        text=STEP_SEPARATOR.join(t for t, _, _ in keep if t),
         signals=[s for _, s, _ in keep if s is not None],
-        output_tokens=n_out,
+        output_tokens=produced,
         latency_s=time.perf_counter() - t0,
         steps=[t for t, _, _ in keep],
         step_signals=[s for _, s, _ in keep],

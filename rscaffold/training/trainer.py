@@ -75,14 +75,17 @@ class ScaffoldTrainer(SFTTrainer):
     ``signal_objective``:
 
     * ``"token"`` (default): the signal logits are the LM head's logits restricted to the K
-      signal token ids, and L_signal is the cross entropy of that K-way softmax. No parameters
-      are added: the signal tokens' own output embeddings are the classifier, so the same rows
-      that let the model *read* a gold signal before a step (the input embedding, tied or not)
-      are the ones trained to *predict* it, and the trained model can emit its own signals in
-      free decoding. The K-way restriction (rather than the full-vocabulary LM loss on the signal
-      token) keeps L_signal a pure "which signal" decision, comparable with the head objective
-      and with the paper's classification loss, and does not push down the logits of ordinary
-      text at step boundaries.
+      signal token ids, and L_signal is the cross entropy of that K-way softmax. Why the default:
+      it adds no parameters, so the student stays a plain causal LM that any transformers/vLLM
+      stack can load and serve, and the signal token's row of the (usually tied) embedding
+      matrix is both what the model reads before a step (conditioning on the gold signal) and
+      what it scores when predicting the next signal, so the two objectives shape one
+      representation of each signal instead of two. Restricting to the K signal ids (rather than
+      a full-vocabulary LM loss on the signal token) makes L_signal the paper's pure "which
+      signal next" classification, comparable with the head objective, and leaves the
+      vocabulary logits at step boundaries to L_step. Consequence: the signal tokens are only
+      trained against each other, not against ordinary text, so free decoding rarely emits them;
+      signal-guided decoding (:mod:`rscaffold.inference`) places them.
     * ``"head"``: a :class:`SignalHead` (``nn.Linear(hidden, K)``) on the hidden state at the
       boundary. It is a submodule of the causal LM (``model.signal_head``), so the optimiser
       sees it and checkpoints hold it (with LoRA it is in ``modules_to_save``).
@@ -139,7 +142,7 @@ class ScaffoldTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         sig_pos = inputs.pop("signal_positions", None)
         sig_lab = inputs.pop("signal_labels", None)
-        want_signal = bool(self.signal_token_ids) and sig_lab is not None and bool((sig_lab != IGNORE_INDEX).any())
+        want_signal = bool(self.signal_token_ids) and sig_lab is not None
 
         self._captured_hidden = None
         self._capture_hidden = want_signal
@@ -152,7 +155,9 @@ class ScaffoldTrainer(SFTTrainer):
         # Undo the normalisations TRL applies for gradient accumulation / data parallelism, so the
         # logged step_loss is this micro-batch's mean token loss (averaged over the logging window
         # it equals TRL's logged `loss` when lambda = 0).
-        ga = self.current_gradient_accumulation_steps if (num_items_in_batch is not None and self._loss_scaled_for_ga(num_items_in_batch)) else 1
+        ga = 1
+        if num_items_in_batch is not None and self._loss_scaled_for_ga(num_items_in_batch):
+            ga = getattr(self, "current_gradient_accumulation_steps", 1) or 1
         dp = 1
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             dp = max(1, self.accelerator.num_processes // self.get_tp_size())
@@ -171,13 +176,19 @@ class ScaffoldTrainer(SFTTrainer):
             h = hidden[rows, sig_pos[valid]]
             target = sig_lab[valid]
             logits = signal_logits(model, h, self.signal_token_ids, self._signal_head() if self.signal_objective == "head" else None)
-            signal_loss = F.cross_entropy(logits, target)
-            with torch.no_grad():
-                acc = (logits.argmax(-1) == target).float().mean()
-            self._metrics[mode]["signal_loss"].append(signal_loss.detach().item())
-            self._metrics[mode]["signal_accuracy"].append(acc.item())
-            if self.signal_loss_weight > 0:
-                loss = loss + self.signal_loss_weight * signal_loss / ga
+            if target.numel():
+                signal_loss = F.cross_entropy(logits, target)
+                with torch.no_grad():
+                    acc = (logits.argmax(-1) == target).float().mean()
+                self._metrics[mode]["signal_loss"].append(signal_loss.detach().item())
+                self._metrics[mode]["signal_accuracy"].append(acc.item())
+            else:
+                # No boundary in this micro-batch (e.g. a completion truncated before its first
+                # signal). A zero that stays connected to the head keeps every parameter in the
+                # graph, which DDP requires.
+                signal_loss = logits.sum() * 0.0
+            # Added even when lambda = 0 (then it contributes zero), for the same reason.
+            loss = loss + self.signal_loss_weight * signal_loss / ga
         return (loss, outputs) if return_outputs else loss
 
 
@@ -585,7 +596,7 @@ def _model_card(meta: dict[str, Any], cfg: TrainingConfig) -> str:
         "```python",
         "from rscaffold.training.student import load_student",
         "from rscaffold.inference import generate",
-        f"student = load_student('{'<this directory>'}')",
+        "student = load_student('<this directory>')",
         "out = generate(student, questions=['...'], mode='guided' if student.scaffolded else 'plain')",
         "```",
         "",
