@@ -120,8 +120,8 @@ def serve_pipeline(
     """Register both deployments and execute their runs in this process until interrupted.
 
     ``limit``: flow runs executed at the same time (1: one pipeline at a time on this machine).
-    On shutdown (Ctrl-C, SIGTERM) the schedules are paused, so nothing piles up while no one
-    serves them.
+    On shutdown (Ctrl-C, SIGTERM) both deployments are paused, so no scheduled run piles up while
+    nothing serves them; serving again un-pauses them.
     """
     require_api_server()
     deployments = served_deployments(config, cron=cron, timezone=timezone)

@@ -114,7 +114,7 @@ def serve_command(
 ) -> None:
     """Serve the pipeline (on a cron schedule) and the stage flow from this process, no work pool needed.
 
-    Registers the deployments rscaffold-pipeline/nightly-served and rscaffold-stage/stage-served with the config as their parameter, then runs whatever is scheduled or started from the UI until interrupted (Ctrl-C pauses the schedule).
+    Registers the deployments rscaffold-pipeline/nightly-served and rscaffold-stage/stage-served with the config as their parameter, then runs whatever is scheduled or started from the UI until interrupted (Ctrl-C pauses both deployments; serving again resumes them).
 
     Needs a Prefect server: `prefect server start` and PREFECT_API_URL.
     """

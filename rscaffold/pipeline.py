@@ -42,7 +42,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "labeling": ("segment.py", "signals.py", "labeling_report.py", "teachers", "records.py"),
     "dataset": ("dataset.py", "records.py"),
     "training": ("training", "models.py", "records.py"),
-    "evaluation": ("inference.py", "evaluation.py", "benchmarks", "training/format.py", "records.py"),
+    "evaluation": ("inference.py", "evaluation.py", "benchmarks", "training/format.py", "training/student.py", "records.py"),
 }
 
 
@@ -380,7 +380,7 @@ def run_evaluation(
     from rscaffold.benchmarks.loaders import BENCHMARKS
     from rscaffold.evaluation import compute_metrics, render_markdown_report, score_output, signal_distribution, metrics_table
     from rscaffold.inference import generate
-    from rscaffold.training.trainer import load_student
+    from rscaffold.training.student import load_student
 
     sd, done = _open(cfg, "evaluation", fps, force)
     if done:
@@ -403,7 +403,7 @@ def run_evaluation(
             continue
         student = load_student(model_path(training, name))
         mode = "guided" if name == "scaffolded" else "plain"
-        outs = generate(student, questions, mode=mode, max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size, guided=ecfg.guided)
+        outs = generate(student, questions=questions, mode=mode, max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size, guided=ecfg.guided)
         preds = [
             score_output(name, bench, p, o.text, answer_type, o.output_tokens, o.signals, o.latency_s)
             for p, o in zip(problems_eval, outs)

@@ -137,7 +137,11 @@ def finished_run(tiny_model_dir, smollm2_dir, tmp_path_factory) -> Path:
     from rscaffold.pipeline import plan_fingerprints
 
     root = tmp_path_factory.mktemp("artifact-schemas") / "artifacts"
-    cfg = make_config(tiny_model_dir, smollm2_dir, root)
+    cfg = make_config(tiny_model_dir, smollm2_dir, root, max_steps=1)
+    # Smaller than the end-to-end run where it does not change what is written: keyword labels,
+    # one training step, two evaluation problems.
+    cfg.labeling.method = "keyword"
+    cfg.evaluation.limit = 2
     fps = plan_fingerprints(cfg)
     problems = p.run_problems(cfg, fps)
     teacher = p.run_teacher(cfg, fps, problems)

@@ -297,20 +297,20 @@ def test_saved_student_round_trip_and_generation(trained_token):
     # batching and left padding do not change greedy outputs; questions may be given positionally
     single = generate(student, questions[1:], mode="plain", max_new_tokens=24)
     assert single[0].text == plain[1].text
-    guided = generate(student, questions=questions, mode="guided", max_new_tokens=60,
-                      guided=GuidedInferenceConfig(max_steps=4, max_step_tokens=20))
+    guided = generate(student, questions=questions, mode="guided", max_new_tokens=40,
+                      guided=GuidedInferenceConfig(max_steps=3, max_step_tokens=12))
     for g in guided:
         assert g.text and "<sig:" not in g.text
         assert g.signals and set(g.signals) <= set(NAMES)
         assert g.signals[0] == "setup"  # learned: the first step is always a setup
-        assert 0 < g.output_tokens <= 60
+        assert 0 < g.output_tokens <= 40
     # pruning: a pruned signal is never committed
-    pruned = generate(student, questions=questions[:1], mode="guided", max_new_tokens=60,
-                      guided=GuidedInferenceConfig(max_steps=3, max_step_tokens=16, prune_signals=["setup"]))
+    pruned = generate(student, questions=questions[:1], mode="guided", max_new_tokens=30,
+                      guided=GuidedInferenceConfig(max_steps=2, max_step_tokens=12, prune_signals=["setup"]))
     assert "setup" not in pruned[0].signals
     # gating: with an unreachable threshold nothing is committed by the gate
-    gated = generate(student, questions=questions[:1], mode="guided", max_new_tokens=40,
-                     guided=GuidedInferenceConfig(max_steps=2, max_step_tokens=16, confidence_threshold=1.0))
+    gated = generate(student, questions=questions[:1], mode="guided", max_new_tokens=24,
+                     guided=GuidedInferenceConfig(max_steps=2, max_step_tokens=8, confidence_threshold=1.0))
     assert gated[0].confidences and all(c is not None and c < 1.0 for c in gated[0].confidences)
 
 
@@ -351,11 +351,11 @@ def test_lora_head_training(tmp_path):
 
 
 def test_resume_from_checkpoint(tmp_path):
-    examples = synthetic(8)
-    first = train_student(examples, cfg(max_steps=4, save_steps=2, logging_steps=1), NAMES, TOKENS, tmp_path, True, {})
+    examples = synthetic(4)
+    first = train_student(examples, cfg(max_steps=4, save_steps=2, logging_steps=1, per_device_batch_size=2), NAMES, TOKENS, tmp_path, True, {})
     assert first.steps == 4 and first.resumed_from is None
     assert (tmp_path / "checkpoints" / "checkpoint-4").is_dir()
-    second = train_student(examples, cfg(max_steps=6, save_steps=2, logging_steps=1), NAMES, TOKENS, tmp_path, True, {})
+    second = train_student(examples, cfg(max_steps=6, save_steps=2, logging_steps=1, per_device_batch_size=2), NAMES, TOKENS, tmp_path, True, {})
     assert second.resumed_from is not None and second.resumed_from.endswith("checkpoint-4")
     assert second.steps == 6
     state = json.loads((tmp_path / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())

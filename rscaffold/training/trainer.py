@@ -231,7 +231,6 @@ def make_sft_config(cfg: TrainingConfig, checkpoint_dir: Path, **overrides: Any)
         per_device_eval_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
-        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of max_steps
         weight_decay=cfg.weight_decay,
         logging_strategy="steps",
         logging_steps=cfg.logging_steps,
@@ -259,6 +258,8 @@ def make_sft_config(cfg: TrainingConfig, checkpoint_dir: Path, **overrides: Any)
     # SFTConfig defaults to gradient checkpointing on; ours is off unless asked. transformers 5
     # renamed the argument (the old name still works, with a FutureWarning).
     names = {f.name for f in dataclasses.fields(SFTConfig)}
+    # transformers 5 dropped warmup_ratio: a float warmup_steps in [0, 1) is a ratio of max_steps.
+    kwargs["warmup_ratio" if "warmup_ratio" in names else "warmup_steps"] = cfg.warmup_ratio
     ckpt_arg = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     kwargs[ckpt_arg] = cfg.gradient_checkpointing
     kwargs.update(overrides)

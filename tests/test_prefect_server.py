@@ -1,0 +1,547 @@
+"""Operations against a REAL Prefect server: deployments, schedules, workers, retries, resume, serve.
+
+A `prefect server start` subprocess (SQLite under a temporary PREFECT_HOME) is started once for the
+module and always stopped. Against it:
+
+(a) `prefect deploy --all --prefect-file deployments/prefect.yaml` creates both deployments; the
+    cron schedule is read back through the API and the scheduler creates its runs;
+(b) a `prefect worker start --run-once` subprocess runs the pipeline deployment with the tiny
+    config as parameter; the run completes and every stage's Parquet files are there;
+(c) our real problems task, with run.retries=2 and a failure injected twice, completes on its
+    third try and the server's task-run history shows the two retries;
+(d) a worker killed (with its flow-run process) in the middle of training leaves the earlier
+    stages intact; after the killed run is marked crashed, the next run takes them from the cache
+    and finishes;
+(e) `rscaffold serve` registers its deployments with the schedule and the config, runs a started
+    stage run, and pauses its deployments when interrupted.
+
+The first tests check the project file and the serve helpers without a server.
+
+If the server cannot start here (no free port, a sandbox forbidding it) the server tests are
+skipped with the server's log as the reason; under CI (`CI` set) they fail instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from rscaffold.config import STAGES, PipelineConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
+BIN = Path(sys.executable).parent
+POOL = "rscaffold-process"
+NIGHTLY = "rscaffold-pipeline/nightly"
+
+
+# ---------------------------------------------------------------------------------------------
+# the project file and the serve helpers, no server
+
+
+def _project_file() -> dict:
+    return yaml.safe_load(PREFECT_YAML.read_text())
+
+
+def test_prefect_yaml_is_a_valid_project_file():
+    from prefect.cli.deploy._models import PrefectYamlModel, RawScheduleConfig
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import load_flow_from_entrypoint
+
+    # `prefect deploy` only warns and skips a file that fails this model; here it must pass.
+    model = PrefectYamlModel.model_validate(_project_file())
+    deployments = {d.name: d for d in model.deployments}
+    assert set(deployments) == {"nightly", "stage"}
+    for d in deployments.values():
+        path, func = d.entrypoint.split(":")
+        assert load_flow_from_entrypoint(f"{REPO / path}:{func}").name == {"nightly": "rscaffold-pipeline", "stage": "rscaffold-stage"}[d.name]
+        assert d.work_pool.name == POOL
+    (nightly_schedule,) = deployments["nightly"].schedules
+    assert isinstance(nightly_schedule, RawScheduleConfig)
+    CronSchedule(cron=nightly_schedule.cron, timezone=nightly_schedule.timezone)  # valid cron + zone
+    assert deployments["stage"].schedules == []
+    assert model.pull and "prefect.deployments.steps.set_working_directory" in model.pull[0]
+
+
+def test_prefect_yaml_parameters_are_the_default_config_and_fit_the_flow_schema():
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import validate
+
+    from flows.pipeline import rscaffold_pipeline, rscaffold_stage
+
+    default = load_config()
+    for d in _project_file()["deployments"]:
+        flow = {"nightly": rscaffold_pipeline, "stage": rscaffold_stage}[d["name"]]
+        # The deployment runs the embedded default (data/default.yaml); the two must not drift.
+        assert PipelineConfig.model_validate(d["parameters"]["config"]) == default, d["name"]
+        # What the server enforces (enforce_parameter_schema) when a run is created.
+        validate(d["parameters"], parameter_schema(flow).model_dump_for_openapi(), raise_on_error=True)
+
+
+def test_served_deployments(tmp_path, monkeypatch):
+    from prefect.client.schemas.schedules import CronSchedule
+
+    from flows.serve import ServeError, served_deployments
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(overrides={"run": {"artifacts_dir": "out"}})
+    pipeline, stage = served_deployments(cfg, cron="15 2 * * 1-5", timezone="Europe/Berlin")
+    assert (pipeline.name, pipeline.entrypoint) == ("nightly-served", "flows.pipeline.rscaffold_pipeline")
+    assert (stage.name, stage.entrypoint) == ("stage-served", "flows.pipeline.rscaffold_stage")
+    (schedule,) = pipeline.schedules
+    assert isinstance(schedule.schedule, CronSchedule)
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == ("15 2 * * 1-5", "Europe/Berlin")
+    assert not stage.schedules
+    served_cfg = PipelineConfig.model_validate(pipeline.parameters["config"])
+    assert served_cfg.run.artifacts_dir == str(tmp_path / "out")  # made absolute at serve time
+    assert served_cfg.model_copy(update={"run": cfg.run}) == cfg
+    assert stage.parameters["stage"] == "evaluation" and stage.parameters["downstream"] is False
+    assert served_deployments(cfg, cron=None)[0].schedules == []
+    with pytest.raises(ServeError, match="invalid schedule"):
+        served_deployments(cfg, cron="61 * * * *")
+
+
+def test_serve_command_needs_a_server():
+    from prefect.settings import temporary_settings
+    from typer.testing import CliRunner
+
+    from rscaffold.cli import app
+
+    with temporary_settings(restore_defaults={"api.url"}):
+        result = CliRunner().invoke(app, ["serve"])
+    assert result.exit_code == 2
+    assert "start one with `prefect server start`" in " ".join(result.output.split())
+
+
+# ---------------------------------------------------------------------------------------------
+# the server
+
+
+@dataclass
+class Server:
+    url: str
+    home: Path
+    env: dict[str, str]
+
+    @contextlib.contextmanager
+    def api(self):
+        """Point this process's Prefect client (and in-process flows) at the server."""
+        from prefect.settings import temporary_settings
+
+        with temporary_settings(updates={"api.url": self.url, "results.local_storage_path": str(self.home / "storage")}):
+            try:
+                yield
+            finally:
+                _drain_prefect_workers()
+
+    def client(self):
+        from prefect.client.orchestration import get_client
+
+        return get_client(sync_client=True)
+
+
+def _drain_prefect_workers() -> None:
+    """Send this process's queued logs and events while the server is still there (as
+    prefect_test_harness does), instead of failing to at interpreter exit."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain():
+        with contextlib.suppress(RuntimeError):  # a worker that never started
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    run_coro_as_sync(drain())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _unavailable(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 20) -> None:
+    """Stop a process this module started, and whatever it started (by pid, never by name)."""
+    import psutil
+
+    if proc.poll() is not None:
+        return
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    for child in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
+def _kill_now(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and all its descendants at once: the machine running them goes away."""
+    import psutil
+
+    family = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait(timeout=10)
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else "<no log>"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="false",
+        PYTHONUNBUFFERED="1",
+    )
+    log = home / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                _unavailable(f"`prefect server start` exited with {proc.returncode}:\n{_tail(log)}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                _unavailable(f"`prefect server start` not healthy after 120 s:\n{_tail(log)}")
+            time.sleep(0.5)
+        yield Server(url, home, env)
+    finally:
+        _stop(proc)
+
+
+def _cli(server: Server, *args: str, cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [str(BIN / "prefect"), "--no-prompt", *args], cwd=cwd, env=server.env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@contextlib.contextmanager
+def _worker(server: Server, cwd: Path, run_once: bool):
+    """A `prefect worker start` subprocess on the process pool; always stopped."""
+    log = cwd / f"worker-{time.monotonic_ns()}.log"
+    args = [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--limit", "1"]
+    if run_once:
+        args.append("--run-once")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=cwd, env=server.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc, log
+    finally:
+        _stop(proc)
+
+
+def _fast_config(tiny_model_dir: Path, smollm2_dir: Path, artifacts: Path) -> PipelineConfig:
+    """The tests' tiny pipeline, trimmed where it does not change what is exercised here."""
+    from test_flow_e2e import make_config
+
+    cfg = make_config(tiny_model_dir, smollm2_dir, artifacts, max_steps=1, train_baseline=False)
+    cfg.problems.limit_train = 4
+    cfg.teacher.sampling.max_new_tokens = 16
+    cfg.labeling.method = "keyword"
+    cfg.evaluation.models = ["base", "scaffolded"]
+    cfg.evaluation.limit = 2
+    return cfg
+
+
+def _wait(predicate, timeout: float, what: str, interval: float = 0.5, show=None):
+    """Poll ``predicate`` until it returns something truthy; ``show()`` describes a timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f": {show()}" if show else ""))
+        time.sleep(interval)
+
+
+def _task_runs(client, flow_run_id) -> dict[str, object]:
+    from prefect.client.schemas.filters import FlowRunFilter
+
+    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
+    return {r.name.split("[")[0].rsplit("-", 1)[0]: r for r in runs}
+
+
+def _stage_manifests(cfg: PipelineConfig) -> dict[str, Path]:
+    from rscaffold.pipeline import plan_fingerprints
+
+    fps = plan_fingerprints(cfg)
+    return {s: Path(cfg.run.artifacts_dir) / s / fps[s] / "manifest.json" for s in STAGES}
+
+
+@pytest.fixture(scope="module")
+def deployed(server):
+    """(a) The project file deployed with the real `prefect deploy` CLI."""
+    _cli(server, "work-pool", "create", POOL, "--type", "process", "--overwrite")
+    out = _cli(server, "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    assert "Skipping" not in out.stdout, out.stdout  # prefect deploy skips an invalid file with a warning
+    return out
+
+
+@pytest.mark.slow
+def test_deploy_registers_schedule_and_parameters(server, deployed):
+    from prefect.client.schemas.filters import DeploymentFilter, FlowRunFilter
+    from prefect.client.schemas.schedules import CronSchedule
+
+    with server.api():
+        client = server.client()
+        nightly = client.read_deployment_by_name(NIGHTLY)
+        stage = client.read_deployment_by_name("rscaffold-stage/stage")
+        (schedule,) = client.read_deployment_schedules(nightly.id)
+        assert isinstance(schedule.schedule, CronSchedule) and schedule.active
+        assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 3 * * *", "UTC")
+        assert client.read_deployment_schedules(stage.id) == []
+        assert nightly.work_pool_name == POOL and stage.work_pool_name == POOL
+        assert nightly.entrypoint == "flows/pipeline.py:rscaffold_pipeline"
+        assert nightly.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+        assert PipelineConfig.model_validate(nightly.parameters["config"]) == load_config()
+        assert nightly.enforce_parameter_schema
+
+        # The server's scheduler turns the cron schedule into scheduled runs at 03:00 UTC.
+        def scheduled():
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [nightly.id]}))
+            return [r for r in runs if r.state_type.value == "SCHEDULED" and r.auto_scheduled]
+
+        runs = _wait(scheduled, 60, "the scheduler to create the nightly runs", interval=1)
+        for run in runs:
+            t = run.expected_start_time.astimezone(__import__("datetime").timezone.utc)
+            assert (t.hour, t.minute) == (3, 0), t
+        # Keep the rest of the module's workers away from real nightly runs.
+        client.pause_deployment(nightly.id)
+        _wait(lambda: not client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id={"any_": [nightly.id]}),
+            flow_run_filter=FlowRunFilter(state={"type": {"any_": ["SCHEDULED"]}}),
+        ), 30, "the paused deployment's scheduled runs to go", interval=1)
+
+
+@pytest.mark.slow
+def test_worker_runs_the_deployment(server, deployed, tiny_model_dir, smollm2_dir, tmp_path):
+    """(b) run_deployment + a real process worker: the run completes and the Parquet files exist."""
+    from prefect.deployments import run_deployment
+
+    cfg = _fast_config(tiny_model_dir, smollm2_dir, tmp_path / "artifacts")
+    with server.api():
+        run = run_deployment(NIGHTLY, parameters={"config": cfg.model_dump(mode="json")}, timeout=0)
+        # Started from elsewhere: the deployment's pull step takes the run to the repository.
+        with _worker(server, tmp_path, run_once=True) as (worker, log):
+            worker.wait(timeout=180)
+        client = server.client()
+        final = client.read_flow_run(run.id)
+        assert final.state.is_completed(), f"{final.state!r}\n{_tail(log)}"
+        tasks = _task_runs(client, run.id)
+        assert set(tasks) == set(STAGES), tasks
+        assert all(t.state.is_completed() for t in tasks.values())
+
+    manifests = _stage_manifests(cfg)
+    for stage, manifest in manifests.items():
+        assert manifest.exists(), f"{stage}: {manifest} missing\n{_tail(log)}"
+        outputs = json.loads(manifest.read_text())["outputs"]
+        for name, rel in outputs.items():
+            path = manifest.parent / rel
+            assert path.exists(), f"{stage}.{name}: {path}"
+            if path.suffix == ".parquet":
+                assert pq.read_table(path).num_rows > 0, path
+    assert (tmp_path / "artifacts" / "evaluation").exists()
+
+
+@pytest.mark.slow
+def test_task_retries_are_in_the_server_history(server, tiny_model_dir, smollm2_dir, tmp_path, monkeypatch):
+    """(c) our problems task, run.retries=2, fails twice and succeeds on the third try."""
+    import rscaffold.pipeline as pipeline_mod
+    from flows.pipeline import rscaffold_stage
+
+    counter = tmp_path / "attempts"
+    counter.write_text("0")
+    original = pipeline_mod.run_problems
+
+    def flaky_run_problems(*args, **kwargs):
+        attempt = int(counter.read_text()) + 1
+        counter.write_text(str(attempt))
+        if attempt <= 2:
+            raise RuntimeError(f"injected failure {attempt}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_mod, "run_problems", flaky_run_problems)
+    cfg = _fast_config(tiny_model_dir, smollm2_dir, tmp_path / "artifacts")
+    cfg.run.retries = 2
+    cfg.run.retry_delay_s = 0.2
+    with server.api():
+        state = rscaffold_stage(config=cfg, stage="problems", return_state=True)
+        assert state.is_completed(), state
+        assert counter.read_text() == "3"
+        client = server.client()
+        flow_run_id = state.state_details.flow_run_id
+
+        def finished_task():
+            task = _task_runs(client, flow_run_id).get("problems")
+            return task if task is not None and task.state is not None and task.state.is_completed() else None
+
+        task = _wait(finished_task, 30, "the task run's final state on the server")
+        assert task.run_count == 3, task.run_count
+
+        def history():
+            names = [s.name for s in client.read_task_run_states(task.id)]
+            return names if names.count("AwaitingRetry") == 2 and names[-1] == "Completed" else None
+
+        names = _wait(
+            history, 30, "two retries in the task-run history",
+            show=lambda: [(s.type.value, s.name) for s in client.read_task_run_states(task.id)],
+        )
+        # Running -> (fails) AwaitingRetry -> Retrying, twice; then Completed
+        assert Counter(names)["Retrying"] == 2 and names.count("Failed") == 0, names
+    assert _stage_manifests(cfg)["problems"].exists()
+
+
+@pytest.mark.slow
+def test_killed_worker_keeps_earlier_stages_and_next_run_resumes(server, deployed, tiny_model_dir, smollm2_dir, tmp_path):
+    """(d) kill the worker (and its flow-run process) while training; the next run resumes."""
+    from prefect.deployments import run_deployment
+    from prefect.states import Crashed
+
+    from rscaffold.pipeline import plan_fingerprints
+
+    cfg = _fast_config(tiny_model_dir, smollm2_dir, tmp_path / "artifacts")
+    params = {"config": cfg.model_dump(mode="json")}
+    manifests = _stage_manifests(cfg)
+    training_dir = manifests["training"].parent
+    upstream = ("problems", "teacher", "labeling", "dataset")
+    with server.api():
+        client = server.client()
+        first = run_deployment(NIGHTLY, parameters=params, timeout=0)
+        with _worker(server, tmp_path, run_once=False) as (worker, log):
+            _wait(lambda: training_dir.exists() or worker.poll() is not None, 180, "training to start", interval=0.1)
+            assert worker.poll() is None, _tail(log)
+            _kill_now(worker)
+        for stage in upstream:
+            assert manifests[stage].exists(), stage
+        assert not manifests["training"].exists(), "training finished before the kill"
+        before = {s: (manifests[s].stat().st_mtime_ns, manifests[s].read_bytes()) for s in upstream}
+        for stage in upstream:  # the earlier stages' Parquet files are whole
+            for rel in json.loads(manifests[stage].read_text())["outputs"].values():
+                if rel.endswith(".parquet"):
+                    pq.read_table(manifests[stage].parent / rel)
+
+        # Nothing reports for a killed machine; mark its run crashed (what an operator, or an
+        # automation on missing heartbeats, does), which also frees the deployment's
+        # concurrency slot (limit 1) for the next run.
+        assert client.read_flow_run(first.id).state.is_running()
+        result = client.set_flow_run_state(first.id, Crashed(message="worker killed by the test"))
+        assert result.status.value == "ACCEPT", result
+
+        second = run_deployment(NIGHTLY, parameters=params, timeout=0)
+        with _worker(server, tmp_path, run_once=True) as (worker, log):
+            worker.wait(timeout=180)
+        final = client.read_flow_run(second.id)
+        assert final.state.is_completed(), f"{final.state!r}\n{_tail(log)}"
+        tasks = _task_runs(client, second.id)
+        # earlier stages: Prefect cache hits, nothing recomputed; training and evaluation ran
+        assert {s: tasks[s].state.name for s in upstream} == {s: "Cached" for s in upstream}
+        assert tasks["training"].state.name == "Completed" and tasks["evaluation"].state.name == "Completed"
+    after = {s: (manifests[s].stat().st_mtime_ns, manifests[s].read_bytes()) for s in upstream}
+    assert after == before
+    assert manifests["training"].exists() and manifests["evaluation"].exists()
+    assert plan_fingerprints(cfg)["training"] == training_dir.name
+
+
+@pytest.mark.slow
+def test_rscaffold_serve(server, tiny_model_dir, smollm2_dir, tmp_path):
+    """(e) `rscaffold serve`: deployments with the schedule and config, a run executed, paused on exit."""
+    from prefect.deployments import run_deployment
+
+    from flows.serve import deployment_parameters
+
+    cfg = _fast_config(tiny_model_dir, smollm2_dir, tmp_path / "served-artifacts")
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "rscaffold"), "serve", "--config", str(config_file), "--cron", "30 4 * * *"],
+            cwd=tmp_path,
+            env=server.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        with server.api():
+            client = server.client()
+
+            def registered():
+                if proc.poll() is not None:
+                    raise AssertionError(f"rscaffold serve exited with {proc.returncode}:\n{_tail(log)}")
+                with contextlib.suppress(Exception):
+                    return client.read_deployment_by_name("rscaffold-pipeline/nightly-served")
+
+            nightly = _wait(registered, 90, "rscaffold serve to register its deployments", interval=1)
+            (schedule,) = client.read_deployment_schedules(nightly.id)
+            assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("30 4 * * *", "UTC", True)
+            assert nightly.parameters["config"] == deployment_parameters(cfg)["config"]
+
+            # A run started from the API is executed by the serving process.
+            run = run_deployment("rscaffold-stage/stage-served", parameters={"stage": "problems"}, timeout=120, poll_interval=1)
+            assert run.state.is_completed(), f"{run.state!r}\n{_tail(log)}"
+            assert _stage_manifests(cfg)["problems"].exists()
+
+            # Ctrl-C: serve pauses its deployments, so no scheduled run waits for a server that is gone.
+            _stop(proc, signal.SIGINT, grace_s=30)
+            assert proc.returncode == 0, _tail(log)
+            assert client.read_deployment(nightly.id).paused, _tail(log)
+    finally:
+        _stop(proc)
