@@ -11,6 +11,7 @@ the Prefect tasks use as their cache keys.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -35,9 +36,10 @@ log = logging.getLogger("rscaffold.pipeline")
 
 Progress = Callable[[int, int], None]
 
-# Library modules whose source goes into each stage's code version.
+# Library modules whose source goes into each stage's code version (together with the source of
+# the stage's own ``run_<stage>`` function below, see :func:`stage_code_version`).
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "problems": ("benchmarks", "records.py", "pipeline.py"),
+    "problems": ("benchmarks/loaders.py", "records.py"),
     "teacher": ("teachers", "traces.py", "benchmarks/answers.py", "records.py", "models.py"),
     "labeling": ("segment.py", "signals.py", "labeling_report.py", "teachers", "records.py"),
     "dataset": ("dataset.py", "records.py"),
@@ -51,6 +53,11 @@ def _source_digest(source: str) -> str:
     return source if source.startswith("hub:") else file_digest(source)
 
 
+def stage_code_version(stage: str) -> str:
+    """Version of the code a stage runs: its library modules plus its ``run_<stage>`` source."""
+    return fingerprint(code_version(*STAGE_CODE[stage]), _STAGE_SOURCE[stage], length=12)
+
+
 def plan_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     """The fingerprint of every stage, from the config alone (upstream fingerprints chained)."""
     from rscaffold.signals import load_taxonomy
@@ -58,21 +65,21 @@ def plan_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     fps: dict[str, str] = {}
     p = cfg.problems
     fps["problems"] = fingerprint(
-        "problems", p, _source_digest(p.train), _source_digest(p.eval), code_version(*STAGE_CODE["problems"])
+        "problems", p, _source_digest(p.train), _source_digest(p.eval), stage_code_version("problems")
     )
-    fps["teacher"] = fingerprint("teacher", fps["problems"], cfg.teacher, code_version(*STAGE_CODE["teacher"]))
+    fps["teacher"] = fingerprint("teacher", fps["problems"], cfg.teacher, stage_code_version("teacher"))
     fps["labeling"] = fingerprint(
         "labeling",
         fps["teacher"],
         cfg.labeling.model_dump(exclude={"taxonomy"}),
         cfg.labeler_llm() if cfg.labeling.method == "llm" else None,
         load_taxonomy(cfg.labeling.taxonomy).digest(),
-        code_version(*STAGE_CODE["labeling"]),
+        stage_code_version("labeling"),
     )
-    fps["dataset"] = fingerprint("dataset", fps["labeling"], cfg.dataset, code_version(*STAGE_CODE["dataset"]))
-    fps["training"] = fingerprint("training", fps["dataset"], cfg.training, code_version(*STAGE_CODE["training"]))
+    fps["dataset"] = fingerprint("dataset", fps["labeling"], cfg.dataset, stage_code_version("dataset"))
+    fps["training"] = fingerprint("training", fps["dataset"], cfg.training, stage_code_version("training"))
     fps["evaluation"] = fingerprint(
-        "evaluation", fps["training"], fps["problems"], cfg.evaluation, code_version(*STAGE_CODE["evaluation"])
+        "evaluation", fps["training"], fps["problems"], cfg.evaluation, stage_code_version("evaluation")
     )
     assert tuple(fps) == STAGES
     return fps
@@ -124,7 +131,7 @@ def run_problems(cfg: PipelineConfig, fps: dict[str, str], force: bool = False) 
         {"train": _source_digest(p.train), "eval": _source_digest(p.eval)},
         {"train": len(train), "eval": len(evl)},
         started,
-        code_version(*STAGE_CODE["problems"]),
+        stage_code_version("problems"),
     )
 
 
@@ -179,7 +186,7 @@ def run_teacher(
         _inputs(problems),
         summary,
         started,
-        code_version(*STAGE_CODE["teacher"]),
+        stage_code_version("teacher"),
     )
 
 
@@ -268,7 +275,7 @@ def run_labeling(
         _inputs(teacher),
         summary,
         started,
-        code_version(*STAGE_CODE["labeling"]),
+        stage_code_version("labeling"),
     )
 
 
@@ -305,7 +312,7 @@ def run_dataset(cfg: PipelineConfig, fps: dict[str, str], teacher: StageRef, lab
         _inputs(teacher, labeling),
         stats,
         started,
-        code_version(*STAGE_CODE["dataset"]),
+        stage_code_version("dataset"),
     )
 
 
@@ -354,7 +361,7 @@ def run_training(cfg: PipelineConfig, fps: dict[str, str], dataset: StageRef, fo
         _inputs(dataset),
         {"train_rows": len(train_rows), **{k: {m: v.get(m) for m in ("train_loss", "step_loss", "signal_loss", "steps", "runtime_s")} for k, v in results.items()}},
         started,
-        code_version(*STAGE_CODE["training"]),
+        stage_code_version("training"),
     )
 
 
@@ -426,11 +433,16 @@ def run_evaluation(
         _inputs(problems, training),
         {"table": metrics_table(metrics)},
         started,
-        code_version(*STAGE_CODE["evaluation"]),
+        stage_code_version("evaluation"),
     )
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+# Captured at import, so that wrapping a stage function (tests, instrumentation) does not change
+# its code version.
+_STAGE_SOURCE: dict[str, str] = {s: inspect.getsource(globals()[f"run_{s}"]) for s in STAGES}
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:
