@@ -78,7 +78,7 @@ def run_stages(config: PipelineConfig, refresh: set[str], until: str = "evaluati
     return refs
 
 
-@flow(name="rscaffold-pipeline", flow_run_name="rscaffold-{config.problems.format}", log_prints=True)
+@flow(name="rscaffold-pipeline", flow_run_name="rscaffold-{config.problems.format}")
 def rscaffold_pipeline(config: PipelineConfig, refresh: list[StageName] | None = None) -> dict[str, dict[str, Any]]:
     """Problems -> teacher traces -> signal labels -> dataset -> students -> evaluation.
 
@@ -87,7 +87,7 @@ def rscaffold_pipeline(config: PipelineConfig, refresh: list[StageName] | None =
     return run_stages(config, set(refresh or []))
 
 
-@flow(name="rscaffold-stage", flow_run_name="rscaffold-stage-{stage}", log_prints=True)
+@flow(name="rscaffold-stage", flow_run_name="rscaffold-stage-{stage}")
 def rscaffold_stage(config: PipelineConfig, stage: StageName, downstream: bool = False) -> dict[str, dict[str, Any]]:
     """Re-run one stage against the existing upstream artifacts of ``config``.
 

@@ -179,6 +179,9 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(default=0.0, ge=0)
     logging_steps: int = Field(default=5, ge=1)
     save_steps: int = Field(default=10, ge=1)
+    keep_checkpoints: bool = Field(
+        default=False, description="Keep the intermediate checkpoints after the final model is saved (they exist to resume a killed run)."
+    )
     seed: int = 0
     bf16: Literal["auto", True, False] = "auto"
     gradient_checkpointing: bool = False
@@ -187,22 +190,68 @@ class TrainingConfig(_Section):
 
 
 class GuidedInferenceConfig(_Section):
+    """Signal-guided decoding of the scaffolded student (see :mod:`rscaffold.inference`)."""
+
     confidence_threshold: float = Field(default=0.0, ge=0, le=1)
     max_steps: int = Field(default=8, ge=1)
     max_step_tokens: int = Field(default=64, ge=1)
     prune_signals: list[str] = Field(default_factory=list)
 
 
+EvalBenchmarkName = Literal["gsm8k", "math500", "strategyqa", "commonsenseqa", "truthfulqa"]
+
+
+class BenchmarkSource(_Section):
+    """One benchmark the evaluation stage answers.
+
+    ``source``: the published file, a directory holding it (directly or under ``<name>/``, e.g.
+    a folder with all five benchmarks), or ``hub:<dataset id>[@<config>][:<split>]``.
+    ``limit``: a seeded subsample of that many problems (``seed``); ``None`` falls back to
+    ``evaluation.limit``. ``part``: ``heldout`` keeps the held-out share (``heldout_fraction``,
+    by a seeded hash of the problem id) of a file that has no separate test split (StrategyQA's
+    published file is its train split), ``train`` the rest, ``all`` everything.
+    """
+
+    name: EvalBenchmarkName
+    source: str
+    limit: int | None = Field(default=None, ge=1)
+    seed: int = 0
+    part: Literal["all", "train", "heldout"] = "all"
+    heldout_fraction: float = Field(default=0.2, gt=0, lt=1)
+
+
 class EvaluationConfig(_Section):
+    """The evaluation stage.
+
+    ``benchmarks`` empty (the default): the problems stage's eval split, in ``problems.format``.
+    Otherwise each listed benchmark is loaded and answered (its name must be unique).
+    ``prompt``: ``benchmark`` wraps each question in the benchmark's answer-format instruction
+    (:attr:`rscaffold.benchmarks.loaders.Benchmark.prompt_template`, e.g. "... 'The answer is
+    yes.' or 'The answer is no.'"); ``question`` sends the bare question, as in training. The
+    system prompt is always the student's own (the one it was trained with).
+    ``limit``: the first N eval problems (default source), or the per-benchmark default limit.
+    """
+
     models: list[Literal["base", "cot_sft", "scaffolded"]] = Field(
         default_factory=lambda: ["base", "cot_sft", "scaffolded"]
     )
+    benchmarks: list[BenchmarkSource] = Field(default_factory=list)
+    prompt: Literal["benchmark", "question"] = "benchmark"
     limit: int | None = Field(default=None, ge=1)
     max_new_tokens: int = Field(default=160, ge=1)
     batch_size: int = Field(default=8, ge=1)
     guided: GuidedInferenceConfig = Field(default_factory=GuidedInferenceConfig)
     bootstrap_samples: int = Field(default=1000, ge=0)
     seed: int = 0
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _unique_benchmarks(cls, v: list[BenchmarkSource]) -> list[BenchmarkSource]:
+        names = [b.name for b in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"each benchmark may be listed once; repeated: {dup}")
+        return v
 
 
 class RunSettings(_Section):
@@ -268,6 +317,15 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
                 if k in llm:
                     llm[k] = _resolve(llm[k], base)
             out[section] = {**sec, "llm": llm}
+    ev = out.get("evaluation")
+    if isinstance(ev, dict) and isinstance(ev.get("benchmarks"), list):
+        out["evaluation"] = {
+            **ev,
+            "benchmarks": [
+                {**b, "source": _resolve(b["source"], base)} if isinstance(b, dict) and "source" in b else b
+                for b in ev["benchmarks"]
+            ],
+        }
     return out
 
 
@@ -325,6 +383,9 @@ def check_inputs_exist(cfg: PipelineConfig) -> None:
         v = getattr(cfg.problems, name)
         if not v.startswith("hub:") and not Path(v).exists():
             problems.append(f"  problems.{name}: file not found: {v}")
+    for i, b in enumerate(cfg.evaluation.benchmarks):
+        if not b.source.startswith("hub:") and not Path(b.source).expanduser().exists():
+            problems.append(f"  evaluation.benchmarks.{i}.source: file not found: {b.source}")
     if not Path(cfg.labeling.taxonomy).exists():
         problems.append(f"  labeling.taxonomy: file not found: {cfg.labeling.taxonomy}")
     for where, llm in (("teacher.llm", cfg.teacher.llm), ("labeling.llm", cfg.labeling.llm)):

@@ -22,14 +22,23 @@ Decoding stops at eos, after ``guided.max_steps`` steps, or when ``max_new_token
 training format (``<sig>step\\n\\n<sig>step...``) and re-tokenized at each step, so the context
 the student sees is tokenized exactly as in training.
 
-Guided decoding runs one question at a time (``batch_size`` applies to plain mode only), and each
-step re-encodes the context without reusing the KV cache; both are simplicity choices that cost
-speed, not quality.
+Guided decoding is batched like plain decoding: up to ``batch_size`` questions are decoded
+together, each with its own state (completion so far, steps, token budget). Every round does one
+step for every active question: one forward pass over the left-padded contexts scores the next
+signal of all of them, then one batched ``generate`` call decodes all their step bodies, each row
+stopping on its own (eos, signal token, blank line, its own token budget). A question that
+finishes leaves the batch and the next waiting question takes its place (continuous batching),
+so short answers do not wait for long ones. Where each row stopped is recomputed from its tokens
+with the same stopping rules ``generate`` applies (the rows of a finished sequence are padded),
+so under greedy decoding every question gets exactly what it gets when decoded alone
+(``batch_size=1``), up to floating-point differences from padding. Each step still re-encodes
+the context without reusing the KV cache (a simplicity choice that costs speed, not quality).
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -49,7 +58,8 @@ class Generated:
     emitted by the model). ``output_tokens``: tokens the model produced after the prompt (signal
     tokens and the final eos included; padding, and in guided mode a signal token that ended a
     step and was discarded, excluded); never more than ``max_new_tokens``. ``latency_s``: wall
-    time spent on this question (a batch's time is split evenly over its questions).
+    time spent on this question (a batch's time, in guided mode each round's time, is split
+    evenly over the questions in it).
     ``steps`` / ``step_signals`` / ``confidences``: per step, its text, the signal that opened it
     (None: no signal) and, in guided mode, the gate's top probability (None in plain mode or when
     every signal was pruned).
@@ -121,10 +131,9 @@ def generate(
             unknown = sorted(set(guided.prune_signals) - set(signal_names))
             if unknown:
                 raise ValueError(f"prune_signals {unknown} are not signals of this student ({signal_names})")
-            return [
-                _generate_guided(model, tokenizer, q, max_new_tokens, guided, signal_names, signal_token_ids, signal_head, system_prompt)
-                for q in questions
-            ]
+            return _generate_guided(
+                model, tokenizer, questions, max_new_tokens, batch_size, guided, signal_names, signal_token_ids, signal_head, system_prompt
+            )
     finally:
         model.train(was_training)
 
@@ -211,116 +220,252 @@ def _generate_plain(model, tokenizer, questions, max_new_tokens, batch_size, sig
     return out
 
 
-@torch.no_grad()
-def next_signal_distribution(model, input_ids: torch.Tensor, signal_token_ids, head=None, pruned: Sequence[int] = ()) -> torch.Tensor | None:
-    """Probabilities over the K signals for the next step of ``input_ids`` (1, L); pruned indices get 0.
+def _left_pad(ctxs: Sequence[Sequence[int]], pad_id: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(input_ids, attention_mask)`` of token lists."""
+    width = max(len(c) for c in ctxs)
+    ids = torch.full((len(ctxs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ctxs), width), dtype=torch.long)
+    for b, c in enumerate(ctxs):
+        if c:
+            ids[b, width - len(c) :] = torch.as_tensor(list(c), dtype=torch.long)
+            mask[b, width - len(c) :] = 1
+    return ids.to(dev), mask.to(dev)
 
-    Returns None when every signal is pruned.
+
+@torch.no_grad()
+def next_signal_distributions(
+    model, ctxs: Sequence[Sequence[int]], signal_token_ids, head=None, pruned: Sequence[int] = (), pad_id: int = 0
+) -> torch.Tensor | None:
+    """Probabilities over the K signals for the next step of each context, ``(B, K)`` float32.
+
+    The contexts are left-padded into one forward pass (positions counted from each row's first
+    real token, as in ``generate``). Pruned indices get probability 0; returns None when every
+    signal is pruned.
     """
-    hidden = backbone_of(model)(input_ids=input_ids).last_hidden_state[:, -1]
-    logits = signal_logits(model, hidden, list(signal_token_ids), head)[0]
+    dev = _device(model)
+    input_ids, mask = _left_pad(ctxs, pad_id, dev)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = backbone_of(model)(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state[:, -1]
+    logits = signal_logits(model, hidden, list(signal_token_ids), head)
     if pruned:
-        logits[list(pruned)] = float("-inf")
+        logits[:, list(pruned)] = float("-inf")
         if torch.isinf(logits).all():
             return None
     return torch.softmax(logits, dim=-1)
 
 
 @torch.no_grad()
-def _generate_guided(model, tokenizer, question, max_new_tokens, guided: GuidedInferenceConfig, signal_names, signal_token_ids, head, system_prompt) -> Generated:
-    t0 = time.perf_counter()
+def next_signal_distribution(model, input_ids: torch.Tensor, signal_token_ids, head=None, pruned: Sequence[int] = ()) -> torch.Tensor | None:
+    """Probabilities over the K signals for the next step of ``input_ids`` (1, L); pruned indices get 0.
+
+    Returns None when every signal is pruned.
+    """
+    probs = next_signal_distributions(model, [input_ids[0].tolist()], signal_token_ids, head, pruned)
+    return None if probs is None else probs[0]
+
+
+@dataclass
+class _GuidedRow:
+    """The decoding state of one question in guided mode."""
+
+    index: int
+    prompt_ids: list[int]
+    completion: str = ""  # the running completion in the training format (signal tokens inline)
+    steps: list[str] = field(default_factory=list)
+    step_signals: list[str | None] = field(default_factory=list)
+    confidences: list[float | None] = field(default_factory=list)
+    produced: int = 0  # tokens generated so far (committed signals, step bodies, eos)
+    rounds: int = 0
+    done: bool = False
+    latency_s: float = 0.0
+
+    def result(self) -> Generated:
+        keep = [(t, s, c) for t, s, c in zip(self.steps, self.step_signals, self.confidences) if t or s]
+        return Generated(
+            text=STEP_SEPARATOR.join(t for t, _, _ in keep if t),
+            signals=[s for _, s, _ in keep if s is not None],
+            output_tokens=self.produced,
+            latency_s=self.latency_s,
+            steps=[t for t, _, _ in keep],
+            step_signals=[s for _, s, _ in keep],
+            confidences=[c for _, _, c in keep],
+        )
+
+
+@dataclass
+class _GuidedSetup:
+    tokenizer: Any
+    max_new_tokens: int
+    guided: GuidedInferenceConfig
+    signal_names: list[str]
+    signal_token_ids: list[int]
+    head: Any
+    signal_of: dict[int, str]
+    token_of: dict[str, str]
+    pruned_idx: list[int]
+    pruned_ids: list[int]
+    stop_criteria: Any
+
+
+@torch.no_grad()
+def _generate_guided(model, tokenizer, questions, max_new_tokens, batch_size, guided: GuidedInferenceConfig, signal_names, signal_token_ids, head, system_prompt) -> list[Generated]:
+    from transformers import StopStringCriteria
+
     dev = _device(model)
-    eos = tokenizer.eos_token_id
-    signal_of = dict(zip(signal_token_ids, signal_names))
-    token_of = {n: tokenizer.convert_ids_to_tokens(i) for n, i in zip(signal_names, signal_token_ids)}
     pruned_idx = [k for k, n in enumerate(signal_names) if n in set(guided.prune_signals)]
-    pruned_ids = [signal_token_ids[k] for k in pruned_idx]
-    prompt_ids = tokenizer(render_prompt(question, tokenizer, system_prompt), add_special_tokens=False)["input_ids"]
+    setup = _GuidedSetup(
+        tokenizer=tokenizer,
+        max_new_tokens=max_new_tokens,
+        guided=guided,
+        signal_names=list(signal_names),
+        signal_token_ids=list(signal_token_ids),
+        head=head,
+        signal_of=dict(zip(signal_token_ids, signal_names)),
+        token_of={n: tokenizer.convert_ids_to_tokens(i) for n, i in zip(signal_names, signal_token_ids)},
+        pruned_idx=pruned_idx,
+        pruned_ids=[signal_token_ids[k] for k in pruned_idx],
+        # the criterion generate() builds for stop_strings, reused to find where each row stopped
+        stop_criteria=StopStringCriteria(tokenizer=tokenizer, stop_strings=[STEP_SEPARATOR]),
+    )
+    waiting = deque(range(len(questions)))
+    active: list[_GuidedRow] = []
+    out: list[Generated | None] = [None] * len(questions)
+    while waiting or active:
+        while waiting and len(active) < batch_size:
+            i = waiting.popleft()
+            prompt = render_prompt(questions[i], tokenizer, system_prompt)
+            active.append(_GuidedRow(index=i, prompt_ids=tokenizer(prompt, add_special_tokens=False)["input_ids"]))
+        t0 = time.perf_counter()
+        _guided_round(model, active, setup, dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        share = (time.perf_counter() - t0) / len(active)
+        for row in active:
+            row.latency_s += share
+            if row.done:
+                out[row.index] = row.result()
+        active = [r for r in active if not r.done]
+    return [g for g in out if g is not None]
 
-    completion = ""  # the running completion in the training format (signal tokens inline)
-    steps: list[str] = []
-    step_signals: list[str | None] = []
-    confidences: list[float | None] = []
-    produced = 0  # tokens generated so far (committed signals, step bodies, eos)
 
-    for _ in range(guided.max_steps):
-        budget = max_new_tokens - produced
-        if budget <= 0:
-            break
-        ctx = list(prompt_ids) + (tokenizer(completion, add_special_tokens=False)["input_ids"] if completion else [])
-        probs = next_signal_distribution(model, torch.tensor([ctx], device=dev), signal_token_ids, head, pruned_idx)
-        signal: str | None = None
-        conf: float | None = None
-        if probs is not None:
-            conf, k = (float(x) for x in probs.max(dim=-1))
-            if conf >= guided.confidence_threshold:
-                signal = signal_names[int(k)]
-                completion += token_of[signal]
-                ctx.append(signal_token_ids[int(k)])
-                produced += 1
-        body, stop, stop_id = _generate_step(model, tokenizer, ctx, min(guided.max_step_tokens, max_new_tokens - produced), signal_token_ids, pruned_ids, dev)
-        if signal is None and stop == "signal" and not body:
-            # Free decoding opened the step with a signal of the model's own choosing: keep it.
-            signal = signal_of[stop_id]
-            completion += token_of[signal]
-            ctx.append(stop_id)
-            produced += 1
-            body, stop, stop_id = _generate_step(model, tokenizer, ctx, min(guided.max_step_tokens, max_new_tokens - produced), signal_token_ids, pruned_ids, dev)
-        produced += len(body) + (1 if stop == "eos" else 0)
-        text = tokenizer.decode(body, skip_special_tokens=True)
+def _guided_round(model, rows: list[_GuidedRow], su: _GuidedSetup, dev) -> None:
+    """One step for every row: predict (and gate) its signal, then generate the step under it."""
+    tok, guided = su.tokenizer, su.guided
+    for r in rows:
+        if su.max_new_tokens - r.produced <= 0:
+            r.done = True
+    live = [r for r in rows if not r.done]
+    if not live:
+        return
+    ctxs = [list(r.prompt_ids) + (tok(r.completion, add_special_tokens=False)["input_ids"] if r.completion else []) for r in live]
+    probs = next_signal_distributions(model, ctxs, su.signal_token_ids, su.head, su.pruned_idx, tok.pad_token_id)
+    signals: list[str | None] = [None] * len(live)
+    confs: list[float | None] = [None] * len(live)
+    if probs is not None:
+        top, arg = probs.max(dim=-1)
+        for b, r in enumerate(live):
+            confs[b] = float(top[b])
+            if confs[b] >= guided.confidence_threshold:
+                k = int(arg[b])
+                signals[b] = su.signal_names[k]
+                r.completion += su.token_of[signals[b]]
+                ctxs[b].append(su.signal_token_ids[k])
+                r.produced += 1
+    budgets = [min(guided.max_step_tokens, su.max_new_tokens - r.produced) for r in live]
+    results = _generate_steps(model, ctxs, budgets, su, dev)
+    # Free decoding that opened the step with a signal of the model's own choosing: keep that
+    # signal and generate the step under it.
+    again = [b for b, (body, stop, _) in enumerate(results) if signals[b] is None and stop == "signal" and not body]
+    for b in again:
+        stop_id = results[b][2]
+        signals[b] = su.signal_of[stop_id]
+        live[b].completion += su.token_of[signals[b]]
+        ctxs[b].append(stop_id)
+        live[b].produced += 1
+    if again:
+        redone = _generate_steps(
+            model, [ctxs[b] for b in again], [min(guided.max_step_tokens, su.max_new_tokens - live[b].produced) for b in again], su, dev
+        )
+        for b, res in zip(again, redone):
+            results[b] = res
+    for b, r in enumerate(live):
+        body, stop, _ = results[b]
+        r.produced += len(body) + (1 if stop == "eos" else 0)
+        text = tok.decode(body, skip_special_tokens=True)
         if STEP_SEPARATOR in text:
             text = text.split(STEP_SEPARATOR, 1)[0]
         text = text.strip()
-        steps.append(text)
-        step_signals.append(signal)
-        confidences.append(conf)
+        r.steps.append(text)
+        r.step_signals.append(signals[b])
+        r.confidences.append(confs[b])
+        r.rounds += 1
         if stop == "eos":
-            break
-        if text or signal is not None:
-            completion += text + STEP_SEPARATOR
-        if stop == "budget":
-            break
-
-    keep = [(t, s, c) for t, s, c in zip(steps, step_signals, confidences) if t or s]
-    return Generated(
-        text=STEP_SEPARATOR.join(t for t, _, _ in keep if t),
-        signals=[s for _, s, _ in keep if s is not None],
-        output_tokens=produced,
-        latency_s=time.perf_counter() - t0,
-        steps=[t for t, _, _ in keep],
-        step_signals=[s for _, s, _ in keep],
-        confidences=[c for _, _, c in keep],
-    )
+            r.done = True
+            continue
+        if text or signals[b] is not None:
+            r.completion += text + STEP_SEPARATOR
+        if stop == "budget" or r.rounds >= guided.max_steps:
+            r.done = True
 
 
-def _generate_step(model, tokenizer, ctx: list[int], max_tokens: int, signal_token_ids, suppress_ids, dev) -> tuple[list[int], str, int | None]:
-    """Greedy-decode one step body after ``ctx``; returns (body ids, why it stopped, stop token).
+def _generate_steps(model, ctxs: list[list[int]], budgets: list[int], su: _GuidedSetup, dev) -> list[tuple[list[int], str, int | None]]:
+    """Greedy-decode one step body after each context, all rows in one ``generate`` call.
 
-    Why: ``"eos"``, ``"signal"`` (a signal token began the next step; it is not in the body and is
-    returned as the stop token), ``"separator"`` (the blank line that ends a step), ``"length"``
-    (``max_tokens`` reached), ``"budget"`` (no tokens left).
+    Returns per row (body ids, why it stopped, stop token). Why: ``"eos"``, ``"signal"`` (a signal
+    token began the next step; it is not in the body and is returned as the stop token),
+    ``"separator"`` (the blank line that ends a step), ``"length"`` (the row's token budget, or a
+    stop string that did not decode to a blank line), ``"budget"`` (no tokens left).
+
+    ``generate`` runs to the largest budget and pads rows that finished; each row's own stop is
+    found again by applying, token by token, the rules ``generate`` applied (eos/signal ids, the
+    blank-line stop string over the whole sequence, the row's budget), so a row's result does not
+    depend on the other rows.
     """
-    if max_tokens <= 0:
-        return [], "budget", None
-    eos = tokenizer.eos_token_id
-    input_ids = torch.tensor([ctx], device=dev)
+    tok = su.tokenizer
+    results: list[tuple[list[int], str, int | None]] = [([], "budget", None) for _ in ctxs]
+    todo = [b for b, n in enumerate(budgets) if n > 0]
+    if not todo:
+        return results
+    eos = tok.eos_token_id
+    input_ids, mask = _left_pad([ctxs[b] for b in todo], tok.pad_token_id, dev)
+    width = input_ids.shape[1]
+    longest = max(budgets[b] for b in todo)
     gen = model.generate(
         input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_tokens,
-        eos_token_id=[eos, *signal_token_ids],
+        attention_mask=mask,
+        max_new_tokens=longest,
+        eos_token_id=[eos, *su.signal_token_ids],
         stop_strings=[STEP_SEPARATOR],
-        tokenizer=tokenizer,
-        suppress_tokens=list(suppress_ids) or None,
-        **_greedy_kwargs(tokenizer),
+        tokenizer=tok,
+        suppress_tokens=list(su.pruned_ids) or None,
+        **_greedy_kwargs(tok),
     )
-    new = gen[0, len(ctx) :].tolist()
-    sig = set(signal_token_ids)
-    for j, t in enumerate(new):
-        if t == eos:
-            return new[:j], "eos", t
-        if t in sig:
-            return new[:j], "signal", t
-    if STEP_SEPARATOR in tokenizer.decode(new, skip_special_tokens=True):
-        return new, "separator", None
-    return new, "length", None
+    new = gen[:, width:].tolist()
+    n_new = gen.shape[1] - width
+    # fired[b][t]: the stop string ends at new token t of row b (checked over the whole sequence)
+    fired = [[False] * n_new for _ in todo]
+    for t in range(n_new):
+        hit = su.stop_criteria(gen[:, : width + t + 1], None).tolist()
+        for j in range(len(todo)):
+            fired[j][t] = bool(hit[j])
+    sig = set(su.signal_token_ids)
+    for j, b in enumerate(todo):
+        row = new[j]
+        body: list[int] | None = None
+        for t in range(min(len(row), budgets[b])):
+            tid = row[t]
+            if tid == eos:
+                results[b] = (row[:t], "eos", tid)
+                break
+            if tid in sig:
+                results[b] = (row[:t], "signal", tid)
+                break
+            if fired[j][t] or t + 1 == budgets[b]:
+                body = row[: t + 1]
+                break
+        else:
+            body = row[: budgets[b]]
+        if body is not None:
+            stop = "separator" if STEP_SEPARATOR in tok.decode(body, skip_special_tokens=True) else "length"
+            results[b] = (body, stop, None)
+    return results

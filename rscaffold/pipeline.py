@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -323,7 +324,8 @@ def run_dataset(cfg: PipelineConfig, fps: dict[str, str], teacher: StageRef, lab
 def run_training(cfg: PipelineConfig, fps: dict[str, str], dataset: StageRef, force: bool = False) -> StageRef:
     from rscaffold.models import save_tiny_model
     from rscaffold.signals import load_taxonomy
-    from rscaffold.training.trainer import train_student
+    from rscaffold.training.student import STUDENT_META
+    from rscaffold.training.trainer import CHECKPOINTS_DIRNAME, MODEL_DIRNAME, train_student
 
     sd, done = _open(cfg, "training", fps, force)
     if done:
@@ -348,10 +350,21 @@ def run_training(cfg: PipelineConfig, fps: dict[str, str], dataset: StageRef, fo
     outputs = {"base": "base" if cfg.training.tiny is not None else base}
     variants = [("scaffolded", True)] + ([("cot_sft", False)] if tcfg.train_baseline else [])
     for name, scaffolded in variants:
+        final_meta = sd.path / name / MODEL_DIRNAME / STUDENT_META
+        if final_meta.exists():
+            # This student finished in an earlier attempt of the stage (a later one failed).
+            log.info("training: %s already trained, reusing %s", name, final_meta.parent)
+            results[name] = json.loads(final_meta.read_text())["metrics"]
+            outputs[name] = os.path.join(name, MODEL_DIRNAME)
+            continue
         res = train_student(
             train_rows, tcfg, tax.names, tax.tokens, sd.path / name, scaffolded=scaffolded, model_card_info=card
         )
         results[name] = _as_dict(res)
+        if not cfg.training.keep_checkpoints:
+            # Checkpoints (weights + optimizer state) exist to resume a killed run; once the final
+            # model is saved they only cost disk.
+            shutil.rmtree(sd.path / name / CHECKPOINTS_DIRNAME, ignore_errors=True)
         outputs[name] = os.path.relpath(Path(res.model_dir).resolve(), sd.path.resolve())
     _write_json(sd.path / "train_metrics.json", results)
     outputs["metrics"] = "train_metrics.json"

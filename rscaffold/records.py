@@ -107,6 +107,12 @@ class PredictionRecord(Record):
     output_tokens: int
     signals: list[str]
     latency_s: float
+    # added with multi-benchmark evaluation (all nullable: absent in older files)
+    decoding: str | None = None  # "plain" | "guided"
+    n_steps: int | None = None  # steps of the output (blank-line separated)
+    consistent: bool | None = None  # see rscaffold.evaluation.check_consistency; None: not checked
+    consistency_check: str | None = None  # which check decided `consistent` (None: not checked)
+    consistency_evidence: str | None = None  # what was compared: the last computation, a verdict
 
 
 class MetricRecord(Record):
@@ -120,6 +126,15 @@ class MetricRecord(Record):
     ci_high: float
     mean_output_tokens: float
     unparseable_rate: float
+    # added with multi-benchmark evaluation (all nullable: absent in older files)
+    consistency_checked: int | None = None  # predictions a consistency check applied to
+    consistency_rate: float | None = None  # share of those found consistent
+    mean_steps: float | None = None
+    generated_signals: int | None = None  # signals that opened steps, over all outputs
+    signal_tv: float | None = None  # TV distance, generated vs teacher signal shares
+    transition_tv: float | None = None  # mean row-wise TV distance of signal transitions vs teacher
+    transition_kl: float | None = None  # mean row-wise KL(teacher || generated, smoothed)
+    transition_coverage: float | None = None  # teacher transition mass in the rows compared
 
 
 # ---------------------------------------------------------------------------------------------

@@ -148,12 +148,19 @@ def test_training_failure_keeps_upstream_and_resumes(harness, tiny_model_dir, sm
         assert (root / stage / fps[stage] / "manifest.json").exists(), stage
     training_dir = root / "training" / fps["training"]
     assert not (training_dir / "manifest.json").exists()
-    assert list((training_dir / "scaffolded").rglob("checkpoint-*")), "checkpoints of the finished student are kept"
+    assert (training_dir / "scaffolded" / "model" / "rscaffold_student.json").exists(), "the finished student is kept"
 
-    monkeypatch.setattr(trainer_mod, "train_student", original)
+    retrained: list[bool] = []
+
+    def counting(rows, tcfg, names, tokens, out, scaffolded, model_card_info):
+        retrained.append(scaffolded)
+        return original(rows, tcfg, names, tokens, out, scaffolded=scaffolded, model_card_info=model_card_info)
+
+    monkeypatch.setattr(trainer_mod, "train_student", counting)
     counter = CallCounter(monkeypatch)
     refs = rscaffold_pipeline(config=cfg)
-    # upstream stages come from Prefect's cache; training and evaluation run
+    # upstream stages come from Prefect's cache; training resumes with the baseline only
     assert counter.calls == Counter({"training": 1, "evaluation": 1})
+    assert retrained == [False]
     assert (Path(refs["training"]["path"]) / "manifest.json").exists()
     assert pq.read_table(Path(refs["evaluation"]["path"]) / "metrics.parquet").num_rows == 3
