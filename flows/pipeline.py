@@ -74,7 +74,7 @@ def run_stages(config: PipelineConfig, refresh: set[str], until: str = "evaluati
     if last >= 4:
         refs["training"] = call("training", refs["dataset"])
     if last >= 5:
-        refs["evaluation"] = call("evaluation", refs["problems"], refs["training"])
+        refs["evaluation"] = call("evaluation", refs["problems"], refs["training"], refs["labeling"])
     return refs
 
 

@@ -157,6 +157,31 @@ def fingerprints(config: ConfigOpt = None, artifacts_dir: ArtifactsOpt = None) -
         console.print(f"{stage_name:<11} {fp}  {'complete' if sd.is_complete() else 'missing '}  {sd.path}")
 
 
+@app.command("report")
+def report_command(
+    run_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="An evaluation stage directory (artifacts/evaluation/<fingerprint>), or the artifacts root "
+            "(or its evaluation/ folder): then the newest evaluation in it is used."
+        ),
+    ],
+) -> None:
+    """Regenerate an evaluation's report.md and accuracy.png from its Parquet files alone."""
+    from rscaffold.report import find_evaluation_dir, write_report
+
+    try:
+        eval_dir = find_evaluation_dir(run_dir)
+    except FileNotFoundError as e:
+        err.print(f"[bold red]error[/]: {e}")
+        raise typer.Exit(2)
+    if eval_dir != run_dir.expanduser().resolve():
+        console.print(f"newest evaluation under {run_dir}: {eval_dir}")
+    report, chart = write_report(eval_dir)
+    console.print(f"report: {report}")
+    console.print(f"chart:  {chart}")
+
+
 @models_app.command("fetch")
 def models_fetch(
     out: Annotated[Optional[Path], typer.Option(help="Target directory (default: the model cache).")] = None,

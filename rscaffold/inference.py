@@ -421,6 +421,8 @@ def _generate_steps(model, ctxs: list[list[int]], budgets: list[int], su: _Guide
     blank-line stop string over the whole sequence, the row's budget), so a row's result does not
     depend on the other rows.
     """
+    from transformers import StoppingCriteriaList
+
     tok = su.tokenizer
     results: list[tuple[list[int], str, int | None]] = [([], "budget", None) for _ in ctxs]
     todo = [b for b, n in enumerate(budgets) if n > 0]
@@ -435,8 +437,8 @@ def _generate_steps(model, ctxs: list[list[int]], budgets: list[int], su: _Guide
         attention_mask=mask,
         max_new_tokens=longest,
         eos_token_id=[eos, *su.signal_token_ids],
-        stop_strings=[STEP_SEPARATOR],
-        tokenizer=tok,
+        # stop_strings=[STEP_SEPARATOR], with the criterion built once instead of on every call
+        stopping_criteria=StoppingCriteriaList([su.stop_criteria]),
         suppress_tokens=list(su.pruned_ids) or None,
         **_greedy_kwargs(tok),
     )

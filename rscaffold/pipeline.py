@@ -45,7 +45,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "labeling": ("segment.py", "signals.py", "labeling_report.py", "teachers", "records.py"),
     "dataset": ("dataset.py", "records.py"),
     "training": ("training", "models.py", "records.py"),
-    "evaluation": ("inference.py", "evaluation.py", "benchmarks", "training/format.py", "training/student.py", "records.py"),
+    "evaluation": ("inference.py", "evaluation.py", "report.py", "benchmarks", "training/format.py", "training/student.py", "records.py"),
 }
 
 
@@ -79,8 +79,15 @@ def plan_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     )
     fps["dataset"] = fingerprint("dataset", fps["labeling"], cfg.dataset, stage_code_version("dataset"))
     fps["training"] = fingerprint("training", fps["dataset"], cfg.training, stage_code_version("training"))
+    from rscaffold.evaluation import benchmark_source_digest
+
     fps["evaluation"] = fingerprint(
-        "evaluation", fps["training"], fps["problems"], cfg.evaluation, stage_code_version("evaluation")
+        "evaluation",
+        fps["training"],
+        fps["problems"],
+        cfg.evaluation,
+        [benchmark_source_digest(b) for b in cfg.evaluation.benchmarks],
+        stage_code_version("evaluation"),
     )
     assert tuple(fps) == STAGES
     return fps
@@ -396,10 +403,16 @@ def run_evaluation(
     training: StageRef,
     force: bool = False,
     progress: Progress | None = None,
+    labeling: StageRef | None = None,
 ) -> StageRef:
-    from rscaffold.benchmarks.loaders import BENCHMARKS
-    from rscaffold.evaluation import compute_metrics, render_markdown_report, score_output, signal_distribution, metrics_table
+    """Answer every evaluation benchmark with every model; score, aggregate, report.
+
+    ``labeling`` (optional): its ``quality.json`` holds the teacher's signal transitions that the
+    generated signals are compared with; without it those metrics are empty.
+    """
+    from rscaffold.evaluation import compute_metrics, evaluation_suites, metrics_table, score_output, signal_agreement, signal_distribution
     from rscaffold.inference import generate
+    from rscaffold.report import CHART_FILE, REPORT_FILE, accuracy_table, write_report
     from rscaffold.training.student import load_student
 
     sd, done = _open(cfg, "evaluation", fps, force)
@@ -407,44 +420,68 @@ def run_evaluation(
         return done
     started = time.time()
     ecfg = cfg.evaluation
-    bench = cfg.problems.format
-    answer_type = BENCHMARKS[bench].answer_type
-    problems_eval = read_problems(problems, "eval")
-    if ecfg.limit:
-        problems_eval = problems_eval[: ecfg.limit]
-    questions = [p.question for p in problems_eval]
+    suites = evaluation_suites(ecfg, cfg.problems.format, read_problems(problems, "eval"))
+    teacher = None
+    if labeling is not None and "quality" in labeling.outputs:
+        teacher = _read_json(labeling.output("quality"), None)
 
-    # Per-model predictions are persisted as soon as a model is done (resume per model).
+    # Predictions are persisted per model and benchmark as soon as they are made (resume).
     predictions: list[PredictionRecord] = []
-    for i, name in enumerate(ecfg.models):
-        shard = sd.path / f"predictions-{name}.parquet"
-        if shard.exists():
-            predictions.extend(read_records(shard, PredictionRecord))
-            continue
-        student = load_student(model_path(training, name))
+    total, finished = len(ecfg.models) * len(suites), 0
+    for name in ecfg.models:
         mode = "guided" if name == "scaffolded" else "plain"
-        outs = generate(student, questions=questions, mode=mode, max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size, guided=ecfg.guided)
-        preds = [
-            score_output(name, bench, p, o.text, answer_type, o.output_tokens, o.signals, o.latency_s)
-            for p, o in zip(problems_eval, outs)
-        ]
-        write_records(shard, preds, PredictionRecord)
-        predictions.extend(preds)
+        student = None
+        for suite in suites:
+            shard = sd.shards / f"predictions-{name}-{suite.name}.parquet"
+            if shard.exists():
+                predictions.extend(read_records(shard, PredictionRecord))
+            else:
+                if student is None:
+                    student = load_student(model_path(training, name))
+                outs = generate(
+                    student, questions=suite.prompts(ecfg.prompt), mode=mode, max_new_tokens=ecfg.max_new_tokens,
+                    batch_size=ecfg.batch_size, guided=ecfg.guided,
+                )
+                preds = [
+                    score_output(name, suite.name, p, o.text, suite.answer_type, o.output_tokens, o.signals, o.latency_s,
+                                 decoding=mode, n_steps=len([s for s in o.steps if s]))
+                    for p, o in zip(suite.problems, outs)
+                ]
+                write_records(shard, preds, PredictionRecord)
+                predictions.extend(preds)
+            finished += 1
+            if progress:
+                progress(finished, total)
         del student
-        if progress:
-            progress(i + 1, len(ecfg.models))
 
-    metrics = compute_metrics(predictions, ecfg.bootstrap_samples, ecfg.seed)
+    metrics = compute_metrics(predictions, ecfg.bootstrap_samples, ecfg.seed, teacher=teacher)
     write_records(sd.path / "predictions.parquet", predictions, PredictionRecord)
     write_records(sd.path / "metrics.parquet", metrics, MetricRecord)
-    signals = signal_distribution(predictions)
-    _write_json(sd.path / "metrics.json", {"metrics": [m.model_dump() for m in metrics], "generated_signals": signals})
-    (sd.path / "report.md").write_text(render_markdown_report(metrics, signals))
+    _write_json(
+        sd.path / "metrics.json",
+        {
+            "metrics": [m.model_dump() for m in metrics],
+            "generated_signals": signal_distribution(predictions),
+            "signal_agreement": signal_agreement(predictions, teacher),
+            "teacher_signals": None if teacher is None else {k: teacher.get(k) for k in ("names", "signal_counts", "transitions")},
+        },
+    )
+    write_report(sd.path)  # report.md + accuracy.png, from the Parquet files just written
     return sd.finish(
-        {"predictions": "predictions.parquet", "metrics": "metrics.parquet", "metrics_json": "metrics.json", "report": "report.md"},
+        {
+            "predictions": "predictions.parquet",
+            "metrics": "metrics.parquet",
+            "metrics_json": "metrics.json",
+            "report": REPORT_FILE,
+            "accuracy_png": CHART_FILE,
+        },
         ecfg,
-        _inputs(problems, training),
-        {"table": metrics_table(metrics)},
+        _inputs(problems, training, *([labeling] if labeling is not None else [])),
+        {
+            "table": metrics_table(metrics),
+            "accuracy_table": accuracy_table(metrics),
+            "benchmarks": {s.name: len(s.problems) for s in suites},
+        },
         started,
         stage_code_version("evaluation"),
     )

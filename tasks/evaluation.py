@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
@@ -9,17 +11,37 @@ from rscaffold.store import StageRef
 from tasks._common import ProgressReporter, publish_stage, stage_cache_key
 
 
+def _run_name() -> str:
+    from prefect.runtime import task_run
+
+    config = task_run.parameters["config"]
+    names = [b.name for b in config.evaluation.benchmarks] or [config.problems.format]
+    return f"evaluation[{','.join(names)}]"
+
+
 @task(
     name="evaluation",
-    task_run_name="evaluation[{config.problems.format}]",
+    task_run_name=_run_name,
     cache_key_fn=stage_cache_key("evaluation"),
     persist_result=True,
 )
-def evaluation_task(config: PipelineConfig, fps: dict[str, str], problems: dict, training: dict, force: bool = False) -> dict:
-    """Answer the eval problems with base, CoT-SFT and scaffolded students; score them."""
+def evaluation_task(
+    config: PipelineConfig, fps: dict[str, str], problems: dict, training: dict, labeling: dict | None = None, force: bool = False
+) -> dict:
+    """Answer the evaluation benchmarks with base, CoT-SFT and scaffolded students; score and report."""
     ref = pipeline.run_evaluation(
-        config, fps, StageRef.from_dict(problems), StageRef.from_dict(training), force=force, progress=ProgressReporter("evaluation")
+        config,
+        fps,
+        StageRef.from_dict(problems),
+        StageRef.from_dict(training),
+        force=force,
+        progress=ProgressReporter("evaluation"),
+        labeling=StageRef.from_dict(labeling) if labeling else None,
     )
-    create_table_artifact(ref.summary["table"], key="rscaffold-accuracy", description="accuracy per model and benchmark")
-    publish_stage(ref)
+    create_table_artifact(
+        ref.summary.get("accuracy_table") or ref.summary["table"],
+        key="rscaffold-accuracy",
+        description="accuracy (%) [95% bootstrap interval]: models x benchmarks",
+    )
+    publish_stage(ref, extra_markdown=(Path(ref.path) / ref.outputs["report"]).read_text())
     return ref.to_dict()
