@@ -70,3 +70,12 @@ def test_prompt_template_needs_question():
 def test_labeler_defaults_to_teacher_backend():
     cfg = PipelineConfig()
     assert cfg.labeler_llm() is cfg.teacher.llm
+
+
+def test_example_configs_validate():
+    examples = Path(__file__).resolve().parents[1] / "data" / "examples"
+    files = sorted(examples.glob("*.yaml"))
+    assert files
+    for f in files:
+        cfg = load_config(f)
+        assert cfg.teacher.llm.backend in ("openai", "vllm", "transformers")
