@@ -92,6 +92,7 @@ def generate(
     With a ``Student`` its tokenizer, signal names/ids, head and system prompt are used unless
     given explicitly, and ``generate(student, questions, ...)`` (questions in the tokenizer's
     place) is accepted. ``mode="guided"`` needs signal names and ids (a scaffolded student).
+    ``batch_size``: questions decoded together, in both modes (outputs do not depend on it).
     """
     if isinstance(tokenizer, (list, tuple)) and not questions and all(isinstance(q, str) for q in tokenizer):
         questions, tokenizer = tokenizer, None
@@ -324,7 +325,8 @@ def _generate_guided(model, tokenizer, questions, max_new_tokens, batch_size, gu
         token_of={n: tokenizer.convert_ids_to_tokens(i) for n, i in zip(signal_names, signal_token_ids)},
         pruned_idx=pruned_idx,
         pruned_ids=[signal_token_ids[k] for k in pruned_idx],
-        # the criterion generate() builds for stop_strings, reused to find where each row stopped
+        # what generate() builds for stop_strings=[STEP_SEPARATOR], built once: passed to generate
+        # and reused to find where each row stopped
         stop_criteria=StopStringCriteria(tokenizer=tokenizer, stop_strings=[STEP_SEPARATOR]),
     )
     waiting = deque(range(len(questions)))

@@ -12,10 +12,14 @@ from tasks._common import ProgressReporter, publish_stage, stage_cache_key
 
 
 def _run_name() -> str:
+    """``evaluation[<benchmark>,...]``: the configured benchmarks, or the problems' format."""
     from prefect.runtime import task_run
 
-    config = task_run.parameters["config"]
-    names = [b.name for b in config.evaluation.benchmarks] or [config.problems.format]
+    try:
+        config = task_run.parameters["config"]
+        names = [b.name for b in config.evaluation.benchmarks] or [config.problems.format]
+    except Exception:  # a name is cosmetic; never fail the task over it
+        return "evaluation"
     return f"evaluation[{','.join(names)}]"
 
 
