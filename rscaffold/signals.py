@@ -325,7 +325,13 @@ def build_label_request(
         request_id=f"{trace_id}:label",
         messages=[{"role": "system", "content": _SYSTEM}, {"role": "user", "content": user}],
         json_schema=label_json_schema(n, tax, with_rationale) if answer_format == "json" else None,
+        line_choices=label_line_choices(n, tax) if answer_format == "lines" and not with_rationale else None,
     )
+
+
+def label_line_choices(n_steps: int, tax: Taxonomy) -> list[list[str]]:
+    """The closed set of answer lines ``"<i>: <signal name>"``, for backends that constrain to it."""
+    return [[f"{i}: {name}" for name in tax.names] for i in range(1, n_steps + 1)]
 
 
 def build_retry_request(
@@ -357,6 +363,7 @@ def build_retry_request(
         request_id=f"{base_id}:retry{attempt}",
         messages=messages,
         json_schema=label_json_schema(n_steps, tax, with_rationale) if answer_format == "json" else None,
+        line_choices=label_line_choices(n_steps, tax) if answer_format == "lines" and not with_rationale else None,
     )
 
 
@@ -720,7 +727,11 @@ class Labeler:
         for k, t in enumerate(items):
             if not t.steps:
                 continue
-            fmt[k] = answer_format_for(len(t.steps), self.sampling.max_new_tokens, with_rat)
+            if getattr(self.backend, "supports_line_choices", False) and not with_rat:
+                # The backend constrains decoding to valid answer lines: always well formed.
+                fmt[k] = "lines"
+            else:
+                fmt[k] = answer_format_for(len(t.steps), self.sampling.max_new_tokens, with_rat)
             pending[k] = build_label_request(
                 t.trace_id, t.question, list(t.steps), [s for s, _ in pre[k]], self.tax, with_rat, fmt[k]
             )

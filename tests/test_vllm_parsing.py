@@ -160,3 +160,19 @@ def test_missing_vllm_message():
         pytest.skip("vllm is installed")
     with pytest.raises(ImportError, match=r"pip install 'rscaffold\[vllm\]'"):
         VLLMBackend(BackendConfig(backend="vllm", model="m"))
+
+
+def test_line_choices_become_a_regex_constraint():
+    import re as _re
+
+    from rscaffold.config import SamplingConfig
+    from rscaffold.teachers.base import ChatRequest
+    from rscaffold.teachers.vllm_engine import REGEX_KEY, build_sampling_kwargs
+
+    req = ChatRequest("t:label", [{"role": "user", "content": "x"}], json_schema={"type": "object"},
+                      line_choices=[["1: A (x)", "1: B"], ["2: A (x)", "2: B"]])
+    kw = build_sampling_kwargs(SamplingConfig(), req)
+    assert "json_schema" not in kw
+    rx = _re.compile(kw[REGEX_KEY])
+    assert rx.fullmatch("1: A (x)\n2: B") and rx.fullmatch("1: B\n2: B")
+    assert not rx.fullmatch("1: A (x)") and not rx.fullmatch("1: C\n2: B") and not rx.fullmatch("1: A x\n2: B")

@@ -19,6 +19,10 @@ class ChatRequest:
     # (OpenAI response_format, vLLM guided decoding) and otherwise ignore it (caller validates).
     json_schema: dict[str, Any] | None = None
     n: int = 1  # samples for this request (vLLM / OpenAI ``n``); transformers loops
+    # Output must be len(line_choices) lines, line i exactly one of line_choices[i]. Local
+    # backends enforce it token by token (a closed-vocabulary answer even a tiny model gets
+    # right in form); the others ignore it and rely on json_schema or the caller's parser.
+    line_choices: list[list[str]] | None = None
 
 
 @dataclass

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from rscaffold.config import BackendConfig, SamplingConfig
 from rscaffold.models import load_causal_lm
+from rscaffold.teachers.constraints import LineChoiceConstraint
 from rscaffold.teachers.base import ChatRequest, Completion, ResultCallback
 from rscaffold.teachers.parsing import completion_from_output, describe_error, error_completions
 
@@ -44,6 +45,7 @@ class TransformersBackend:
     """
 
     name = "transformers"
+    supports_line_choices = True  # ChatRequest.line_choices is enforced while decoding
 
     def __init__(self, cfg: BackendConfig, model=None, tokenizer=None):
         self.cfg = cfg
@@ -108,6 +110,13 @@ class TransformersBackend:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kw
 
+    def _constraints(self, batch: list[_Row]) -> list[LineChoiceConstraint | None]:
+        eos = self.eos_token_ids[0] if self.eos_token_ids else self.tokenizer.eos_token_id
+        return [
+            LineChoiceConstraint(self.tokenizer, r.request.line_choices, eos) if r.request.line_choices else None
+            for r in batch
+        ]
+
     def _generate_batch(self, batch: list[_Row], sampling: SamplingConfig, seed: int) -> list[Completion]:
         import torch
 
@@ -115,9 +124,22 @@ class TransformersBackend:
         enc = self.tokenizer([r.prompt for r in batch], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(self.model.device) for k, v in enc.items()}
         devices = [self.model.device] if self.model.device.type == "cuda" else []
+        kwargs = self._generation_kwargs(sampling)
+        constraints = self._constraints(batch)
+        if any(c is not None for c in constraints):
+            prompt_len = enc["input_ids"].shape[1]
+            unconstrained = list(range(len(self.tokenizer)))
+
+            def allowed(batch_id: int, input_ids) -> list[int]:
+                c = constraints[batch_id]
+                return unconstrained if c is None else c.allowed(input_ids[prompt_len:].tolist())
+
+            kwargs["prefix_allowed_tokens_fn"] = allowed
+            # a constrained answer always fits: its length is known in advance
+            kwargs["max_new_tokens"] = max([sampling.max_new_tokens] + [c.max_tokens for c in constraints if c])
         with torch.random.fork_rng(devices=devices), torch.inference_mode():
             torch.manual_seed(seed)
-            out = self.model.generate(**enc, **self._generation_kwargs(sampling))
+            out = self.model.generate(**enc, **kwargs)
         latency = time.perf_counter() - t0
         prompt_len = enc["input_ids"].shape[1]
         generated = out[:, prompt_len:].tolist()

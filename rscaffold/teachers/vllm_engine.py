@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 
 MISSING_VLLM = "backend 'vllm' needs the vllm package: pip install 'rscaffold[vllm]'"
 VLLM_MIN_CHUNK = 256
-JSON_SCHEMA_KEY = "json_schema"  # key of build_sampling_kwargs' output that is not a SamplingParams field
+JSON_SCHEMA_KEY = "json_schema"  # keys of build_sampling_kwargs' output that are not SamplingParams fields
+REGEX_KEY = "regex"
 
 
 class VLLMUnavailableError(ImportError):
@@ -58,22 +60,30 @@ def build_sampling_kwargs(sampling: SamplingConfig, request: ChatRequest) -> dic
         "max_tokens": sampling.max_new_tokens,
         "seed": derive_seed(sampling.seed, request.request_id),
     }
-    if request.json_schema:
+    if request.line_choices:
+        kw[REGEX_KEY] = line_choices_regex(request.line_choices)
+    elif request.json_schema:
         kw[JSON_SCHEMA_KEY] = request.json_schema
     return kw
 
 
-def structured_output_kwargs(vllm_module: Any, schema: dict[str, Any]) -> dict[str, Any]:
-    """``{"structured_outputs": StructuredOutputsParams(json=schema)}`` on current vLLM,
-    ``{"guided_decoding": GuidedDecodingParams(json=schema)}`` on older ones, ``{}`` when neither
+def line_choices_regex(line_choices: list[list[str]]) -> str:
+    """A regex accepting exactly the lines of ``ChatRequest.line_choices`` (joined by newlines)."""
+    return "\n".join("(" + "|".join(re.escape(c) for c in choices) + ")" for choices in line_choices)
+
+
+def structured_output_kwargs(vllm_module: Any, schema: dict[str, Any] | None = None, regex: str | None = None) -> dict[str, Any]:
+    """``{"structured_outputs": StructuredOutputsParams(json=schema | regex=...)}`` on current
+    vLLM, ``{"guided_decoding": GuidedDecodingParams(...)}`` on older ones, ``{}`` when neither
     exists (the caller then validates the unconstrained output)."""
+    spec = {"regex": regex} if regex is not None else {"json": schema}
     sp = getattr(vllm_module, "sampling_params", None)
     cls = getattr(sp, "StructuredOutputsParams", None)
     if cls is not None:
-        return {"structured_outputs": cls(json=schema)}
+        return {"structured_outputs": cls(**spec)}
     cls = getattr(sp, "GuidedDecodingParams", None)
     if cls is not None:
-        return {"guided_decoding": cls(json=schema)}
+        return {"guided_decoding": cls(**spec)}
     return {}
 
 
@@ -81,9 +91,10 @@ def make_sampling_params(vllm_module: Any, kwargs: dict[str, Any]):
     """Build ``vllm.SamplingParams`` from :func:`build_sampling_kwargs` output."""
     kw = dict(kwargs)
     schema = kw.pop(JSON_SCHEMA_KEY, None)
-    if schema is not None:
+    regex = kw.pop(REGEX_KEY, None)
+    if schema is not None or regex is not None:
         try:
-            kw.update(structured_output_kwargs(vllm_module, schema))
+            kw.update(structured_output_kwargs(vllm_module, schema, regex))
         except Exception as err:  # an API shape we do not know: generate unconstrained
             log.warning("vLLM structured outputs unavailable (%s); generating without them", describe_error(err))
     try:
