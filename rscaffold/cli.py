@@ -17,7 +17,8 @@ from rscaffold.config import STAGES, ConfigError, PipelineConfig, check_inputs_e
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reasoning Scaffolding pipeline (teacher -> signals -> student).")
 models_app = typer.Typer(no_args_is_help=True, help="Prepare local models.")
 app.add_typer(models_app, name="models")
-console = Console()
+# Piped output (logs, CI) gets a width that fits the tables instead of rich's 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config; default: the built-in data/default.yaml.")]
@@ -48,11 +49,22 @@ def _print_results(refs: dict[str, dict]) -> None:
     ev = refs.get("evaluation")
     if ev and ev["summary"].get("table"):
         rows = ev["summary"]["table"]
-        t = Table(title="evaluation")
-        for h in rows[0]:
-            t.add_column(h)
+        # The compact columns fit an 80-column terminal; report.md has them all.
+        columns = {
+            "model": "model",
+            "benchmark": "benchmark",
+            "n": "n",
+            "accuracy_%": "acc %",
+            "95%_CI": "95% CI",
+            "mean_output_tokens": "tokens",
+            "unparseable_%": "unparsed %",
+            "consistent_%": "consistent %",
+        }
+        t = Table(title="evaluation (accuracy of base, CoT-SFT and scaffolded students)")
+        for label in columns.values():
+            t.add_column(label, no_wrap=True)
         for r in rows:
-            t.add_row(*(str(v) for v in r.values()))
+            t.add_row(*("" if r.get(k) is None else str(r.get(k)) for k in columns))
         console.print(t)
         console.print(f"report: {Path(ev['path']) / ev['outputs']['report']}")
 

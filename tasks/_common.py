@@ -7,6 +7,7 @@ content-addressed artifact store agree on what "the same work" is.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -63,7 +64,7 @@ def publish_stage(ref: StageRef, extra_markdown: str = "") -> None:
     lines = [f"## {ref.stage} `{ref.fingerprint}`", "", f"Directory: `{ref.path}`", "", "| output | path |", "|---|---|"]
     for name, rel in ref.outputs.items():
         lines.append(f"| {name} | `{rel}` |")
-        logger.info("%s output %s: %s/%s", ref.stage, name, ref.path, rel)
+        logger.info("%s output %s: %s", ref.stage, name, os.path.join(ref.path, rel))  # rel may be absolute
     if ref.summary:
         lines += ["", "```json", _json(ref.summary), "```"]
     if extra_markdown:
