@@ -21,6 +21,10 @@ Outcome policy for one completion:
 - ``truncated`` when generation hit the token limit (``finish_reason == "length"``) or the
   output ended inside an unclosed ``<think>`` block;
 - text is stored as valid UTF-8 (invalid sequences replaced, never fatal).
+
+Progress: a console ``tqdm`` bar (total = the (problem, sample) pairs wanted, starting at the
+resumed count; shown only on a TTY) and, alongside it, the optional ``progress(done, total)``
+callback (the flow feeds it to its progress artifact).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from tqdm import tqdm
 
 from rscaffold.config import TeacherConfig
 from rscaffold.records import ProblemRecord, TraceRecord
@@ -229,11 +235,14 @@ def generate_traces(
         buffer.append(record)
         if len(buffer) >= cfg.shard_size:
             flush()
+        bar.update(1)
         if progress:
             progress(resumed + len(new), total_pairs)
 
     if progress:
         progress(resumed, total_pairs)
+    # console bar; disable=None: off when stderr is not a TTY (logs, CI, Prefect workers)
+    bar = tqdm(total=total_pairs, initial=resumed, desc="teacher", unit="trace", disable=None, dynamic_ncols=True)
     try:
         if requests:
             returned = backend.generate(requests, cfg.sampling, on_result=on_result)
@@ -246,7 +255,10 @@ def generate_traces(
                             Completion(request_id=pid, sample_index=k, error="no completion returned by the backend")
                         )
     finally:
-        flush()
+        try:
+            flush()
+        finally:
+            bar.close()
 
     # -- outcome -----------------------------------------------------------------------------
     merged = {**latest, **new}

@@ -278,3 +278,84 @@ def test_resume_after_crash(tmp_path, tiny_backend):
     res3 = generate_traces(probs, idle, cfg, stage, answer_fn, check_fn)
     assert {t.trace_id for t in res3.traces} == wanted
     assert idle.requests == [] and res3.counts["requested"] == 0 and res3.counts["resumed"] == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# progress: the callback (Prefect progress artifact) and the console bar
+
+
+class RecordingBar:
+    """Test fake of ``tqdm``: records its arguments, updates and whether it was closed."""
+
+    instances: list["RecordingBar"] = []
+
+    def __init__(self, *args, **kwargs):
+        self.kwargs = kwargs
+        self.n = kwargs.get("initial", 0)
+        self.closed = False
+        RecordingBar.instances.append(self)
+
+    def update(self, k=1):
+        assert not self.closed
+        self.n += k
+
+    def close(self):
+        self.closed = True
+
+
+def test_progress_callback_and_bar_count_resumed_work(tmp_path, monkeypatch):
+    import rscaffold.traces as traces_mod
+
+    RecordingBar.instances = []
+    monkeypatch.setattr(traces_mod, "tqdm", RecordingBar)
+    stage = stage_dir(tmp_path)
+    cfg = TeacherConfig(samples_per_problem=2, max_failure_rate=1.0, shard_size=2)
+    probs = problems(4)  # 8 (problem, sample) pairs
+    fail = {("q1", 1), ("q3", 0), ("q3", 1)}
+    first = ScriptedBackend(
+        lambda pid, i: dict(error="boom") if (pid, i) in fail else dict(text="The answer is 1.", finish_reason="stop")
+    )
+    seen: list[tuple[int, int]] = []
+    res = generate_traces(probs, first, cfg, stage, answer_fn, check_fn, progress=lambda d, t: seen.append((d, t)))
+    assert res.counts["ok"] == 5 and res.counts["failed"] == 3
+    assert seen == [(k, 8) for k in range(9)]  # failures count as done work in this run
+    bar = RecordingBar.instances[-1]
+    assert bar.kwargs["total"] == 8 and bar.kwargs["initial"] == 0 and bar.kwargs["disable"] is None
+    assert bar.n == 8 and bar.closed
+
+    # a re-run resumes the 5 ok traces and retries only the 3 failed pairs
+    seen.clear()
+    ok_now = ScriptedBackend(lambda pid, i: dict(text="The answer is 1.", finish_reason="stop"))
+    res = generate_traces(probs, ok_now, cfg, stage, answer_fn, check_fn, progress=lambda d, t: seen.append((d, t)))
+    assert res.counts["resumed"] == 5 and res.counts["requested"] == 3 and res.counts["ok"] == 8
+    assert seen == [(5, 8), (6, 8), (7, 8), (8, 8)]
+    bar = RecordingBar.instances[-1]
+    assert bar.kwargs["total"] == 8 and bar.kwargs["initial"] == 5 and bar.n == 8 and bar.closed
+
+    # everything done: one call at (total, total), no request, the bar still closed
+    seen.clear()
+    idle = ScriptedBackend(lambda pid, i: pytest.fail("nothing should be requested"))
+    res = generate_traces(probs, idle, cfg, stage, answer_fn, check_fn, progress=lambda d, t: seen.append((d, t)))
+    assert idle.requests == [] and res.counts["requested"] == 0 and res.counts["resumed"] == 8
+    assert seen == [(8, 8)]
+    bar = RecordingBar.instances[-1]
+    assert bar.kwargs["initial"] == 8 and bar.n == 8 and bar.closed
+    assert len(RecordingBar.instances) == 3
+
+
+def test_progress_bar_closed_when_the_backend_crashes(tmp_path, monkeypatch):
+    import rscaffold.traces as traces_mod
+
+    RecordingBar.instances = []
+    monkeypatch.setattr(traces_mod, "tqdm", RecordingBar)
+
+    def script(pid, i):
+        if pid == "q2":
+            raise RuntimeError("backend died")
+        return dict(text="The answer is 1.", finish_reason="stop")
+
+    with pytest.raises(RuntimeError, match="backend died"):
+        generate_traces(problems(3), ScriptedBackend(script), TeacherConfig(), stage_dir(tmp_path), answer_fn, check_fn)
+    bar = RecordingBar.instances[-1]
+    assert bar.n == 2 and bar.closed
+    assert len(stage_dir(tmp_path).read_shards(TRACES_SHARD, TraceRecord)) == 2  # still flushed
