@@ -134,6 +134,12 @@ class LabelingConfig(_Section):
     with_rationale: bool = False
     segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig)
     shard_size: int = Field(default=8, ge=1)
+    max_fallback_rate: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="With method 'llm': fail the stage (after saving the labels) when a larger share of traces fell back to keyword labels.",
+    )
 
 
 class DatasetConfig(_Section):

@@ -49,6 +49,10 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
 }
 
 
+class LabelingFailureError(RuntimeError):
+    """Too many traces could not be labeled by the LLM (see ``labeling.max_fallback_rate``)."""
+
+
 def _source_digest(source: str) -> str:
     """Content digest of a local input file; hub sources are identified by their id."""
     return source if source.startswith("hub:") else file_digest(source)
@@ -258,6 +262,18 @@ def run_labeling(
 
     steps = sd.read_shards("labeled_steps", LabeledStepRecord)
     steps.sort(key=lambda s: (s.trace_id, s.step_index))
+    if cfg.labeling.method == "llm" and steps:
+        traces_total = {s.trace_id for s in steps}
+        fell_back = {s.trace_id for s in steps if s.source == "fallback"}
+        rate = len(fell_back) / len(traces_total)
+        if rate > cfg.labeling.max_fallback_rate:
+            # The labels are saved in shards; the stage stays incomplete so nothing downstream
+            # trains on them.
+            raise LabelingFailureError(
+                f"{len(fell_back)} of {len(traces_total)} traces ({rate:.0%}) fell back to keyword labels, "
+                f"above labeling.max_fallback_rate={cfg.labeling.max_fallback_rate}; fix the labeler "
+                "(labeling.llm) and re-run with --refresh labeling, or raise the threshold"
+            )
     write_records(sd.path / "labeled_steps.parquet", steps, LabeledStepRecord)
     report = label_quality_report(steps, tax)
     _write_json(sd.path / "quality.json", report)

@@ -1,0 +1,37 @@
+"""The labeling stage's fallback threshold, on a real (tiny) teacher stage output."""
+
+import pytest
+
+from rscaffold import pipeline
+from rscaffold.config import config_from_dict
+from rscaffold.paths import data_dir
+from rscaffold.records import LabeledStepRecord
+from rscaffold.store import StageDir
+
+
+def test_fallback_rate_above_threshold_fails_after_saving(tiny_model_dir, tmp_path, monkeypatch):
+    d = data_dir() / "problems"
+    cfg = config_from_dict(
+        {
+            "run": {"artifacts_dir": str(tmp_path)},
+            "problems": {"train": str(d / "train.jsonl"), "eval": str(d / "eval.jsonl"), "limit_train": 4, "limit_eval": 2},
+            "teacher": {"llm": {"model": str(tiny_model_dir)}, "sampling": {"max_new_tokens": 16, "temperature": 1.0, "seed": 1}},
+            "labeling": {"max_fallback_rate": 0.5, "retries_on_invalid": 0},
+        }
+    )
+    fps = pipeline.plan_fingerprints(cfg)
+    problems = pipeline.run_problems(cfg, fps)
+    teacher = pipeline.run_teacher(cfg, fps, problems)
+
+    import rscaffold.teachers.transformers_local as tl
+
+    # A labeler whose answers are never valid (unconstrained, and cut to one token).
+    monkeypatch.setattr(tl.TransformersBackend, "supports_line_choices", False)
+    cfg.labeling.sampling.max_new_tokens = 1
+    monkeypatch.setattr(tl.TransformersBackend, "_constraints", lambda self, batch: [None] * len(batch))
+    with pytest.raises(pipeline.LabelingFailureError, match="fell back to keyword labels"):
+        pipeline.run_labeling(cfg, fps, teacher)
+    sd = StageDir(tmp_path, "labeling", fps["labeling"])
+    assert not sd.is_complete()
+    saved = sd.read_shards("labeled_steps", LabeledStepRecord)
+    assert saved and {s.source for s in saved} <= {"fallback", "keyword"}
