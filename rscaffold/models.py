@@ -148,6 +148,20 @@ def save_tiny_model(tokenizer_source: str, cfg: TinyModelConfig, out_dir: Path) 
     return out_dir
 
 
+def free_accelerator_memory() -> None:
+    """Collect garbage and return cached GPU memory after a model is dropped (best effort)."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover - best effort
+        pass
+
+
 def resolve_device(device: str = "auto") -> str:
     import torch
 

@@ -14,14 +14,13 @@ is reproducible and the process-wide torch RNG is left untouched. Greedy decodin
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rscaffold.config import BackendConfig, SamplingConfig
-from rscaffold.models import load_causal_lm
+from rscaffold.models import load_causal_lm, free_accelerator_memory
 from rscaffold.teachers.constraints import LineChoiceConstraint
 from rscaffold.teachers.base import ChatRequest, Completion, ResultCallback
 from rscaffold.teachers.parsing import completion_from_output, describe_error, error_completions
@@ -207,11 +206,4 @@ class TransformersBackend:
 
     def close(self) -> None:
         self.model = None
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except Exception:  # pragma: no cover - best effort
-            pass
+        free_accelerator_memory()

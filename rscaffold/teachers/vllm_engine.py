@@ -15,13 +15,13 @@ Structured output for requests with a JSON schema uses ``StructuredOutputsParams
 
 from __future__ import annotations
 
-import gc
 import logging
 import re
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from rscaffold.models import free_accelerator_memory
 from rscaffold.config import BackendConfig, SamplingConfig
 from rscaffold.teachers.base import ChatRequest, Completion, ResultCallback
 from rscaffold.teachers.parsing import completion_from_output, derive_seed, describe_error, error_completions
@@ -206,11 +206,4 @@ class VLLMBackend:
 
     def close(self) -> None:
         self.llm = None
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except Exception:  # pragma: no cover - best effort
-            pass
+        free_accelerator_memory()
