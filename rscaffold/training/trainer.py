@@ -152,16 +152,15 @@ class ScaffoldTrainer(SFTTrainer):
             self._capture_hidden = False
         step_loss, outputs = result if return_outputs else (result, None)
 
-        # Undo the normalisations TRL applies for gradient accumulation / data parallelism, so the
-        # logged step_loss is this micro-batch's mean token loss (averaged over the logging window
-        # it equals TRL's logged `loss` when lambda = 0).
+        # Undo the normalisation TRL applies for gradient accumulation, so the logged step_loss is
+        # this micro-batch's mean token loss (averaged over the logging window it equals TRL's
+        # logged `loss` when lambda = 0). Under data parallelism TRL's compute_loss has already
+        # scaled its token-count normalisation back by the number of processes (measured with
+        # 2 processes: dividing by it again halved the logged value).
         ga = 1
         if num_items_in_batch is not None and self._loss_scaled_for_ga(num_items_in_batch):
             ga = getattr(self, "current_gradient_accumulation_steps", 1) or 1
-        dp = 1
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            dp = max(1, self.accelerator.num_processes // self.get_tp_size())
-        self._metrics[mode]["step_loss"].append(step_loss.detach().item() * ga / dp)
+        self._metrics[mode]["step_loss"].append(step_loss.detach().item() * ga)
 
         loss = step_loss
         if want_signal:
