@@ -90,10 +90,8 @@ class ProblemsConfig(_Section):
     seed: int = 0
 
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a careful math tutor. Think step by step. Put a blank line between steps. "
-    "End with a line of the form 'The answer is N.'"
-)
+# The answer-format instruction comes from the benchmark family's prompt template.
+DEFAULT_SYSTEM_PROMPT = "You are a careful tutor. Think step by step. Put a blank line between steps."
 
 
 class TeacherConfig(_Section):
@@ -101,15 +99,19 @@ class TeacherConfig(_Section):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     samples_per_problem: int = Field(default=1, ge=1)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    prompt_template: str = "{question}"
+    prompt_template: str | None = Field(
+        default=None,
+        description="User prompt with '{question}'; None: the template of the problems' benchmark family "
+        "(math: 'The answer is N.', yes/no, multiple-choice letter).",
+    )
     keep: Literal["correct", "all"] = "all"
     shard_size: int = Field(default=8, ge=1)
     max_failure_rate: float = Field(default=0.5, ge=0, le=1)
 
     @field_validator("prompt_template")
     @classmethod
-    def _has_question(cls, v: str) -> str:
-        if "{question}" not in v:
+    def _has_question(cls, v: str | None) -> str | None:
+        if v is not None and "{question}" not in v:
             raise ValueError("prompt_template must contain '{question}'")
         return v
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rscaffold.config import STAGES, PipelineConfig
+from rscaffold.config import STAGES, PipelineConfig, TeacherConfig
 from rscaffold.records import (
     ExampleRecord,
     LabeledStepRecord,
@@ -41,7 +41,7 @@ Progress = Callable[[int, int], None]
 # the stage's own ``run_<stage>`` function below, see :func:`stage_code_version`).
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "problems": ("benchmarks/loaders.py", "records.py"),
-    "teacher": ("teachers", "traces.py", "benchmarks/answers.py", "records.py", "models.py"),
+    "teacher": ("teachers", "traces.py", "benchmarks", "records.py", "models.py"),
     "labeling": ("segment.py", "signals.py", "labeling_report.py", "teachers", "records.py"),
     "dataset": ("dataset.py", "records.py"),
     "training": ("training", "models.py", "records.py"),
@@ -156,6 +156,15 @@ def read_problems(ref: StageRef, split: str | None = None) -> list[ProblemRecord
 # 2. teacher traces
 
 
+def teacher_prompt_config(cfg: PipelineConfig) -> TeacherConfig:
+    """The teacher config with its prompt template filled in from the benchmark family if unset."""
+    from rscaffold.benchmarks.loaders import BENCHMARKS
+
+    if cfg.teacher.prompt_template is not None:
+        return cfg.teacher
+    return cfg.teacher.model_copy(update={"prompt_template": BENCHMARKS[cfg.problems.format].prompt_template})
+
+
 def run_teacher(
     cfg: PipelineConfig, fps: dict[str, str], problems: StageRef, force: bool = False, progress: Progress | None = None
 ) -> StageRef:
@@ -169,13 +178,14 @@ def run_teacher(
         return done
     started = time.time()
     answer_type = BENCHMARKS[cfg.problems.format].answer_type
+    teacher_cfg = teacher_prompt_config(cfg)
     train = read_problems(problems, "train")
     backend = create_backend(cfg.teacher.llm)
     try:
         result = generate_traces(
             train,
             backend,
-            cfg.teacher,
+            teacher_cfg,
             sd,
             answer_fn=lambda text: extract_answer(text, answer_type),
             check_fn=lambda pred, gold: pred is not None and is_correct(pred, gold, answer_type),

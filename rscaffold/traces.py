@@ -98,7 +98,8 @@ def build_messages(problem: ProblemRecord, cfg: TeacherConfig) -> list[dict[str,
     messages = []
     if cfg.system_prompt.strip():
         messages.append({"role": "system", "content": cfg.system_prompt})
-    messages.append({"role": "user", "content": cfg.prompt_template.format(question=problem.question)})
+    template = cfg.prompt_template or "{question}"  # the pipeline fills in the benchmark's template
+    messages.append({"role": "user", "content": template.format(question=problem.question)})
     return messages
 
 
