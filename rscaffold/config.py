@@ -412,4 +412,4 @@ def check_inputs_exist(cfg: PipelineConfig) -> None:
 
 def _looks_local(value: str) -> bool:
     # hub ids look like "org/name"; local paths are absolute or start with . or ~
-    return value.startswith(("/", ".", "~")) or os.sep in value and Path(value).is_absolute()
+    return value.startswith(("/", ".", "~")) or Path(value).is_absolute()

@@ -26,7 +26,7 @@ def stage_cache_key(stage: str):
     return key
 
 
-def artifact_key(stage: str, ref: StageRef | None = None) -> str:
+def artifact_key(stage: str) -> str:
     # Prefect artifact keys: lowercase letters, digits and dashes only.
     return f"rscaffold-{stage}"
 
