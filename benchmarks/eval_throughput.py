@@ -22,7 +22,6 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -30,9 +29,10 @@ from rscaffold.config import GuidedInferenceConfig, TinyModelConfig
 from rscaffold.inference import generate
 from rscaffold.models import build_tiny_model, resolve_device
 from rscaffold.paths import data_dir, default_model_dir
-from rscaffold.signals import load_taxonomy
-from rscaffold.training.format import STUDENT_SYSTEM_PROMPT, add_signal_tokens
-from rscaffold.training.student import Student
+from rscaffold.labeling.taxonomy import load_taxonomy
+from rscaffold.prompts import STUDENT_SYSTEM_PROMPT
+from rscaffold.training.signal_tokens import add_signal_tokens
+from rscaffold.student import Student
 
 
 def tiny_student(tokenizer_dir: str, tied: bool, device: str) -> Student:

@@ -3,9 +3,9 @@
 For N synthetic R1/QwQ-style traces (templates below, numbers drawn from a seeded RNG), segmented
 as the pipeline does (``split_steps(trace_body(...))`` with the default segmentation), this builds
 
-- per-trace batching: the requests the :class:`rscaffold.signals.Labeler` sends, built with
-  :func:`rscaffold.signals.build_label_request` (keyword pre-labels, answer format chosen by
-  :func:`rscaffold.signals.answer_format_for` as the Labeler does);
+- per-trace batching: the requests the :class:`rscaffold.labeling.labeler.Labeler` sends, built with
+  :func:`rscaffold.labeling.prompts.build_label_request` (keyword pre-labels, answer format chosen by
+  :func:`rscaffold.labeling.prompts.answer_format_for` as the Labeler does);
 - one request per step: a minimal single-step prompt written here for comparison (the same
   taxonomy definitions, the question, the one step and its pre-label, "answer with the name");
 
@@ -32,17 +32,10 @@ from pathlib import Path
 from rscaffold.config import LabelingConfig
 from rscaffold.paths import data_dir, default_model_dir
 from rscaffold.segment import split_steps, trace_body
-from rscaffold.signals import (
-    PROMPT_QUESTION_CHARS,
-    PROMPT_STEP_CHARS,
-    Taxonomy,
-    answer_format_for,
-    build_label_request,
-    keyword_prelabel,
-    load_taxonomy,
-    step_prompt_chars,
-)
-from rscaffold.teachers.base import ChatRequest
+from rscaffold.labeling.prompts import PROMPT_QUESTION_CHARS, PROMPT_STEP_CHARS, answer_format_for, build_label_request, step_prompt_chars
+from rscaffold.labeling.taxonomy import Taxonomy, load_taxonomy
+from rscaffold.labeling.keywords import keyword_prelabel
+from rscaffold.llm.base import ChatRequest
 
 # ---------------------------------------------------------------------------------------------
 # synthetic traces (DeepSeek-R1 / QwQ style; the first two are the texts of tests/test_signals.py)

@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--artifacts-dir", type=Path, default=None)
     args = ap.parse_args()
 
-    from flows.pipeline import rscaffold_pipeline
+    from rscaffold_flows.pipeline import rscaffold_pipeline
     from rscaffold.config import load_config
 
     tmp = Path(tempfile.mkdtemp(prefix="rscaffold-rerun-"))

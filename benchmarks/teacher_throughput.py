@@ -3,7 +3,7 @@
 Starts ``transformers serve`` on a free 127.0.0.1 port (offline) serving a tiny random-init model
 (``rscaffold.models.build_tiny_model`` with the SmolLM2-135M-Instruct tokenizer, saved in a temp
 dir; or ``--model PATH``), waits (bounded) for ``/health``, sends one warm-up request (the server may
-load the model lazily), then for each concurrency C runs :func:`rscaffold.traces.generate_traces`
+load the model lazily), then for each concurrency C runs :func:`rscaffold.stages.teacher.generate_traces`
 with the OpenAI backend (``BackendConfig(backend="openai", concurrency=C)``) on N synthetic
 problems into a fresh :class:`~rscaffold.store.StageDir`, and prints traces/s and the speed-up
 over C=1.
@@ -42,9 +42,9 @@ from rscaffold.config import BackendConfig, SamplingConfig, TeacherConfig, TinyM
 from rscaffold.paths import default_model_dir
 from rscaffold.records import ProblemRecord
 from rscaffold.store import StageDir
-from rscaffold.teachers.base import ChatRequest
-from rscaffold.teachers.openai_api import OpenAIBackend
-from rscaffold.traces import generate_traces
+from rscaffold.llm.base import ChatRequest
+from rscaffold.llm.openai_api import OpenAIBackend
+from rscaffold.stages.teacher import generate_traces
 
 RERUN_TARGET = 0.05
 

@@ -38,8 +38,8 @@ from rscaffold.models import build_tiny_model
 from rscaffold.paths import default_model_dir
 from rscaffold.records import ExampleRecord, Step
 from rscaffold.training.collator import encode_examples
-from rscaffold.training.format import add_signal_tokens
-from rscaffold.training.student import SignalHead
+from rscaffold.training.signal_tokens import add_signal_tokens
+from rscaffold.student import SignalHead
 from rscaffold.training.trainer import build_trainer
 
 SIGNALS = [

@@ -8,16 +8,17 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
+from rscaffold_tasks.dataset import dataset_task
+from rscaffold_tasks.evaluation import evaluation_task
+from rscaffold_tasks.labeling import labeling_task
+from rscaffold_tasks.problems import problems_task
+from rscaffold_tasks.teacher import teacher_task
+from rscaffold_tasks.training import training_task
 
-from rscaffold.config import STAGES, PipelineConfig, StageName
-from rscaffold.pipeline import plan_fingerprints
+from rscaffold.config import PipelineConfig
+from rscaffold.stages.plan import plan_fingerprints
 from rscaffold.store import StageDir
-from tasks.dataset import dataset_task
-from tasks.evaluation import evaluation_task
-from tasks.labeling import labeling_task
-from tasks.problems import problems_task
-from tasks.teacher import teacher_task
-from tasks.training import training_task
+from rscaffold.vocabulary import STAGES, StageName
 
 TASKS = {
     "problems": problems_task,
@@ -59,22 +60,24 @@ def run_stages(config: PipelineConfig, refresh: set[str], until: str = "evaluati
     refs: dict[str, dict[str, Any]] = {}
     last = STAGES.index(until)
 
-    def call(stage: str, *upstream: dict) -> dict:
-        result = _configured(stage, config, fps, forced)(config, fps, *upstream, force=stage in forced)
+    def call(stage: str, **upstream: dict) -> dict:
+        result = _configured(stage, config, fps, forced)(config, fps, force=stage in forced, **upstream)
         logger.info("stage %-10s %s -> %s", stage, result["fingerprint"], result["path"])
         return result
 
     refs["problems"] = call("problems")
     if last >= 1:
-        refs["teacher"] = call("teacher", refs["problems"])
+        refs["teacher"] = call("teacher", problems=refs["problems"])
     if last >= 2:
-        refs["labeling"] = call("labeling", refs["teacher"])
+        refs["labeling"] = call("labeling", teacher=refs["teacher"])
     if last >= 3:
-        refs["dataset"] = call("dataset", refs["teacher"], refs["labeling"])
+        refs["dataset"] = call("dataset", teacher=refs["teacher"], labeling=refs["labeling"])
     if last >= 4:
-        refs["training"] = call("training", refs["dataset"])
+        refs["training"] = call("training", dataset=refs["dataset"])
     if last >= 5:
-        refs["evaluation"] = call("evaluation", refs["problems"], refs["training"], refs["labeling"])
+        refs["evaluation"] = call(
+            "evaluation", problems=refs["problems"], training=refs["training"], labeling=refs["labeling"]
+        )
     return refs
 
 

@@ -19,9 +19,10 @@ from prefect import serve
 from prefect.deployments.runner import EntrypointType
 from prefect.schedules import Cron
 from prefect.settings import get_current_settings
+from rscaffold_flows.pipeline import rscaffold_pipeline, rscaffold_stage
 
-from flows.pipeline import rscaffold_pipeline, rscaffold_stage
-from rscaffold.config import PipelineConfig, StageName
+from rscaffold.config import PipelineConfig
+from rscaffold.vocabulary import StageName
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -71,7 +72,7 @@ def served_deployments(
     ``rscaffold-pipeline/nightly-served``: the full pipeline on ``cron`` (``None``/empty: no
     schedule, runs only when started). ``rscaffold-stage/stage-served``: one stage (``stage``
     by default; pass ``stage``/``downstream`` when starting a run), never scheduled.
-    Entrypoints are module paths (``flows.pipeline.rscaffold_pipeline``), so runs do not depend
+    Entrypoints are module paths (``rscaffold_flows.pipeline.rscaffold_pipeline``), so runs do not depend
     on the directory the server process was started in.
     """
     params = deployment_parameters(config)

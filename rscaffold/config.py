@@ -14,13 +14,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from rscaffold.paths import data_dir, default_model_dir
+from rscaffold.vocabulary import BenchmarkName, StudentName
 
 BackendName = Literal["transformers", "openai", "vllm"]
-StageName = Literal["problems", "teacher", "labeling", "dataset", "training", "evaluation"]
-STAGES: tuple[str, ...] = ("problems", "teacher", "labeling", "dataset", "training", "evaluation")
 
 
 class ConfigError(ValueError):
@@ -82,7 +88,7 @@ class ProblemsConfig(_Section):
     which needs network access to the Hugging Face hub.
     """
 
-    format: Literal["gsm8k", "math500", "strategyqa", "commonsenseqa", "truthfulqa"] = "gsm8k"
+    format: BenchmarkName = "gsm8k"
     train: str = Field(default_factory=lambda: str(data_dir() / "problems" / "train.jsonl"))
     eval: str = Field(default_factory=lambda: str(data_dir() / "problems" / "eval.jsonl"))
     limit_train: int | None = Field(default=None, ge=1)
@@ -206,9 +212,6 @@ class GuidedInferenceConfig(_Section):
     prune_signals: list[str] = Field(default_factory=list)
 
 
-EvalBenchmarkName = Literal["gsm8k", "math500", "strategyqa", "commonsenseqa", "truthfulqa"]
-
-
 class BenchmarkSource(_Section):
     """One benchmark the evaluation stage answers.
 
@@ -220,7 +223,7 @@ class BenchmarkSource(_Section):
     published file is its train split), ``train`` the rest, ``all`` everything.
     """
 
-    name: EvalBenchmarkName
+    name: BenchmarkName
     source: str
     limit: int | None = Field(default=None, ge=1)
     seed: int = 0
@@ -234,13 +237,13 @@ class EvaluationConfig(_Section):
     ``benchmarks`` empty (the default): the problems stage's eval split, in ``problems.format``.
     Otherwise each listed benchmark is loaded and answered (its name must be unique).
     ``prompt``: ``benchmark`` wraps each question in the benchmark's answer-format instruction
-    (:attr:`rscaffold.benchmarks.loaders.Benchmark.prompt_template`, e.g. "... 'The answer is
+    (:attr:`rscaffold.evalsets.loaders.Benchmark.prompt_template`, e.g. "... 'The answer is
     yes.' or 'The answer is no.'"); ``question`` sends the bare question, as in training. The
     system prompt is always the student's own (the one it was trained with).
     ``limit``: the first N eval problems (default source), or the per-benchmark default limit.
     """
 
-    models: list[Literal["base", "cot_sft", "scaffolded"]] = Field(
+    models: list[StudentName] = Field(
         default_factory=lambda: ["base", "cot_sft", "scaffolded"]
     )
     benchmarks: list[BenchmarkSource] = Field(default_factory=list)

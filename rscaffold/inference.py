@@ -1,7 +1,7 @@
 """Decoding for students: plain greedy generation and signal-guided generation (DESIGN 1.3).
 
 ``plain``: batched greedy decoding with left padding, from the student prompt
-(:func:`rscaffold.training.format.render_prompt`) to eos or ``max_new_tokens``.
+(:func:`rscaffold.prompts.render_prompt`) to eos or ``max_new_tokens``.
 
 ``guided``: the student alternates between predicting the next signal and generating the step
 under it. For each step
@@ -46,8 +46,8 @@ from typing import Any, Literal
 import torch
 
 from rscaffold.config import GuidedInferenceConfig
-from rscaffold.training.format import STEP_SEPARATOR, STUDENT_SYSTEM_PROMPT, render_prompt
-from rscaffold.training.student import Student, backbone_of, signal_logits
+from rscaffold.prompts import STEP_SEPARATOR, STUDENT_SYSTEM_PROMPT, render_prompt
+from rscaffold.student import Student, backbone_of, signal_logits
 
 
 @dataclass
@@ -75,44 +75,24 @@ class Generated:
 
 
 def generate(
-    student_or_model: Student | Any,
-    tokenizer: Any | None = None,
-    questions: Sequence[str] = (),
+    student: Student,
+    questions: Sequence[str],
+    *,
     mode: Literal["plain", "guided"] = "plain",
     max_new_tokens: int = 256,
     batch_size: int = 8,
     guided: GuidedInferenceConfig | None = None,
-    signal_names: Sequence[str] | None = None,
-    signal_token_ids: Sequence[int] | None = None,
-    signal_head: torch.nn.Module | None = None,
-    system_prompt: str | None = None,
 ) -> list[Generated]:
-    """Generate answers for ``questions`` with a :class:`Student` (or a model + tokenizer + signal info).
+    """Answers of ``student`` to ``questions`` (the user messages), one :class:`Generated` each.
 
-    With a ``Student`` its tokenizer, signal names/ids, head and system prompt are used unless
-    given explicitly, and ``generate(student, questions, ...)`` (questions in the tokenizer's
-    place) is accepted. ``mode="guided"`` needs signal names and ids (a scaffolded student).
-    ``batch_size``: questions decoded together, in both modes (outputs do not depend on it).
+    ``mode="guided"`` needs a scaffolded student (signal names and token ids). ``batch_size``:
+    questions decoded together, in both modes (outputs do not depend on it).
     """
-    if isinstance(tokenizer, (list, tuple)) and not questions and all(isinstance(q, str) for q in tokenizer):
-        questions, tokenizer = tokenizer, None
-    if isinstance(student_or_model, Student):
-        s = student_or_model
-        model = s.model
-        tokenizer = tokenizer or s.tokenizer
-        signal_names = list(signal_names if signal_names is not None else s.signal_names)
-        signal_token_ids = list(signal_token_ids if signal_token_ids is not None else s.signal_token_ids)
-        signal_head = signal_head if signal_head is not None else s.head
-        system_prompt = system_prompt or s.system_prompt
-    else:
-        model = student_or_model
-        signal_names = list(signal_names or [])
-        signal_token_ids = list(signal_token_ids or [])
     if mode not in ("plain", "guided"):
         raise ValueError(f"mode must be 'plain' or 'guided', got {mode!r}")
-    if tokenizer is None:
-        raise ValueError("a tokenizer is needed")
-    system_prompt = system_prompt or STUDENT_SYSTEM_PROMPT
+    model, tokenizer = student.model, student.tokenizer
+    signal_names, signal_token_ids = list(student.signal_names), list(student.signal_token_ids)
+    system_prompt = student.system_prompt or STUDENT_SYSTEM_PROMPT
     if len(signal_names) != len(signal_token_ids):
         raise ValueError("signal_names and signal_token_ids must have the same length")
     if tokenizer.pad_token_id is None:
@@ -124,17 +104,36 @@ def generate(
     model.eval()
     try:
         if mode == "plain":
-            return _generate_plain(model, tokenizer, questions, max_new_tokens, batch_size, signal_names, signal_token_ids, system_prompt)
-        else:
-            if not signal_token_ids:
-                raise ValueError("guided decoding needs a scaffolded student (signal names and token ids)")
-            guided = guided or GuidedInferenceConfig()
-            unknown = sorted(set(guided.prune_signals) - set(signal_names))
-            if unknown:
-                raise ValueError(f"prune_signals {unknown} are not signals of this student ({signal_names})")
-            return _generate_guided(
-                model, tokenizer, questions, max_new_tokens, batch_size, guided, signal_names, signal_token_ids, signal_head, system_prompt
+            return _generate_plain(
+                model,
+                tokenizer,
+                questions,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                signal_of=dict(zip(signal_token_ids, signal_names)),
+                system_prompt=system_prompt,
             )
+        if not signal_token_ids:
+            raise ValueError("guided decoding needs a scaffolded student (signal names and token ids)")
+        guided = guided or GuidedInferenceConfig()
+        unknown = sorted(set(guided.prune_signals) - set(signal_names))
+        if unknown:
+            raise ValueError(f"prune_signals {unknown} are not signals of this student ({signal_names})")
+        pruned_idx = [k for k, n in enumerate(signal_names) if n in set(guided.prune_signals)]
+        setup = _GuidedSetup(
+            tokenizer=tokenizer,
+            max_new_tokens=max_new_tokens,
+            guided=guided,
+            signal_names=signal_names,
+            signal_token_ids=signal_token_ids,
+            head=student.head,
+            signal_of=dict(zip(signal_token_ids, signal_names)),
+            token_of={n: tokenizer.convert_ids_to_tokens(i) for n, i in zip(signal_names, signal_token_ids)},
+            pruned_idx=pruned_idx,
+            pruned_ids=[signal_token_ids[k] for k in pruned_idx],
+            stop_criteria=_step_stop_criteria(tokenizer),
+        )
+        return _generate_guided(model, questions, setup=setup, batch_size=batch_size, system_prompt=system_prompt)
     finally:
         model.train(was_training)
 
@@ -177,8 +176,7 @@ def split_output(ids: Sequence[int], tokenizer, signal_of: dict[int, str]) -> tu
 
 
 @torch.no_grad()
-def _generate_plain(model, tokenizer, questions, max_new_tokens, batch_size, signal_names, signal_token_ids, system_prompt):
-    signal_of = dict(zip(signal_token_ids, signal_names))
+def _generate_plain(model, tokenizer, questions, *, max_new_tokens, batch_size, signal_of, system_prompt):
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id
     dev = _device(model)
@@ -308,27 +306,18 @@ class _GuidedSetup:
     stop_criteria: Any
 
 
-@torch.no_grad()
-def _generate_guided(model, tokenizer, questions, max_new_tokens, batch_size, guided: GuidedInferenceConfig, signal_names, signal_token_ids, head, system_prompt) -> list[Generated]:
+def _step_stop_criteria(tokenizer):
+    """What ``generate()`` builds for ``stop_strings=[STEP_SEPARATOR]``, built once: passed to
+    ``generate`` and reused to find where each row stopped."""
     from transformers import StopStringCriteria
 
+    return StopStringCriteria(tokenizer=tokenizer, stop_strings=[STEP_SEPARATOR])
+
+
+@torch.no_grad()
+def _generate_guided(model, questions, *, setup: _GuidedSetup, batch_size: int, system_prompt: str) -> list[Generated]:
+    tokenizer = setup.tokenizer
     dev = _device(model)
-    pruned_idx = [k for k, n in enumerate(signal_names) if n in set(guided.prune_signals)]
-    setup = _GuidedSetup(
-        tokenizer=tokenizer,
-        max_new_tokens=max_new_tokens,
-        guided=guided,
-        signal_names=list(signal_names),
-        signal_token_ids=list(signal_token_ids),
-        head=head,
-        signal_of=dict(zip(signal_token_ids, signal_names)),
-        token_of={n: tokenizer.convert_ids_to_tokens(i) for n, i in zip(signal_names, signal_token_ids)},
-        pruned_idx=pruned_idx,
-        pruned_ids=[signal_token_ids[k] for k in pruned_idx],
-        # what generate() builds for stop_strings=[STEP_SEPARATOR], built once: passed to generate
-        # and reused to find where each row stopped
-        stop_criteria=StopStringCriteria(tokenizer=tokenizer, stop_strings=[STEP_SEPARATOR]),
-    )
     waiting = deque(range(len(questions)))
     active: list[_GuidedRow] = []
     out: list[Generated | None] = [None] * len(questions)

@@ -175,6 +175,7 @@ class StageDir:
 
     def finish(
         self,
+        *,
         outputs: dict[str, str],
         config: Any,
         inputs: dict[str, str],

@@ -1,7 +1,7 @@
 """What every stage task shares: cache keys, progress and UI artifacts.
 
 The cache key of a stage task is the stage's fingerprint (config section + upstream fingerprints
-+ code version, see ``rscaffold.pipeline.plan_fingerprints``), so Prefect's cache and the
++ code version, see ``rscaffold.stages.plan.plan_fingerprints``), so Prefect's cache and the
 content-addressed artifact store agree on what "the same work" is.
 """
 
@@ -12,7 +12,11 @@ import time
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 from prefect.context import TaskRunContext
 
 from rscaffold.store import StageRef

@@ -1,16 +1,20 @@
 from __future__ import annotations
 
 from prefect import task
+from rscaffold_tasks._common import publish_stage, stage_cache_key
 
-from rscaffold import pipeline
 from rscaffold.config import PipelineConfig
+from rscaffold.stages import dataset as dataset_stage
 from rscaffold.store import StageRef
-from tasks._common import publish_stage, stage_cache_key
 
 
 @task(name="dataset", cache_key_fn=stage_cache_key("dataset"), persist_result=True)
-def dataset_task(config: PipelineConfig, fps: dict[str, str], teacher: dict, labeling: dict, force: bool = False) -> dict:
+def dataset_task(
+    config: PipelineConfig, fps: dict[str, str], *, teacher: dict, labeling: dict, force: bool = False
+) -> dict:
     """Assemble the labeled-trace dataset (Parquet, splits, stats)."""
-    ref = pipeline.run_dataset(config, fps, StageRef.from_dict(teacher), StageRef.from_dict(labeling), force=force)
+    ref = dataset_stage.run_dataset(
+        config, fps, teacher=StageRef.from_dict(teacher), labeling=StageRef.from_dict(labeling), force=force
+    )
     publish_stage(ref)
     return ref.to_dict()

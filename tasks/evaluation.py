@@ -4,11 +4,11 @@ from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
+from rscaffold_tasks._common import ProgressReporter, publish_stage, stage_cache_key
 
-from rscaffold import pipeline
 from rscaffold.config import PipelineConfig
+from rscaffold.stages import evaluation as evaluation_stage
 from rscaffold.store import StageRef
-from tasks._common import ProgressReporter, publish_stage, stage_cache_key
 
 
 def _run_name() -> str:
@@ -30,14 +30,20 @@ def _run_name() -> str:
     persist_result=True,
 )
 def evaluation_task(
-    config: PipelineConfig, fps: dict[str, str], problems: dict, training: dict, labeling: dict | None = None, force: bool = False
+    config: PipelineConfig,
+    fps: dict[str, str],
+    *,
+    problems: dict,
+    training: dict,
+    labeling: dict | None = None,
+    force: bool = False,
 ) -> dict:
     """Answer the evaluation benchmarks with base, CoT-SFT and scaffolded students; score and report."""
-    ref = pipeline.run_evaluation(
+    ref = evaluation_stage.run_evaluation(
         config,
         fps,
-        StageRef.from_dict(problems),
-        StageRef.from_dict(training),
+        problems=StageRef.from_dict(problems),
+        training=StageRef.from_dict(training),
         force=force,
         progress=ProgressReporter("evaluation"),
         labeling=StageRef.from_dict(labeling) if labeling else None,

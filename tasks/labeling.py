@@ -1,11 +1,13 @@
 from __future__ import annotations
 
-from prefect import task
+from pathlib import Path
 
-from rscaffold import pipeline
+from prefect import task
+from rscaffold_tasks._common import ProgressReporter, publish_stage, stage_cache_key
+
 from rscaffold.config import PipelineConfig
+from rscaffold.stages import labeling as labeling_stage
 from rscaffold.store import StageRef
-from tasks._common import ProgressReporter, publish_stage, stage_cache_key
 
 
 @task(
@@ -16,8 +18,6 @@ from tasks._common import ProgressReporter, publish_stage, stage_cache_key
 )
 def labeling_task(config: PipelineConfig, fps: dict[str, str], teacher: dict, force: bool = False) -> dict:
     """Split traces into steps and label each step with a semantic signal."""
-    ref = pipeline.run_labeling(config, fps, StageRef.from_dict(teacher), force=force, progress=ProgressReporter("labeling"))
-    from pathlib import Path
-
+    ref = labeling_stage.run_labeling(config, fps, StageRef.from_dict(teacher), force=force, progress=ProgressReporter("labeling"))
     publish_stage(ref, extra_markdown=(Path(ref.path) / ref.outputs["quality_report"]).read_text())
     return ref.to_dict()

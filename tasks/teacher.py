@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 from prefect import task
+from rscaffold_tasks._common import ProgressReporter, publish_stage, stage_cache_key
 
-from rscaffold import pipeline
 from rscaffold.config import PipelineConfig
+from rscaffold.stages import teacher as teacher_stage
 from rscaffold.store import StageRef
-from tasks._common import ProgressReporter, publish_stage, stage_cache_key
 
 
 @task(
@@ -16,6 +16,6 @@ from tasks._common import ProgressReporter, publish_stage, stage_cache_key
 )
 def teacher_task(config: PipelineConfig, fps: dict[str, str], problems: dict, force: bool = False) -> dict:
     """Generate teacher traces (sharded, resumable)."""
-    ref = pipeline.run_teacher(config, fps, StageRef.from_dict(problems), force=force, progress=ProgressReporter("teacher"))
+    ref = teacher_stage.run_teacher(config, fps, StageRef.from_dict(problems), force=force, progress=ProgressReporter("teacher"))
     publish_stage(ref)
     return ref.to_dict()

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 from prefect import task
+from rscaffold_tasks._common import publish_stage, stage_cache_key
 
-from rscaffold import pipeline
 from rscaffold.config import PipelineConfig
+from rscaffold.stages import training as training_stage
 from rscaffold.store import StageRef
-from tasks._common import publish_stage, stage_cache_key
 
 
 @task(
@@ -16,6 +16,6 @@ from tasks._common import publish_stage, stage_cache_key
 )
 def training_task(config: PipelineConfig, fps: dict[str, str], dataset: dict, force: bool = False) -> dict:
     """Train the scaffolded student and the CoT-SFT baseline on the same rows."""
-    ref = pipeline.run_training(config, fps, StageRef.from_dict(dataset), force=force)
+    ref = training_stage.run_training(config, fps, StageRef.from_dict(dataset), force=force)
     publish_stage(ref)
     return ref.to_dict()

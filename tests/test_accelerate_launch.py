@@ -1,5 +1,5 @@
 """The multi-GPU training path: accelerate configs under deployments/accelerate/ and the
-``rscaffold.training.launch`` entry point started by ``accelerate launch``.
+``rscaffold_flows.launch`` entry point started by ``accelerate launch``.
 
 No GPU here: the configs are checked with accelerate's own loader and launch-argument
 validation; the launch itself runs under ``accelerate launch --cpu`` (1 process, and 2 processes
@@ -19,10 +19,14 @@ import pytest
 import yaml
 
 from rscaffold.config import load_config
-from rscaffold.pipeline import plan_fingerprints, run_dataset, run_labeling, run_problems, run_teacher
+from rscaffold.stages.plan import plan_fingerprints
+from rscaffold.stages.dataset import run_dataset
+from rscaffold.stages.labeling import run_labeling
+from rscaffold.stages.problems import run_problems
+from rscaffold.stages.teacher import run_teacher
 from rscaffold.store import StageDir
-from rscaffold.training import launch as launch_mod
-from rscaffold.training.student import STUDENT_META
+from rscaffold_flows import launch as launch_mod
+from rscaffold.student import STUDENT_META
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCEL = ROOT / "deployments" / "accelerate"
@@ -33,7 +37,7 @@ def _launch_args(config_file: Path, *extra: str):
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
     args = launch_command_parser().parse_args(
-        ["--config_file", str(config_file), *extra, "-m", "rscaffold.training.launch", "--config", "my.yaml"]
+        ["--config_file", str(config_file), *extra, "-m", "rscaffold_flows.launch", "--config", "my.yaml"]
     )
     _validate_launch_command(args)
     return args
@@ -48,7 +52,7 @@ def test_accelerate_accepts_config(path):
     assert cfg.mixed_precision == "bf16" and cfg.num_machines == 1
     args = _launch_args(path, "--num_processes", "4")
     assert args.num_processes == 4 and args.module and args.mixed_precision == "bf16"
-    assert args.training_script == "rscaffold.training.launch"
+    assert args.training_script == "rscaffold_flows.launch"
 
 
 def test_fsdp_config_env():
@@ -128,7 +132,7 @@ def upstream(tiny_model_dir, smollm2_dir, tmp_path_factory):
     problems = run_problems(cfg, fps)
     teacher = run_teacher(cfg, fps, problems)
     labeling = run_labeling(cfg, fps, teacher)
-    run_dataset(cfg, fps, teacher, labeling)
+    run_dataset(cfg, fps, teacher=teacher, labeling=labeling)
     return config, cfg, fps
 
 
@@ -140,7 +144,7 @@ def _accelerate_launch(config: Path, num_processes: int, *extra: str) -> subproc
         # --multi_gpu starts torchrun, whose processes fall back to CPU + gloo without a GPU.
         "--cpu" if num_processes == 1 else "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        "-m", "rscaffold.training.launch", "--config", str(config), *extra,
+        "-m", "rscaffold_flows.launch", "--config", str(config), *extra,
     ]  # fmt: skip
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
@@ -174,9 +178,9 @@ def test_accelerate_launch_trains_the_stage(upstream, tmp_path, num_processes):
     manifest = _check_trained(cfg2, fps2)
     assert manifest["stage"] == "training" and manifest["inputs"] == {"dataset": fps2["dataset"]}
     # what `rscaffold run` does next: the pipeline's training stage finds the output complete
-    from rscaffold.pipeline import completed_ref, run_training
+    from rscaffold.stages.training import run_training
 
-    ref = run_training(cfg2, fps2, completed_ref(cfg2, "dataset", fps2))
+    ref = run_training(cfg2, fps2, StageDir(artifacts, "dataset", fps2["dataset"]).ref())
     assert ref.path == str(StageDir(artifacts, "training", fps2["training"]).path)
 
 

@@ -7,15 +7,8 @@ import time
 
 import pytest
 
-from rscaffold.benchmarks import answers
-from rscaffold.benchmarks.answers import (
-    check_answer,
-    choice_options,
-    extract_answer,
-    find_boxed,
-    format_choice_question,
-    is_correct,
-)
+from rscaffold.evalsets import answers, verify_worker
+from rscaffold.evalsets.answers import check_answer, choice_options, extract_answer, find_boxed, format_choice_question, is_correct
 
 # ---------------------------------------------------------------------------------------------
 # math extraction (GSM8K / MATH-500 style outputs)
@@ -158,11 +151,11 @@ def test_math_verify_in_a_worker_thread() -> None:
 
 def test_math_verify_hard_timeout_recovers() -> None:
     """A pathological answer (a huge power tower) is cut off and counted wrong, without hanging."""
-    restarts = answers._WORKER.restarts
+    restarts = verify_worker._WORKER.restarts
     start = time.perf_counter()
     assert not is_correct("9^{9^{9^{9}}}", "5", "math", timeout_s=0.5)
     assert time.perf_counter() - start < 30
-    assert answers._WORKER.restarts == restarts + 1  # the stuck helper was killed
+    assert verify_worker._WORKER.restarts == restarts + 1  # the stuck helper was killed
     # the helper process is usable again afterwards
     assert is_correct("\\frac{\\sqrt{3}}{2}", "\\sqrt{3}/2", "math")
 
@@ -279,13 +272,13 @@ def test_unknown_answer_type() -> None:
 
 
 def test_math_verify_falls_back_in_process_when_the_helper_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    worker = answers._MathVerifyWorker()
+    worker = verify_worker._MathVerifyWorker()
 
     def cannot_start() -> None:
         raise OSError("no subprocesses here")
 
     monkeypatch.setattr(worker, "_start", cannot_start)
-    monkeypatch.setattr(answers, "_WORKER", worker)
+    monkeypatch.setattr(verify_worker, "_WORKER", worker)
     results: list[object] = []
     thread = threading.Thread(target=lambda: results.append(is_correct("(3, \\pi/2)", "\\left( 3, \\frac{\\pi}{2} \\right)", "math")))
     thread.start()

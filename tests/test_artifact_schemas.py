@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from rscaffold.config import STAGES
+from rscaffold.vocabulary import STAGES
 
 pytestmark = pytest.mark.slow
 
@@ -126,8 +126,13 @@ def finished_run(tiny_model_dir, smollm2_dir, tmp_path_factory) -> Path:
     """A finished tiny run of all six stages; returns the artifacts root."""
     from test_flow_e2e import make_config
 
-    from rscaffold import pipeline as p
-    from rscaffold.pipeline import plan_fingerprints
+    from rscaffold.stages.dataset import run_dataset
+    from rscaffold.stages.evaluation import run_evaluation
+    from rscaffold.stages.labeling import run_labeling
+    from rscaffold.stages.problems import run_problems
+    from rscaffold.stages.teacher import run_teacher
+    from rscaffold.stages.training import run_training
+    from rscaffold.stages.plan import plan_fingerprints
 
     root = tmp_path_factory.mktemp("artifact-schemas") / "artifacts"
     cfg = make_config(tiny_model_dir, smollm2_dir, root, max_steps=1)
@@ -136,12 +141,12 @@ def finished_run(tiny_model_dir, smollm2_dir, tmp_path_factory) -> Path:
     cfg.labeling.method = "keyword"
     cfg.evaluation.limit = 2
     fps = plan_fingerprints(cfg)
-    problems = p.run_problems(cfg, fps)
-    teacher = p.run_teacher(cfg, fps, problems)
-    labeling = p.run_labeling(cfg, fps, teacher)
-    dataset = p.run_dataset(cfg, fps, teacher, labeling)
-    training = p.run_training(cfg, fps, dataset)
-    p.run_evaluation(cfg, fps, problems, training)
+    problems = run_problems(cfg, fps)
+    teacher = run_teacher(cfg, fps, problems)
+    labeling = run_labeling(cfg, fps, teacher)
+    dataset = run_dataset(cfg, fps, teacher=teacher, labeling=labeling)
+    training = run_training(cfg, fps, dataset)
+    run_evaluation(cfg, fps, problems=problems, training=training)
     for stage in STAGES:
         assert (root / stage / fps[stage] / "manifest.json").exists(), stage
     return root

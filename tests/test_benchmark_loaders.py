@@ -8,20 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from rscaffold.benchmarks import (
-    BENCHMARKS,
-    BenchmarkFormatError,
-    BenchmarkNotFoundError,
-    HubSource,
-    benchmark_for_record,
-    choice_options,
-    get_benchmark,
-    is_hub_source,
-    load_problems,
-    parse_hub_source,
-)
-from rscaffold.benchmarks.answers import extract_answer, is_correct
-from rscaffold.benchmarks.loaders import Benchmark, subsample
+from rscaffold.evalsets.loaders import BENCHMARKS, BenchmarkFormatError, BenchmarkNotFoundError, HubSource, benchmark_for_record, get_benchmark, is_hub_source, load_problems, parse_hub_source
+from rscaffold.evalsets.answers import choice_options
+from rscaffold.evalsets.answers import extract_answer, is_correct
+from rscaffold.evalsets.loaders import Benchmark, subsample
 from rscaffold.records import ProblemRecord
 
 # (benchmark, file relative to the shared benchmarks folder, expected count)

@@ -3,7 +3,7 @@
 import yaml
 from typer.testing import CliRunner
 
-from rscaffold.cli import app
+from rscaffold_flows.cli import app
 
 runner = CliRunner()
 
@@ -16,12 +16,12 @@ def test_run_help_documents_options():
 
 
 def test_bad_config_stops_before_any_stage(tmp_path, monkeypatch):
-    import flows.pipeline
+    import rscaffold_flows.pipeline
 
     def must_not_run(*a, **k):  # test guard: the flow must not start on a bad config
         raise AssertionError("flow started")
 
-    monkeypatch.setattr(flows.pipeline, "rscaffold_pipeline", must_not_run)
+    monkeypatch.setattr(rscaffold_flows.pipeline, "rscaffold_pipeline", must_not_run)
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"teacher": {"llm": {"backend": "nope"}}, "training": {"max_stepz": 3}}))
     out = runner.invoke(app, ["run", "--config", str(bad)])

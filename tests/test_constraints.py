@@ -3,10 +3,12 @@
 import pytest
 
 from rscaffold.config import BackendConfig, SamplingConfig
-from rscaffold.signals import label_line_choices, load_taxonomy, parse_labels
-from rscaffold.teachers.base import ChatRequest
-from rscaffold.teachers.constraints import LineChoiceConstraint
-from rscaffold.teachers.transformers_local import TransformersBackend
+from rscaffold.labeling.prompts import label_line_choices
+from rscaffold.labeling.taxonomy import load_taxonomy
+from rscaffold.labeling.parsing import parse_labels
+from rscaffold.llm.base import ChatRequest
+from rscaffold.llm.constraints import LineChoiceConstraint
+from rscaffold.llm.transformers_local import TransformersBackend
 from rscaffold.paths import data_dir
 
 

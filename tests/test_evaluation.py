@@ -1,6 +1,8 @@
 import pytest
 
-from rscaffold.evaluation import bootstrap_ci, compute_metrics, render_markdown_report, score_output, signal_distribution
+from rscaffold.evaluation.metrics import bootstrap_ci, compute_metrics, score_output
+from rscaffold.evaluation.report import render_report
+from rscaffold.evaluation.signals import signal_distribution
 from rscaffold.records import ProblemRecord
 
 
@@ -40,5 +42,5 @@ def test_metrics_per_model():
     assert m["scaffolded"].accuracy == 1.0
     dist = signal_distribution(preds)
     assert dist == {"scaffolded": {"Conclusion and Summary": 2, "Reasoning and Analysis": 1}}
-    md = render_markdown_report(list(m.values()), dist)
-    assert "| scaffolded | gsm8k | 2 | 100.0 |" in md and "Conclusion and Summary (2)" in md
+    md = render_report(list(m.values()), preds)
+    assert "| gsm8k | scaffolded | – | 2 | 100.0 |" in md and "Conclusion and Summary 67%" in md

@@ -16,9 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-import rscaffold.pipeline as pipeline_mod
-from rscaffold.config import STAGES, config_from_dict
-from rscaffold.pipeline import plan_fingerprints
+import importlib
+from rscaffold.config import config_from_dict
+from rscaffold.vocabulary import STAGES
+from rscaffold.stages.plan import plan_fingerprints
 
 pytestmark = pytest.mark.slow
 
@@ -69,17 +70,18 @@ class CallCounter:
     def __init__(self, monkeypatch):
         self.calls: Counter[str] = Counter()
         for stage in STAGES:
-            original = getattr(pipeline_mod, f"run_{stage}")
+            stage_mod = importlib.import_module(f"rscaffold.stages.{stage}")
+            original = getattr(stage_mod, f"run_{stage}")
 
             def wrapped(*a, __orig=original, __stage=stage, **kw):
                 self.calls[__stage] += 1
                 return __orig(*a, **kw)
 
-            monkeypatch.setattr(pipeline_mod, f"run_{stage}", wrapped)
+            monkeypatch.setattr(stage_mod, f"run_{stage}", wrapped)
 
 
 def test_pipeline_end_to_end(harness, tiny_model_dir, smollm2_dir, tmp_path, monkeypatch):
-    from flows.pipeline import rscaffold_pipeline
+    from rscaffold_flows.pipeline import rscaffold_pipeline
 
     cfg = make_config(tiny_model_dir, smollm2_dir, tmp_path / "artifacts")
     counter = CallCounter(monkeypatch)
@@ -125,7 +127,7 @@ def test_pipeline_end_to_end(harness, tiny_model_dir, smollm2_dir, tmp_path, mon
 
 
 def test_training_failure_keeps_upstream_and_resumes(harness, tiny_model_dir, smollm2_dir, tmp_path, monkeypatch):
-    from flows.pipeline import rscaffold_pipeline
+    from rscaffold_flows.pipeline import rscaffold_pipeline
     import rscaffold.training.trainer as trainer_mod
 
     cfg = make_config(tiny_model_dir, smollm2_dir, tmp_path / "artifacts", max_steps=3)

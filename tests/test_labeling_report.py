@@ -1,4 +1,4 @@
-"""Tests of rscaffold.labeling_report: the markdown quality report and the transition heatmap."""
+"""Tests of rscaffold.labeling.report: the markdown quality report and the transition heatmap."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from rscaffold.labeling_report import plot_transition_heatmap, render_quality_markdown, short_signal_names
+from rscaffold.labeling.report import plot_transition_heatmap, render_quality_markdown, short_signal_names
 from rscaffold.paths import data_dir
 from rscaffold.records import LabeledStepRecord
-from rscaffold.signals import Taxonomy, label_quality_report, load_taxonomy
+from rscaffold.labeling.taxonomy import Taxonomy, load_taxonomy
+from rscaffold.labeling.quality import label_quality_report
 
 CONTRAST = "Contrast and Concession"
 ADDITION = "Addition and Elaboration"

@@ -2,8 +2,12 @@
 
 import pytest
 
-from rscaffold import pipeline
+from rscaffold.stages import labeling as labeling_stage
+from rscaffold.stages.plan import plan_fingerprints
+from rscaffold.stages.problems import run_problems
+from rscaffold.stages.teacher import run_teacher
 from rscaffold.config import config_from_dict
+from rscaffold.llm.base import Capabilities
 from rscaffold.paths import data_dir
 from rscaffold.records import LabeledStepRecord
 from rscaffold.store import StageDir
@@ -19,18 +23,18 @@ def test_fallback_rate_above_threshold_fails_after_saving(tiny_model_dir, tmp_pa
             "labeling": {"max_fallback_rate": 0.5, "retries_on_invalid": 0},
         }
     )
-    fps = pipeline.plan_fingerprints(cfg)
-    problems = pipeline.run_problems(cfg, fps)
-    teacher = pipeline.run_teacher(cfg, fps, problems)
+    fps = plan_fingerprints(cfg)
+    problems = run_problems(cfg, fps)
+    teacher = run_teacher(cfg, fps, problems)
 
-    import rscaffold.teachers.transformers_local as tl
+    import rscaffold.llm.transformers_local as tl
 
     # A labeler whose answers are never valid (unconstrained, and cut to one token).
-    monkeypatch.setattr(tl.TransformersBackend, "supports_line_choices", False)
+    monkeypatch.setattr(tl.TransformersBackend, "capabilities", Capabilities(line_choices=False))
     cfg.labeling.sampling.max_new_tokens = 1
     monkeypatch.setattr(tl.TransformersBackend, "_constraints", lambda self, batch: [None] * len(batch))
-    with pytest.raises(pipeline.LabelingFailureError, match="fell back to keyword labels"):
-        pipeline.run_labeling(cfg, fps, teacher)
+    with pytest.raises(labeling_stage.LabelingFailureError, match="fell back to keyword labels"):
+        labeling_stage.run_labeling(cfg, fps, teacher)
     sd = StageDir(tmp_path, "labeling", fps["labeling"])
     assert not sd.is_complete()
     saved = sd.read_shards("labeled_steps", LabeledStepRecord)

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from rscaffold.config import BackendConfig, SamplingConfig, TinyModelConfig
-from rscaffold.teachers.base import ChatRequest
-from rscaffold.teachers.openai_api import OpenAIBackend
+from rscaffold.llm.base import ChatRequest
+from rscaffold.llm.openai_api import OpenAIBackend
 
 SERVER_START_TIMEOUT_S = 90
 
@@ -112,7 +112,7 @@ QUESTIONS = ["What is 2+3?", "A farmer has 17 sheep and buys 5 more. How many?",
 
 
 def test_real_server_matches_local_generation(served, tiny_dir):
-    from rscaffold.teachers.transformers_local import TransformersBackend
+    from rscaffold.llm.transformers_local import TransformersBackend
 
     cfg = BackendConfig(
         backend="openai",

@@ -41,7 +41,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from rscaffold.config import STAGES, PipelineConfig, load_config
+from rscaffold.config import PipelineConfig, load_config
+from rscaffold.vocabulary import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
@@ -83,7 +84,7 @@ def test_prefect_yaml_parameters_are_the_default_config_and_fit_the_flow_schema(
     from prefect.utilities.callables import parameter_schema
     from prefect.utilities.schema_tools import validate
 
-    from flows.pipeline import rscaffold_pipeline, rscaffold_stage
+    from rscaffold_flows.pipeline import rscaffold_pipeline, rscaffold_stage
 
     default = load_config()
     for d in _project_file()["deployments"]:
@@ -97,13 +98,13 @@ def test_prefect_yaml_parameters_are_the_default_config_and_fit_the_flow_schema(
 def test_served_deployments(tmp_path, monkeypatch):
     from prefect.client.schemas.schedules import CronSchedule
 
-    from flows.serve import ServeError, served_deployments
+    from rscaffold_flows.serve import ServeError, served_deployments
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(overrides={"run": {"artifacts_dir": "out"}})
     pipeline, stage = served_deployments(cfg, cron="15 2 * * 1-5", timezone="Europe/Berlin")
-    assert (pipeline.name, pipeline.entrypoint) == ("nightly-served", "flows.pipeline.rscaffold_pipeline")
-    assert (stage.name, stage.entrypoint) == ("stage-served", "flows.pipeline.rscaffold_stage")
+    assert (pipeline.name, pipeline.entrypoint) == ("nightly-served", "rscaffold_flows.pipeline.rscaffold_pipeline")
+    assert (stage.name, stage.entrypoint) == ("stage-served", "rscaffold_flows.pipeline.rscaffold_stage")
     (schedule,) = pipeline.schedules
     assert isinstance(schedule.schedule, CronSchedule)
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("15 2 * * 1-5", "Europe/Berlin")
@@ -121,7 +122,7 @@ def test_serve_command_needs_a_server():
     from prefect.settings import temporary_settings
     from typer.testing import CliRunner
 
-    from rscaffold.cli import app
+    from rscaffold_flows.cli import app
 
     with temporary_settings(restore_defaults={"api.url"}):
         result = CliRunner().invoke(app, ["serve"])
@@ -419,8 +420,8 @@ def test_worker_runs_the_deployment(server, deployed, tiny_model_dir, smollm2_di
 @pytest.mark.slow
 def test_task_retries_are_in_the_server_history(server, tiny_model_dir, smollm2_dir, tmp_path, monkeypatch):
     """(c) our problems task, run.retries=2, fails twice and succeeds on the third try."""
-    import rscaffold.pipeline as pipeline_mod
-    from flows.pipeline import rscaffold_stage
+    import rscaffold.stages.problems as pipeline_mod
+    from rscaffold_flows.pipeline import rscaffold_stage
 
     counter = tmp_path / "attempts"
     counter.write_text("0")
@@ -519,7 +520,7 @@ def test_rscaffold_serve(server, tiny_model_dir, smollm2_dir, tmp_path):
     """(e) `rscaffold serve`: deployments with the schedule and config, a run executed, paused on exit."""
     from prefect.deployments import run_deployment
 
-    from flows.serve import deployment_parameters
+    from rscaffold_flows.serve import deployment_parameters
 
     cfg = _fast_config(tiny_model_dir, smollm2_dir, tmp_path / "served-artifacts")
     config_file = tmp_path / "tiny.yaml"

@@ -3,7 +3,6 @@ batched guided decoding, the report (and its regeneration from Parquet), the sta
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import math
@@ -13,16 +12,11 @@ from pathlib import Path
 import pytest
 
 from rscaffold.config import BenchmarkSource, EvaluationConfig, GuidedInferenceConfig, TinyModelConfig, config_from_dict
-from rscaffold.evaluation import (
-    check_consistency,
-    compute_metrics,
-    score_output,
-    transition_agreement,
-    transition_counts,
-    yesno_verdicts,
-)
+from rscaffold.evaluation.consistency import check_consistency, yesno_verdicts
+from rscaffold.evaluation.metrics import compute_metrics, score_output
+from rscaffold.evaluation.signals import transition_agreement, transition_counts
 from rscaffold.records import MetricRecord, PredictionRecord, ProblemRecord
-from rscaffold.report import accuracy_table, find_evaluation_dir, render_report, write_report
+from rscaffold.evaluation.report import accuracy_table, find_evaluation_dir, render_report, write_report
 from rscaffold.store import write_records
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +174,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 def test_report_regenerated_from_parquet(tmp_path):
     from typer.testing import CliRunner
 
-    from rscaffold.cli import app
+    from rscaffold_flows.cli import app
 
     root = tmp_path / "artifacts"
     old = _write_eval_dir(root / "evaluation" / "aaaa", _predictions()[:12], finished_at=1.0)
@@ -254,8 +248,9 @@ def random_student(smollm2_dir):
     of guided decoding is taken."""
     torch = pytest.importorskip("torch")
     from rscaffold.models import build_tiny_model
-    from rscaffold.training.format import STUDENT_SYSTEM_PROMPT, add_signal_tokens
-    from rscaffold.training.student import Student
+    from rscaffold.prompts import STUDENT_SYSTEM_PROMPT
+    from rscaffold.training.signal_tokens import add_signal_tokens
+    from rscaffold.student import Student
 
     model, tok = build_tiny_model(str(smollm2_dir), TinyModelConfig(seed=0))
     ids = add_signal_tokens(tok, model, SIG_TOKENS)
@@ -354,8 +349,10 @@ def test_evaluation_stage_on_five_benchmarks(students, benchmarks_dir, tmp_path,
     import polars as pl
 
     import rscaffold.inference as inference
-    from rscaffold import pipeline as p
-    from rscaffold.benchmarks.loaders import BENCHMARKS
+    from rscaffold.stages.evaluation import run_evaluation
+    from rscaffold.stages.plan import plan_fingerprints
+    from rscaffold.stages.problems import run_problems
+    from rscaffold.evalsets.loaders import BENCHMARKS
     from rscaffold.store import StageRef
 
     bench = _slice_benchmarks(benchmarks_dir, tmp_path / "bench")
@@ -373,8 +370,8 @@ def test_evaluation_stage_on_five_benchmarks(students, benchmarks_dir, tmp_path,
             },
         }
     )
-    fps = p.plan_fingerprints(cfg)
-    problems = p.run_problems(cfg, fps)
+    fps = plan_fingerprints(cfg)
+    problems = run_problems(cfg, fps)
     training = StageRef("training", "t" * 16, str(students), {"base": "base", "scaffolded": "scaffolded"})
     labeling_dir = tmp_path / "labeling"
     labeling_dir.mkdir()
@@ -391,7 +388,7 @@ def test_evaluation_stage_on_five_benchmarks(students, benchmarks_dir, tmp_path,
         return original(student, questions=questions, **kw)
 
     monkeypatch.setattr(inference, "generate", recording)
-    ref = p.run_evaluation(cfg, fps, problems, training, labeling=labeling)
+    ref = run_evaluation(cfg, fps, problems=problems, training=training, labeling=labeling)
 
     preds = pl.read_parquet(Path(ref.path) / "predictions.parquet")
     # every benchmark's own answer format reaches the model, in both decoding modes
@@ -421,12 +418,12 @@ def test_evaluation_stage_on_five_benchmarks(students, benchmarks_dir, tmp_path,
     # the benchmark files' contents are part of the fingerprint
     gsm = bench / "gsm8k" / "test.jsonl"
     gsm.write_text(gsm.read_text().replace("?", "??", 1))
-    assert p.plan_fingerprints(cfg)["evaluation"] != fps["evaluation"]
-    assert p.plan_fingerprints(cfg)["training"] == fps["training"]
+    assert plan_fingerprints(cfg)["evaluation"] != fps["evaluation"]
+    assert plan_fingerprints(cfg)["training"] == fps["training"]
 
 
 def test_default_evaluation_is_the_problems_eval_split():
-    from rscaffold.evaluation import evaluation_suites
+    from rscaffold.evaluation.suites import evaluation_suites
 
     rows = [ProblemRecord(problem_id=f"p{i}", split="eval", source="gsm8k", question=f"q{i}", gold_answer="1") for i in range(5)]
     (suite,) = evaluation_suites(EvaluationConfig(limit=3), "gsm8k", rows)

@@ -14,24 +14,13 @@ import yaml
 from rscaffold.config import LabelingConfig, SamplingConfig, SegmentationConfig
 from rscaffold.paths import data_dir
 from rscaffold.segment import split_steps
-from rscaffold.signals import (
-    PROMPT_STEP_CHARS,
-    LabelParseError,
-    LabelStats,
-    Taxonomy,
-    TaxonomyError,
-    build_label_request,
-    cohens_kappa,
-    fallback_label,
-    keyword_prelabel,
-    label_quality_report,
-    label_traces,
-    load_taxonomy,
-    parse_labels,
-    resolve_signal,
-    transition_matrix,
-)
-from rscaffold.teachers.base import ChatRequest, Completion, LLMBackend
+from rscaffold.labeling.prompts import PROMPT_STEP_CHARS, build_label_request
+from rscaffold.labeling.parsing import LabelParseError, parse_labels, resolve_signal
+from rscaffold.labeling.labeler import LabelStats, label_traces
+from rscaffold.labeling.taxonomy import Taxonomy, TaxonomyError, load_taxonomy
+from rscaffold.labeling.quality import cohens_kappa, label_quality_report, transition_matrix
+from rscaffold.labeling.keywords import fallback_label, keyword_prelabel
+from rscaffold.llm.base import Capabilities, ChatRequest, Completion, LLMBackend
 
 NAMES = [
     "Contrast and Concession",
@@ -109,6 +98,7 @@ class ScriptedBackend:
 
     name = "scripted"
     model_id = "scripted-labeler"
+    capabilities = Capabilities()
 
     def __init__(self, script: dict[str, list[str | Completion]] | Callable[[ChatRequest], str]) -> None:
         self.script = script

@@ -1,5 +1,4 @@
 import pyarrow.parquet as pq
-import pytest
 
 from rscaffold.config import PipelineConfig
 from rscaffold.records import ExampleRecord, Step, TraceRecord, arrow_schema
@@ -49,7 +48,7 @@ def test_stage_dir_completion_and_shards(tmp_path):
     sd.write_shard("examples", [_example(0)], ExampleRecord)
     sd.write_shard("examples", [_example(1)], ExampleRecord)
     assert [e.trace_id for e in sd.read_shards("examples", ExampleRecord)] == ["t0", "t1"]
-    ref = sd.finish({"x": "x.parquet"}, PipelineConfig().dataset, {"labeling": "f"}, {"rows": 2}, 0.0, "v1")
+    ref = sd.finish(outputs={"x": "x.parquet"}, config=PipelineConfig().dataset, inputs={"labeling": "f"}, summary={"rows": 2}, started=0.0, code="v1")
     assert sd.is_complete() and ref.summary == {"rows": 2}
     manifest = sd.read_manifest()
     assert manifest["inputs"] == {"labeling": "f"} and manifest["schema_version"] == 1

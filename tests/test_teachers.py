@@ -7,16 +7,9 @@ from pathlib import Path
 import pytest
 
 from rscaffold.config import BackendConfig, SamplingConfig, TinyModelConfig
-from rscaffold.teachers import BACKENDS, backend_class, create_backend
-from rscaffold.teachers.base import ChatRequest, Completion, LLMBackend
-from rscaffold.teachers.parsing import (
-    EMPTY_OUTPUT,
-    clean_text,
-    completion_from_output,
-    derive_seed,
-    parse_reasoning,
-    split_reasoning,
-)
+from rscaffold.llm import BACKENDS, backend_class, create_backend
+from rscaffold.llm.base import ChatRequest, Completion, LLMBackend
+from rscaffold.llm.parsing import EMPTY_OUTPUT, clean_text, completion_from_output, derive_seed, parse_reasoning, split_reasoning
 
 
 def build_tiny_teacher(smollm2_dir: Path, out_dir: Path) -> Path:
@@ -47,7 +40,7 @@ def tiny_dir(smollm2_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def backend(tiny_dir):
-    from rscaffold.teachers.transformers_local import TransformersBackend
+    from rscaffold.llm.transformers_local import TransformersBackend
 
     b = TransformersBackend(BackendConfig(model=str(tiny_dir), device="cpu", batch_size=4))
     yield b
@@ -117,7 +110,7 @@ def test_registry_lazy_and_errors(monkeypatch):
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
-        from rscaffold.teachers.vllm_engine import MISSING_VLLM
+        from rscaffold.llm.vllm_engine import MISSING_VLLM
 
         with pytest.raises(ImportError) as info:
             create_backend(BackendConfig(backend="vllm", model="x"))

@@ -10,8 +10,8 @@ import pytest
 from rscaffold.config import BackendConfig, SamplingConfig, TeacherConfig
 from rscaffold.records import ProblemRecord, TraceRecord
 from rscaffold.store import StageDir
-from rscaffold.teachers.base import ChatRequest, Completion
-from rscaffold.traces import TRACES_SHARD, TeacherFailureError, build_request, generate_traces, select_traces
+from rscaffold.llm.base import Capabilities, ChatRequest, Completion
+from rscaffold.stages.teacher import TRACES_SHARD, TeacherFailureError, build_request, generate_traces, select_traces
 
 
 def answer_fn(text: str) -> str | None:
@@ -42,6 +42,7 @@ class ScriptedBackend:
 
     name = "scripted"
     model_id = "scripted-model"
+    capabilities = Capabilities()
 
     def __init__(self, script):
         self.script = script
@@ -199,7 +200,7 @@ def test_select_traces():
 
 @pytest.fixture(scope="module")
 def tiny_backend(tiny_model_dir):
-    from rscaffold.teachers.transformers_local import TransformersBackend
+    from rscaffold.llm.transformers_local import TransformersBackend
 
     b = TransformersBackend(BackendConfig(model=str(tiny_model_dir), device="cpu", batch_size=2))
     yield b
@@ -304,7 +305,7 @@ class RecordingBar:
 
 
 def test_progress_callback_and_bar_count_resumed_work(tmp_path, monkeypatch):
-    import rscaffold.traces as traces_mod
+    import rscaffold.stages.teacher as traces_mod
 
     RecordingBar.instances = []
     monkeypatch.setattr(traces_mod, "tqdm", RecordingBar)
@@ -344,7 +345,7 @@ def test_progress_callback_and_bar_count_resumed_work(tmp_path, monkeypatch):
 
 
 def test_progress_bar_closed_when_the_backend_crashes(tmp_path, monkeypatch):
-    import rscaffold.traces as traces_mod
+    import rscaffold.stages.teacher as traces_mod
 
     RecordingBar.instances = []
     monkeypatch.setattr(traces_mod, "tqdm", RecordingBar)

@@ -23,13 +23,12 @@ if not (TOKENIZER_DIR / "tokenizer.json").exists():
 
 from rscaffold.inference import Generated, generate  # noqa: E402
 from rscaffold.training.collator import IGNORE_INDEX, ScaffoldCollator, encode_example, encode_examples  # noqa: E402
-from rscaffold.training.format import (  # noqa: E402
-    STUDENT_SYSTEM_PROMPT,
-    add_signal_tokens,
-    render_example,
-)
-from rscaffold.training.student import SignalHead, evaluate_signal_accuracy, Student  # noqa: E402
-from rscaffold.training.trainer import build_trainer, load_student, train_student  # noqa: E402
+from rscaffold.prompts import STUDENT_SYSTEM_PROMPT, render_example
+from rscaffold.training.signal_tokens import add_signal_tokens
+from rscaffold.student import SignalHead, Student
+from rscaffold.training.trainer import evaluate_signal_accuracy  # noqa: E402
+from rscaffold.student import load_student  # noqa: E402
+from rscaffold.training.trainer import build_trainer, train_student  # noqa: E402
 
 NAMES = ["setup", "elaborate", "conclude"]
 TOKENS = [f"<sig:{n}>" for n in NAMES]

@@ -7,16 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from rscaffold.config import BackendConfig, SamplingConfig
-from rscaffold.teachers.base import ChatRequest
-from rscaffold.teachers.parsing import EMPTY_OUTPUT, derive_seed
-from rscaffold.teachers.vllm_engine import (
-    JSON_SCHEMA_KEY,
-    VLLMBackend,
-    build_sampling_kwargs,
-    make_sampling_params,
-    parse_request_output,
-    structured_output_kwargs,
-)
+from rscaffold.llm.base import ChatRequest
+from rscaffold.llm.parsing import EMPTY_OUTPUT, derive_seed
+from rscaffold.llm.vllm_engine import JSON_SCHEMA_KEY, VLLMBackend, build_sampling_kwargs, make_sampling_params, parse_request_output, structured_output_kwargs
 
 SCHEMA = {"type": "object", "properties": {"signal": {"type": "string"}}, "required": ["signal"]}
 
@@ -133,7 +126,7 @@ class FakeLLM:
 
 
 def test_backend_with_fake_engine(monkeypatch):
-    import rscaffold.teachers.vllm_engine as ve
+    import rscaffold.llm.vllm_engine as ve
 
     monkeypatch.setattr(ve, "VLLM_MIN_CHUNK", 2)
     llm = FakeLLM()
@@ -166,8 +159,8 @@ def test_line_choices_become_a_regex_constraint():
     import re as _re
 
     from rscaffold.config import SamplingConfig
-    from rscaffold.teachers.base import ChatRequest
-    from rscaffold.teachers.vllm_engine import REGEX_KEY, build_sampling_kwargs
+    from rscaffold.llm.base import ChatRequest
+    from rscaffold.llm.vllm_engine import REGEX_KEY, build_sampling_kwargs
 
     req = ChatRequest("t:label", [{"role": "user", "content": "x"}], json_schema={"type": "object"},
                       line_choices=[["1: A (x)", "1: B"], ["2: A (x)", "2: B"]])

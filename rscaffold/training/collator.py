@@ -23,8 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rscaffold.prompts import render_example
 from rscaffold.records import ExampleRecord
-from rscaffold.training.format import render_example
 
 log = logging.getLogger(__name__)
 

@@ -35,30 +35,26 @@ import torch.nn.functional as F
 from trl import SFTConfig, SFTTrainer
 
 from rscaffold.config import LoraSettings, TrainingConfig
+from rscaffold.prompts import STUDENT_SYSTEM_PROMPT
 from rscaffold.records import ExampleRecord
-from rscaffold.training.collator import IGNORE_INDEX, ScaffoldCollator, encode_examples
-from rscaffold.training.format import STUDENT_SYSTEM_PROMPT, add_signal_tokens
-from rscaffold.training.student import (
+from rscaffold.student import (
     STUDENT_META,
     SignalHead,
     Student,
     backbone_of,
     causal_lm_of,
-    evaluate_signal_accuracy,
-    load_student,
     signal_logits,
 )
+from rscaffold.training.collator import IGNORE_INDEX, ScaffoldCollator, encode_examples
+from rscaffold.training.signal_tokens import add_signal_tokens
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "ScaffoldTrainer",
-    "SignalHead",
-    "Student",
     "TrainResult",
     "build_trainer",
     "evaluate_signal_accuracy",
-    "load_student",
     "load_student_base",
     "make_sft_config",
     "train_student",
@@ -475,7 +471,9 @@ def train_student(
         "model_card_info": model_card_info,
         "metrics": result.to_dict(),
     }
-    _save_final(trainer, tokenizer, result.model_dir, meta, cfg, signal_names if scaffolded else [])
+    _save_final(
+        trainer, tokenizer, model_dir=result.model_dir, meta=meta, cfg=cfg, signal_names=signal_names if scaffolded else []
+    )
     return result
 
 
@@ -502,23 +500,71 @@ def _last_logged(history: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[s
     return found
 
 
-def _save_final(trainer: ScaffoldTrainer, tokenizer, model_dir: Path, meta: dict[str, Any], cfg: TrainingConfig, signal_names: list[str]) -> None:
+def _save_final(
+    trainer: ScaffoldTrainer,
+    tokenizer,
+    *,
+    model_dir: Path,
+    meta: dict[str, Any],
+    cfg: TrainingConfig,
+    signal_names: list[str],
+) -> None:
+    """Write the final model directory (model, tokenizer, signal head, meta, model card) atomically.
+
+    One process writes. Under FSDP/DeepSpeed the parameters are shards on each process, so every
+    process takes part in gathering the full state dict first; under DDP (or one process) every
+    process holds the whole model.
+    """
+    from accelerate.utils import DistributedType
+
+    acc = trainer.accelerator
+    full = None
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        if hasattr(acc.unwrap_model(trainer.model), "peft_config"):
+            raise NotImplementedError("LoRA under FSDP/DeepSpeed is not supported; use DDP for LoRA")
+        full = acc.get_state_dict(trainer.model)  # a collective: every process must call it
+    if acc.is_main_process:
+        _write_model_dir(trainer, tokenizer, model_dir=Path(model_dir), meta=meta, cfg=cfg, signal_names=signal_names, full=full)
+    acc.wait_for_everyone()
+
+
+def _write_model_dir(
+    trainer: ScaffoldTrainer,
+    tokenizer,
+    *,
+    model_dir: Path,
+    meta: dict[str, Any],
+    cfg: TrainingConfig,
+    signal_names: list[str],
+    full: dict[str, Any] | None,
+) -> None:
+    """The final model directory, built under ``<model_dir>.partial`` and renamed into place;
+    ``full``: a gathered state dict (sharded training) instead of the module's own weights."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
+    if full is None and hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
         model = model.merge_and_unload()  # a plain model directory: no peft needed to load it
     lm = causal_lm_of(model)
     tmp = model_dir.with_name(model_dir.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    head = lm._modules.pop("signal_head", None)  # saved on its own, not inside the LM weights
-    try:
-        lm.save_pretrained(tmp)
-    finally:
+    if full is not None:
+        prefix = "signal_head."
+        head_state = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+        lm.save_pretrained(tmp, state_dict={k: v for k, v in full.items() if not k.startswith(prefix)})
+        if head_state:
+            head = SignalHead(lm.config.get_text_config().hidden_size, len(signal_names))
+            head.load_state_dict(head_state)
+            head.save(tmp, signal_names)
+    else:
+        head = lm._modules.pop("signal_head", None)  # saved on its own, not inside the LM weights
+        try:
+            lm.save_pretrained(tmp)
+        finally:
+            if head is not None:
+                lm.signal_head = head
         if head is not None:
-            lm.signal_head = head
-    if head is not None:
-        head.save(tmp, signal_names)
+            head.save(tmp, signal_names)
     tokenizer.save_pretrained(tmp)
     (tmp / STUDENT_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     (tmp / "README.md").write_text(_model_card(meta, cfg))
@@ -575,7 +621,7 @@ def _model_card(meta: dict[str, Any], cfg: TrainingConfig) -> str:
         "## Use",
         "",
         "```python",
-        "from rscaffold.training.student import load_student",
+        "from rscaffold.student import load_student",
         "from rscaffold.inference import generate",
         "student = load_student('<this directory>')",
         "out = generate(student, questions=['...'], mode='guided' if student.scaffolded else 'plain')",
@@ -583,3 +629,36 @@ def _model_card(meta: dict[str, Any], cfg: TrainingConfig) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def evaluate_signal_accuracy(student: Student, examples, batch_size: int = 8, max_length: int | None = None) -> float:
+    """Teacher-forced next-signal accuracy over the gold scaffolds of ``examples`` (ExampleRecords)."""
+    if not student.scaffolded or not student.signal_token_ids:
+        raise ValueError("signal accuracy needs a scaffolded student")
+    tok = student.tokenizer
+    rows = encode_examples(
+        examples, tok, dict(zip(student.signal_names, student.signal_tokens)), student.signal_token_ids, max_length
+    )
+    collate = ScaffoldCollator(pad_token_id=tok.pad_token_id)
+    correct = total = 0
+    model = student.model
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(rows), batch_size):
+            batch = collate(rows[i : i + batch_size])
+            dev = student.device
+            hidden = backbone_of(model)(
+                input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)
+            ).last_hidden_state
+            lab = batch["signal_labels"].to(dev)
+            valid = lab != IGNORE_INDEX
+            rows_idx = torch.arange(lab.shape[0], device=dev)[:, None].expand_as(lab)[valid]
+            h = hidden[rows_idx, batch["signal_positions"].to(dev)[valid]]
+            pred = signal_logits(model, h, student.signal_token_ids, student.head).argmax(-1)
+            correct += int((pred == lab[valid]).sum())
+            total += int(valid.sum())
+    finally:
+        model.train(was_training)
+    return correct / total if total else float("nan")

@@ -12,7 +12,13 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from rscaffold.config import STAGES, ConfigError, PipelineConfig, check_inputs_exist, load_config
+from rscaffold.config import (
+    ConfigError,
+    PipelineConfig,
+    check_inputs_exist,
+    load_config,
+)
+from rscaffold.vocabulary import STAGES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reasoning Scaffolding pipeline (teacher -> signals -> student).")
 models_app = typer.Typer(no_args_is_help=True, help="Prepare local models.")
@@ -89,7 +95,7 @@ def run(
     if bad:
         err.print(f"[bold red]error[/]: unknown stage(s) {bad}; stages are {list(STAGES)}")
         raise typer.Exit(2)
-    from flows.pipeline import rscaffold_pipeline
+    from rscaffold_flows.pipeline import rscaffold_pipeline
 
     refs = rscaffold_pipeline(config=cfg, refresh=list(refresh or []))
     _print_results(refs)
@@ -107,7 +113,7 @@ def stage(
         err.print(f"[bold red]error[/]: unknown stage {name!r}; stages are {list(STAGES)}")
         raise typer.Exit(2)
     cfg = _load(config, artifacts_dir)
-    from flows.pipeline import rscaffold_stage
+    from rscaffold_flows.pipeline import rscaffold_stage
 
     refs = rscaffold_stage(config=cfg, stage=name, downstream=downstream)
     _print_results(refs)
@@ -131,7 +137,13 @@ def serve_command(
     Needs a Prefect server: `prefect server start` and PREFECT_API_URL.
     """
     cfg = _load(config, artifacts_dir)
-    from flows.serve import DEFAULT_CRON, ServeError, check_cron, require_api_server, serve_pipeline
+    from rscaffold_flows.serve import (
+        DEFAULT_CRON,
+        ServeError,
+        check_cron,
+        require_api_server,
+        serve_pipeline,
+    )
 
     cron = DEFAULT_CRON if cron is None else (cron.strip() or None)
     try:
@@ -160,7 +172,7 @@ def show_config(config: ConfigOpt = None) -> None:
 @app.command()
 def fingerprints(config: ConfigOpt = None, artifacts_dir: ArtifactsOpt = None) -> None:
     """Print each stage's fingerprint and whether its output is complete."""
-    from rscaffold.pipeline import plan_fingerprints
+    from rscaffold.stages.plan import plan_fingerprints
     from rscaffold.store import StageDir
 
     cfg = _load(config, artifacts_dir)
@@ -180,7 +192,7 @@ def report_command(
     ],
 ) -> None:
     """Regenerate an evaluation's report.md and accuracy.png from its Parquet files alone."""
-    from rscaffold.report import find_evaluation_dir, write_report
+    from rscaffold.evaluation.report import find_evaluation_dir, write_report
 
     try:
         eval_dir = find_evaluation_dir(run_dir)

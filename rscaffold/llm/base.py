@@ -52,10 +52,26 @@ class Completion:
 ResultCallback = Callable[[Completion], None]
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can enforce while decoding (callers pick request shapes by it, and validate
+    the answer either way).
+
+    ``line_choices``: :attr:`ChatRequest.line_choices` is enforced token by token (the answer is
+    always a valid set of lines). ``json_schema``: decoding is constrained to
+    :attr:`ChatRequest.json_schema` (it may still fall back to unconstrained output on a server
+    that rejects it).
+    """
+
+    line_choices: bool = False
+    json_schema: bool = False
+
+
 @runtime_checkable
 class LLMBackend(Protocol):
     name: str
     model_id: str
+    capabilities: Capabilities
 
     def generate(
         self,

@@ -1,6 +1,6 @@
 """Benchmarks: loaders (published local files or the Hugging Face hub) and answer checking."""
 
-from rscaffold.benchmarks.answers import (
+from rscaffold.evalsets.answers import (
     ANSWER_TYPES,
     AnswerCheck,
     AnswerType,
@@ -10,7 +10,7 @@ from rscaffold.benchmarks.answers import (
     format_choice_question,
     is_correct,
 )
-from rscaffold.benchmarks.loaders import (
+from rscaffold.evalsets.loaders import (
     BENCHMARKS,
     Benchmark,
     BenchmarkFormatError,

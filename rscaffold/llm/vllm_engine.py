@@ -21,10 +21,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from rscaffold.models import free_accelerator_memory
 from rscaffold.config import BackendConfig, SamplingConfig
-from rscaffold.teachers.base import ChatRequest, Completion, ResultCallback
-from rscaffold.teachers.parsing import completion_from_output, derive_seed, describe_error, error_completions
+from rscaffold.llm.base import Capabilities, ChatRequest, Completion, ResultCallback
+from rscaffold.llm.parsing import (
+    completion_from_output,
+    derive_seed,
+    describe_error,
+    error_completions,
+)
+from rscaffold.models import free_accelerator_memory
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +155,10 @@ def parse_request_output(
 
 
 class VLLMBackend:
-    """:class:`~rscaffold.teachers.base.LLMBackend` on an in-process ``vllm.LLM``."""
+    """:class:`~rscaffold.llm.base.LLMBackend` on an in-process ``vllm.LLM``."""
 
     name = "vllm"
+    capabilities = Capabilities(line_choices=True, json_schema=True)  # structured outputs (regex / JSON)
 
     def __init__(self, cfg: BackendConfig, llm: Any = None, vllm_module: Any = None):
         """``llm`` / ``vllm_module`` inject an engine and module (tests, or sharing one engine)."""

@@ -20,10 +20,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rscaffold.config import BackendConfig, SamplingConfig
-from rscaffold.models import load_causal_lm, free_accelerator_memory
-from rscaffold.teachers.constraints import LineChoiceConstraint
-from rscaffold.teachers.base import ChatRequest, Completion, ResultCallback
-from rscaffold.teachers.parsing import completion_from_output, describe_error, error_completions
+from rscaffold.llm.base import Capabilities, ChatRequest, Completion, ResultCallback
+from rscaffold.llm.constraints import LineChoiceConstraint
+from rscaffold.llm.parsing import (
+    completion_from_output,
+    describe_error,
+    error_completions,
+)
+from rscaffold.models import free_accelerator_memory, load_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +41,14 @@ class _Row:
 
 
 class TransformersBackend:
-    """:class:`~rscaffold.teachers.base.LLMBackend` on a local transformers causal LM.
+    """:class:`~rscaffold.llm.base.LLMBackend` on a local transformers causal LM.
 
     ``model``/``tokenizer`` may be passed in to share an already loaded model (the tokenizer is
     switched to left padding either way).
     """
 
     name = "transformers"
-    supports_line_choices = True  # ChatRequest.line_choices is enforced while decoding
+    capabilities = Capabilities(line_choices=True)  # enforced token by token (constraints.py)
 
     def __init__(self, cfg: BackendConfig, model=None, tokenizer=None):
         self.cfg = cfg

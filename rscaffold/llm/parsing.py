@@ -12,7 +12,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from rscaffold.teachers.base import Completion
+from rscaffold.llm.base import Completion
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"

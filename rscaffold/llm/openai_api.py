@@ -33,8 +33,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from rscaffold.config import BackendConfig, SamplingConfig
-from rscaffold.teachers.base import ChatRequest, Completion, ResultCallback
-from rscaffold.teachers.parsing import completion_from_output, derive_seed, describe_error, error_completions
+from rscaffold.llm.base import Capabilities, ChatRequest, Completion, ResultCallback
+from rscaffold.llm.parsing import (
+    completion_from_output,
+    derive_seed,
+    describe_error,
+    error_completions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +73,10 @@ def message_reasoning(message: Any) -> str | None:
 
 
 class OpenAIBackend:
-    """:class:`~rscaffold.teachers.base.LLMBackend` over an OpenAI-compatible HTTP API."""
+    """:class:`~rscaffold.llm.base.LLMBackend` over an OpenAI-compatible HTTP API."""
 
     name = "openai"
+    capabilities = Capabilities(json_schema=True)  # response_format json_schema, dropped if refused
 
     def __init__(self, cfg: BackendConfig):
         import openai  # core dependency; imported here so that importing the registry stays cheap

@@ -1,7 +1,7 @@
-"""The teacher stage's library code: problems -> teacher reasoning traces, resumable.
+"""Stage 2, teacher: problems -> teacher reasoning traces, resumable.
 
 :func:`generate_traces` sends one chat request per problem (``samples_per_problem`` samples
-each) to an :class:`~rscaffold.teachers.base.LLMBackend` and turns every completion into a
+each) to an :class:`~rscaffold.llm.base.LLMBackend` and turns every completion into a
 :class:`~rscaffold.records.TraceRecord` with ``trace_id = "<problem_id>#<sample_index>"``.
 
 Persistence and resume: finished traces are written as Parquet shards of ``cfg.shard_size`` rows
@@ -30,6 +30,7 @@ callback (the flow feeds it to its progress artifact).
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,11 +38,18 @@ from typing import Any
 
 from tqdm import tqdm
 
-from rscaffold.config import TeacherConfig
+from rscaffold.config import PipelineConfig, TeacherConfig
+from rscaffold.llm.base import ChatRequest, Completion, LLMBackend
+from rscaffold.llm.parsing import EMPTY_OUTPUT, clean_text, describe_error
 from rscaffold.records import ProblemRecord, TraceRecord
-from rscaffold.store import StageDir
-from rscaffold.teachers.base import ChatRequest, Completion, LLMBackend
-from rscaffold.teachers.parsing import EMPTY_OUTPUT, clean_text, describe_error
+from rscaffold.stages.common import (
+    Progress,
+    open_stage,
+    stage_code_version,
+    stage_inputs,
+)
+from rscaffold.stages.problems import read_problems
+from rscaffold.store import StageDir, StageRef, write_records
 
 log = logging.getLogger(__name__)
 
@@ -303,3 +311,65 @@ def select_traces(traces: Sequence[TraceRecord], keep: str) -> tuple[list[TraceR
         else:
             kept.append(t)
     return kept, dict(dropped)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def teacher_prompt_config(cfg: PipelineConfig) -> TeacherConfig:
+    """The teacher config with its prompt template filled in from the benchmark family if unset."""
+    from rscaffold.evalsets.loaders import BENCHMARKS
+
+    if cfg.teacher.prompt_template is not None:
+        return cfg.teacher
+    return cfg.teacher.model_copy(update={"prompt_template": BENCHMARKS[cfg.problems.format].prompt_template})
+
+
+def run_teacher(
+    cfg: PipelineConfig, fps: dict[str, str], problems: StageRef, *, force: bool = False, progress: Progress | None = None
+) -> StageRef:
+    """Generate (or resume) the teacher traces of the train problems; write ``traces.parquet`` and
+    ``kept_traces.parquet`` (``teacher.keep``)."""
+    from rscaffold.evalsets.answers import extract_answer, is_correct
+    from rscaffold.evalsets.loaders import BENCHMARKS
+    from rscaffold.llm import create_backend
+
+    sd, done = open_stage(cfg, "teacher", fps, force)
+    if done:
+        return done
+    started = time.time()
+    answer_type = BENCHMARKS[cfg.problems.format].answer_type
+    teacher_cfg = teacher_prompt_config(cfg)
+    train = read_problems(problems, "train")
+    backend = create_backend(cfg.teacher.llm)
+    try:
+        result = generate_traces(
+            train,
+            backend,
+            teacher_cfg,
+            sd,
+            answer_fn=lambda text: extract_answer(text, answer_type),
+            check_fn=lambda pred, gold: pred is not None and is_correct(pred, gold, answer_type),
+            progress=progress,
+        )
+    finally:
+        backend.close()
+    kept, dropped = select_traces(result.traces, cfg.teacher.keep)
+    write_records(sd.path / "traces.parquet", result.traces, TraceRecord)
+    write_records(sd.path / "kept_traces.parquet", kept, TraceRecord)
+    summary = {
+        **result.counts,
+        "kept": len(kept),
+        "dropped": dropped,
+        "failure_reasons": dict(result.failure_reasons),
+    }
+    return sd.finish(
+        outputs={"traces": "traces.parquet", "kept_traces": "kept_traces.parquet"},
+        config=cfg.teacher,
+        inputs=stage_inputs(problems),
+        summary=summary,
+        started=started,
+        code=stage_code_version("teacher"),
+    )
+

@@ -1,4 +1,4 @@
-"""LLM backends behind one protocol (:class:`~rscaffold.teachers.base.LLMBackend`).
+"""LLM backends behind one protocol (:class:`~rscaffold.llm.base.LLMBackend`).
 
 A backend is chosen by ``BackendConfig.backend``. Adding one means one module with a class taking
 a ``BackendConfig`` and one line in :data:`BACKENDS` (plus the name in ``config.BackendName``).
@@ -10,12 +10,12 @@ from __future__ import annotations
 import importlib
 
 from rscaffold.config import BackendConfig
-from rscaffold.teachers.base import ChatRequest, Completion, LLMBackend, ResultCallback
+from rscaffold.llm.base import ChatRequest, Completion, LLMBackend, ResultCallback
 
 BACKENDS: dict[str, str] = {
-    "transformers": "rscaffold.teachers.transformers_local:TransformersBackend",
-    "openai": "rscaffold.teachers.openai_api:OpenAIBackend",
-    "vllm": "rscaffold.teachers.vllm_engine:VLLMBackend",
+    "transformers": "rscaffold.llm.transformers_local:TransformersBackend",
+    "openai": "rscaffold.llm.openai_api:OpenAIBackend",
+    "vllm": "rscaffold.llm.vllm_engine:VLLMBackend",
 }
 
 

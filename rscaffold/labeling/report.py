@@ -1,6 +1,6 @@
 """Human-readable views of the labeling stage's quality report.
 
-Both functions take the dict :func:`rscaffold.signals.label_quality_report` returns (or the same
+Both functions take the dict :func:`rscaffold.labeling.quality.label_quality_report` returns (or the same
 dict read back from ``quality.json``) and the taxonomy it was computed with:
 
 - :func:`render_quality_markdown`: a markdown report (summary numbers, signal distribution,
@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rscaffold.signals import Taxonomy
+from rscaffold.labeling.taxonomy import Taxonomy
+from rscaffold.markdown import cell, number, percent, table
 
 # Reference numbers the paper reports for its two-stage labeling (section 3.1).
 PAPER_KEYWORD_COVERAGE = 0.74
@@ -55,24 +56,16 @@ def short_signal_names(names: Sequence[str], tax: Taxonomy) -> dict[str, str]:
 # markdown
 
 
-def _cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: Sequence[str] | None = None) -> list[str]:
-    align = align or ["l"] + ["r"] * (len(header) - 1)
-    rule = ["---:" if a == "r" else ":---:" if a == "c" else "---" for a in align]
-    out = ["| " + " | ".join(_cell(h) for h in header) + " |", "| " + " | ".join(rule) + " |"]
-    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return out
+    return table(header, rows, align or ["l"] + ["r"] * (len(header) - 1))
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100.0 * x:.1f}%"
+def _percent(x: float | None) -> str:
+    return percent(x, missing="n/a", suffix="%")
 
 
-def _num(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
+def _number(x: float | None, digits: int = 3) -> str:
+    return number(x, digits=digits, missing="n/a")
 
 
 def render_quality_markdown(report: dict[str, Any], tax: Taxonomy) -> str:
@@ -106,10 +99,10 @@ def render_quality_markdown(report: dict[str, Any], tax: Taxonomy) -> str:
         [
             ["traces", traces],
             ["steps", steps],
-            ["steps per trace (mean)", _num(report.get("steps_per_trace", 0.0), 2)],
-            ["keyword coverage (steps with a cue pre-label)", f"{_pct(report.get('keyword_coverage') if steps else None)} "
+            ["steps per trace (mean)", _number(report.get("steps_per_trace", 0.0), 2)],
+            ["keyword coverage (steps with a cue pre-label)", f"{_percent(report.get('keyword_coverage') if steps else None)} "
              f"(paper: ~{PAPER_KEYWORD_COVERAGE:.0%})"],
-            ["fallback rate (steps with a fallback label)", f"{_pct(fallback_rate)} ({fallback} of {steps})"],
+            ["fallback rate (steps with a fallback label)", f"{_percent(fallback_rate)} ({fallback} of {steps})"],
             ["taxonomy", f"`{digest or tax.digest()}` (version {tax.version})"],
         ],
     )
@@ -118,7 +111,7 @@ def render_quality_markdown(report: dict[str, Any], tax: Taxonomy) -> str:
         lines += ["Label sources:", ""]
         lines += _table(
             ["source", "steps", "share"],
-            [[k, v, _pct(v / steps if steps else None)] for k, v in sorted(sources.items(), key=lambda kv: -kv[1])],
+            [[k, v, _percent(v / steps if steps else None)] for k, v in sorted(sources.items(), key=lambda kv: -kv[1])],
         )
         lines.append("")
     lines += [
@@ -135,8 +128,8 @@ def render_quality_markdown(report: dict[str, Any], tax: Taxonomy) -> str:
             ["metric", "value"],
             [
                 ["LLM-labeled steps with a pre-label", checked],
-                ["agreement (LLM kept the pre-label)", f"{_pct(agreement)} (paper: ~{PAPER_PRELABEL_AGREEMENT:.0%})"],
-                ["Cohen's kappa", _num(kappa)],
+                ["agreement (LLM kept the pre-label)", f"{_percent(agreement)} (paper: ~{PAPER_PRELABEL_AGREEMENT:.0%})"],
+                ["Cohen's kappa", _number(kappa)],
             ],
         )
     else:
@@ -148,13 +141,13 @@ def render_quality_markdown(report: dict[str, Any], tax: Taxonomy) -> str:
     for n in names:
         c = counts.get(n, 0)
         mc = mean_chars.get(n)
-        rows.append([n, f"`{short[n]}`", c, _pct(c / steps if steps else None), first.get(n, 0),
+        rows.append([n, f"`{short[n]}`", c, _percent(c / steps if steps else None), first.get(n, 0),
                      "n/a" if mc is None else f"{mc:.0f}"])
     lines += _table(["signal", "short", "steps", "share", "first step of a trace", "mean chars"], rows,
                     ["l", "l", "r", "r", "r", "r"])
     unknown = report.get("unknown_signals") or []
     if unknown:
-        lines += ["", "Signals not in the taxonomy: " + ", ".join(f"`{_cell(u)}`" for u in unknown)]
+        lines += ["", "Signals not in the taxonomy: " + ", ".join(f"`{cell(u)}`" for u in unknown)]
     lines.append("")
 
     matrix: list[list[int]] = [list(map(int, r)) for r in (report.get("transitions") or [])]

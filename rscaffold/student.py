@@ -1,7 +1,6 @@
 """The trained student as saved on disk, and how it scores the next signal.
 
-Kept apart from :mod:`rscaffold.training.trainer` so that inference and evaluation do not import
-TRL. A student directory holds
+Kept apart from :mod:`rscaffold.training` so that inference and evaluation do not import TRL. A student directory holds
 
 * the model and tokenizer (``save_pretrained``), with the signal tokens in the tokenizer;
 * ``rscaffold_student.json``: signal names/tokens (taxonomy order = class index), objective,
@@ -115,7 +114,7 @@ class Student:
 def load_student(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> Student:
     """Load a student directory written by ``train_student`` (or any plain causal LM directory)."""
     from rscaffold.models import load_causal_lm, resolve_device
-    from rscaffold.training.format import STUDENT_SYSTEM_PROMPT
+    from rscaffold.prompts import STUDENT_SYSTEM_PROMPT
 
     model_dir = Path(model_dir)
     meta_path = model_dir / STUDENT_META
@@ -144,38 +143,3 @@ def load_student(model_dir: str | Path, device: str = "auto", dtype: str = "auto
         model_dir=model_dir,
         meta=meta,
     )
-
-
-@torch.no_grad()
-def evaluate_signal_accuracy(student: Student, examples, batch_size: int = 8, max_length: int | None = None) -> float:
-    """Teacher-forced next-signal accuracy over the gold scaffolds of ``examples`` (ExampleRecords)."""
-    from rscaffold.training.collator import IGNORE_INDEX, ScaffoldCollator, encode_examples
-
-    if not student.scaffolded or not student.signal_token_ids:
-        raise ValueError("signal accuracy needs a scaffolded student")
-    tok = student.tokenizer
-    rows = encode_examples(
-        examples, tok, dict(zip(student.signal_names, student.signal_tokens)), student.signal_token_ids, max_length
-    )
-    collate = ScaffoldCollator(pad_token_id=tok.pad_token_id)
-    correct = total = 0
-    model = student.model
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, len(rows), batch_size):
-            batch = collate(rows[i : i + batch_size])
-            dev = student.device
-            hidden = backbone_of(model)(
-                input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)
-            ).last_hidden_state
-            lab = batch["signal_labels"].to(dev)
-            valid = lab != IGNORE_INDEX
-            rows_idx = torch.arange(lab.shape[0], device=dev)[:, None].expand_as(lab)[valid]
-            h = hidden[rows_idx, batch["signal_positions"].to(dev)[valid]]
-            pred = signal_logits(model, h, student.signal_token_ids, student.head).argmax(-1)
-            correct += int((pred == lab[valid]).sum())
-            total += int(valid.sum())
-    finally:
-        model.train(was_training)
-    return correct / total if total else float("nan")

@@ -13,7 +13,9 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from rscaffold.evaluation import MODEL_ORDER
+from rscaffold.evaluation.metrics import MODEL_ORDER
+from rscaffold.markdown import number, percent
+from rscaffold.markdown import table as md_table
 from rscaffold.records import MetricRecord, PredictionRecord
 
 REPORT_FILE = "report.md"
@@ -48,20 +50,6 @@ def accuracy_table(metrics: Sequence[MetricRecord]) -> list[dict[str, str]]:
     return [{"model": model, **{b: _cell(by.get((model, b))) for b in benches}} for model in models_of(metrics)]
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
-
-
-def _md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return lines
-
-
 def render_report(
     metrics: Sequence[MetricRecord],
     predictions: Sequence[PredictionRecord],
@@ -80,7 +68,7 @@ def render_report(
         lines += [f"Generated from `{source}` ({len(predictions)} predictions, {len(metrics)} metric rows).", ""]
     lines += ["## Accuracy", "", "Accuracy in %, with the 95% percentile bootstrap interval over problems.", ""]
     table = accuracy_table(metrics)
-    lines += _md_table(["model", *benches], [[r["model"], *(r[b] for b in benches)] for r in table])
+    lines += md_table(["model", *benches], [[r["model"], *(r[b] for b in benches)] for r in table])
     if chart:
         lines += ["", f"![accuracy per model and benchmark]({chart})"]
 
@@ -92,12 +80,12 @@ def render_report(
             if m is None:
                 continue
             decoding = next((p.decoding for p in groups[(model, b)] if p.decoding), "–")
-            checked = "–" if not m.consistency_checked else f"{_pct(m.consistency_rate)} ({m.consistency_checked})"
+            checked = "–" if not m.consistency_checked else f"{percent(m.consistency_rate)} ({m.consistency_checked})"
             rows.append([
-                b, model, decoding, m.n, _pct(m.accuracy), f"[{_pct(m.ci_low)}, {_pct(m.ci_high)}]",
-                f"{m.mean_output_tokens:.1f}", _fmt(m.mean_steps, 1), _pct(m.unparseable_rate), checked,
+                b, model, decoding, m.n, percent(m.accuracy), f"[{percent(m.ci_low)}, {percent(m.ci_high)}]",
+                f"{m.mean_output_tokens:.1f}", number(m.mean_steps, digits=1), percent(m.unparseable_rate), checked,
             ])
-    lines += _md_table(
+    lines += md_table(
         ["benchmark", "model", "decoding", "n", "accuracy %", "95% CI", "mean output tokens", "mean steps", "unparseable %",
          "consistent % (checked)"],
         rows,
@@ -124,7 +112,7 @@ def render_report(
             bad = [p for p in preds if p.consistent is False][:2]
             examples += [f"- {model} / {b} / `{p.problem_id}`: {p.consistency_evidence} (answer {p.predicted_answer})" for p in bad]
     if check_rows:
-        lines += _md_table(["benchmark", "model", "check", "checked", "consistent", "inconsistent"], check_rows)
+        lines += md_table(["benchmark", "model", "check", "checked", "consistent", "inconsistent"], check_rows)
     else:
         lines.append("No prediction could be checked.")
     if examples:
@@ -142,8 +130,8 @@ def render_report(
                 continue
             total = sum(counts.values())
             sig_rows.append([
-                model, b, total, _fmt(total / max(1, len(preds)), 2), _fmt(m.signal_tv), _fmt(m.transition_tv),
-                _fmt(m.transition_kl), _pct(m.transition_coverage),
+                model, b, total, number(total / max(1, len(preds)), digits=2), number(m.signal_tv), number(m.transition_tv),
+                number(m.transition_kl), percent(m.transition_coverage),
             ])
             dists.append(f"- **{model} / {b}**: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in counts.most_common()))
     if sig_rows:
@@ -155,7 +143,7 @@ def render_report(
             "transitions in those rows). 0 is perfect agreement; – where nothing can be compared.",
             "",
         ]
-        lines += _md_table(
+        lines += md_table(
             ["model", "benchmark", "signals", "signals / answer", "signal TV", "transition TV", "transition KL", "coverage %"],
             sig_rows,
         )

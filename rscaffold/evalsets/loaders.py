@@ -22,8 +22,8 @@ Row conventions:
   ``answer`` field (else the last ``\\boxed{}`` of the solution); StrategyQA ``"yes"`` / ``"no"``;
   CommonsenseQA and TruthfulQA the letter of the correct option.
 * multiple-choice questions carry their options in the question text, one ``"A. ..."`` line each
-  (:func:`rscaffold.benchmarks.answers.format_choice_question`; read them back with
-  :func:`~rscaffold.benchmarks.answers.choice_options`).
+  (:func:`rscaffold.evalsets.answers.format_choice_question`; read them back with
+  :func:`~rscaffold.evalsets.answers.choice_options`).
 * TruthfulQA multiple choice: the ``Best Answer`` is the correct option and the ``Incorrect
   Answers`` (``;``-separated) the distractors, shuffled by an RNG seeded with the question, so the
   letters do not depend on the loader's ``seed``.
@@ -48,7 +48,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rscaffold.benchmarks.answers import AnswerType, find_boxed, format_choice_question
+from rscaffold.evalsets.answers import AnswerType, find_boxed, format_choice_question
+from rscaffold.prompts import (
+    PROMPT_CHOICE,
+    PROMPT_MATH,
+    PROMPT_MATH_LATEX,
+    PROMPT_YESNO,
+)
 from rscaffold.records import ProblemRecord
 
 HUB_PREFIX = "hub:"
@@ -394,26 +400,6 @@ def _read_truthfulqa_csv(path: Path) -> Iterator[RawRow]:
 
 # =============================================================================================
 # the registry
-
-PROMPT_MATH = (
-    "{question}\n\nSolve the problem step by step, with a blank line between steps. "
-    "Put the final answer on the last line as 'The answer is N.', where N is the final number."
-)
-PROMPT_MATH_LATEX = (
-    "{question}\n\nSolve the problem step by step, with a blank line between steps. "
-    "Put the final answer on the last line as 'The answer is X.', where X is the final answer in "
-    "simplest form (LaTeX is fine)."
-)
-PROMPT_YESNO = (
-    "{question}\n\nThink step by step, with a blank line between steps. "
-    "Put the final answer on the last line as 'The answer is yes.' or 'The answer is no.'"
-)
-PROMPT_CHOICE = (
-    "{question}\n\nThink step by step, with a blank line between steps. "
-    "Put the final answer on the last line as 'The answer is X.', where X is the letter of the "
-    "correct option."
-)
-
 
 @dataclass(frozen=True)
 class Benchmark:

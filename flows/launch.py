@@ -1,0 +1,85 @@
+"""Train the students on several processes (GPUs): the entry point for ``accelerate launch``.
+
+    accelerate launch --config_file deployments/accelerate/fsdp.yaml --num_processes 8 \\
+        -m rscaffold_flows.launch --config my.yaml
+
+Every process runs the pipeline's training stage (:func:`rscaffold.stages.training.run_training`,
+which is process-aware: every process trains, the main one writes) into the same content-addressed
+stage directory (``<artifacts>/training/<fingerprint>``), so a later ``rscaffold run --config
+my.yaml`` finds the stage complete and goes on to evaluation. The upstream stages (up to
+``dataset``) must already be complete for this config. Also works as a plain ``python -m
+rscaffold_flows.launch`` (one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("rscaffold_flows.launch")
+
+
+class LaunchError(RuntimeError):
+    """A precondition of the launch is not met (printed without a traceback)."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m rscaffold_flows.launch",
+        description="Run the pipeline's training stage on N processes (start with `accelerate launch` or torchrun).",
+    )
+    p.add_argument("--config", required=True, type=Path, help="pipeline config YAML (as for `rscaffold run`)")
+    p.add_argument("--artifacts-dir", type=Path, default=None, help="override run.artifacts_dir")
+    p.add_argument(
+        "--variant",
+        choices=("scaffolded", "cot_sft", "both"),
+        default="both",
+        help="which student(s) to train; the stage is finished (manifest written) once all the config asks for exist",
+    )
+    return p.parse_args(argv)
+
+
+def launch(config: Path, artifacts_dir: Path | None = None, variant: str = "both"):
+    """Train (all processes) and finish the training stage (main process). Returns the main
+    process's ``StageRef`` when the stage is complete, else None."""
+    from rscaffold.config import load_config
+    from rscaffold.stages.plan import plan_fingerprints
+    from rscaffold.stages.training import run_training, training_variants
+    from rscaffold.store import StageDir
+
+    overrides = {"run": {"artifacts_dir": str(Path(artifacts_dir).resolve())}} if artifacts_dir else None
+    cfg = load_config(config, overrides)
+    fps = plan_fingerprints(cfg)
+    ds = StageDir(cfg.run.artifacts_dir, "dataset", fps["dataset"])
+    if not ds.is_complete():
+        raise LaunchError(
+            f"the dataset stage for this config is not complete (expected {ds.manifest_path}). "
+            f"Produce it first: `rscaffold stage dataset --config {config}` (or `rscaffold run --config {config}`), "
+            "with the same config and artifacts dir."
+        )
+    if variant != "both" and variant not in {n for n, _ in training_variants(cfg)}:
+        raise LaunchError(f"--variant {variant}: this config does not train it (training.train_baseline is false)")
+    ref = run_training(cfg, fps, ds.ref(), only=None if variant == "both" else variant)
+    if ref is not None:
+        log.info("training: complete at %s", ref.path)
+    return ref
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        ref = launch(args.config, args.artifacts_dir, args.variant)
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if ref is not None:
+        print(ref.path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The version of the code a stage runs, computed from what it really imports.
+
+A stage's fingerprint includes :func:`code_version` of its module (``rscaffold.stages.<stage>``):
+a hash over every ``rscaffold`` module in that module's import closure, found by reading the
+``import`` statements of the source files (lazy imports inside functions included), never from a
+hand-kept list. Each module is hashed as its syntax tree without docstrings, so editing a comment,
+a docstring or the formatting changes nothing, and neither does the package version: only code
+that can change what a stage computes invalidates its output.
+
+``rscaffold.config`` is left out on purpose: a stage's fingerprint already holds the *values* of
+its config section (defaults and validators included), which is everything config.py decides;
+its help texts are not behaviour.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import importlib.util
+from pathlib import Path
+
+PACKAGE = "rscaffold"
+# Modules whose effect on a stage's output is fully captured by the config values in its
+# fingerprint (see the module docstring).
+EXCLUDED = frozenset({"rscaffold.config"})
+
+
+@functools.lru_cache(maxsize=None)
+def _source_path(module: str) -> Path | None:
+    """The ``.py`` file of an ``rscaffold`` module or package, or None if there is none."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        return None
+    return Path(spec.origin)
+
+
+def _parents(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+@functools.lru_cache(maxsize=None)
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def direct_imports(module: str) -> set[str]:
+    """The ``rscaffold`` modules that ``module``'s source imports (anywhere in the file)."""
+    path = _source_path(module)
+    if path is None:
+        return set()
+    is_package = path.name == "__init__.py"
+    found: set[str] = set()
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                base = module.split(".") if is_package else module.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.add(target)
+            # `from pkg import submodule` imports the submodule
+            found.update(f"{target}.{a.name}" for a in node.names if _source_path(f"{target}.{a.name}"))
+    return {m for m in found if (m == PACKAGE or m.startswith(PACKAGE + ".")) and _source_path(m)}
+
+
+def import_closure(module: str) -> list[str]:
+    """``module`` and every ``rscaffold`` module it imports, directly or not (parent packages
+    included, since importing a module runs their ``__init__``), sorted."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        m = todo.pop()
+        if m in seen or _source_path(m) is None:
+            continue
+        seen.add(m)
+        todo.extend(_parents(m))
+        todo.extend(direct_imports(m))
+    return sorted(seen)
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+                if isinstance(body[0].value.value, str):
+                    node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+@functools.lru_cache(maxsize=None)
+def module_digest(module: str) -> str:
+    """Hash of one module's code: its syntax tree without docstrings (comments never reach it)."""
+    path = _source_path(module)
+    if path is None:
+        raise ModuleNotFoundError(module)
+    # Cached like the parsed trees: a long-running process versions the code it has loaded.
+    tree = _strip_docstrings(ast.parse(path.read_text(encoding="utf-8")))
+    return hashlib.sha256(ast.dump(tree, annotate_fields=False).encode()).hexdigest()
+
+
+def code_version(module: str, length: int = 12) -> str:
+    """The code version of ``module``: a hash over the digests of its import closure."""
+    h = hashlib.sha256()
+    for m in import_closure(module):
+        if m in EXCLUDED:
+            continue
+        h.update(m.encode())
+        h.update(module_digest(m).encode())
+    return h.hexdigest()[:length]

@@ -1,0 +1,58 @@
+"""What the evaluation stage answers: one :class:`EvalSuite` per benchmark (its problems, answer
+type and prompt template).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rscaffold.records import ProblemRecord
+
+
+@dataclass
+class EvalSuite:
+    """The problems of one benchmark, and how its answers look."""
+
+    name: str
+    answer_type: str
+    prompt_template: str
+    problems: list[ProblemRecord]
+
+    def prompts(self, style: str = "benchmark") -> list[str]:
+        """The user messages: the benchmark's answer-format prompt, or the bare question."""
+        if style == "question":
+            return [p.question for p in self.problems]
+        return [self.prompt_template.replace("{question}", p.question) for p in self.problems]
+
+
+def evaluation_suites(ecfg, default_benchmark: str, default_problems: Sequence[ProblemRecord]) -> list[EvalSuite]:
+    """What the evaluation stage answers: ``ecfg.benchmarks`` (an :class:`EvaluationConfig`), or
+    when it is empty the problems stage's eval split (``default_problems``, the first
+    ``ecfg.limit`` of them) as ``default_benchmark``."""
+    from rscaffold.evalsets.loaders import get_benchmark
+
+    if not ecfg.benchmarks:
+        bench = get_benchmark(default_benchmark)
+        rows = list(default_problems)[: ecfg.limit] if ecfg.limit else list(default_problems)
+        return [EvalSuite(bench.name, bench.answer_type, bench.prompt_template, rows)]
+    suites = []
+    for b in ecfg.benchmarks:
+        bench = get_benchmark(b.name)
+        rows = bench.load(
+            b.source, "eval", b.limit if b.limit is not None else ecfg.limit, b.seed, part=b.part, heldout_fraction=b.heldout_fraction
+        )
+        suites.append(EvalSuite(bench.name, bench.answer_type, bench.prompt_template, rows))
+    return suites
+
+
+def benchmark_source_digest(source) -> str:
+    """What identifies a :class:`~rscaffold.config.BenchmarkSource`'s data in a fingerprint: the
+    content digest of the resolved local file, or the hub string. A missing file raises
+    :class:`~rscaffold.evalsets.loaders.BenchmarkNotFoundError`."""
+    from rscaffold.evalsets.loaders import get_benchmark, is_hub_source
+    from rscaffold.store import file_digest
+
+    if is_hub_source(source.source):
+        return source.source
+    return file_digest(get_benchmark(source.name).resolve_path(source.source))

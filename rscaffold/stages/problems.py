@@ -1,0 +1,43 @@
+"""Stage 1, problems: the train and eval problems of the configured benchmark family, as one Parquet table."""
+
+from __future__ import annotations
+
+import time
+
+from rscaffold.config import PipelineConfig
+from rscaffold.records import ProblemRecord
+from rscaffold.stages.common import (
+    open_stage,
+    source_digest,
+    stage_code_version,
+)
+from rscaffold.store import StageRef, read_records, write_records
+
+
+def run_problems(cfg: PipelineConfig, fps: dict[str, str], *, force: bool = False) -> StageRef:
+    """Load the train and eval problems (``problems.*``) into ``problems.parquet``."""
+    from rscaffold.evalsets.loaders import load_problems
+
+    sd, done = open_stage(cfg, "problems", fps, force)
+    if done:
+        return done
+    started = time.time()
+    p = cfg.problems
+    train = load_problems(p.train, benchmark=p.format, split="train", limit=p.limit_train, seed=p.seed)
+    evl = load_problems(p.eval, benchmark=p.format, split="eval", limit=p.limit_eval, seed=p.seed)
+    train = [r.model_copy(update={"split": "train"}) for r in train]
+    evl = [r.model_copy(update={"split": "eval"}) for r in evl]
+    write_records(sd.path / "problems.parquet", train + evl, ProblemRecord)
+    return sd.finish(
+        outputs={"problems": "problems.parquet"},
+        config=p,
+        inputs={"train": source_digest(p.train), "eval": source_digest(p.eval)},
+        summary={"train": len(train), "eval": len(evl)},
+        started=started,
+        code=stage_code_version("problems"),
+    )
+
+
+def read_problems(ref: StageRef, split: str | None = None) -> list[ProblemRecord]:
+    rows = read_records(ref.output("problems"), ProblemRecord)
+    return [r for r in rows if split is None or r.split == split]

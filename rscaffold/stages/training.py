@@ -1,0 +1,136 @@
+"""Stage 5, training: the scaffolded student and the CoT-SFT baseline, trained on the same rows
+(see :mod:`rscaffold.training`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rscaffold.config import PipelineConfig
+from rscaffold.records import ExampleRecord
+from rscaffold.stages.common import (
+    as_dict,
+    log,
+    open_stage,
+    stage_code_version,
+    stage_inputs,
+    write_json,
+)
+from rscaffold.store import StageDir, StageRef, read_records
+
+
+def training_variants(cfg: PipelineConfig) -> list[tuple[str, bool]]:
+    """The students the config trains, ``(name, scaffolded)``, in training order."""
+    return [("scaffolded", True)] + ([("cot_sft", False)] if cfg.training.train_baseline else [])
+
+
+def run_training(
+    cfg: PipelineConfig,
+    fps: dict[str, str],
+    dataset: StageRef,
+    *,
+    force: bool = False,
+    only: str | None = None,
+) -> StageRef | None:
+    """Train the scaffolded student and (``train_baseline``) the CoT-SFT baseline on the train rows.
+
+    Runs as one process (the pipeline) or as each of N processes started by ``accelerate launch``
+    (:mod:`rscaffold_flows.launch`): every process trains (the Trainer does DDP/FSDP/DeepSpeed),
+    the main process alone writes the base model, the final models, the metrics and the manifest.
+    A student whose final model exists from an earlier attempt is reused. ``only``: train just
+    that student; the stage is finished (and its ref returned) once every configured student
+    exists. Returns None on the other processes, and when students are still missing.
+    """
+    from rscaffold.labeling.taxonomy import load_taxonomy
+    from rscaffold.models import save_tiny_model
+    from rscaffold.student import STUDENT_META
+    from rscaffold.training.processes import current_processes
+    from rscaffold.training.trainer import (
+        CHECKPOINTS_DIRNAME,
+        MODEL_DIRNAME,
+        train_student,
+    )
+
+    procs = current_processes()
+    if procs.is_main:
+        sd, done = open_stage(cfg, "training", fps, force)
+    procs.wait()
+    if not procs.is_main:
+        sd = StageDir(cfg.run.artifacts_dir, "training", fps["training"])
+        done = sd.ref() if sd.is_complete() else None
+    if done:
+        return done if procs.is_main else None
+    started = time.time()
+    tax = load_taxonomy(cfg.labeling.taxonomy)
+    examples = read_records(dataset.output("examples"), ExampleRecord)
+    train_rows = [e for e in examples if e.split == "train"]
+    tcfg = cfg.training
+    if tcfg.tiny is not None:
+        # The untrained starting point is saved so that "base" is evaluated on exactly the
+        # weights both students start from.
+        base_dir = sd.path / "base"
+        if procs.is_main and not (base_dir / "config.json").exists():
+            save_tiny_model(tcfg.tokenizer or tcfg.student, tcfg.tiny, base_dir)
+        procs.wait()
+        base = str(base_dir)
+        tcfg = tcfg.model_copy(update={"student": base, "tiny": None, "tokenizer": None})
+    else:
+        base = tcfg.student
+    card = {"dataset_fingerprint": dataset.fingerprint, "taxonomy_digest": tax.digest(), "training_fingerprint": sd.fingerprint}
+    variants = training_variants(cfg)
+    if only is not None and only not in {n for n, _ in variants}:
+        raise ValueError(f"this config does not train {only!r} (students: {[n for n, _ in variants]})")
+    results: dict[str, Any] = {}
+    outputs = {"base": "base" if cfg.training.tiny is not None else base}
+    for name, scaffolded in variants:
+        final_meta = sd.path / name / MODEL_DIRNAME / STUDENT_META
+        if final_meta.exists():
+            # This student finished in an earlier attempt of the stage (a later one failed).
+            log.info("training: %s already trained, reusing %s", name, final_meta.parent)
+            results[name] = json.loads(final_meta.read_text())["metrics"]
+            outputs[name] = os.path.join(name, MODEL_DIRNAME)
+            continue
+        if only is not None and name != only:
+            continue
+        if procs.is_main:
+            log.info("training: %s on %d process(es)", name, procs.num)
+        res = train_student(
+            train_rows, tcfg, tax.names, tax.tokens, sd.path / name, scaffolded=scaffolded, model_card_info=card
+        )
+        procs.wait()
+        results[name] = as_dict(res)
+        if procs.is_main and not cfg.training.keep_checkpoints:
+            # Checkpoints (weights + optimizer state) exist to resume a killed run; once the final
+            # model is saved they only cost disk.
+            shutil.rmtree(sd.path / name / CHECKPOINTS_DIRNAME, ignore_errors=True)
+        outputs[name] = os.path.relpath(Path(res.model_dir).resolve(), sd.path.resolve())
+    missing = [n for n, _ in variants if n not in results]
+    ref = None
+    if procs.is_main:
+        if missing:
+            log.info("training: the stage is finished once %s is trained too", ", ".join(missing))
+        else:
+            write_json(sd.path / "train_metrics.json", results)
+            outputs["metrics"] = "train_metrics.json"
+            summary_keys = ("train_loss", "step_loss", "signal_loss", "steps", "runtime_s")
+            ref = sd.finish(
+                outputs=outputs,
+                config=cfg.training,
+                inputs=stage_inputs(dataset),
+                summary={"train_rows": len(train_rows), **{k: {m: v.get(m) for m in summary_keys} for k, v in results.items()}},
+                started=started,
+                code=stage_code_version("training"),
+            )
+    procs.wait()
+    return ref
+
+
+def model_path(ref: StageRef, name: str) -> str:
+    """Absolute path (or hub id) of a model the training stage produced or started from."""
+    value = ref.outputs[name]
+    p = Path(ref.path) / value
+    return str(p) if p.exists() else value
