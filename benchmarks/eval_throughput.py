@@ -27,12 +27,12 @@ import torch
 
 from rscaffold.config import GuidedInferenceConfig, TinyModelConfig
 from rscaffold.inference import generate
+from rscaffold.labeling.taxonomy import load_taxonomy
 from rscaffold.models import build_tiny_model, resolve_device
 from rscaffold.paths import data_dir, default_model_dir
-from rscaffold.labeling.taxonomy import load_taxonomy
 from rscaffold.prompts import STUDENT_SYSTEM_PROMPT
-from rscaffold.training.signal_tokens import add_signal_tokens
 from rscaffold.student import Student
+from rscaffold.training.signal_tokens import add_signal_tokens
 
 
 def tiny_student(tokenizer_dir: str, tied: bool, device: str) -> Student:
@@ -50,12 +50,24 @@ def tiny_student(tokenizer_dir: str, tied: bool, device: str) -> Student:
             model.lm_head.weight = torch.nn.Parameter(w)
             model.config.tie_word_embeddings = False
     model.to(device).eval()
-    return Student(model=model, tokenizer=tok, signal_names=tax.names, signal_tokens=tax.tokens, signal_token_ids=ids,
-                   scaffolded=True, signal_objective="token", system_prompt=STUDENT_SYSTEM_PROMPT)
+    return Student(
+        model=model,
+        tokenizer=tok,
+        signal_names=tax.names,
+        signal_tokens=tax.tokens,
+        signal_token_ids=ids,
+        scaffolded=True,
+        signal_objective="token",
+        system_prompt=STUDENT_SYSTEM_PROMPT,
+    )
 
 
 def questions(n: int) -> list[str]:
-    rows = [json.loads(line)["question"] for line in (data_dir() / "problems" / "eval.jsonl").read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line)["question"]
+        for line in (data_dir() / "problems" / "eval.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     return [rows[i % len(rows)] for i in range(n)]
 
 
@@ -77,18 +89,26 @@ def main() -> None:
     torch.manual_seed(0)
     student = tiny_student(args.tokenizer, args.tied, device)
     qs = questions(args.questions)
-    guided = GuidedInferenceConfig(max_steps=args.guided_steps, max_step_tokens=args.guided_step_tokens, confidence_threshold=args.threshold)
-    print(f"device {device}, torch threads {torch.get_num_threads()}, {len(qs)} questions, max_new_tokens {args.max_new_tokens}, "
-          f"guided: {args.guided_steps} steps x {args.guided_step_tokens} tokens, threshold {args.threshold}")
+    guided = GuidedInferenceConfig(
+        max_steps=args.guided_steps, max_step_tokens=args.guided_step_tokens, confidence_threshold=args.threshold
+    )
+    print(
+        f"device {device}, torch threads {torch.get_num_threads()}, {len(qs)} questions, max_new_tokens {args.max_new_tokens}, "
+        f"guided: {args.guided_steps} steps x {args.guided_step_tokens} tokens, threshold {args.threshold}"
+    )
     print(f"{'mode':<7} {'batch':>5} {'problems/s':>11} {'vs bs=1':>8} {'tokens/answer':>14}  identical")
     for mode in ("plain", "guided"):
-        generate(student, questions=qs[:4], mode=mode, max_new_tokens=args.max_new_tokens, batch_size=2, guided=guided)  # warm-up
+        generate(
+            student, questions=qs[:4], mode=mode, max_new_tokens=args.max_new_tokens, batch_size=2, guided=guided
+        )  # warm-up
         reference, base_rate = None, None
         for bs in args.batch_sizes:
             times, out = [], []
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
-                out = generate(student, questions=qs, mode=mode, max_new_tokens=args.max_new_tokens, batch_size=bs, guided=guided)
+                out = generate(
+                    student, questions=qs, mode=mode, max_new_tokens=args.max_new_tokens, batch_size=bs, guided=guided
+                )
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
@@ -98,7 +118,11 @@ def main() -> None:
                 reference, base_rate = keys, rate
             identical = "yes" if keys == reference else f"NO ({sum(a != b for a, b in zip(keys, reference))} differ)"
             mean_tokens = sum(g.output_tokens for g in out) / len(out)
-            print(f"{mode:<7} {bs:>5} {rate:>11.2f} {rate / base_rate:>7.2f}x {mean_tokens:>14.1f}  {identical}", flush=True)
+            print(
+                f"{mode:<7} {bs:>5} {rate:>11.2f} {rate / base_rate:>7.2f}x {mean_tokens:>14.1f}  {identical}",
+                flush=True,
+            )
+
 
 if __name__ == "__main__":
     main()

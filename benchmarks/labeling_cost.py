@@ -30,12 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rscaffold.config import LabelingConfig
+from rscaffold.labeling.keywords import keyword_prelabel
+from rscaffold.labeling.prompts import (
+    PROMPT_QUESTION_CHARS,
+    PROMPT_STEP_CHARS,
+    answer_format_for,
+    build_label_request,
+    step_prompt_chars,
+)
+from rscaffold.labeling.taxonomy import Taxonomy, load_taxonomy
+from rscaffold.llm.base import ChatRequest
 from rscaffold.paths import data_dir, default_model_dir
 from rscaffold.segment import split_steps, trace_body
-from rscaffold.labeling.prompts import PROMPT_QUESTION_CHARS, PROMPT_STEP_CHARS, answer_format_for, build_label_request, step_prompt_chars
-from rscaffold.labeling.taxonomy import Taxonomy, load_taxonomy
-from rscaffold.labeling.keywords import keyword_prelabel
-from rscaffold.llm.base import ChatRequest
 
 # ---------------------------------------------------------------------------------------------
 # synthetic traces (DeepSeek-R1 / QwQ style; the first two are the texts of tests/test_signals.py)
@@ -175,7 +181,7 @@ def _quadratic(rng: random.Random) -> tuple[str, str]:
     disc = s * s - 4 * p
     q = f"Find the sum of the roots of x^2 {'-' if s >= 0 else '+'} {abs(s)}x {'+' if p >= 0 else '-'} {abs(p)} = 0."
     t = f"""<think>
-Alright, so the problem asks for the sum of the roots of x^2 {'-' if s >= 0 else '+'} {abs(s)}x {'+' if p >= 0 else '-'} {abs(p)} = 0.
+Alright, so the problem asks for the sum of the roots of x^2 {"-" if s >= 0 else "+"} {abs(s)}x {"+" if p >= 0 else "-"} {abs(p)} = 0.
 
 I remember Vieta's formulas: for x^2 + bx + c = 0 the roots add up to -b and multiply to c.
 
@@ -183,7 +189,7 @@ Here b = {-s} and c = {p}, so the sum should be {s} and the product {p}.
 
 Wait, I should make sure the roots are real, or at least that the question makes sense. The discriminant is b^2 - 4c = {s * s} - ({4 * p}) = {disc}.
 
-Since {disc} is {'positive' if disc > 0 else 'zero'}, there are real roots, so nothing strange is going on.
+Since {disc} is {"positive" if disc > 0 else "zero"}, there are real roots, so nothing strange is going on.
 
 Maybe I can just factor it. I need two numbers that multiply to {p} and add to {s}: {r1} and {r2} work.
 
@@ -243,8 +249,9 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - len(_MARK)].rstrip() + _MARK
 
 
-def build_single_step_request(trace_id: str, index: int, question: str, step: str, prelabel: str | None,
-                              tax: Taxonomy) -> ChatRequest:
+def build_single_step_request(
+    trace_id: str, index: int, question: str, *, step: str, prelabel: str | None, tax: Taxonomy
+) -> ChatRequest:
     """A minimal prompt for one step: taxonomy, question, the step and its pre-label, no other steps."""
     signals = "\n".join(f"- {s.name}: {s.definition}" for s in tax.signals)
     user = (
@@ -303,8 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-traces", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-dir", type=Path, default=default_model_dir())
-    ap.add_argument("--max-new-tokens", type=int, default=LabelingConfig().sampling.max_new_tokens,
-                    help="labeler sampling.max_new_tokens (picks the batched answer format, as the Labeler does)")
+    ap.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=LabelingConfig().sampling.max_new_tokens,
+        help="labeler sampling.max_new_tokens (picks the batched answer format, as the Labeler does)",
+    )
     args = ap.parse_args(argv)
 
     tax = load_taxonomy(data_dir() / "signals.yaml")
@@ -325,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         # what the Labeler sends: one request for the whole trace
         fmt = answer_format_for(len(t.steps), args.max_new_tokens, False)
         formats[fmt] += 1
-        req = build_label_request(t.trace_id, t.question, t.steps, pre, tax, False, fmt)
+        req = build_label_request(
+            t.trace_id, t.question, t.steps, prelabels=pre, tax=tax, with_rationale=False, answer_format=fmt
+        )
         batched_req += 1
         batched_tok += counter.prompt(req)
         batched_ans += counter.text(_ideal_batched_answer(labels, fmt))
@@ -333,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         trunc_batched += sum(len(" ".join(s.split())) > width for s in t.steps)
         # the comparison: one request per step
         for i, (step, p, lab) in enumerate(zip(t.steps, pre, labels)):
-            r = build_single_step_request(t.trace_id, i, t.question, step, p, tax)
+            r = build_single_step_request(t.trace_id, i, t.question, step=step, prelabel=p, tax=tax)
             step_req += 1
             step_tok += counter.prompt(r)
             step_ans += counter.text(lab)
@@ -348,19 +361,25 @@ def main(argv: list[str] | None = None) -> int:
 
     print("Labeling cost: one request per trace (Labeler) vs one request per step")
     print(f"  traces: {len(per_trace)} ({', '.join(f'{k} x{v}' for k, v in kinds.items())}), seed {args.seed}")
-    print(f"  labeled steps: {n_steps}; steps per trace: mean {mean_steps:.2f}, median "
-          f"{statistics.median(per_trace):g}, min {min(per_trace)}, max {max(per_trace)}")
+    print(
+        f"  labeled steps: {n_steps}; steps per trace: mean {mean_steps:.2f}, median "
+        f"{statistics.median(per_trace):g}, min {min(per_trace)}, max {max(per_trace)}"
+    )
     print(f"  tokens: {counter.how}")
-    print(f"  batched answer format (max_new_tokens={args.max_new_tokens}): "
-          + ", ".join(f"{k} x{v}" for k, v in sorted(formats.items())))
+    print(
+        f"  batched answer format (max_new_tokens={args.max_new_tokens}): "
+        + ", ".join(f"{k} x{v}" for k, v in sorted(formats.items()))
+    )
     print(f"  steps shortened in the prompt: batched {trunc_batched}, per-step {trunc_step}")
     print()
     rows = [
         ("per-trace batching", batched_req, batched_tok, batched_ans),
         ("one request per step", step_req, step_tok, step_ans),
     ]
-    print(f"  {'':22s} {'requests':>9s} {'req/step':>9s} {'prompt tok':>11s} {'prompt tok/step':>16s}"
-          f" {'ideal answer tok/step':>22s}")
+    print(
+        f"  {'':22s} {'requests':>9s} {'req/step':>9s} {'prompt tok':>11s} {'prompt tok/step':>16s}"
+        f" {'ideal answer tok/step':>22s}"
+    )
     for name, r, p, a in rows:
         print(f"  {name:22s} {r:9d} {r / n_steps:9.4f} {p:11d} {p / n_steps:16.1f} {a / n_steps:22.1f}")
     print()

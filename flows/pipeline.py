@@ -41,7 +41,7 @@ def expand_refresh(refresh: list[str] | set[str]) -> set[str]:
     return set(STAGES[first:])
 
 
-def _configured(stage: str, config: PipelineConfig, fps: dict[str, str], forced: set[str]):
+def _configured(stage: str, config: PipelineConfig, fps: dict[str, str], *, forced: set[str]):
     """The stage task with retries from config; Prefect's cache is bypassed for a forced stage
     and for a stage whose artifact directory is missing or incomplete (a cached result would
     point at nothing)."""
@@ -61,7 +61,7 @@ def run_stages(config: PipelineConfig, refresh: set[str], until: str = "evaluati
     last = STAGES.index(until)
 
     def call(stage: str, **upstream: dict) -> dict:
-        result = _configured(stage, config, fps, forced)(config, fps, force=stage in forced, **upstream)
+        result = _configured(stage, config, fps, forced=forced)(config, fps, force=stage in forced, **upstream)
         logger.info("stage %-10s %s -> %s", stage, result["fingerprint"], result["path"])
         return result
 

@@ -65,8 +65,9 @@ def served_deployments(
     config: PipelineConfig,
     cron: str | None = DEFAULT_CRON,
     timezone: str = DEFAULT_TIMEZONE,
+    *,
     stage: StageName = "evaluation",
-) -> list["RunnerDeployment"]:
+) -> list[RunnerDeployment]:
     """The two deployments ``serve_pipeline`` serves.
 
     ``rscaffold-pipeline/nightly-served``: the full pipeline on ``cron`` (``None``/empty: no
@@ -116,6 +117,7 @@ def serve_pipeline(
     config: PipelineConfig,
     cron: str | None = DEFAULT_CRON,
     timezone: str = DEFAULT_TIMEZONE,
+    *,
     limit: int = 1,
 ) -> None:
     """Register both deployments and execute their runs in this process until interrupted.

@@ -26,7 +26,7 @@ PACKAGE = "rscaffold"
 EXCLUDED = frozenset({"rscaffold.config"})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _source_path(module: str) -> Path | None:
     """The ``.py`` file of an ``rscaffold`` module or package, or None if there is none."""
     try:
@@ -43,7 +43,7 @@ def _parents(module: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tree(path: Path) -> ast.Module:
     return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
 
@@ -96,7 +96,7 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def module_digest(module: str) -> str:
     """Hash of one module's code: its syntax tree without docstrings (comments never reach it)."""
     path = _source_path(module)

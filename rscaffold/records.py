@@ -182,7 +182,10 @@ def arrow_schema(model: type[Record]) -> pa.Schema:
     """The Arrow schema of a row type, with the record name and schema version as metadata."""
     return pa.schema(
         _fields(model),
-        metadata={b"rscaffold.record": model.__name__.encode(), b"rscaffold.schema_version": str(SCHEMA_VERSION).encode()},
+        metadata={
+            b"rscaffold.record": model.__name__.encode(),
+            b"rscaffold.schema_version": str(SCHEMA_VERSION).encode(),
+        },
     )
 
 

@@ -137,7 +137,7 @@ class StageRef:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StageRef":
+    def from_dict(cls, d: dict[str, Any]) -> StageRef:
         return cls(**{k: d[k] for k in ("stage", "fingerprint", "path", "outputs", "summary")})
 
 
@@ -166,7 +166,7 @@ class StageDir:
         m = self.read_manifest()
         return StageRef(self.stage, self.fingerprint, str(self.path), m["outputs"], m.get("summary", {}))
 
-    def prepare(self, fresh: bool = False) -> "StageDir":
+    def prepare(self, fresh: bool = False) -> StageDir:
         """Create the directory; ``fresh`` wipes it first (a forced refresh)."""
         if fresh and self.path.exists():
             shutil.rmtree(self.path)

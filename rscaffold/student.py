@@ -47,7 +47,7 @@ class SignalHead(nn.Module):
         (directory / HEAD_META).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: Path) -> "SignalHead":
+    def load(cls, directory: Path) -> SignalHead:
         directory = Path(directory)
         meta = json.loads((directory / HEAD_META).read_text())
         head = cls(meta["hidden_size"], meta["num_signals"])
@@ -58,7 +58,7 @@ class SignalHead(nn.Module):
 def causal_lm_of(model: Any) -> Any:
     """The underlying ``*ForCausalLM`` (through DDP/accelerate wrappers and PEFT)."""
     m = model
-    while hasattr(m, "module") and isinstance(getattr(m, "module"), nn.Module) and not hasattr(m, "config"):
+    while hasattr(m, "module") and isinstance(m.module, nn.Module) and not hasattr(m, "config"):
         m = m.module
     if hasattr(m, "get_base_model") and hasattr(m, "peft_config"):
         m = m.get_base_model()
@@ -75,6 +75,7 @@ def signal_logits(
     model: Any,
     hidden: torch.Tensor,
     signal_token_ids: list[int],
+    *,
     head: nn.Module | None = None,
 ) -> torch.Tensor:
     """Logits over the K signals for hidden states ``(..., H)``, as float32 ``(..., K)``.
@@ -126,7 +127,9 @@ def load_student(model_dir: str | Path, device: str = "auto", dtype: str = "auto
     tokens = list(meta.get("signal_tokens", []))
     ids = [int(i) for i in tokenizer.convert_tokens_to_ids(tokens)] if tokens else []
     if scaffolded and meta.get("signal_token_ids") and ids != list(meta["signal_token_ids"]):
-        raise ValueError(f"{model_dir}: tokenizer ids of the signal tokens {ids} differ from the saved ones {meta['signal_token_ids']}")
+        raise ValueError(
+            f"{model_dir}: tokenizer ids of the signal tokens {ids} differ from the saved ones {meta['signal_token_ids']}"
+        )
     head = None
     if (model_dir / HEAD_WEIGHTS).exists():
         head = SignalHead.load(model_dir).to(dev, dtype=next(model.parameters()).dtype).eval()

@@ -65,7 +65,14 @@ class ProgressReporter:
 def publish_stage(ref: StageRef, extra_markdown: str = "") -> None:
     """Log where the stage's outputs are and publish a markdown artifact describing them."""
     logger = get_run_logger()
-    lines = [f"## {ref.stage} `{ref.fingerprint}`", "", f"Directory: `{ref.path}`", "", "| output | path |", "|---|---|"]
+    lines = [
+        f"## {ref.stage} `{ref.fingerprint}`",
+        "",
+        f"Directory: `{ref.path}`",
+        "",
+        "| output | path |",
+        "|---|---|",
+    ]
     for name, rel in ref.outputs.items():
         lines.append(f"| {name} | `{rel}` |")
         logger.info("%s output %s: %s", ref.stage, name, os.path.join(ref.path, rel))  # rel may be absolute

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rscaffold_flows import launch as launch_mod
 
 from rscaffold.config import load_config
-from rscaffold.stages.plan import plan_fingerprints
 from rscaffold.stages.dataset import run_dataset
 from rscaffold.stages.labeling import run_labeling
+from rscaffold.stages.plan import plan_fingerprints
 from rscaffold.stages.problems import run_problems
 from rscaffold.stages.teacher import run_teacher
 from rscaffold.store import StageDir
-from rscaffold_flows import launch as launch_mod
 from rscaffold.student import STUDENT_META
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,16 @@ def test_fsdp_config_env():
     from accelerate.utils.dataclasses import get_module_class_from_name
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tiny = LlamaForCausalLM(LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, vocab_size=32))
+    tiny = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+            vocab_size=32,
+        )
+    )
     assert get_module_class_from_name(tiny, env["FSDP_TRANSFORMER_CLS_TO_WRAP"]) is not None
 
 

@@ -8,7 +8,14 @@ import time
 import pytest
 
 from rscaffold.evalsets import answers, verify_worker
-from rscaffold.evalsets.answers import check_answer, choice_options, extract_answer, find_boxed, format_choice_question, is_correct
+from rscaffold.evalsets.answers import (
+    check_answer,
+    choice_options,
+    extract_answer,
+    find_boxed,
+    format_choice_question,
+    is_correct,
+)
 
 # ---------------------------------------------------------------------------------------------
 # math extraction (GSM8K / MATH-500 style outputs)
@@ -280,7 +287,9 @@ def test_math_verify_falls_back_in_process_when_the_helper_cannot_start(monkeypa
     monkeypatch.setattr(worker, "_start", cannot_start)
     monkeypatch.setattr(verify_worker, "_WORKER", worker)
     results: list[object] = []
-    thread = threading.Thread(target=lambda: results.append(is_correct("(3, \\pi/2)", "\\left( 3, \\frac{\\pi}{2} \\right)", "math")))
+    thread = threading.Thread(
+        target=lambda: results.append(is_correct("(3, \\pi/2)", "\\left( 3, \\frac{\\pi}{2} \\right)", "math"))
+    )
     thread.start()
     thread.join(timeout=60)
     assert results == [True]

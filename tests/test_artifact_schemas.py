@@ -129,10 +129,10 @@ def finished_run(tiny_model_dir, smollm2_dir, tmp_path_factory) -> Path:
     from rscaffold.stages.dataset import run_dataset
     from rscaffold.stages.evaluation import run_evaluation
     from rscaffold.stages.labeling import run_labeling
+    from rscaffold.stages.plan import plan_fingerprints
     from rscaffold.stages.problems import run_problems
     from rscaffold.stages.teacher import run_teacher
     from rscaffold.stages.training import run_training
-    from rscaffold.stages.plan import plan_fingerprints
 
     root = tmp_path_factory.mktemp("artifact-schemas") / "artifacts"
     cfg = make_config(tiny_model_dir, smollm2_dir, root, max_steps=1)

@@ -8,10 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from rscaffold.evalsets.loaders import BENCHMARKS, BenchmarkFormatError, BenchmarkNotFoundError, HubSource, benchmark_for_record, get_benchmark, is_hub_source, load_problems, parse_hub_source
-from rscaffold.evalsets.answers import choice_options
-from rscaffold.evalsets.answers import extract_answer, is_correct
-from rscaffold.evalsets.loaders import Benchmark, subsample
+from rscaffold.evalsets.answers import choice_options, extract_answer, is_correct
+from rscaffold.evalsets.loaders import (
+    BENCHMARKS,
+    Benchmark,
+    BenchmarkFormatError,
+    BenchmarkNotFoundError,
+    HubSource,
+    benchmark_for_record,
+    get_benchmark,
+    is_hub_source,
+    load_problems,
+    parse_hub_source,
+    subsample,
+)
 from rscaffold.records import ProblemRecord
 
 # (benchmark, file relative to the shared benchmarks folder, expected count)
@@ -81,7 +91,9 @@ def test_math500_gold_is_answer_field(benchmarks_dir: Path) -> None:
     assert first.problem_id == "math500-test-precalculus-807"
     assert first.gold_answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
     # the boxed answer of each reference solution agrees with the answer field
-    wrong = [r.problem_id for r in records if not is_correct(extract_answer(r.gold_solution, "math"), r.gold_answer, "math")]
+    wrong = [
+        r.problem_id for r in records if not is_correct(extract_answer(r.gold_solution, "math"), r.gold_answer, "math")
+    ]
     assert wrong == []
 
 
@@ -160,7 +172,9 @@ def test_truthfulqa_multiple_choice(benchmarks_dir: Path) -> None:
     assert max(len(choice_options(r.question)) for r in records) <= 26
 
 
-@pytest.mark.parametrize(("name", "rel", "count"), PUBLISHED[:1] + PUBLISHED[2:], ids=[p[0] for p in PUBLISHED[:1] + PUBLISHED[2:]])
+@pytest.mark.parametrize(
+    ("name", "rel", "count"), PUBLISHED[:1] + PUBLISHED[2:], ids=[p[0] for p in PUBLISHED[:1] + PUBLISHED[2:]]
+)
 def test_limit_seed_subsample(benchmarks_dir: Path, name: str, rel: str, count: int) -> None:
     path = str(benchmarks_dir / rel)
     full = load_problems(path, name)
@@ -283,7 +297,9 @@ def test_parse_hub_source() -> None:
     )
     assert parse_hub_source("hub:gsm8k") == HubSource("gsm8k")
     assert str(parse_hub_source("hub:openai/gsm8k@main:train")) == "hub:openai/gsm8k@main:train"
-    assert is_hub_source("hub:openai/gsm8k") and not is_hub_source("data/hub.jsonl") and not is_hub_source(Path("hub:x"))
+    assert (
+        is_hub_source("hub:openai/gsm8k") and not is_hub_source("data/hub.jsonl") and not is_hub_source(Path("hub:x"))
+    )
     for bad in ("openai/gsm8k", "hub:", "hub:openai/gsm8k:", "hub:/gsm8k", "hub:a/b/c", "hub:openai/gsm8k:te st"):
         with pytest.raises(ValueError):
             parse_hub_source(bad)
@@ -314,8 +330,15 @@ def test_hub_rows_convert_like_local_rows(monkeypatch: pytest.MonkeyPatch) -> No
 
     calls: list[tuple[object, ...]] = []
     rows = [
-        {"type": "Adversarial", "category": "Misc", "question": "Is the sky green?", "best_answer": "No",
-         "correct_answers": ["No"], "incorrect_answers": ["Yes", "It is green"], "source": "x"},
+        {
+            "type": "Adversarial",
+            "category": "Misc",
+            "question": "Is the sky green?",
+            "best_answer": "No",
+            "correct_answers": ["No"],
+            "incorrect_answers": ["Yes", "It is green"],
+            "source": "x",
+        },
     ]
 
     def fake_load_dataset(path: str, name: str | None = None, split: str | None = None) -> list[dict[str, object]]:
@@ -337,7 +360,13 @@ def test_hub_rows_convert_like_local_rows(monkeypatch: pytest.MonkeyPatch) -> No
 def test_registry_specs() -> None:
     assert set(BENCHMARKS) == {"gsm8k", "math500", "strategyqa", "commonsenseqa", "truthfulqa"}
     types = {name: b.answer_type for name, b in BENCHMARKS.items()}
-    assert types == {"gsm8k": "math", "math500": "math", "strategyqa": "yesno", "commonsenseqa": "choice", "truthfulqa": "choice"}
+    assert types == {
+        "gsm8k": "math",
+        "math500": "math",
+        "strategyqa": "yesno",
+        "commonsenseqa": "choice",
+        "truthfulqa": "choice",
+    }
     for bench in BENCHMARKS.values():
         assert bench.prompt_template.count("{question}") == 1
         assert bench.prompt_template.replace("{question}", "").count("{") == 0

@@ -1,9 +1,8 @@
 """The CLI validates everything before any stage starts (no Prefect run is created)."""
 
 import yaml
-from typer.testing import CliRunner
-
 from rscaffold_flows.cli import app
+from typer.testing import CliRunner
 
 runner = CliRunner()
 
@@ -48,5 +47,7 @@ def test_show_config_and_fingerprints(tmp_path):
     assert out.exit_code == 0 and "signal_loss_weight" in out.output
     out = runner.invoke(app, ["fingerprints", "--artifacts-dir", str(tmp_path)])
     assert out.exit_code == 0
-    assert all(stage in out.output for stage in ("problems", "teacher", "labeling", "dataset", "training", "evaluation"))
+    assert all(
+        stage in out.output for stage in ("problems", "teacher", "labeling", "dataset", "training", "evaluation")
+    )
     assert "missing" in out.output

@@ -82,9 +82,8 @@ def test_example_configs_validate():
 
 
 def test_teacher_prompt_defaults_to_the_benchmark_family():
-    from rscaffold.stages.teacher import teacher_prompt_config
-    from rscaffold.stages.teacher import build_request
     from rscaffold.records import ProblemRecord
+    from rscaffold.stages.teacher import build_request, teacher_prompt_config
 
     p = ProblemRecord(problem_id="x", split="train", source="s", question="Is water wet?", gold_answer="yes")
     yesno = teacher_prompt_config(PipelineConfig.model_validate({"problems": {"format": "strategyqa"}}))

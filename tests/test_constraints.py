@@ -3,9 +3,9 @@
 import pytest
 
 from rscaffold.config import BackendConfig, SamplingConfig
+from rscaffold.labeling.parsing import parse_labels
 from rscaffold.labeling.prompts import label_line_choices
 from rscaffold.labeling.taxonomy import load_taxonomy
-from rscaffold.labeling.parsing import parse_labels
 from rscaffold.llm.base import ChatRequest
 from rscaffold.llm.constraints import LineChoiceConstraint
 from rscaffold.llm.transformers_local import TransformersBackend
@@ -39,7 +39,10 @@ def test_random_model_output_is_always_a_valid_label_answer(tiny_model_dir, temp
         ChatRequest(f"r{n}", [{"role": "user", "content": f"label {n} steps"}], line_choices=label_line_choices(n, tax))
         for n in (1, 3, 6)
     ] + [ChatRequest("free", [{"role": "user", "content": "say something"}])]
-    outs = {c.request_id: c for c in backend.generate(reqs, SamplingConfig(max_new_tokens=4, temperature=temperature, seed=3))}
+    outs = {
+        c.request_id: c
+        for c in backend.generate(reqs, SamplingConfig(max_new_tokens=4, temperature=temperature, seed=3))
+    }
     for n in (1, 3, 6):
         text = outs[f"r{n}"].text
         labels = parse_labels(text, n, tax)  # raises if malformed

@@ -7,14 +7,23 @@ SIG = ["Reasoning and Analysis", "Conclusion and Summary", "Contrast and Concess
 
 def trace(pid: str, sample: int = 0, status: str = "ok", correct: bool = True) -> TraceRecord:
     return TraceRecord(
-        trace_id=f"{pid}#{sample}", problem_id=pid, sample_index=sample, question=f"Q {pid}", gold_answer="4",
-        text="2 + 2 = 4\n\nThe answer is 4.", predicted_answer="4" if correct else "5", correct=correct, status=status,
+        trace_id=f"{pid}#{sample}",
+        problem_id=pid,
+        sample_index=sample,
+        question=f"Q {pid}",
+        gold_answer="4",
+        text="2 + 2 = 4\n\nThe answer is 4.",
+        predicted_answer="4" if correct else "5",
+        correct=correct,
+        status=status,
     )
 
 
 def steps_for(t: TraceRecord, signals=("Reasoning and Analysis", "Conclusion and Summary")) -> list[LabeledStepRecord]:
     return [
-        LabeledStepRecord(trace_id=t.trace_id, problem_id=t.problem_id, step_index=i, text=f"step {i}", signal=s, source="llm")
+        LabeledStepRecord(
+            trace_id=t.trace_id, problem_id=t.problem_id, step_index=i, text=f"step {i}", signal=s, source="llm"
+        )
         for i, s in enumerate(signals)
     ]
 
@@ -37,16 +46,24 @@ def test_assembly_joins_orders_and_splits_by_problem():
 def test_filters_are_counted():
     good, failed, wrong, nosteps = trace("a"), trace("b", status="failed"), trace("c", correct=False), trace("d")
     steps = steps_for(good) + steps_for(failed) + steps_for(wrong)
-    ex, dropped = assemble_examples([good, failed, wrong, nosteps], steps, DatasetConfig(only_correct=True, validation_fraction=0))
+    ex, dropped = assemble_examples(
+        [good, failed, wrong, nosteps], steps, DatasetConfig(only_correct=True, validation_fraction=0)
+    )
     assert [e.problem_id for e in ex] == ["a"]
     assert dropped == {"failed": 1, "incorrect": 1, "too_few_steps": 1}
 
 
 def test_stats_count_signals_and_steps():
     ts = [trace("a"), trace("b")]
-    steps = steps_for(ts[0]) + steps_for(ts[1], ("Contrast and Concession", "Reasoning and Analysis", "Conclusion and Summary"))
+    steps = steps_for(ts[0]) + steps_for(
+        ts[1], ("Contrast and Concession", "Reasoning and Analysis", "Conclusion and Summary")
+    )
     ex, _ = assemble_examples(ts, steps, DatasetConfig(validation_fraction=0))
     st = dataset_stats(ex, SIG)
     assert st["rows"] == 2 and st["mean_steps"] == 2.5
-    assert st["signal_counts"] == {"Reasoning and Analysis": 2, "Conclusion and Summary": 2, "Contrast and Concession": 1}
+    assert st["signal_counts"] == {
+        "Reasoning and Analysis": 2,
+        "Conclusion and Summary": 2,
+        "Contrast and Concession": 1,
+    }
     assert st["splits"] == {"train": 2} and st["label_sources"] == {"llm": 5}

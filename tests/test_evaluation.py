@@ -11,9 +11,36 @@ def problem(i: int, gold: str = "18") -> ProblemRecord:
 
 
 def test_score_output_checks_numbers():
-    good = score_output("cot_sft", "gsm8k", problem(0), "6 * 3 = 18\n\nThe answer is 18.", "math", 9, [], 0.1)
-    bad = score_output("cot_sft", "gsm8k", problem(1), "The answer is 17.", "math", 5, [], 0.1)
-    none = score_output("base", "gsm8k", problem(2), "I am not sure.", "math", 4, [], 0.1)
+    good = score_output(
+        "cot_sft",
+        "gsm8k",
+        problem(0),
+        output="6 * 3 = 18\n\nThe answer is 18.",
+        answer_type="math",
+        output_tokens=9,
+        signals=[],
+        latency_s=0.1,
+    )
+    bad = score_output(
+        "cot_sft",
+        "gsm8k",
+        problem(1),
+        output="The answer is 17.",
+        answer_type="math",
+        output_tokens=5,
+        signals=[],
+        latency_s=0.1,
+    )
+    none = score_output(
+        "base",
+        "gsm8k",
+        problem(2),
+        output="I am not sure.",
+        answer_type="math",
+        output_tokens=4,
+        signals=[],
+        latency_s=0.1,
+    )
     assert good.correct and good.parsed and good.predicted_answer == "18"
     assert not bad.correct and bad.parsed
     assert not none.correct and not none.parsed and none.predicted_answer is None
@@ -30,10 +57,46 @@ def test_bootstrap_interval_contains_mean_and_is_deterministic():
 
 def test_metrics_per_model():
     preds = [
-        score_output("base", "gsm8k", problem(0), "The answer is 18.", "math", 10, [], 0.0),
-        score_output("base", "gsm8k", problem(1), "no idea", "math", 20, [], 0.0),
-        score_output("scaffolded", "gsm8k", problem(0), "The answer is 18.", "math", 6, ["Conclusion and Summary"], 0.0),
-        score_output("scaffolded", "gsm8k", problem(1), "The answer is 18.", "math", 8, ["Reasoning and Analysis", "Conclusion and Summary"], 0.0),
+        score_output(
+            "base",
+            "gsm8k",
+            problem(0),
+            output="The answer is 18.",
+            answer_type="math",
+            output_tokens=10,
+            signals=[],
+            latency_s=0.0,
+        ),
+        score_output(
+            "base",
+            "gsm8k",
+            problem(1),
+            output="no idea",
+            answer_type="math",
+            output_tokens=20,
+            signals=[],
+            latency_s=0.0,
+        ),
+        score_output(
+            "scaffolded",
+            "gsm8k",
+            problem(0),
+            output="The answer is 18.",
+            answer_type="math",
+            output_tokens=6,
+            signals=["Conclusion and Summary"],
+            latency_s=0.0,
+        ),
+        score_output(
+            "scaffolded",
+            "gsm8k",
+            problem(1),
+            output="The answer is 18.",
+            answer_type="math",
+            output_tokens=8,
+            signals=["Reasoning and Analysis", "Conclusion and Summary"],
+            latency_s=0.0,
+        ),
     ]
     m = {x.model: x for x in compute_metrics(preds, bootstrap_samples=100)}
     assert [x.model for x in compute_metrics(preds, 0)] == ["base", "scaffolded"]

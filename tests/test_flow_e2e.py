@@ -8,6 +8,7 @@ injected into the training stage.
 
 from __future__ import annotations
 
+import importlib
 from collections import Counter
 from pathlib import Path
 
@@ -16,10 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-import importlib
 from rscaffold.config import config_from_dict
-from rscaffold.vocabulary import STAGES
 from rscaffold.stages.plan import plan_fingerprints
+from rscaffold.vocabulary import STAGES
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,12 @@ def make_config(tiny_model_dir: Path, smollm2_dir: Path, artifacts: Path, **trai
                 "save_steps": 1,
                 **training,
             },
-            "evaluation": {"max_new_tokens": 12, "batch_size": 4, "bootstrap_samples": 50, "guided": {"max_steps": 3, "max_step_tokens": 6}},
+            "evaluation": {
+                "max_new_tokens": 12,
+                "batch_size": 4,
+                "bootstrap_samples": 50,
+                "guided": {"max_steps": 3, "max_step_tokens": 6},
+            },
         }
     )
 
@@ -128,6 +133,7 @@ def test_pipeline_end_to_end(harness, tiny_model_dir, smollm2_dir, tmp_path, mon
 
 def test_training_failure_keeps_upstream_and_resumes(harness, tiny_model_dir, smollm2_dir, tmp_path, monkeypatch):
     from rscaffold_flows.pipeline import rscaffold_pipeline
+
     import rscaffold.training.trainer as trainer_mod
 
     cfg = make_config(tiny_model_dir, smollm2_dir, tmp_path / "artifacts", max_steps=3)
@@ -135,12 +141,20 @@ def test_training_failure_keeps_upstream_and_resumes(harness, tiny_model_dir, sm
     original = trainer_mod.train_student
     trained: list[bool] = []
 
-    def failing_after_scaffolded(rows, tcfg, names, tokens, out, scaffolded, model_card_info):
+    def failing_after_scaffolded(rows, tcfg, names, *, signal_tokens, output_dir, scaffolded, model_card_info):
         # Injected failure: the scaffolded student trains, then the baseline's training crashes.
         if not scaffolded:
             raise RuntimeError("injected failure in training")
         trained.append(scaffolded)
-        return original(rows, tcfg, names, tokens, out, scaffolded=scaffolded, model_card_info=model_card_info)
+        return original(
+            rows,
+            tcfg,
+            names,
+            signal_tokens=signal_tokens,
+            output_dir=output_dir,
+            scaffolded=scaffolded,
+            model_card_info=model_card_info,
+        )
 
     monkeypatch.setattr(trainer_mod, "train_student", failing_after_scaffolded)
     with pytest.raises(RuntimeError, match="injected failure"):
@@ -154,9 +168,17 @@ def test_training_failure_keeps_upstream_and_resumes(harness, tiny_model_dir, sm
 
     retrained: list[bool] = []
 
-    def counting(rows, tcfg, names, tokens, out, scaffolded, model_card_info):
+    def counting(rows, tcfg, names, *, signal_tokens, output_dir, scaffolded, model_card_info):
         retrained.append(scaffolded)
-        return original(rows, tcfg, names, tokens, out, scaffolded=scaffolded, model_card_info=model_card_info)
+        return original(
+            rows,
+            tcfg,
+            names,
+            signal_tokens=signal_tokens,
+            output_dir=output_dir,
+            scaffolded=scaffolded,
+            model_card_info=model_card_info,
+        )
 
     monkeypatch.setattr(trainer_mod, "train_student", counting)
     counter = CallCounter(monkeypatch)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from rscaffold.labeling.quality import label_quality_report
 from rscaffold.labeling.report import plot_transition_heatmap, render_quality_markdown, short_signal_names
+from rscaffold.labeling.taxonomy import Taxonomy, load_taxonomy
 from rscaffold.paths import data_dir
 from rscaffold.records import LabeledStepRecord
-from rscaffold.labeling.taxonomy import Taxonomy, load_taxonomy
-from rscaffold.labeling.quality import label_quality_report
 
 CONTRAST = "Contrast and Concession"
 ADDITION = "Addition and Elaboration"
@@ -33,8 +33,14 @@ def tax() -> Taxonomy:
 
 def _rec(trace: str, i: int, signal: str, prelabel: str | None, source: str, text: str) -> LabeledStepRecord:
     return LabeledStepRecord(
-        trace_id=trace, problem_id=f"p-{trace}", step_index=i, text=text,
-        prelabel=prelabel, cue="cue" if prelabel else None, signal=signal, source=source,
+        trace_id=trace,
+        problem_id=f"p-{trace}",
+        step_index=i,
+        text=text,
+        prelabel=prelabel,
+        cue="cue" if prelabel else None,
+        signal=signal,
+        source=source,
     )
 
 

@@ -2,14 +2,14 @@
 
 import pytest
 
-from rscaffold.stages import labeling as labeling_stage
-from rscaffold.stages.plan import plan_fingerprints
-from rscaffold.stages.problems import run_problems
-from rscaffold.stages.teacher import run_teacher
 from rscaffold.config import config_from_dict
 from rscaffold.llm.base import Capabilities
 from rscaffold.paths import data_dir
 from rscaffold.records import LabeledStepRecord
+from rscaffold.stages import labeling as labeling_stage
+from rscaffold.stages.plan import plan_fingerprints
+from rscaffold.stages.problems import run_problems
+from rscaffold.stages.teacher import run_teacher
 from rscaffold.store import StageDir
 
 
@@ -18,8 +18,16 @@ def test_fallback_rate_above_threshold_fails_after_saving(tiny_model_dir, tmp_pa
     cfg = config_from_dict(
         {
             "run": {"artifacts_dir": str(tmp_path)},
-            "problems": {"train": str(d / "train.jsonl"), "eval": str(d / "eval.jsonl"), "limit_train": 4, "limit_eval": 2},
-            "teacher": {"llm": {"model": str(tiny_model_dir)}, "sampling": {"max_new_tokens": 16, "temperature": 1.0, "seed": 1}},
+            "problems": {
+                "train": str(d / "train.jsonl"),
+                "eval": str(d / "eval.jsonl"),
+                "limit_train": 4,
+                "limit_eval": 2,
+            },
+            "teacher": {
+                "llm": {"model": str(tiny_model_dir)},
+                "sampling": {"max_new_tokens": 16, "temperature": 1.0, "seed": 1},
+            },
             "labeling": {"max_fallback_rate": 0.5, "retries_on_invalid": 0},
         }
     )

@@ -14,7 +14,7 @@ def test_prepared_smollm2_is_a_plain_model_that_generates(smollm2_dir):
     msgs = [{"role": "user", "content": "What is 2 + 3? Answer with a number."}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    text = tok.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tok.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "5" in text
 
 

@@ -71,7 +71,10 @@ def test_prefect_yaml_is_a_valid_project_file():
     assert set(deployments) == {"nightly", "stage"}
     for d in deployments.values():
         path, func = d.entrypoint.split(":")
-        assert load_flow_from_entrypoint(f"{REPO / path}:{func}").name == {"nightly": "rscaffold-pipeline", "stage": "rscaffold-stage"}[d.name]
+        assert (
+            load_flow_from_entrypoint(f"{REPO / path}:{func}").name
+            == {"nightly": "rscaffold-pipeline", "stage": "rscaffold-stage"}[d.name]
+        )
         assert d.work_pool.name == POOL
     (nightly_schedule,) = deployments["nightly"].schedules
     assert isinstance(nightly_schedule, RawScheduleConfig)
@@ -83,7 +86,6 @@ def test_prefect_yaml_is_a_valid_project_file():
 def test_prefect_yaml_parameters_are_the_default_config_and_fit_the_flow_schema():
     from prefect.utilities.callables import parameter_schema
     from prefect.utilities.schema_tools import validate
-
     from rscaffold_flows.pipeline import rscaffold_pipeline, rscaffold_stage
 
     default = load_config()
@@ -97,7 +99,6 @@ def test_prefect_yaml_parameters_are_the_default_config_and_fit_the_flow_schema(
 
 def test_served_deployments(tmp_path, monkeypatch):
     from prefect.client.schemas.schedules import CronSchedule
-
     from rscaffold_flows.serve import ServeError, served_deployments
 
     monkeypatch.chdir(tmp_path)
@@ -120,9 +121,8 @@ def test_served_deployments(tmp_path, monkeypatch):
 
 def test_serve_command_needs_a_server():
     from prefect.settings import temporary_settings
-    from typer.testing import CliRunner
-
     from rscaffold_flows.cli import app
+    from typer.testing import CliRunner
 
     with temporary_settings(restore_defaults={"api.url"}):
         result = CliRunner().invoke(app, ["serve"])
@@ -145,7 +145,9 @@ class Server:
         """Point this process's Prefect client (and in-process flows) at the server."""
         from prefect.settings import temporary_settings
 
-        with temporary_settings(updates={"api.url": self.url, "results.local_storage_path": str(self.home / "storage")}):
+        with temporary_settings(
+            updates={"api.url": self.url, "results.local_storage_path": str(self.home / "storage")}
+        ):
             try:
                 yield
             finally:
@@ -275,7 +277,12 @@ def server(tmp_path_factory):
 
 def _cli(server: Server, *args: str, cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [str(BIN / "prefect"), "--no-prompt", *args], cwd=cwd, env=server.env, capture_output=True, text=True, timeout=timeout
+        [str(BIN / "prefect"), "--no-prompt", *args],
+        cwd=cwd,
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -289,7 +296,9 @@ def _worker(server: Server, cwd: Path, run_once: bool):
     if run_once:
         args.append("--run-once")
     with open(log, "w") as out:
-        proc = subprocess.Popen(args, cwd=cwd, env=server.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            args, cwd=cwd, env=server.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         yield proc, log
     finally:
@@ -317,7 +326,9 @@ def _wait(predicate, timeout: float, what: str, interval: float = 0.5, show=None
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f": {show()}" if show else ""))
+            raise AssertionError(
+                f"timed out after {timeout:.0f} s waiting for {what}" + (f": {show()}" if show else "")
+            )
         time.sleep(interval)
 
 
@@ -382,10 +393,17 @@ def test_deploy_registers_schedule_and_parameters(server, deployed):
             assert (t.hour, t.minute) == (3, 0), t
         # Keep the rest of the module's workers away from real nightly runs.
         client.pause_deployment(nightly.id)
-        _wait(lambda: not client.read_flow_runs(
-            deployment_filter=DeploymentFilter(id={"any_": [nightly.id]}),
-            flow_run_filter=FlowRunFilter(state={"type": {"any_": ["SCHEDULED"]}}),
-        ), 30, "the paused deployment's scheduled runs to go", interval=1)
+        _wait(
+            lambda: (
+                not client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id={"any_": [nightly.id]}),
+                    flow_run_filter=FlowRunFilter(state={"type": {"any_": ["SCHEDULED"]}}),
+                )
+            ),
+            30,
+            "the paused deployment's scheduled runs to go",
+            interval=1,
+        )
 
 
 @pytest.mark.slow
@@ -420,8 +438,9 @@ def test_worker_runs_the_deployment(server, deployed, tiny_model_dir, smollm2_di
 @pytest.mark.slow
 def test_task_retries_are_in_the_server_history(server, tiny_model_dir, smollm2_dir, tmp_path, monkeypatch):
     """(c) our problems task, run.retries=2, fails twice and succeeds on the third try."""
-    import rscaffold.stages.problems as pipeline_mod
     from rscaffold_flows.pipeline import rscaffold_stage
+
+    import rscaffold.stages.problems as pipeline_mod
 
     counter = tmp_path / "attempts"
     counter.write_text("0")
@@ -457,7 +476,9 @@ def test_task_retries_are_in_the_server_history(server, tiny_model_dir, smollm2_
             return names if names.count("AwaitingRetry") == 2 and names[-1] == "Completed" else None
 
         names = _wait(
-            history, 30, "two retries in the task-run history",
+            history,
+            30,
+            "two retries in the task-run history",
             show=lambda: [(s.type.value, s.name) for s in client.read_task_run_states(task.id)],
         )
         # Running -> (fails) AwaitingRetry -> Retrying, twice; then Completed
@@ -466,7 +487,9 @@ def test_task_retries_are_in_the_server_history(server, tiny_model_dir, smollm2_
 
 
 @pytest.mark.slow
-def test_killed_worker_keeps_earlier_stages_and_next_run_resumes(server, deployed, tiny_model_dir, smollm2_dir, tmp_path):
+def test_killed_worker_keeps_earlier_stages_and_next_run_resumes(
+    server, deployed, tiny_model_dir, smollm2_dir, tmp_path
+):
     """(d) kill the worker (and its flow-run process) while training; the next run resumes."""
     from prefect.deployments import run_deployment
     from prefect.states import Crashed
@@ -519,7 +542,6 @@ def test_killed_worker_keeps_earlier_stages_and_next_run_resumes(server, deploye
 def test_rscaffold_serve(server, tiny_model_dir, smollm2_dir, tmp_path):
     """(e) `rscaffold serve`: deployments with the schedule and config, a run executed, paused on exit."""
     from prefect.deployments import run_deployment
-
     from rscaffold_flows.serve import deployment_parameters
 
     cfg = _fast_config(tiny_model_dir, smollm2_dir, tmp_path / "served-artifacts")
@@ -551,7 +573,9 @@ def test_rscaffold_serve(server, tiny_model_dir, smollm2_dir, tmp_path):
             assert nightly.parameters["config"] == deployment_parameters(cfg)["config"]
 
             # A run started from the API is executed by the serving process.
-            run = run_deployment("rscaffold-stage/stage-served", parameters={"stage": "problems"}, timeout=120, poll_interval=1)
+            run = run_deployment(
+                "rscaffold-stage/stage-served", parameters={"stage": "problems"}, timeout=120, poll_interval=1
+            )
             assert run.state.is_completed(), f"{run.state!r}\n{_tail(log)}"
             assert _stage_manifests(cfg)["problems"] is not None
 

@@ -14,9 +14,9 @@ import pytest
 from rscaffold.config import BenchmarkSource, EvaluationConfig, GuidedInferenceConfig, TinyModelConfig, config_from_dict
 from rscaffold.evaluation.consistency import check_consistency, yesno_verdicts
 from rscaffold.evaluation.metrics import compute_metrics, score_output
+from rscaffold.evaluation.report import accuracy_table, find_evaluation_dir, render_report, write_report
 from rscaffold.evaluation.signals import transition_agreement, transition_counts
 from rscaffold.records import MetricRecord, PredictionRecord, ProblemRecord
-from rscaffold.evaluation.report import accuracy_table, find_evaluation_dir, render_report, write_report
 from rscaffold.store import write_records
 
 # ---------------------------------------------------------------------------------------------
@@ -59,7 +59,11 @@ def test_math_consistency(output, predicted, consistent, check):
         ("Yes, birds can fly.\n\nBut penguins are birds that cannot.\n\nThe answer is no.", "no", False),
         ("So, yes.\n\nWait, that is wrong.\n\nThe answer is no.", "no", False),
         ("The answer is yes.\n\nThe answer is no.", "no", False),
-        ("No one lives there now.\n\nIt was abandoned in 1900.\n\nThe answer is yes.", "yes", True),  # "No one": no verdict
+        (
+            "No one lives there now.\n\nIt was abandoned in 1900.\n\nThe answer is yes.",
+            "yes",
+            True,
+        ),  # "No one": no verdict
         ("Therefore, yes.\n\nThe answer is \\boxed{yes}.", "yes", True),
         ("Penguins cannot fly.\n\nThe answer is no.", "no", True),
         ("I am not sure.", None, None),
@@ -83,11 +87,35 @@ def test_score_output_flags_and_choice_options():
     q = "Where do fish live?\nA. desert\nB. river\nC. sky"
     p = ProblemRecord(problem_id="c1", split="eval", source="commonsenseqa", question=q, gold_answer="B")
     # answered with the option's text, not its letter: found through the question's options
-    r = score_output("base", "commonsenseqa", p, "Fish need water.\n\nThey live in a river", "choice", 9, [], 0.1, decoding="plain")
+    r = score_output(
+        "base",
+        "commonsenseqa",
+        p,
+        output="Fish need water.\n\nThey live in a river",
+        answer_type="choice",
+        output_tokens=9,
+        signals=[],
+        latency_s=0.1,
+        decoding="plain",
+    )
     assert r.predicted_answer == "B" and r.correct and r.consistent is None and r.n_steps == 2 and r.decoding == "plain"
     m = ProblemRecord(problem_id="m1", split="eval", source="gsm8k", question="q", gold_answer="20")
-    bad = score_output("cot_sft", "gsm8k", m, "6 * 3 = 18\n\nThe answer is 20.", "math", 9, [], 0.1)
-    assert bad.correct and bad.consistent is False and bad.consistency_check == "math_equation" and bad.consistency_evidence == "6 * 3 = 18"
+    bad = score_output(
+        "cot_sft",
+        "gsm8k",
+        m,
+        output="6 * 3 = 18\n\nThe answer is 20.",
+        answer_type="math",
+        output_tokens=9,
+        signals=[],
+        latency_s=0.1,
+    )
+    assert (
+        bad.correct
+        and bad.consistent is False
+        and bad.consistency_check == "math_equation"
+        and bad.consistency_evidence == "6 * 3 = 18"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,12 +127,14 @@ NAMES = ["A", "B", "C"]
 def test_transition_agreement_identical_and_disjoint():
     teacher = transition_counts([["A", "B", "C"], ["A", "B", "C"]], NAMES)
     assert teacher == [[0, 2, 0], [0, 0, 2], [0, 0, 0]]
-    same = transition_agreement([["A", "B", "C"]], teacher, NAMES, {"A": 2, "B": 2, "C": 2})
+    same = transition_agreement([["A", "B", "C"]], teacher, NAMES, teacher_signal_counts={"A": 2, "B": 2, "C": 2})
     assert same["transition_tv"] == 0 and same["transition_coverage"] == 1 and same["signal_tv"] == 0
     assert same["rows_compared"] == 2 and same["generated_transitions"] == 2
     assert same["transition_kl"] == pytest.approx(math.log(2.5 / 1.5))  # smoothing only: (1 + .5) / (1 + 3 * .5)
     # from A the student always goes to C, from B always back to A: disjoint next-signal rows
-    other = transition_agreement([["A", "C"], ["B", "A"]], teacher, NAMES, {"A": 2, "B": 2, "C": 2})
+    other = transition_agreement(
+        [["A", "C"], ["B", "A"]], teacher, NAMES, teacher_signal_counts={"A": 2, "B": 2, "C": 2}
+    )
     assert other["transition_tv"] == pytest.approx(1.0) and other["transition_kl"] > same["transition_kl"]
 
 
@@ -124,10 +154,23 @@ def test_transition_agreement_weights_rows_by_teacher_mass():
 
 def _pred(model, bench, i, correct, signals=(), consistent=None, tokens=10):
     return PredictionRecord(
-        model=model, benchmark=bench, problem_id=f"{bench}-{i}", question="q", gold_answer="1", output="o",
-        predicted_answer="1" if correct else "2", correct=correct, parsed=True, output_tokens=tokens, signals=list(signals),
-        latency_s=0.01, decoding="guided" if signals else "plain", n_steps=max(1, len(signals)), consistent=consistent,
-        consistency_check=None if consistent is None else "math_equation", consistency_evidence=None if consistent is not False else "1 + 1 = 2",
+        model=model,
+        benchmark=bench,
+        problem_id=f"{bench}-{i}",
+        question="q",
+        gold_answer="1",
+        output="o",
+        predicted_answer="1" if correct else "2",
+        correct=correct,
+        parsed=True,
+        output_tokens=tokens,
+        signals=list(signals),
+        latency_s=0.01,
+        decoding="guided" if signals else "plain",
+        n_steps=max(1, len(signals)),
+        consistent=consistent,
+        consistency_check=None if consistent is None else "math_equation",
+        consistency_evidence=None if consistent is not False else "1 + 1 = 2",
     )
 
 
@@ -136,7 +179,16 @@ def _predictions() -> list[PredictionRecord]:
     for bench in ("gsm8k", "strategyqa"):
         for i in range(6):
             out.append(_pred("base", bench, i, i % 3 == 0, consistent=i % 2 == 0))
-            out.append(_pred("scaffolded", bench, i, i % 2 == 0, signals=["A", "B", "C"] if i % 2 else ["A", "C"], consistent=True))
+            out.append(
+                _pred(
+                    "scaffolded",
+                    bench,
+                    i,
+                    i % 2 == 0,
+                    signals=["A", "B", "C"] if i % 2 else ["A", "C"],
+                    consistent=True,
+                )
+            )
     return out
 
 
@@ -146,7 +198,11 @@ TEACHER = {"names": NAMES, "transitions": [[0, 4, 1], [0, 0, 4], [0, 0, 0]], "si
 def test_metrics_with_consistency_and_agreement():
     metrics = {(m.model, m.benchmark): m for m in compute_metrics(_predictions(), 200, 0, teacher=TEACHER)}
     base, scaf = metrics[("base", "gsm8k")], metrics[("scaffolded", "gsm8k")]
-    assert base.accuracy == pytest.approx(2 / 6) and base.consistency_checked == 6 and base.consistency_rate == pytest.approx(0.5)
+    assert (
+        base.accuracy == pytest.approx(2 / 6)
+        and base.consistency_checked == 6
+        and base.consistency_rate == pytest.approx(0.5)
+    )
     assert base.transition_tv is None and base.generated_signals == 0
     assert scaf.generated_signals == 15 and scaf.mean_steps == pytest.approx(2.5)
     assert 0 <= scaf.transition_tv <= 1 and scaf.transition_kl >= 0 and scaf.signal_tv is not None
@@ -172,9 +228,8 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_report_regenerated_from_parquet(tmp_path):
-    from typer.testing import CliRunner
-
     from rscaffold_flows.cli import app
+    from typer.testing import CliRunner
 
     root = tmp_path / "artifacts"
     old = _write_eval_dir(root / "evaluation" / "aaaa", _predictions()[:12], finished_at=1.0)
@@ -222,14 +277,23 @@ def test_render_report_without_signals_or_checks():
 def test_benchmark_sources_config(tmp_path):
     (tmp_path / "bench").mkdir()
     cfg = config_from_dict(
-        {"evaluation": {"benchmarks": [{"name": "gsm8k", "source": "bench", "limit": 3}, {"name": "truthfulqa", "source": "hub:truthfulqa/truthful_qa"}]}},
+        {
+            "evaluation": {
+                "benchmarks": [
+                    {"name": "gsm8k", "source": "bench", "limit": 3},
+                    {"name": "truthfulqa", "source": "hub:truthfulqa/truthful_qa"},
+                ]
+            }
+        },
         base=tmp_path,
     )
     assert cfg.evaluation.benchmarks[0].source == str((tmp_path / "bench").resolve())  # relative to the config file
     assert cfg.evaluation.benchmarks[1].source.startswith("hub:")
     assert EvaluationConfig().benchmarks == [] and EvaluationConfig().prompt == "benchmark"
     with pytest.raises(ValueError, match="repeated"):
-        EvaluationConfig(benchmarks=[BenchmarkSource(name="gsm8k", source="a"), BenchmarkSource(name="gsm8k", source="b")])
+        EvaluationConfig(
+            benchmarks=[BenchmarkSource(name="gsm8k", source="a"), BenchmarkSource(name="gsm8k", source="b")]
+        )
     with pytest.raises(ValueError):
         BenchmarkSource(name="mmlu", source="a")
 
@@ -249,8 +313,8 @@ def random_student(smollm2_dir):
     torch = pytest.importorskip("torch")
     from rscaffold.models import build_tiny_model
     from rscaffold.prompts import STUDENT_SYSTEM_PROMPT
-    from rscaffold.training.signal_tokens import add_signal_tokens
     from rscaffold.student import Student
+    from rscaffold.training.signal_tokens import add_signal_tokens
 
     model, tok = build_tiny_model(str(smollm2_dir), TinyModelConfig(seed=0))
     ids = add_signal_tokens(tok, model, SIG_TOKENS)
@@ -264,8 +328,16 @@ def random_student(smollm2_dir):
         model.lm_head.weight = torch.nn.Parameter(w)
         model.config.tie_word_embeddings = False
     model.eval()
-    return Student(model=model, tokenizer=tok, signal_names=SIG_NAMES, signal_tokens=SIG_TOKENS, signal_token_ids=ids,
-                   scaffolded=True, signal_objective="token", system_prompt=STUDENT_SYSTEM_PROMPT)
+    return Student(
+        model=model,
+        tokenizer=tok,
+        signal_names=SIG_NAMES,
+        signal_tokens=SIG_TOKENS,
+        signal_token_ids=ids,
+        scaffolded=True,
+        signal_objective="token",
+        system_prompt=STUDENT_SYSTEM_PROMPT,
+    )
 
 
 QUESTIONS = [
@@ -293,17 +365,24 @@ def _key(g):
 def test_batched_guided_equals_unbatched(random_student, guided):
     from rscaffold.inference import generate
 
-    single = generate(random_student, questions=QUESTIONS, mode="guided", max_new_tokens=28, batch_size=1, guided=guided)
+    single = generate(
+        random_student, questions=QUESTIONS, mode="guided", max_new_tokens=28, batch_size=1, guided=guided
+    )
     kinds = {s is None for g in single for s in g.step_signals}
     assert kinds == {True, False}, "the gate both committed signals and fell back to free decoding"
     assert any(g.text for g in single) and len({g.output_tokens for g in single}) > 1
     if guided.prune_signals:
         assert not any("elaborate" in g.signals for g in single)
     for bs in (4, 6):
-        batched = generate(random_student, questions=QUESTIONS, mode="guided", max_new_tokens=28, batch_size=bs, guided=guided)
+        batched = generate(
+            random_student, questions=QUESTIONS, mode="guided", max_new_tokens=28, batch_size=bs, guided=guided
+        )
         assert [_key(g) for g in batched] == [_key(g) for g in single]
         for a, b in zip(single, batched):
-            assert all((x is None) == (y is None) and (x is None or math.isclose(x, y, abs_tol=1e-4)) for x, y in zip(a.confidences, b.confidences))
+            assert all(
+                (x is None) == (y is None) and (x is None or math.isclose(x, y, abs_tol=1e-4))
+                for x, y in zip(a.confidences, b.confidences)
+            )
     assert all(g.output_tokens <= 28 and g.latency_s > 0 for g in single)
 
 
@@ -339,8 +418,14 @@ def students(random_student, smollm2_dir, tmp_path_factory) -> Path:
     s = random_student
     s.model.save_pretrained(d / "scaffolded")
     s.tokenizer.save_pretrained(d / "scaffolded")
-    meta = {"scaffolded": True, "signal_objective": "token", "signal_names": SIG_NAMES, "signal_tokens": SIG_TOKENS,
-            "signal_token_ids": s.signal_token_ids, "system_prompt": s.system_prompt}
+    meta = {
+        "scaffolded": True,
+        "signal_objective": "token",
+        "signal_names": SIG_NAMES,
+        "signal_tokens": SIG_TOKENS,
+        "signal_token_ids": s.signal_token_ids,
+        "system_prompt": s.system_prompt,
+    }
     (d / "scaffolded" / "rscaffold_student.json").write_text(json.dumps(meta))
     return d
 
@@ -349,10 +434,10 @@ def test_evaluation_stage_on_five_benchmarks(students, benchmarks_dir, tmp_path,
     import polars as pl
 
     import rscaffold.inference as inference
+    from rscaffold.evalsets.loaders import BENCHMARKS
     from rscaffold.stages.evaluation import run_evaluation
     from rscaffold.stages.plan import plan_fingerprints
     from rscaffold.stages.problems import run_problems
-    from rscaffold.evalsets.loaders import BENCHMARKS
     from rscaffold.store import StageRef
 
     bench = _slice_benchmarks(benchmarks_dir, tmp_path / "bench")
@@ -375,8 +460,11 @@ def test_evaluation_stage_on_five_benchmarks(students, benchmarks_dir, tmp_path,
     training = StageRef("training", "t" * 16, str(students), {"base": "base", "scaffolded": "scaffolded"})
     labeling_dir = tmp_path / "labeling"
     labeling_dir.mkdir()
-    teacher = {"names": SIG_NAMES, "transitions": [[0, 3, 1, 2], [0, 1, 2, 3], [1, 0, 0, 4], [0, 0, 0, 0]],
-               "signal_counts": {"setup": 6, "elaborate": 6, "check": 5, "conclude": 9}}
+    teacher = {
+        "names": SIG_NAMES,
+        "transitions": [[0, 3, 1, 2], [0, 1, 2, 3], [1, 0, 0, 4], [0, 0, 0, 0]],
+        "signal_counts": {"setup": 6, "elaborate": 6, "check": 5, "conclude": 9},
+    }
     (labeling_dir / "quality.json").write_text(json.dumps(teacher))
     labeling = StageRef("labeling", "l" * 16, str(labeling_dir), {"quality": "quality.json"})
 
@@ -425,8 +513,14 @@ def test_evaluation_stage_on_five_benchmarks(students, benchmarks_dir, tmp_path,
 def test_default_evaluation_is_the_problems_eval_split():
     from rscaffold.evaluation.suites import evaluation_suites
 
-    rows = [ProblemRecord(problem_id=f"p{i}", split="eval", source="gsm8k", question=f"q{i}", gold_answer="1") for i in range(5)]
+    rows = [
+        ProblemRecord(problem_id=f"p{i}", split="eval", source="gsm8k", question=f"q{i}", gold_answer="1")
+        for i in range(5)
+    ]
     (suite,) = evaluation_suites(EvaluationConfig(limit=3), "gsm8k", rows)
     assert suite.name == "gsm8k" and [p.problem_id for p in suite.problems] == ["p0", "p1", "p2"]
     assert suite.prompts("question") == ["q0", "q1", "q2"]
-    assert suite.prompts()[0].startswith("q0\n\nSolve the problem step by step") and "The answer is N." in suite.prompts()[0]
+    assert (
+        suite.prompts()[0].startswith("q0\n\nSolve the problem step by step")
+        and "The answer is N." in suite.prompts()[0]
+    )

@@ -12,15 +12,15 @@ import pytest
 import yaml
 
 from rscaffold.config import LabelingConfig, SamplingConfig, SegmentationConfig
+from rscaffold.labeling.keywords import fallback_label, keyword_prelabel
+from rscaffold.labeling.labeler import LabelStats, label_traces
+from rscaffold.labeling.parsing import LabelParseError, parse_labels, resolve_signal
+from rscaffold.labeling.prompts import PROMPT_STEP_CHARS, build_label_request
+from rscaffold.labeling.quality import cohens_kappa, label_quality_report, transition_matrix
+from rscaffold.labeling.taxonomy import Taxonomy, TaxonomyError, load_taxonomy
+from rscaffold.llm.base import Capabilities, ChatRequest, Completion, LLMBackend
 from rscaffold.paths import data_dir
 from rscaffold.segment import split_steps
-from rscaffold.labeling.prompts import PROMPT_STEP_CHARS, build_label_request
-from rscaffold.labeling.parsing import LabelParseError, parse_labels, resolve_signal
-from rscaffold.labeling.labeler import LabelStats, label_traces
-from rscaffold.labeling.taxonomy import Taxonomy, TaxonomyError, load_taxonomy
-from rscaffold.labeling.quality import cohens_kappa, label_quality_report, transition_matrix
-from rscaffold.labeling.keywords import fallback_label, keyword_prelabel
-from rscaffold.llm.base import Capabilities, ChatRequest, Completion, LLMBackend
 
 NAMES = [
     "Contrast and Concession",
@@ -62,7 +62,18 @@ Natalia sold 48 clips in April and 48 / 2 = 24 clips in May.
 The answer is 72."""
 
 R1_PRELABELS = [RESTATE, REASONING, CONTRAST, CONTRAST, REASONING, VERIFY, HYPOTHESIS, CONCLUSION, None, CONCLUSION]
-R1_CUES = ["okay so the problem", "first", "wait", "hmm", "so", "let me check", "alternatively", "therefore", None, "the answer is"]
+R1_CUES = [
+    "okay so the problem",
+    "first",
+    "wait",
+    "hmm",
+    "so",
+    "let me check",
+    "alternatively",
+    "therefore",
+    None,
+    "the answer is",
+]
 # What a good labeler says: step 9 (no cue) is a summary, step 4 ("Hmm") is really verification.
 R1_GOLD = [RESTATE, REASONING, CONTRAST, VERIFY, REASONING, VERIFY, HYPOTHESIS, CONCLUSION, CONCLUSION, CONCLUSION]
 
@@ -287,7 +298,7 @@ def test_trace_prelabels(tax: Taxonomy) -> None:
 
 def test_build_label_request(tax: Taxonomy) -> None:
     steps = split_steps(R1_TRACE, SegmentationConfig())
-    req = build_label_request("tr-1", QUESTION, steps, R1_PRELABELS, tax, with_rationale=False)
+    req = build_label_request("tr-1", QUESTION, steps, prelabels=R1_PRELABELS, tax=tax, with_rationale=False)
     assert req.request_id == "tr-1:label"
     prompt = req.messages[-1]["content"]
     for s in tax.signals:
@@ -307,26 +318,40 @@ def test_build_label_request(tax: Taxonomy) -> None:
 
 def test_label_json_schema_accepts_gold_and_rejects_bad_answers(tax: Taxonomy) -> None:
     jsonschema = pytest.importorskip("jsonschema")
-    req = build_label_request("t", QUESTION, ["a", "b"], [None, None], tax)
+    req = build_label_request("t", QUESTION, ["a", "b"], prelabels=[None, None], tax=tax)
     assert req.json_schema is not None
     jsonschema.validate(json.loads(_json_answer([CONTRAST, ADDITION])), req.json_schema)
-    for bad in (_json_answer([CONTRAST]), _json_answer([CONTRAST, "Musing"]), _json_answer([CONTRAST, ADDITION, ADDITION])):
+    for bad in (
+        _json_answer([CONTRAST]),
+        _json_answer([CONTRAST, "Musing"]),
+        _json_answer([CONTRAST, ADDITION, ADDITION]),
+    ):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(json.loads(bad), req.json_schema)
 
 
 def test_build_label_request_with_rationale_and_compact_format(tax: Taxonomy) -> None:
-    req = build_label_request("t", "Q?", ["So x = 1.", "Thus 1."], [REASONING, CONCLUSION], tax, True)
+    req = build_label_request(
+        "t", "Q?", ["So x = 1.", "Thus 1."], prelabels=[REASONING, CONCLUSION], tax=tax, with_rationale=True
+    )
     assert '"rationale"' in req.messages[-1]["content"]
     assert req.json_schema is not None and "rationale" in req.json_schema["properties"]["labels"]["items"]["required"]
-    compact = build_label_request("t", "Q?", ["So x = 1.", "Thus 1."], [None, None], tax, False, answer_format="lines")
+    compact = build_label_request(
+        "t",
+        "Q?",
+        ["So x = 1.", "Thus 1."],
+        prelabels=[None, None],
+        tax=tax,
+        with_rationale=False,
+        answer_format="lines",
+    )
     assert compact.json_schema is None
     assert "exactly 2 lines" in compact.messages[-1]["content"]
 
 
 def test_build_label_request_truncates_huge_steps_in_the_prompt(tax: Taxonomy) -> None:
     huge = "So " + "12 + 12 = 24. " * 2000
-    req = build_label_request("t", QUESTION, ["First, add.", huge], [REASONING, REASONING], tax)
+    req = build_label_request("t", QUESTION, ["First, add.", huge], prelabels=[REASONING, REASONING], tax=tax)
     prompt = req.messages[-1]["content"]
     assert len(prompt) < 5000
     line = next(ln for ln in prompt.splitlines() if ln.startswith("[2]"))
@@ -335,7 +360,7 @@ def test_build_label_request_truncates_huge_steps_in_the_prompt(tax: Taxonomy) -
 
 def test_build_label_request_rejects_mismatched_prelabels(tax: Taxonomy) -> None:
     with pytest.raises(ValueError, match="2 steps but 1 pre-labels"):
-        build_label_request("t", "Q", ["a", "b"], [None], tax)
+        build_label_request("t", "Q", ["a", "b"], prelabels=[None], tax=tax)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +386,9 @@ def test_parse_json_out_of_order(tax: Taxonomy) -> None:
 def test_parse_json_in_code_fence_with_prose(tax: Taxonomy) -> None:
     text = (
         "Sure! Here are the labels for the steps [as requested]:\n\n```json\n"
-        + json.dumps({"labels": [{"step": 1, "signal": "contrast and concession"}, {"step": 2, "signal": "Summary"}]}, indent=2)
+        + json.dumps(
+            {"labels": [{"step": 1, "signal": "contrast and concession"}, {"step": 2, "signal": "Summary"}]}, indent=2
+        )
         + "\n```\nLet me know if you need more."
     )
     assert _signals(parse_labels(text, 2, tax)) == [CONTRAST, CONCLUSION]
@@ -396,7 +423,7 @@ def test_parse_zero_based_numbering_is_accepted(tax: Taxonomy) -> None:
 
 
 def test_parse_ignores_a_think_block(tax: Taxonomy) -> None:
-    text = "<think>step 1 is probably [\"Addition\"]</think>\n" + _json_answer([CONTRAST])
+    text = '<think>step 1 is probably ["Addition"]</think>\n' + _json_answer([CONTRAST])
     assert _signals(parse_labels(text, 1, tax)) == [CONTRAST]
 
 
@@ -407,14 +434,18 @@ def test_parse_missing_step(tax: Taxonomy) -> None:
 
 
 def test_parse_duplicate_step(tax: Taxonomy) -> None:
-    text = json.dumps({"labels": [{"step": 1, "signal": CONTRAST}, {"step": 1, "signal": ADDITION}, {"step": 3, "signal": ADDITION}]})
+    text = json.dumps(
+        {"labels": [{"step": 1, "signal": CONTRAST}, {"step": 1, "signal": ADDITION}, {"step": 3, "signal": ADDITION}]}
+    )
     with pytest.raises(LabelParseError, match=r"step\(s\) labeled more than once: 1; missing step\(s\): 2"):
         parse_labels(text, 3, tax)
 
 
 def test_parse_unknown_label(tax: Taxonomy) -> None:
     text = json.dumps({"labels": [{"step": 1, "signal": CONTRAST}, {"step": 2, "signal": "Musing"}]})
-    with pytest.raises(LabelParseError, match=r"step 2: unknown signal 'Musing'.*valid signals: Contrast and Concession"):
+    with pytest.raises(
+        LabelParseError, match=r"step 2: unknown signal 'Musing'.*valid signals: Contrast and Concession"
+    ):
         parse_labels(text, 2, tax)
 
 
@@ -492,7 +523,9 @@ def test_scripted_backend_satisfies_the_protocol() -> None:
 def test_keyword_method_does_not_call_the_backend(tax: Taxonomy) -> None:
     backend = ScriptedBackend({})
     stats = LabelStats()
-    out = list(label_traces(_traces(), tax, backend, SAMPLING, LabelingConfig(method="keyword"), stats=stats))
+    out = list(
+        label_traces(_traces(), tax, backend, sampling=SAMPLING, cfg=LabelingConfig(method="keyword"), stats=stats)
+    )
     assert backend.calls == []
     r1 = out[0]
     assert [r.signal for r in r1] == [p or REASONING for p in R1_PRELABELS]
@@ -504,14 +537,14 @@ def test_keyword_method_does_not_call_the_backend(tax: Taxonomy) -> None:
 
 
 def test_no_backend_means_keyword_labels(tax: Taxonomy) -> None:
-    out = list(label_traces(_traces()[:1], tax, None, SAMPLING, _llm_cfg()))
+    out = list(label_traces(_traces()[:1], tax, None, sampling=SAMPLING, cfg=_llm_cfg()))
     assert [r.signal for r in out[0]] == [p or REASONING for p in R1_PRELABELS]
 
 
 def test_llm_valid_json_is_one_batched_call(tax: Taxonomy) -> None:
     backend = ScriptedBackend({"r1": [_json_answer(R1_GOLD)], "qwq": ["```json\n" + _json_answer(QWQ_GOLD) + "\n```"]})
     stats = LabelStats()
-    out = list(label_traces(_traces(), tax, backend, SAMPLING, _llm_cfg(), stats=stats))
+    out = list(label_traces(_traces(), tax, backend, sampling=SAMPLING, cfg=_llm_cfg(), stats=stats))
     assert len(backend.calls) == 1 and [r.request_id for r in backend.calls[0]] == ["r1:label", "qwq:label"]
     r1, qwq = out
     assert [r.signal for r in r1] == R1_GOLD
@@ -528,7 +561,7 @@ def test_llm_valid_json_is_one_batched_call(tax: Taxonomy) -> None:
 
 def test_llm_compact_list_format(tax: Taxonomy) -> None:
     backend = ScriptedBackend({"qwq": ["\n".join(f"{i}: {s}" for i, s in enumerate(QWQ_GOLD, 1))]})
-    (qwq,) = label_traces(_traces()[1:], tax, backend, SamplingConfig(max_new_tokens=40), _llm_cfg())
+    (qwq,) = label_traces(_traces()[1:], tax, backend, sampling=SamplingConfig(max_new_tokens=40), cfg=_llm_cfg())
     assert [r.signal for r in qwq] == QWQ_GOLD
     # 6 JSON entries do not fit 40 new tokens: the prompt asks for the compact form, without schema
     req = backend.calls[0][0]
@@ -539,7 +572,9 @@ def test_llm_invalid_then_valid_is_retried_with_the_error(tax: Taxonomy) -> None
     bad = _json_answer(QWQ_GOLD[:4])  # steps 5 and 6 missing
     backend = ScriptedBackend({"r1": [_json_answer(R1_GOLD)], "qwq": [bad, _json_answer(QWQ_GOLD)]})
     stats = LabelStats()
-    out = list(label_traces(_traces(), tax, backend, SAMPLING, _llm_cfg(retries_on_invalid=1), stats=stats))
+    out = list(
+        label_traces(_traces(), tax, backend, sampling=SAMPLING, cfg=_llm_cfg(retries_on_invalid=1), stats=stats)
+    )
     assert len(backend.calls) == 2
     (retry,) = backend.calls[1]  # only the failed trace is retried
     assert retry.request_id == "qwq:label:retry1"
@@ -555,7 +590,9 @@ def test_llm_invalid_twice_falls_back(tax: Taxonomy) -> None:
         {"r1": [_json_answer(R1_GOLD)], "qwq": ["1: Musing\n2: Pondering", "I cannot label these steps."]}
     )
     stats = LabelStats()
-    out = list(label_traces(_traces(), tax, backend, SAMPLING, _llm_cfg(retries_on_invalid=1), stats=stats))
+    out = list(
+        label_traces(_traces(), tax, backend, sampling=SAMPLING, cfg=_llm_cfg(retries_on_invalid=1), stats=stats)
+    )
     assert len(backend.calls) == 2
     assert "step 1: unknown signal 'Musing'" in backend.calls[1][0].messages[3]["content"]
     qwq = out[1]
@@ -565,13 +602,17 @@ def test_llm_invalid_twice_falls_back(tax: Taxonomy) -> None:
     assert [r.prelabel for r in qwq] == QWQ_PRELABELS
     assert all(r.source == "llm" for r in out[0])
     assert stats.llm_ok == 1 and stats.retried == 1 and stats.fallback_traces == 1
-    assert stats.errors == ["qwq: no labels found: expected JSON {\"labels\": [...]} or lines '<step>: <signal>' for 6 steps"]
+    assert stats.errors == [
+        "qwq: no labels found: expected JSON {\"labels\": [...]} or lines '<step>: <signal>' for 6 steps"
+    ]
 
 
 def test_no_retries_configured_falls_back_at_once(tax: Taxonomy) -> None:
     backend = ScriptedBackend({"qwq": ['["Contrast"]']})
     stats = LabelStats()
-    (qwq,) = label_traces(_traces()[1:], tax, backend, SAMPLING, _llm_cfg(retries_on_invalid=0), stats=stats)
+    (qwq,) = label_traces(
+        _traces()[1:], tax, backend, sampling=SAMPLING, cfg=_llm_cfg(retries_on_invalid=0), stats=stats
+    )
     assert len(backend.calls) == 1
     assert all(r.source == "fallback" for r in qwq)
     assert stats.fallback_traces == 1 and stats.retried == 0
@@ -579,7 +620,7 @@ def test_no_retries_configured_falls_back_at_once(tax: Taxonomy) -> None:
 
 def test_backend_error_is_retried(tax: Taxonomy) -> None:
     backend = ScriptedBackend({"qwq": [Completion("x", error="HTTP 503"), _json_answer(QWQ_GOLD)]})
-    (qwq,) = label_traces(_traces()[1:], tax, backend, SAMPLING, _llm_cfg())
+    (qwq,) = label_traces(_traces()[1:], tax, backend, sampling=SAMPLING, cfg=_llm_cfg())
     assert [r.signal for r in qwq] == QWQ_GOLD
     assert backend.calls[1][0].messages == backend.calls[0][0].messages  # nothing to quote back
 
@@ -589,13 +630,13 @@ def test_backend_exception_propagates(tax: Taxonomy) -> None:
         raise ConnectionError("server down")
 
     with pytest.raises(ConnectionError, match="server down"):
-        list(label_traces(_traces(), tax, ScriptedBackend(boom), SAMPLING, _llm_cfg()))
+        list(label_traces(_traces(), tax, ScriptedBackend(boom), sampling=SAMPLING, cfg=_llm_cfg()))
 
 
 def test_truncated_answer_retries_in_compact_form(tax: Taxonomy) -> None:
     cut = Completion("x", text=_json_answer(QWQ_GOLD)[:70], finish_reason="length")
     backend = ScriptedBackend({"qwq": [cut, "\n".join(f"{i}: {s}" for i, s in enumerate(QWQ_GOLD, 1))]})
-    (qwq,) = label_traces(_traces()[1:], tax, backend, SAMPLING, _llm_cfg())
+    (qwq,) = label_traces(_traces()[1:], tax, backend, sampling=SAMPLING, cfg=_llm_cfg())
     retry = backend.calls[1][0]
     assert retry.json_schema is None and "exactly 6 lines" in retry.messages[-1]["content"]
     assert "cut off at the length limit" in retry.messages[-1]["content"]
@@ -605,7 +646,7 @@ def test_truncated_answer_retries_in_compact_form(tax: Taxonomy) -> None:
 def test_zero_step_trace_yields_empty_list_and_no_request(tax: Taxonomy) -> None:
     backend = ScriptedBackend({"qwq": [_json_answer(QWQ_GOLD)]})
     traces = [("empty", "p0", "Q?", []), _traces()[1]]
-    out = list(label_traces(traces, tax, backend, SAMPLING, _llm_cfg()))
+    out = list(label_traces(traces, tax, backend, sampling=SAMPLING, cfg=_llm_cfg()))
     assert out[0] == [] and len(out[1]) == 6
     assert [r.request_id for r in backend.calls[0]] == ["qwq:label"]
 
@@ -613,13 +654,13 @@ def test_zero_step_trace_yields_empty_list_and_no_request(tax: Taxonomy) -> None
 def test_duplicate_trace_ids_are_rejected(tax: Taxonomy) -> None:
     t = _traces()[1]
     with pytest.raises(ValueError, match="trace ids must be unique within one call: qwq"):
-        list(label_traces([t, t], tax, ScriptedBackend({}), SAMPLING, _llm_cfg()))
+        list(label_traces([t, t], tax, ScriptedBackend({}), sampling=SAMPLING, cfg=_llm_cfg()))
 
 
 def test_huge_step_is_kept_whole_in_the_record(tax: Taxonomy) -> None:
     huge = "So " + "7 * 6 = 42. " * 3000
     backend = ScriptedBackend(lambda req: '["Reasoning", "Conclusion"]')
-    (recs,) = label_traces([("h", "p", "Q?", [huge, "Thus 42."])], tax, backend, SAMPLING, _llm_cfg())
+    (recs,) = label_traces([("h", "p", "Q?", [huge, "Thus 42."])], tax, backend, sampling=SAMPLING, cfg=_llm_cfg())
     assert recs[0].text == huge
     assert len(backend.calls[0][0].messages[-1]["content"]) < 5000
     assert [r.signal for r in recs] == [REASONING, CONCLUSION]
@@ -627,7 +668,7 @@ def test_huge_step_is_kept_whole_in_the_record(tax: Taxonomy) -> None:
 
 def test_rationale_is_stored(tax: Taxonomy) -> None:
     backend = ScriptedBackend({"qwq": [_json_answer(QWQ_GOLD, rationale=True)]})
-    (qwq,) = label_traces(_traces()[1:], tax, backend, SAMPLING, _llm_cfg(with_rationale=True))
+    (qwq,) = label_traces(_traces()[1:], tax, backend, sampling=SAMPLING, cfg=_llm_cfg(with_rationale=True))
     assert [r.rationale for r in qwq] == [f"reason {i}" for i in range(1, 7)]
     assert '"rationale"' in backend.calls[0][0].messages[-1]["content"]
 
@@ -635,8 +676,8 @@ def test_rationale_is_stored(tax: Taxonomy) -> None:
 def test_counter_stats_accumulate_over_calls(tax: Taxonomy) -> None:
     backend = ScriptedBackend({"qwq": [_json_answer(QWQ_GOLD), "nonsense", "still nonsense"]})
     stats: Counter[str] = Counter()
-    list(label_traces(_traces()[1:], tax, backend, SAMPLING, _llm_cfg(), stats=stats))
-    list(label_traces(_traces()[1:], tax, backend, SAMPLING, _llm_cfg(), stats=stats))
+    list(label_traces(_traces()[1:], tax, backend, sampling=SAMPLING, cfg=_llm_cfg(), stats=stats))
+    list(label_traces(_traces()[1:], tax, backend, sampling=SAMPLING, cfg=_llm_cfg(), stats=stats))
     assert stats["traces"] == 2 and stats["steps"] == 12 and stats["keyword_steps"] == 10
     assert stats["llm_ok"] == 1 and stats["retried"] == 1 and stats["fallback_traces"] == 1
     assert "errors" not in stats
@@ -684,7 +725,7 @@ def test_cohens_kappa_edges() -> None:
 
 def test_label_quality_report(tax: Taxonomy) -> None:
     backend = ScriptedBackend({"r1": [_json_answer(R1_GOLD)], "qwq": ["garbage", "garbage"]})
-    records = [r for recs in label_traces(_traces(), tax, backend, SAMPLING, _llm_cfg()) for r in recs]
+    records = [r for recs in label_traces(_traces(), tax, backend, sampling=SAMPLING, cfg=_llm_cfg()) for r in recs]
     report = label_quality_report(records, tax)
     json.dumps(report)  # JSON-able
     assert report["traces"] == 2 and report["steps"] == 16

@@ -22,8 +22,16 @@ def test_code_version_changes_with_modules():
 def _example(i: int) -> ExampleRecord:
     steps = [Step(index=0, signal="Reasoning and Analysis", text="2 + 2 = 4", source="llm")]
     return ExampleRecord(
-        trace_id=f"t{i}", problem_id=f"p{i}", split="train", question="q", gold_answer="4",
-        teacher_answer=None, correct=None, steps=steps, signals=["Reasoning and Analysis"], n_steps=1,
+        trace_id=f"t{i}",
+        problem_id=f"p{i}",
+        split="train",
+        question="q",
+        gold_answer="4",
+        teacher_answer=None,
+        correct=None,
+        steps=steps,
+        signals=["Reasoning and Analysis"],
+        n_steps=1,
     )
 
 
@@ -48,7 +56,14 @@ def test_stage_dir_completion_and_shards(tmp_path):
     sd.write_shard("examples", [_example(0)], ExampleRecord)
     sd.write_shard("examples", [_example(1)], ExampleRecord)
     assert [e.trace_id for e in sd.read_shards("examples", ExampleRecord)] == ["t0", "t1"]
-    ref = sd.finish(outputs={"x": "x.parquet"}, config=PipelineConfig().dataset, inputs={"labeling": "f"}, summary={"rows": 2}, started=0.0, code="v1")
+    ref = sd.finish(
+        outputs={"x": "x.parquet"},
+        config=PipelineConfig().dataset,
+        inputs={"labeling": "f"},
+        summary={"rows": 2},
+        started=0.0,
+        code="v1",
+    )
     assert sd.is_complete() and ref.summary == {"rows": 2}
     manifest = sd.read_manifest()
     assert manifest["inputs"] == {"labeling": "f"} and manifest["schema_version"] == 1

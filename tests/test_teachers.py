@@ -9,7 +9,14 @@ import pytest
 from rscaffold.config import BackendConfig, SamplingConfig, TinyModelConfig
 from rscaffold.llm import BACKENDS, backend_class, create_backend
 from rscaffold.llm.base import ChatRequest, Completion, LLMBackend
-from rscaffold.llm.parsing import EMPTY_OUTPUT, clean_text, completion_from_output, derive_seed, parse_reasoning, split_reasoning
+from rscaffold.llm.parsing import (
+    EMPTY_OUTPUT,
+    clean_text,
+    completion_from_output,
+    derive_seed,
+    parse_reasoning,
+    split_reasoning,
+)
 
 
 def build_tiny_teacher(smollm2_dir: Path, out_dir: Path) -> Path:
@@ -88,11 +95,11 @@ def test_parse_reasoning(text, reasoning, visible, unclosed):
 
 
 def test_completion_from_output_policy():
-    c = completion_from_output("r", 0, "<think>work", "length", reasoning_field=None)
+    c = completion_from_output("r", 0, "<think>work", finish_reason="length", reasoning_field=None)
     assert c.ok and c.reasoning == "work" and c.text == "" and c.extra["unclosed_think"] and c.truncated
-    c = completion_from_output("r", 1, "  \n", "stop")
+    c = completion_from_output("r", 1, "  \n", finish_reason="stop")
     assert c.error == EMPTY_OUTPUT and c.sample_index == 1
-    c = completion_from_output("r", 0, "<think>b</think>ans", "stop", reasoning_field="a")
+    c = completion_from_output("r", 0, "<think>b</think>ans", finish_reason="stop", reasoning_field="a")
     assert c.reasoning == "a\n\nb" and c.text == "ans"
     assert clean_text(b"ok \xff") == "ok \ufffd"
     assert clean_text("lone \ud800 surrogate") == "lone ? surrogate"

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import pytest
 
 from rscaffold.config import BackendConfig, SamplingConfig, TeacherConfig
-from rscaffold.records import ProblemRecord, TraceRecord
-from rscaffold.store import StageDir
 from rscaffold.llm.base import Capabilities, ChatRequest, Completion
+from rscaffold.records import ProblemRecord, TraceRecord
 from rscaffold.stages.teacher import TRACES_SHARD, TeacherFailureError, build_request, generate_traces, select_traces
+from rscaffold.store import StageDir
 
 
 def answer_fn(text: str) -> str | None:
@@ -75,7 +75,7 @@ def test_outcome_policy(tmp_path):
     }
     backend = ScriptedBackend(lambda pid, i: script[pid])
     cfg = TeacherConfig(max_failure_rate=1.0, shard_size=3)
-    res = generate_traces(problems(7), backend, cfg, stage_dir(tmp_path), answer_fn, check_fn)
+    res = generate_traces(problems(7), backend, cfg, stage=stage_dir(tmp_path), answer_fn=answer_fn, check_fn=check_fn)
     t = {r.problem_id: r for r in res.traces}
     assert [r.trace_id for r in res.traces] == [f"q{i}#0" for i in range(7)]
     assert (
@@ -114,10 +114,10 @@ def test_failed_pairs_are_retried_and_answer_fn_errors_fail(tmp_path):
     first = ScriptedBackend(
         lambda pid, i: dict(error="HTTP 503") if (pid, i) in {("q1", 1), ("q2", 0)} else dict(text="The answer is 2")
     )
-    r1 = generate_traces(problems(3), first, cfg, stage, answer_fn, check_fn)
+    r1 = generate_traces(problems(3), first, cfg, stage=stage, answer_fn=answer_fn, check_fn=check_fn)
     assert r1.counts["failed"] == 2
     second = ScriptedBackend(lambda pid, i: dict(text="The answer is 9"))
-    r2 = generate_traces(problems(3), second, cfg, stage, answer_fn, check_fn)
+    r2 = generate_traces(problems(3), second, cfg, stage=stage, answer_fn=answer_fn, check_fn=check_fn)
     # only the failed pairs are asked for, one sample each
     assert sorted((r.request_id, r.n) for r in second.requests) == [("q1", 1), ("q2", 1)]
     t = {r.trace_id: r for r in r2.traces}
@@ -133,9 +133,9 @@ def test_failed_pairs_are_retried_and_answer_fn_errors_fail(tmp_path):
         problems(1),
         ScriptedBackend(lambda pid, i: dict(text="x")),
         cfg,
-        stage_dir(tmp_path / "b"),
-        broken_answer_fn,
-        check_fn,
+        stage=stage_dir(tmp_path / "b"),
+        answer_fn=broken_answer_fn,
+        check_fn=check_fn,
     )
     assert r3.counts["failed"] == 2 and r3.traces[0].error == "answer check: TypeError: bad regex"
 
@@ -149,7 +149,7 @@ def test_failure_threshold_raises_after_persisting(tmp_path):
     with pytest.raises(
         TeacherFailureError, match=r"4 of 5 .*most common error \(4x\): RateLimitError: slow down"
     ) as info:
-        generate_traces(problems(5), backend, cfg, stage, answer_fn, check_fn)
+        generate_traces(problems(5), backend, cfg, stage=stage, answer_fn=answer_fn, check_fn=check_fn)
     assert info.value.result.counts["failed"] == 4
     persisted = stage.read_shards(TRACES_SHARD, TraceRecord)
     assert sorted(t.trace_id for t in persisted) == [f"q{i}#0" for i in range(5)]
@@ -158,9 +158,9 @@ def test_failure_threshold_raises_after_persisting(tmp_path):
         problems(2),
         ScriptedBackend(lambda pid, i: dict(error="x") if pid == "q0" else dict(text="a")),
         cfg,
-        stage_dir(tmp_path / "c"),
-        answer_fn,
-        check_fn,
+        stage=stage_dir(tmp_path / "c"),
+        answer_fn=answer_fn,
+        check_fn=check_fn,
     )
     assert ok.failure_rate == 0.5
 
@@ -247,7 +247,7 @@ def test_resume_after_crash(tmp_path, tiny_backend):
 
     crashing = CrashAfter(tiny_backend, crash_after=5)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        generate_traces(probs, crashing, cfg, stage, answer_fn, check_fn)
+        generate_traces(probs, crashing, cfg, stage=stage, answer_fn=answer_fn, check_fn=check_fn)
     first = stage.read_shards(TRACES_SHARD, TraceRecord)
     assert len(first) == 5  # 3 in a full shard + 2 flushed by the finally
     done = {t.trace_id for t in first if t.status == "ok"}
@@ -255,7 +255,15 @@ def test_resume_after_crash(tmp_path, tiny_backend):
 
     progress = []
     again = CrashAfter(tiny_backend)
-    res = generate_traces(probs, again, cfg, stage, answer_fn, check_fn, progress=lambda d, t: progress.append((d, t)))
+    res = generate_traces(
+        probs,
+        again,
+        cfg,
+        stage=stage,
+        answer_fn=answer_fn,
+        check_fn=check_fn,
+        progress=lambda d, t: progress.append((d, t)),
+    )
     # no finished pair is asked for again (a partly done problem asks only for its missing sample)
     missing_per_problem = {
         pid: sum(1 for s in range(2) if f"{pid}#{s}" not in done) for pid in (p.problem_id for p in probs)
@@ -276,7 +284,7 @@ def test_resume_after_crash(tmp_path, tiny_backend):
 
     # a third run has nothing to do
     idle = CrashAfter(tiny_backend)
-    res3 = generate_traces(probs, idle, cfg, stage, answer_fn, check_fn)
+    res3 = generate_traces(probs, idle, cfg, stage=stage, answer_fn=answer_fn, check_fn=check_fn)
     assert {t.trace_id for t in res3.traces} == wanted
     assert idle.requests == [] and res3.counts["requested"] == 0 and res3.counts["resumed"] == 10
 
@@ -288,7 +296,7 @@ def test_resume_after_crash(tmp_path, tiny_backend):
 class RecordingBar:
     """Test fake of ``tqdm``: records its arguments, updates and whether it was closed."""
 
-    instances: list["RecordingBar"] = []
+    instances: list[RecordingBar] = []
 
     def __init__(self, *args, **kwargs):
         self.kwargs = kwargs
@@ -317,7 +325,15 @@ def test_progress_callback_and_bar_count_resumed_work(tmp_path, monkeypatch):
         lambda pid, i: dict(error="boom") if (pid, i) in fail else dict(text="The answer is 1.", finish_reason="stop")
     )
     seen: list[tuple[int, int]] = []
-    res = generate_traces(probs, first, cfg, stage, answer_fn, check_fn, progress=lambda d, t: seen.append((d, t)))
+    res = generate_traces(
+        probs,
+        first,
+        cfg,
+        stage=stage,
+        answer_fn=answer_fn,
+        check_fn=check_fn,
+        progress=lambda d, t: seen.append((d, t)),
+    )
     assert res.counts["ok"] == 5 and res.counts["failed"] == 3
     assert seen == [(k, 8) for k in range(9)]  # failures count as done work in this run
     bar = RecordingBar.instances[-1]
@@ -327,7 +343,15 @@ def test_progress_callback_and_bar_count_resumed_work(tmp_path, monkeypatch):
     # a re-run resumes the 5 ok traces and retries only the 3 failed pairs
     seen.clear()
     ok_now = ScriptedBackend(lambda pid, i: dict(text="The answer is 1.", finish_reason="stop"))
-    res = generate_traces(probs, ok_now, cfg, stage, answer_fn, check_fn, progress=lambda d, t: seen.append((d, t)))
+    res = generate_traces(
+        probs,
+        ok_now,
+        cfg,
+        stage=stage,
+        answer_fn=answer_fn,
+        check_fn=check_fn,
+        progress=lambda d, t: seen.append((d, t)),
+    )
     assert res.counts["resumed"] == 5 and res.counts["requested"] == 3 and res.counts["ok"] == 8
     assert seen == [(5, 8), (6, 8), (7, 8), (8, 8)]
     bar = RecordingBar.instances[-1]
@@ -336,7 +360,9 @@ def test_progress_callback_and_bar_count_resumed_work(tmp_path, monkeypatch):
     # everything done: one call at (total, total), no request, the bar still closed
     seen.clear()
     idle = ScriptedBackend(lambda pid, i: pytest.fail("nothing should be requested"))
-    res = generate_traces(probs, idle, cfg, stage, answer_fn, check_fn, progress=lambda d, t: seen.append((d, t)))
+    res = generate_traces(
+        probs, idle, cfg, stage=stage, answer_fn=answer_fn, check_fn=check_fn, progress=lambda d, t: seen.append((d, t))
+    )
     assert idle.requests == [] and res.counts["requested"] == 0 and res.counts["resumed"] == 8
     assert seen == [(8, 8)]
     bar = RecordingBar.instances[-1]
@@ -356,7 +382,14 @@ def test_progress_bar_closed_when_the_backend_crashes(tmp_path, monkeypatch):
         return dict(text="The answer is 1.", finish_reason="stop")
 
     with pytest.raises(RuntimeError, match="backend died"):
-        generate_traces(problems(3), ScriptedBackend(script), TeacherConfig(), stage_dir(tmp_path), answer_fn, check_fn)
+        generate_traces(
+            problems(3),
+            ScriptedBackend(script),
+            TeacherConfig(),
+            stage=stage_dir(tmp_path),
+            answer_fn=answer_fn,
+            check_fn=check_fn,
+        )
     bar = RecordingBar.instances[-1]
     assert bar.n == 2 and bar.closed
     assert len(stage_dir(tmp_path).read_shards(TRACES_SHARD, TraceRecord)) == 2  # still flushed

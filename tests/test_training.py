@@ -12,23 +12,31 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 
-from rscaffold.config import GuidedInferenceConfig, LoraSettings, TinyModelConfig, TrainingConfig  # noqa: E402
-from rscaffold.models import build_tiny_model  # noqa: E402
-from rscaffold.paths import default_model_dir  # noqa: E402
-from rscaffold.records import ExampleRecord, Step  # noqa: E402
+from rscaffold.config import GuidedInferenceConfig, LoraSettings, TinyModelConfig, TrainingConfig
+from rscaffold.models import build_tiny_model
+from rscaffold.paths import default_model_dir
+from rscaffold.records import ExampleRecord, Step
 
 TOKENIZER_DIR = Path(os.environ.get("RSCAFFOLD_SMOLLM2_DIR", default_model_dir()))
 if not (TOKENIZER_DIR / "tokenizer.json").exists():
-    pytest.skip(f"SmolLM2 tokenizer not found at {TOKENIZER_DIR} (run `rscaffold models fetch`)", allow_module_level=True)
+    pytest.skip(
+        f"SmolLM2 tokenizer not found at {TOKENIZER_DIR} (run `rscaffold models fetch`)", allow_module_level=True
+    )
 
-from rscaffold.inference import Generated, generate  # noqa: E402
-from rscaffold.training.collator import IGNORE_INDEX, ScaffoldCollator, encode_example, encode_examples  # noqa: E402
+from rscaffold.inference import Generated, generate
 from rscaffold.prompts import STUDENT_SYSTEM_PROMPT, render_example
+from rscaffold.student import (
+    SignalHead,
+    Student,
+    load_student,
+)
+from rscaffold.training.collator import IGNORE_INDEX, ScaffoldCollator, encode_example, encode_examples
 from rscaffold.training.signal_tokens import add_signal_tokens
-from rscaffold.student import SignalHead, Student
-from rscaffold.training.trainer import evaluate_signal_accuracy  # noqa: E402
-from rscaffold.student import load_student  # noqa: E402
-from rscaffold.training.trainer import build_trainer, train_student  # noqa: E402
+from rscaffold.training.trainer import (
+    build_trainer,
+    evaluate_signal_accuracy,
+    train_student,
+)
 
 NAMES = ["setup", "elaborate", "conclude"]
 TOKENS = [f"<sig:{n}>" for n in NAMES]
@@ -41,8 +49,17 @@ def tiny(**kw):
 
 
 def cfg(**kw) -> TrainingConfig:
-    base = dict(student=TOK, tiny=TinyModelConfig(), max_steps=4, per_device_batch_size=4, learning_rate=5e-3,
-                logging_steps=2, save_steps=1000, max_length=256, bf16=False)
+    base = dict(
+        student=TOK,
+        tiny=TinyModelConfig(),
+        max_steps=4,
+        per_device_batch_size=4,
+        learning_rate=5e-3,
+        logging_steps=2,
+        save_steps=1000,
+        max_length=256,
+        bf16=False,
+    )
     base.update(kw)
     return TrainingConfig(**base)
 
@@ -54,8 +71,18 @@ def synthetic(n: int, split: str = "train") -> list[ExampleRecord]:
         a, b = i % 7 + 1, i % 5 + 2
         texts = [f"We have {a} apples and {b} pears.", f"Together that is {a} plus {b}.", f"The answer is {a + b}."]
         steps = [Step(index=j, signal=NAMES[j], text=t, source="llm") for j, t in enumerate(texts)]
-        out.append(ExampleRecord(trace_id=f"t{i}", problem_id=f"p{i}", split=split, question=f"How many fruits: {a} apples, {b} pears?",
-                                 gold_answer=str(a + b), steps=steps, signals=list(NAMES), n_steps=3))
+        out.append(
+            ExampleRecord(
+                trace_id=f"t{i}",
+                problem_id=f"p{i}",
+                split=split,
+                question=f"How many fruits: {a} apples, {b} pears?",
+                gold_answer=str(a + b),
+                steps=steps,
+                signals=list(NAMES),
+                n_steps=3,
+            )
+        )
     return out
 
 
@@ -66,15 +93,17 @@ def synthetic(n: int, split: str = "train") -> list[ExampleRecord]:
 def test_render_example_format():
     _, tok = tiny()
     steps = [("setup", "Tom has 3."), ("conclude", "The answer is 3.")]
-    prompt, completion = render_example("How many?", steps, tok, TOKEN_MAP)
+    prompt, completion = render_example("How many?", steps, tok, signal_tokens=TOKEN_MAP)
     assert prompt == tok.apply_chat_template(
         [{"role": "system", "content": STUDENT_SYSTEM_PROMPT}, {"role": "user", "content": "How many?"}],
-        add_generation_prompt=True, tokenize=False)
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     assert completion == "<sig:setup>Tom has 3.\n\n<sig:conclude>The answer is 3.<|im_end|>"
-    _, plain = render_example("How many?", steps, tok, None)
+    _, plain = render_example("How many?", steps, tok, signal_tokens=None)
     assert plain == "Tom has 3.\n\nThe answer is 3.<|im_end|>"
     with pytest.raises(ValueError, match="not in the taxonomy"):
-        render_example("q", [("nope", "x")], tok, TOKEN_MAP)
+        render_example("q", [("nope", "x")], tok, signal_tokens=TOKEN_MAP)
 
 
 def test_add_signal_tokens_mean_init_and_idempotent():
@@ -94,8 +123,10 @@ def test_add_signal_tokens_mean_init_and_idempotent():
 def test_encode_masks_prompt_and_signals_and_truncates_completion():
     model, tok = tiny()
     ids = add_signal_tokens(tok, model, TOKENS)
-    prompt, completion = render_example("Q?", [("setup", "A b c."), ("conclude", "The answer is 1.")], tok, TOKEN_MAP)
-    enc = encode_example(prompt, completion, tok, ids)
+    prompt, completion = render_example(
+        "Q?", [("setup", "A b c."), ("conclude", "The answer is 1.")], tok, signal_tokens=TOKEN_MAP
+    )
+    enc = encode_example(prompt, completion, tok, signal_token_ids=ids)
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
     assert enc["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
     comp = enc["input_ids"][n_prompt:]
@@ -104,17 +135,26 @@ def test_encode_masks_prompt_and_signals_and_truncates_completion():
     assert enc["signal_positions"] == [p - 1 for p in range(len(enc["input_ids"])) if enc["input_ids"][p] in ids]
     assert enc["signal_positions"][0] == n_prompt - 1  # the first signal is predicted from the prompt's end
     assert enc["signal_labels"] == [0, 2]
-    short = encode_example(prompt, completion, tok, ids, max_length=n_prompt + 3)
+    short = encode_example(prompt, completion, tok, signal_token_ids=ids, max_length=n_prompt + 3)
     assert len(short["input_ids"]) == n_prompt + 3 and short["input_ids"][:n_prompt] == enc["input_ids"][:n_prompt]
     assert short["signal_labels"] == [0]
-    assert encode_example(prompt, completion, tok, ids, max_length=n_prompt) is None
+    assert encode_example(prompt, completion, tok, signal_token_ids=ids, max_length=n_prompt) is None
 
 
 def test_collator_right_pads():
     model, tok = tiny()
     ids = add_signal_tokens(tok, model, TOKENS)
-    rows = encode_examples(synthetic(2), tok, TOKEN_MAP, ids)
-    rows[1] = encode_example(*render_example("Longer question here?", [("setup", "x y z w"), ("elaborate", "more"), ("conclude", "end")], tok, TOKEN_MAP), tok, ids)
+    rows = encode_examples(synthetic(2), tok, TOKEN_MAP, signal_token_ids=ids)
+    rows[1] = encode_example(
+        *render_example(
+            "Longer question here?",
+            [("setup", "x y z w"), ("elaborate", "more"), ("conclude", "end")],
+            tok,
+            signal_tokens=TOKEN_MAP,
+        ),
+        tok,
+        signal_token_ids=ids,
+    )
     batch = ScaffoldCollator(pad_token_id=tok.pad_token_id)(rows)
     B, T = batch["input_ids"].shape
     for b, r in enumerate(rows):
@@ -139,10 +179,29 @@ def _hand_batch(objective: str, tmp_path: Path, weight: float = 0.7):
         model.signal_head = SignalHead(model.config.hidden_size, len(NAMES))
     examples = [
         ("What is 2+2?", [("setup", "Two plus two."), ("conclude", "The answer is 4.")]),
-        ("Tom has 3 apples and eats one. How many are left?", [("setup", "Tom starts with 3."), ("elaborate", "He eats 1, so 3 - 1 = 2."), ("conclude", "The answer is 2.")]),
+        (
+            "Tom has 3 apples and eats one. How many are left?",
+            [
+                ("setup", "Tom starts with 3."),
+                ("elaborate", "He eats 1, so 3 - 1 = 2."),
+                ("conclude", "The answer is 2."),
+            ],
+        ),
     ]
-    rows = [encode_example(*render_example(q, s, tok, TOKEN_MAP), tok, ids) for q, s in examples]
-    trainer = build_trainer(model, tok, rows, cfg(signal_objective=objective), tmp_path / "ckpt", ids, objective, weight)
+    rows = [
+        encode_example(*render_example(q, s, tok, signal_tokens=TOKEN_MAP), tok, signal_token_ids=ids)
+        for q, s in examples
+    ]
+    trainer = build_trainer(
+        model,
+        tok,
+        rows,
+        cfg=cfg(signal_objective=objective),
+        checkpoint_dir=tmp_path / "ckpt",
+        signal_token_ids=ids,
+        signal_objective=objective,
+        signal_loss_weight=weight,
+    )
     batch = trainer.data_collator(rows)
     return model, tok, ids, trainer, batch
 
@@ -197,7 +256,7 @@ def test_no_loss_on_prompt_tokens(tmp_path):
         # every position up to and including the last prompt token is ignored
         n_prompt = int(batch["signal_positions"][b, 0]) + 1
         assert (batch["labels"][b, :n_prompt] == IGNORE_INDEX).all()
-        assert (batch["labels"][b, n_prompt:lengths[b]] != IGNORE_INDEX).sum() > 0
+        assert (batch["labels"][b, n_prompt : lengths[b]] != IGNORE_INDEX).sum() > 0
     loss = trainer.compute_loss(trainer.model, dict(batch))
     # Giving the prompt positions real targets (full-sequence SFT) changes the loss; ours ignores them.
     unmasked = dict(batch)
@@ -218,7 +277,16 @@ def test_baseline_equals_plain_sft_loss(tmp_path):
     model, tok = tiny()
     rows = encode_examples(synthetic(3), tok, None)  # plain completions, no signal tokens
     assert all(not r["signal_positions"] for r in rows)
-    scaffold = build_trainer(copy.deepcopy(model), tok, rows, cfg(signal_loss_weight=0.0), tmp_path / "a", [], "token", 0.0)
+    scaffold = build_trainer(
+        copy.deepcopy(model),
+        tok,
+        rows,
+        cfg=cfg(signal_loss_weight=0.0),
+        checkpoint_dir=tmp_path / "a",
+        signal_token_ids=[],
+        signal_objective="token",
+        signal_loss_weight=0.0,
+    )
     batch = scaffold.data_collator(rows)
     ours = scaffold.compute_loss(scaffold.model, dict(batch))
 
@@ -226,8 +294,14 @@ def test_baseline_equals_plain_sft_loss(tmp_path):
 
     plain = SFTTrainer(
         model=copy.deepcopy(model),
-        args=SFTConfig(output_dir=str(tmp_path / "b"), report_to="none", bf16=False, max_length=None,
-                       dataset_kwargs={"skip_prepare_dataset": True}, activation_checkpointing=False),
+        args=SFTConfig(
+            output_dir=str(tmp_path / "b"),
+            report_to="none",
+            bf16=False,
+            max_length=None,
+            dataset_kwargs={"skip_prepare_dataset": True},
+            activation_checkpointing=False,
+        ),
         train_dataset=Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]),
         processing_class=tok,
     )
@@ -237,7 +311,9 @@ def test_baseline_equals_plain_sft_loss(tmp_path):
     # and both are the causal LM loss over the completion tokens
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-5)
 
 
@@ -260,8 +336,15 @@ def trained_token(tmp_path_factory):
     out = tmp_path_factory.mktemp("token")
     examples = synthetic(24) + synthetic(4, split="validation")
     c = cfg(max_steps=16, logging_steps=4, learning_rate=2e-2, signal_objective="token")
-    result = train_student(examples, c, NAMES, TOKENS, out, scaffolded=True,
-                           model_card_info={"data_fingerprint": "data123", "taxonomy_hash": "tax456"})
+    result = train_student(
+        examples,
+        c,
+        NAMES,
+        signal_tokens=TOKENS,
+        output_dir=out,
+        scaffolded=True,
+        model_card_info={"data_fingerprint": "data123", "taxonomy_hash": "tax456"},
+    )
     return result, examples, c
 
 
@@ -269,7 +352,9 @@ def test_signal_accuracy_rises(trained_token):
     result, examples, c = trained_token
     model, tok = build_tiny_model(TOK, c.tiny)  # the same initial weights as train_student's
     ids = add_signal_tokens(tok, model, TOKENS)
-    before = Student(model=model, tokenizer=tok, signal_names=NAMES, signal_tokens=TOKENS, signal_token_ids=ids, scaffolded=True)
+    before = Student(
+        model=model, tokenizer=tok, signal_names=NAMES, signal_tokens=TOKENS, signal_token_ids=ids, scaffolded=True
+    )
     acc_before = evaluate_signal_accuracy(before, examples)
     after = load_student(result.model_dir, device="cpu")
     acc_after = evaluate_signal_accuracy(after, examples)
@@ -296,26 +381,43 @@ def test_saved_student_round_trip_and_generation(trained_token):
     # batching and left padding do not change greedy outputs; questions may be given positionally
     single = generate(student, questions[1:], mode="plain", max_new_tokens=24)
     assert single[0].text == plain[1].text
-    guided = generate(student, questions=questions, mode="guided", max_new_tokens=40,
-                      guided=GuidedInferenceConfig(max_steps=3, max_step_tokens=12))
+    guided = generate(
+        student,
+        questions=questions,
+        mode="guided",
+        max_new_tokens=40,
+        guided=GuidedInferenceConfig(max_steps=3, max_step_tokens=12),
+    )
     for g in guided:
         assert g.text and "<sig:" not in g.text
         assert g.signals and set(g.signals) <= set(NAMES)
         assert g.signals[0] == "setup"  # learned: the first step is always a setup
         assert 0 < g.output_tokens <= 40
     # pruning: a pruned signal is never committed
-    pruned = generate(student, questions=questions[:1], mode="guided", max_new_tokens=30,
-                      guided=GuidedInferenceConfig(max_steps=2, max_step_tokens=12, prune_signals=["setup"]))
+    pruned = generate(
+        student,
+        questions=questions[:1],
+        mode="guided",
+        max_new_tokens=30,
+        guided=GuidedInferenceConfig(max_steps=2, max_step_tokens=12, prune_signals=["setup"]),
+    )
     assert "setup" not in pruned[0].signals
     # gating: with an unreachable threshold nothing is committed by the gate
-    gated = generate(student, questions=questions[:1], mode="guided", max_new_tokens=24,
-                     guided=GuidedInferenceConfig(max_steps=2, max_step_tokens=8, confidence_threshold=1.0))
+    gated = generate(
+        student,
+        questions=questions[:1],
+        mode="guided",
+        max_new_tokens=24,
+        guided=GuidedInferenceConfig(max_steps=2, max_step_tokens=8, confidence_threshold=1.0),
+    )
     assert gated[0].confidences and all(c is not None and c < 1.0 for c in gated[0].confidences)
 
 
 def test_head_objective_trains_saves_and_decodes(tmp_path):
     c = cfg(max_steps=3, signal_objective="head", logging_steps=1)
-    result = train_student(synthetic(8), c, NAMES, TOKENS, tmp_path, scaffolded=True, model_card_info={})
+    result = train_student(
+        synthetic(8), c, NAMES, signal_tokens=TOKENS, output_dir=tmp_path, scaffolded=True, model_card_info={}
+    )
     d = result.model_dir
     assert (d / "signal_head.pt").exists() and json.loads((d / "signal_head.json").read_text())["num_signals"] == 3
     from safetensors import safe_open
@@ -324,13 +426,26 @@ def test_head_objective_trains_saves_and_decodes(tmp_path):
         assert not any(k.startswith("signal_head") for k in f.keys())
     student = load_student(d, device="cpu")
     assert student.head is not None and student.signal_objective == "head"
-    out = generate(student, questions=["How many fruits: 1 apples, 1 pears?"], mode="guided", max_new_tokens=20,
-                   guided=GuidedInferenceConfig(max_steps=2, max_step_tokens=8))
+    out = generate(
+        student,
+        questions=["How many fruits: 1 apples, 1 pears?"],
+        mode="guided",
+        max_new_tokens=20,
+        guided=GuidedInferenceConfig(max_steps=2, max_step_tokens=8),
+    )
     assert out[0].signals and out[0].output_tokens <= 20
 
 
 def test_baseline_training_has_no_signals(tmp_path):
-    result = train_student(synthetic(8), cfg(max_steps=2), NAMES, TOKENS, tmp_path, scaffolded=False, model_card_info={})
+    result = train_student(
+        synthetic(8),
+        cfg(max_steps=2),
+        NAMES,
+        signal_tokens=TOKENS,
+        output_dir=tmp_path,
+        scaffolded=False,
+        model_card_info={},
+    )
     student = load_student(result.model_dir, device="cpu")
     assert not student.scaffolded and student.signal_token_ids == []
     assert len(student.tokenizer) == 49152  # no signal tokens added
@@ -343,7 +458,9 @@ def test_baseline_training_has_no_signals(tmp_path):
 def test_lora_head_training(tmp_path):
     pytest.importorskip("peft")
     c = cfg(max_steps=2, signal_objective="head", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
-    result = train_student(synthetic(8), c, NAMES, TOKENS, tmp_path, scaffolded=True, model_card_info={})
+    result = train_student(
+        synthetic(8), c, NAMES, signal_tokens=TOKENS, output_dir=tmp_path, scaffolded=True, model_card_info={}
+    )
     student = load_student(result.model_dir, device="cpu")
     assert student.head is not None
     assert not any("lora" in n for n, _ in student.model.named_parameters())  # merged
@@ -351,10 +468,26 @@ def test_lora_head_training(tmp_path):
 
 def test_resume_from_checkpoint(tmp_path):
     examples = synthetic(4)
-    first = train_student(examples, cfg(max_steps=4, save_steps=2, logging_steps=1, per_device_batch_size=2), NAMES, TOKENS, tmp_path, True, {})
+    first = train_student(
+        examples,
+        cfg(max_steps=4, save_steps=2, logging_steps=1, per_device_batch_size=2),
+        NAMES,
+        signal_tokens=TOKENS,
+        output_dir=tmp_path,
+        scaffolded=True,
+        model_card_info={},
+    )
     assert first.steps == 4 and first.resumed_from is None
     assert (tmp_path / "checkpoints" / "checkpoint-4").is_dir()
-    second = train_student(examples, cfg(max_steps=6, save_steps=2, logging_steps=1, per_device_batch_size=2), NAMES, TOKENS, tmp_path, True, {})
+    second = train_student(
+        examples,
+        cfg(max_steps=6, save_steps=2, logging_steps=1, per_device_batch_size=2),
+        NAMES,
+        signal_tokens=TOKENS,
+        output_dir=tmp_path,
+        scaffolded=True,
+        model_card_info={},
+    )
     assert second.resumed_from is not None and second.resumed_from.endswith("checkpoint-4")
     assert second.steps == 6
     state = json.loads((tmp_path / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())

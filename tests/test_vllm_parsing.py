@@ -9,7 +9,14 @@ import pytest
 from rscaffold.config import BackendConfig, SamplingConfig
 from rscaffold.llm.base import ChatRequest
 from rscaffold.llm.parsing import EMPTY_OUTPUT, derive_seed
-from rscaffold.llm.vllm_engine import JSON_SCHEMA_KEY, VLLMBackend, build_sampling_kwargs, make_sampling_params, parse_request_output, structured_output_kwargs
+from rscaffold.llm.vllm_engine import (
+    JSON_SCHEMA_KEY,
+    VLLMBackend,
+    build_sampling_kwargs,
+    make_sampling_params,
+    parse_request_output,
+    structured_output_kwargs,
+)
 
 SCHEMA = {"type": "object", "properties": {"signal": {"type": "string"}}, "required": ["signal"]}
 
@@ -162,8 +169,12 @@ def test_line_choices_become_a_regex_constraint():
     from rscaffold.llm.base import ChatRequest
     from rscaffold.llm.vllm_engine import REGEX_KEY, build_sampling_kwargs
 
-    req = ChatRequest("t:label", [{"role": "user", "content": "x"}], json_schema={"type": "object"},
-                      line_choices=[["1: A (x)", "1: B"], ["2: A (x)", "2: B"]])
+    req = ChatRequest(
+        "t:label",
+        [{"role": "user", "content": "x"}],
+        json_schema={"type": "object"},
+        line_choices=[["1: A (x)", "1: B"], ["2: A (x)", "2: B"]],
+    )
     kw = build_sampling_kwargs(SamplingConfig(), req)
     assert "json_schema" not in kw
     rx = _re.compile(kw[REGEX_KEY])

@@ -13,7 +13,24 @@ import json
 import random
 from pathlib import Path
 
-NAMES = ["Ava", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonah", "Kemi", "Liam", "Maya", "Noor", "Omar", "Priya"]
+NAMES = [
+    "Ava",
+    "Ben",
+    "Chloe",
+    "Dev",
+    "Elena",
+    "Farid",
+    "Grace",
+    "Hiro",
+    "Ines",
+    "Jonah",
+    "Kemi",
+    "Liam",
+    "Maya",
+    "Noor",
+    "Omar",
+    "Priya",
+]
 
 
 def t_buy_more(r: random.Random):
@@ -47,11 +64,15 @@ def t_price(r: random.Random):
     cost = c * price
     paid = cost + r.randint(1, 20)
     q = f"{n} buys {c} notebooks at ${price} each and pays with ${paid}. How much change does {n} get, in dollars?"
-    return q, f"The notebooks cost {c} * {price} = {cost} dollars. The change is {paid} - {cost} = {paid - cost} dollars.", paid - cost
+    return (
+        q,
+        f"The notebooks cost {c} * {price} = {cost} dollars. The change is {paid} - {cost} = {paid - cost} dollars.",
+        paid - cost,
+    )
 
 
 def t_two_step(r: random.Random):
-    n, a, b, c = r.choice(NAMES), r.randint(10, 40), r.randint(5, 30), r.randint(2, 15)
+    _name, a, b, c = r.choice(NAMES), r.randint(10, 40), r.randint(5, 30), r.randint(2, 15)
     q = f"A shop had {a} apples. It received {b} more in the morning and sold {c} in the afternoon. How many apples does the shop have now?"
     return q, f"After the delivery it has {a} + {b} = {a + b}. After selling, {a + b} - {c} = {a + b - c}.", a + b - c
 
@@ -90,7 +111,7 @@ TEMPLATES = [t_buy_more, t_give_away, t_packs, t_share, t_price, t_two_step, t_w
 def make(split: str, seed: int, per_template: int = 4) -> list[dict]:
     r = random.Random(seed)
     rows, seen = [], set()
-    for i in range(per_template):
+    for _ in range(per_template):
         for t in TEMPLATES:
             q, sol, final = t(r)
             while q in seen:

@@ -72,7 +72,7 @@ def choice_options(question: str) -> list[str]:
         if m.group(1) == "A":
             break
     found.reverse()
-    letters = [ln[0] for ln in lines[len(lines) - len(found):]]
+    letters = [ln[0] for ln in lines[len(lines) - len(found) :]]
     if not found or letters != list(_LETTERS[: len(found)]):
         return []
     return found
@@ -205,9 +205,7 @@ def _extract_math(text: str) -> str | None:
 # extraction: yes / no
 
 _YESNO_WORD = r"(yes|no|true|false)"
-_YESNO_ANCHOR = re.compile(
-    rf"\banswer\b\s*(?:is\b|:|=)\s*:?\s*[\"'“(\[]*\s*{_YESNO_WORD}\b", re.IGNORECASE
-)
+_YESNO_ANCHOR = re.compile(rf"\banswer\b\s*(?:is\b|:|=)\s*:?\s*[\"'“(\[]*\s*{_YESNO_WORD}\b", re.IGNORECASE)
 _YESNO_ANY = re.compile(rf"\b{_YESNO_WORD}\b", re.IGNORECASE)
 _YESNO_MAP = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}
 
@@ -354,7 +352,9 @@ def _normalize_math_string(s: str) -> str:
     return s
 
 
-_PLAIN_NUMBER = re.compile(r"^(?P<sign>-?)(?:(?P<dec>\d+(?:\.\d*)?|\.\d+)|(?P<a>\d+)/(?P<b>\d+)|\\frac\{(?P<fa>\d+)\}\{(?P<fb>\d+)\})$")
+_PLAIN_NUMBER = re.compile(
+    r"^(?P<sign>-?)(?:(?P<dec>\d+(?:\.\d*)?|\.\d+)|(?P<a>\d+)/(?P<b>\d+)|\\frac\{(?P<fa>\d+)\}\{(?P<fb>\d+)\})$"
+)
 
 
 def _plain_number(s: str) -> Fraction | None:
@@ -448,8 +448,8 @@ def check_answer(
     text: str | None,
     gold: str,
     answer_type: str,
-    options: Sequence[str] | None = None,
     *,
+    options: Sequence[str] | None = None,
     timeout_s: float = DEFAULT_VERIFY_TIMEOUT_S,
 ) -> AnswerCheck:
     """Extract the answer from a model output and check it: ``AnswerCheck(predicted, correct)``."""

@@ -141,7 +141,9 @@ def _iter_jsonl(path: Path) -> Iterator[RawRow]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise BenchmarkFormatError(f"{path}:{line_no}: not valid JSON: {err.msg} (column {err.colno})") from None
+                raise BenchmarkFormatError(
+                    f"{path}:{line_no}: not valid JSON: {err.msg} (column {err.colno})"
+                ) from None
             if not isinstance(obj, dict):
                 raise BenchmarkFormatError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
             yield RawRow(obj, f"{path}:{line_no}", index)
@@ -204,7 +206,9 @@ def read_csv_records(path: Path, required: Iterable[str] = ()) -> Iterator[RawRo
         header = reader.fieldnames or []
         missing = [c for c in required if c not in header]
         if missing:
-            raise BenchmarkFormatError(f"{path}:1: missing column(s) {', '.join(missing)} (header: {', '.join(header)})")
+            raise BenchmarkFormatError(
+                f"{path}:1: missing column(s) {', '.join(missing)} (header: {', '.join(header)})"
+            )
         index = 0
         try:
             for row in reader:
@@ -233,7 +237,9 @@ def _field(row: RawRow, *names: str, kind: type | tuple[type, ...] = str, requir
             if not isinstance(value, kind):
                 kinds = kind if isinstance(kind, tuple) else (kind,)
                 expected = " or ".join(k.__name__ for k in kinds)
-                raise BenchmarkFormatError(f"{row.where}: field {name!r} should be {expected}, got {type(value).__name__}")
+                raise BenchmarkFormatError(
+                    f"{row.where}: field {name!r} should be {expected}, got {type(value).__name__}"
+                )
             if isinstance(value, str) and required and not value.strip():
                 raise BenchmarkFormatError(f"{row.where}: field {name!r} is empty")
             return value
@@ -289,7 +295,11 @@ def _math500(row: RawRow, ctx: _Context) -> ProblemRecord:
             raise BenchmarkFormatError(f"{row.where}: no 'answer' field and no \\boxed{{}} answer in the 'solution'")
         answer = boxed[-1]
     uid = _field(row, "unique_id", required=False)
-    pid = f"{ctx.benchmark}-{_slug(uid.removesuffix('.json'))}" if uid else f"{ctx.benchmark}-{_slug(ctx.tag)}-{row.index:05d}"
+    pid = (
+        f"{ctx.benchmark}-{_slug(uid.removesuffix('.json'))}"
+        if uid
+        else f"{ctx.benchmark}-{_slug(ctx.tag)}-{row.index:05d}"
+    )
     return ProblemRecord(
         problem_id=pid,
         split=ctx.split,
@@ -401,6 +411,7 @@ def _read_truthfulqa_csv(path: Path) -> Iterator[RawRow]:
 # =============================================================================================
 # the registry
 
+
 @dataclass(frozen=True)
 class Benchmark:
     """One benchmark: how to read its published file and hub copy, and how its answers look."""
@@ -465,8 +476,8 @@ class Benchmark:
         source: str | Path,
         split: str = "eval",
         limit: int | None = None,
-        seed: int = 0,
         *,
+        seed: int = 0,
         part: Part = "all",
         heldout_fraction: float = 0.2,
     ) -> list[ProblemRecord]:
@@ -475,7 +486,7 @@ class Benchmark:
             records = self.load_hub(parse_hub_source(str(source)), split)
         else:
             records = self.load_file(source, split)
-        records = select_part(records, part, heldout_fraction, seed)
+        records = select_part(records, part, heldout_fraction, seed=seed)
         return subsample(records, limit, seed)
 
 
@@ -571,7 +582,9 @@ def _unit_hash(key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def select_part(records: list[ProblemRecord], part: Part = "all", heldout_fraction: float = 0.2, seed: int = 0) -> list[ProblemRecord]:
+def select_part(
+    records: list[ProblemRecord], part: Part = "all", heldout_fraction: float = 0.2, *, seed: int = 0
+) -> list[ProblemRecord]:
     """Disjoint ``"train"`` / ``"heldout"`` parts of one file: the ``round(heldout_fraction * n)``
     problems with the smallest seeded hash of their id are held out (independent of file order and
     of ``limit``); ``"all"`` keeps everything."""
@@ -603,9 +616,9 @@ def load_problems(
     source: str | Path,
     benchmark: str = "gsm8k",
     split: str = "eval",
+    *,
     limit: int | None = None,
     seed: int = 0,
-    *,
     part: Part = "all",
     heldout_fraction: float = 0.2,
 ) -> list[ProblemRecord]:
@@ -617,4 +630,4 @@ def load_problems(
     Raises :class:`BenchmarkNotFoundError` for a missing file and :class:`BenchmarkFormatError`
     (``path:line: ...``) for a malformed record.
     """
-    return get_benchmark(benchmark).load(source, split, limit, seed, part=part, heldout_fraction=heldout_fraction)
+    return get_benchmark(benchmark).load(source, split, limit, seed=seed, part=part, heldout_fraction=heldout_fraction)

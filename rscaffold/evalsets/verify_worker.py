@@ -28,8 +28,6 @@ from typing import IO, Any
 logger = logging.getLogger(__name__)
 
 
-
-
 def _as_latex(s: str) -> str:
     s = s.strip()
     if "\\boxed" in s or (s.startswith("$") and s.endswith("$") and len(s) > 1):
@@ -143,7 +141,9 @@ class _MathVerifyWorker:
         except queue.Empty:
             logger.warning(
                 "math_verify took longer than %.1fs on %r vs gold %r; counted as incorrect",
-                timeout_s, predicted[:80], gold[:80],
+                timeout_s,
+                predicted[:80],
+                gold[:80],
             )
             self._restart()
             return False

@@ -29,12 +29,12 @@ def score_output(
     model: str,
     benchmark: str,
     problem: ProblemRecord,
+    *,
     output: str,
     answer_type: str,
     output_tokens: int,
     signals: Sequence[str],
     latency_s: float,
-    *,
     options: Sequence[str] | None = None,
     decoding: str | None = None,
     n_steps: int | None = None,
@@ -68,7 +68,9 @@ def score_output(
     )
 
 
-def bootstrap_ci(correct: Sequence[bool], samples: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+def bootstrap_ci(
+    correct: Sequence[bool], samples: int = 1000, seed: int = 0, *, alpha: float = 0.05
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``correct``."""
     n = len(correct)
     if n == 0:
@@ -84,11 +86,11 @@ def bootstrap_ci(correct: Sequence[bool], samples: int = 1000, seed: int = 0, al
     return lo, hi
 
 
-
 def compute_metrics(
     predictions: Sequence[PredictionRecord],
     bootstrap_samples: int = 1000,
     seed: int = 0,
+    *,
     teacher: Mapping[str, Any] | None = None,
 ) -> list[MetricRecord]:
     """One :class:`MetricRecord` per (model, benchmark); ``teacher``: see :func:`signal_agreement`."""

@@ -54,6 +54,7 @@ def render_report(
     metrics: Sequence[MetricRecord],
     predictions: Sequence[PredictionRecord],
     chart: str | None = CHART_FILE,
+    *,
     source: str | None = None,
 ) -> str:
     """The markdown report (``chart``: the PNG's file name next to the report, None for none)."""
@@ -81,13 +82,33 @@ def render_report(
                 continue
             decoding = next((p.decoding for p in groups[(model, b)] if p.decoding), "–")
             checked = "–" if not m.consistency_checked else f"{percent(m.consistency_rate)} ({m.consistency_checked})"
-            rows.append([
-                b, model, decoding, m.n, percent(m.accuracy), f"[{percent(m.ci_low)}, {percent(m.ci_high)}]",
-                f"{m.mean_output_tokens:.1f}", number(m.mean_steps, digits=1), percent(m.unparseable_rate), checked,
-            ])
+            rows.append(
+                [
+                    b,
+                    model,
+                    decoding,
+                    m.n,
+                    percent(m.accuracy),
+                    f"[{percent(m.ci_low)}, {percent(m.ci_high)}]",
+                    f"{m.mean_output_tokens:.1f}",
+                    number(m.mean_steps, digits=1),
+                    percent(m.unparseable_rate),
+                    checked,
+                ]
+            )
     lines += md_table(
-        ["benchmark", "model", "decoding", "n", "accuracy %", "95% CI", "mean output tokens", "mean steps", "unparseable %",
-         "consistent % (checked)"],
+        [
+            "benchmark",
+            "model",
+            "decoding",
+            "n",
+            "accuracy %",
+            "95% CI",
+            "mean output tokens",
+            "mean steps",
+            "unparseable %",
+            "consistent % (checked)",
+        ],
         rows,
     )
 
@@ -110,7 +131,10 @@ def render_report(
                 ok = sum(1 for p in preds if p.consistency_check == kind and p.consistent)
                 check_rows.append([b, model, kind, n, ok, n - ok])
             bad = [p for p in preds if p.consistent is False][:2]
-            examples += [f"- {model} / {b} / `{p.problem_id}`: {p.consistency_evidence} (answer {p.predicted_answer})" for p in bad]
+            examples += [
+                f"- {model} / {b} / `{p.problem_id}`: {p.consistency_evidence} (answer {p.predicted_answer})"
+                for p in bad
+            ]
     if check_rows:
         lines += md_table(["benchmark", "model", "check", "checked", "consistent", "inconsistent"], check_rows)
     else:
@@ -129,11 +153,21 @@ def render_report(
             if not counts or m is None:
                 continue
             total = sum(counts.values())
-            sig_rows.append([
-                model, b, total, number(total / max(1, len(preds)), digits=2), number(m.signal_tv), number(m.transition_tv),
-                number(m.transition_kl), percent(m.transition_coverage),
-            ])
-            dists.append(f"- **{model} / {b}**: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in counts.most_common()))
+            sig_rows.append(
+                [
+                    model,
+                    b,
+                    total,
+                    number(total / max(1, len(preds)), digits=2),
+                    number(m.signal_tv),
+                    number(m.transition_tv),
+                    number(m.transition_kl),
+                    percent(m.transition_coverage),
+                ]
+            )
+            dists.append(
+                f"- **{model} / {b}**: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in counts.most_common())
+            )
     if sig_rows:
         lines += [
             "Agreement with the teacher's labeled traces: `signal TV` compares the shares of "
@@ -144,7 +178,16 @@ def render_report(
             "",
         ]
         lines += md_table(
-            ["model", "benchmark", "signals", "signals / answer", "signal TV", "transition TV", "transition KL", "coverage %"],
+            [
+                "model",
+                "benchmark",
+                "signals",
+                "signals / answer",
+                "signal TV",
+                "transition TV",
+                "transition KL",
+                "coverage %",
+            ],
             sig_rows,
         )
         lines += ["", *dists]
@@ -179,18 +222,38 @@ def plot_accuracy(metrics: Sequence[MetricRecord], path: str | Path) -> Path:
             ys.append(100 * m.accuracy)
             lo.append(max(0.0, 100 * (m.accuracy - m.ci_low)))
             hi.append(max(0.0, 100 * (m.ci_high - m.accuracy)))
-        bars = ax.bar(xs, ys, width * 0.92, yerr=[lo, hi], capsize=3, label=model, color=colors(i % 10),
-                      error_kw={"elinewidth": 1, "ecolor": "#333333"})
+        bars = ax.bar(
+            xs,
+            ys,
+            width * 0.92,
+            yerr=[lo, hi],
+            capsize=3,
+            label=model,
+            color=colors(i % 10),
+            error_kw={"elinewidth": 1, "ecolor": "#333333"},
+        )
         for bar, y, h in zip(bars, ys, hi):
-            ax.text(bar.get_x() + bar.get_width() / 2, min(y + h + 1.5, 101), f"{y:.0f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(benches)), [f"{b}\n(n={max((by[(m, b)].n for m in models if (m, b) in by), default=0)})" for b in benches])
+            ax.text(
+                bar.get_x() + bar.get_width() / 2,
+                min(y + h + 1.5, 101),
+                f"{y:.0f}",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+    ax.set_xticks(
+        range(len(benches)),
+        [f"{b}\n(n={max((by[(m, b)].n for m in models if (m, b) in by), default=0)})" for b in benches],
+    )
     ax.set_ylim(0, 112)
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy per benchmark, 95% bootstrap interval", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     if models:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="model", title_fontsize=8)
+        ax.legend(
+            fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="model", title_fontsize=8
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
@@ -201,7 +264,9 @@ def read_evaluation(eval_dir: str | Path) -> tuple[list[MetricRecord], list[Pred
     from rscaffold.store import read_records
 
     eval_dir = Path(eval_dir)
-    return read_records(eval_dir / METRICS_FILE, MetricRecord), read_records(eval_dir / PREDICTIONS_FILE, PredictionRecord)
+    return read_records(eval_dir / METRICS_FILE, MetricRecord), read_records(
+        eval_dir / PREDICTIONS_FILE, PredictionRecord
+    )
 
 
 def write_report(eval_dir: str | Path) -> tuple[Path, Path]:
@@ -243,7 +308,11 @@ def find_evaluation_dir(path: str | Path) -> Path:
     for base in (path, path / "evaluation"):
         if not base.is_dir():
             continue
-        found = [d for d in base.iterdir() if d.is_dir() and (d / METRICS_FILE).is_file() and (d / PREDICTIONS_FILE).is_file()]
+        found = [
+            d
+            for d in base.iterdir()
+            if d.is_dir() and (d / METRICS_FILE).is_file() and (d / PREDICTIONS_FILE).is_file()
+        ]
         if found:
             return max(found, key=_finished_at)
     raise FileNotFoundError(

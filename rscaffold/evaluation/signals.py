@@ -32,6 +32,7 @@ def transition_agreement(
     generated: Sequence[Sequence[str]],
     teacher_transitions: Sequence[Sequence[int]],
     names: Sequence[str],
+    *,
     teacher_signal_counts: Mapping[str, int] | None = None,
     smoothing: float = 0.5,
 ) -> dict[str, Any]:
@@ -68,7 +69,9 @@ def transition_agreement(
         counts = Counter(s for seq in generated for s in seq if s in names)
         g_total, t_total = sum(counts[n] for n in names), sum(teacher_signal_counts.get(n, 0) for n in names)
         if g_total and t_total:
-            out["signal_tv"] = _tv([counts[n] / g_total for n in names], [teacher_signal_counts.get(n, 0) / t_total for n in names])
+            out["signal_tv"] = _tv(
+                [counts[n] / g_total for n in names], [teacher_signal_counts.get(n, 0) / t_total for n in names]
+            )
     rows = [i for i in range(k) if sum(teacher_transitions[i]) > 0 and sum(gen[i]) > 0]
     t_all = out["teacher_transitions"]
     if not rows or not t_all:
@@ -98,7 +101,9 @@ def signal_distribution(predictions: Sequence[PredictionRecord]) -> dict[str, di
     return {m: dict(c.most_common()) for m, c in dist.items() if c}
 
 
-def signal_agreement(predictions: Sequence[PredictionRecord], teacher: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+def signal_agreement(
+    predictions: Sequence[PredictionRecord], teacher: Mapping[str, Any] | None
+) -> dict[str, dict[str, Any]]:
     """:func:`transition_agreement` per ``model/benchmark`` with generated signals (``teacher``: the
     labeling stage's ``quality.json``, with ``names``, ``transitions`` and ``signal_counts``)."""
     if not teacher or not teacher.get("transitions"):
@@ -107,7 +112,9 @@ def signal_agreement(predictions: Sequence[PredictionRecord], teacher: Mapping[s
     for p in predictions:
         groups[f"{p.model}/{p.benchmark}"].append(list(p.signals))
     return {
-        key: transition_agreement(seqs, teacher["transitions"], teacher["names"], teacher.get("signal_counts"))
+        key: transition_agreement(
+            seqs, teacher["transitions"], teacher["names"], teacher_signal_counts=teacher.get("signal_counts")
+        )
         for key, seqs in groups.items()
         if any(seqs)
     }

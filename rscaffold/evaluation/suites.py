@@ -40,7 +40,12 @@ def evaluation_suites(ecfg, default_benchmark: str, default_problems: Sequence[P
     for b in ecfg.benchmarks:
         bench = get_benchmark(b.name)
         rows = bench.load(
-            b.source, "eval", b.limit if b.limit is not None else ecfg.limit, b.seed, part=b.part, heldout_fraction=b.heldout_fraction
+            b.source,
+            "eval",
+            b.limit if b.limit is not None else ecfg.limit,
+            seed=b.seed,
+            part=b.part,
+            heldout_fraction=b.heldout_fraction,
         )
         suites.append(EvalSuite(bench.name, bench.answer_type, bench.prompt_template, rows))
     return suites

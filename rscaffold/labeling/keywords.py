@@ -1,5 +1,4 @@
-"""Stage 1 of the paper's labeling: keyword pre-labels from a step's first words, and the deterministic fallback.
-"""
+"""Stage 1 of the paper's labeling: keyword pre-labels from a step's first words, and the deterministic fallback."""
 
 from __future__ import annotations
 

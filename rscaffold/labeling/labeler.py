@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 Source = Literal["llm", "keyword", "fallback"]
 
+
 class TraceSteps(NamedTuple):
     """What :func:`label_traces` needs of one trace (a plain 4-tuple works too)."""
 
@@ -69,6 +70,7 @@ class Labeler:
         tax: Taxonomy,
         backend: LLMBackend | None,
         sampling: SamplingConfig,
+        *,
         cfg: LabelingConfig,
     ) -> None:
         self.tax = tax
@@ -145,7 +147,13 @@ class Labeler:
             else:
                 fmt[k] = answer_format_for(len(t.steps), self.sampling.max_new_tokens, with_rat)
             pending[k] = build_label_request(
-                t.trace_id, t.question, list(t.steps), [s for s, _ in pre[k]], self.tax, with_rat, fmt[k]
+                t.trace_id,
+                t.question,
+                list(t.steps),
+                prelabels=[s for s, _ in pre[k]],
+                tax=self.tax,
+                with_rationale=with_rat,
+                answer_format=fmt[k],
             )
         done: dict[int, list[ParsedLabel]] = {}
         last_error: dict[int, str] = {}
@@ -170,7 +178,16 @@ class Labeler:
                         if comp.truncated:
                             fmt[k] = "lines"  # the answer did not fit: ask for the compact form
                 last_error[k] = error
-                retry[k] = build_retry_request(req, comp, error, n, self.tax, with_rat, attempt + 1, fmt[k])
+                retry[k] = build_retry_request(
+                    req,
+                    comp,
+                    error,
+                    n_steps=n,
+                    tax=self.tax,
+                    with_rationale=with_rat,
+                    attempt=attempt + 1,
+                    answer_format=fmt[k],
+                )
             pending = retry
         for k in pending:
             self.stats.fallback_traces += 1
@@ -199,6 +216,7 @@ def label_traces(
     traces: Sequence[tuple[str, str, str, Sequence[str]]],
     tax: Taxonomy,
     backend: LLMBackend | None,
+    *,
     sampling: SamplingConfig,
     cfg: LabelingConfig,
     stats: LabelStats | MutableMapping[str, int] | None = None,
@@ -210,7 +228,7 @@ def label_traces(
     counters: a :class:`LabelStats` is updated in place; a mapping (e.g. a ``Counter``) gets the
     numeric counters added when the iteration ends.
     """
-    labeler = Labeler(tax, backend, sampling, cfg)
+    labeler = Labeler(tax, backend, sampling, cfg=cfg)
     if isinstance(stats, LabelStats):
         labeler.stats = stats
     try:

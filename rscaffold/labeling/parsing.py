@@ -14,6 +14,7 @@ from rscaffold.labeling.taxonomy import Taxonomy
 
 MAX_REPORTED_PROBLEMS = 5  # per kind, in a parse error (the error is quoted back in retries)
 
+
 class LabelParseError(ValueError):
     """A labeler answer that cannot be turned into one valid label per step."""
 
@@ -196,7 +197,7 @@ def parse_labels(text: str, n_steps: int, tax: Taxonomy) -> list[ParsedLabel]:
                 raise first_error
             if "{" in body or "[" in body:
                 raise LabelParseError(
-                    f"no complete JSON answer found (truncated or malformed?); expected {{\"labels\": [...]}} "
+                    f'no complete JSON answer found (truncated or malformed?); expected {{"labels": [...]}} '
                     f"with {n_steps} entries"
                 )
             raise LabelParseError(

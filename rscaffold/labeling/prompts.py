@@ -30,6 +30,7 @@ _LINES_TOKENS_PER_STEP = 8
 
 AnswerFormat = Literal["json", "lines"]
 
+
 def _truncate(text: str, limit: int) -> str:
     text = " ".join(text.split())
     if len(text) <= limit:
@@ -78,7 +79,7 @@ def answer_format_for(n_steps: int, max_new_tokens: int, with_rationale: bool) -
 _SYSTEM = "You label the steps of a reasoning trace with semantic signals. Answer only in the requested format."
 
 
-def _format_instructions(n: int, tax: Taxonomy, with_rationale: bool, fmt: AnswerFormat) -> str:
+def _format_instructions(n: int, tax: Taxonomy, with_rationale: bool, *, fmt: AnswerFormat) -> str:
     if fmt == "lines":
         return (
             f"Answer with exactly {n} lines, one per step, in order, each `<step number>: <signal name>`, "
@@ -92,6 +93,7 @@ def build_label_request(
     trace_id: str,
     question: str,
     steps: Sequence[str],
+    *,
     prelabels: Sequence[str | None],
     tax: Taxonomy,
     with_rationale: bool = False,
@@ -103,14 +105,17 @@ def build_label_request(
     n = len(steps)
     width = step_prompt_chars(n)
     signals = "\n".join(f"- {s.name}: {s.definition}" for s in tax.signals)
-    lines = [f"[{i}] (pre-label: {pre or 'none'}) {_truncate(step, width)}" for i, (step, pre) in enumerate(zip(steps, prelabels), 1)]
+    lines = [
+        f"[{i}] (pre-label: {pre or 'none'}) {_truncate(step, width)}"
+        for i, (step, pre) in enumerate(zip(steps, prelabels), 1)
+    ]
     user = (
         f"Signals:\n{signals}\n\n"
         f"Question: {_truncate(question, PROMPT_QUESTION_CHARS)}\n\n"
         f"Steps:\n" + "\n".join(lines) + "\n\n"
         "Give every step exactly one signal from the list. Keep a pre-label that fits the step, "
         "correct one that does not, and label the steps marked none.\n"
-        + _format_instructions(n, tax, with_rationale, answer_format)
+        + _format_instructions(n, tax, with_rationale, fmt=answer_format)
     )
     return ChatRequest(
         request_id=f"{trace_id}:label",
@@ -129,6 +134,7 @@ def build_retry_request(
     request: ChatRequest,
     previous: Completion,
     error: str,
+    *,
     n_steps: int,
     tax: Taxonomy,
     with_rationale: bool,
@@ -147,7 +153,7 @@ def build_retry_request(
             {
                 "role": "user",
                 "content": f"{problem}.\nUse only these names: {'; '.join(tax.names)}.\n"
-                + _format_instructions(n_steps, tax, with_rationale, answer_format),
+                + _format_instructions(n_steps, tax, with_rationale, fmt=answer_format),
             }
         )
     return ChatRequest(

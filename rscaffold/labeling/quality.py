@@ -73,7 +73,5 @@ def label_quality_report(steps: Sequence[LabeledStepRecord], tax: Taxonomy) -> d
         "prelabel_kappa": cohens_kappa([a for a, _ in checked], [b for _, b in checked]) if checked else None,
         "mean_chars_per_signal": {k: (sum(v) / len(v)) for k, v in lengths.items() if k in tax.by_name},
         "first_signal_counts": dict(Counter(seq[0] for seq in sequences if seq)),
-        "transitions": transition_matrix(
-            [[x for x in seq if x in tax.by_name] for seq in sequences], names
-        ),
+        "transitions": transition_matrix([[x for x in seq if x in tax.by_name] for seq in sequences], names),
     }

@@ -100,8 +100,10 @@ def render_quality_markdown(report: dict[str, Any], tax: Taxonomy) -> str:
             ["traces", traces],
             ["steps", steps],
             ["steps per trace (mean)", _number(report.get("steps_per_trace", 0.0), 2)],
-            ["keyword coverage (steps with a cue pre-label)", f"{_percent(report.get('keyword_coverage') if steps else None)} "
-             f"(paper: ~{PAPER_KEYWORD_COVERAGE:.0%})"],
+            [
+                "keyword coverage (steps with a cue pre-label)",
+                f"{_percent(report.get('keyword_coverage') if steps else None)} (paper: ~{PAPER_KEYWORD_COVERAGE:.0%})",
+            ],
             ["fallback rate (steps with a fallback label)", f"{_percent(fallback_rate)} ({fallback} of {steps})"],
             ["taxonomy", f"`{digest or tax.digest()}` (version {tax.version})"],
         ],
@@ -128,7 +130,10 @@ def render_quality_markdown(report: dict[str, Any], tax: Taxonomy) -> str:
             ["metric", "value"],
             [
                 ["LLM-labeled steps with a pre-label", checked],
-                ["agreement (LLM kept the pre-label)", f"{_percent(agreement)} (paper: ~{PAPER_PRELABEL_AGREEMENT:.0%})"],
+                [
+                    "agreement (LLM kept the pre-label)",
+                    f"{_percent(agreement)} (paper: ~{PAPER_PRELABEL_AGREEMENT:.0%})",
+                ],
                 ["Cohen's kappa", _number(kappa)],
             ],
         )
@@ -141,10 +146,21 @@ def render_quality_markdown(report: dict[str, Any], tax: Taxonomy) -> str:
     for n in names:
         c = counts.get(n, 0)
         mc = mean_chars.get(n)
-        rows.append([n, f"`{short[n]}`", c, _percent(c / steps if steps else None), first.get(n, 0),
-                     "n/a" if mc is None else f"{mc:.0f}"])
-    lines += _table(["signal", "short", "steps", "share", "first step of a trace", "mean chars"], rows,
-                    ["l", "l", "r", "r", "r", "r"])
+        rows.append(
+            [
+                n,
+                f"`{short[n]}`",
+                c,
+                _percent(c / steps if steps else None),
+                first.get(n, 0),
+                "n/a" if mc is None else f"{mc:.0f}",
+            ]
+        )
+    lines += _table(
+        ["signal", "short", "steps", "share", "first step of a trace", "mean chars"],
+        rows,
+        ["l", "l", "r", "r", "r", "r"],
+    )
     unknown = report.get("unknown_signals") or []
     if unknown:
         lines += ["", "Signals not in the taxonomy: " + ", ".join(f"`{cell(u)}`" for u in unknown)]
@@ -204,8 +220,15 @@ def plot_transition_heatmap(report: dict[str, Any], tax: Taxonomy, path: Path) -
             c = matrix[i][j]
             s = share[i][j]
             dark = s == s and s > 0.55  # s == s: not NaN
-            ax.text(j, i, str(c) if c else "·", ha="center", va="center",
-                    fontsize=10 if c else 9, color="white" if dark else ("#222222" if c else "#999999"))
+            ax.text(
+                j,
+                i,
+                str(c) if c else "·",
+                ha="center",
+                va="center",
+                fontsize=10 if c else 9,
+                color="white" if dark else ("#222222" if c else "#999999"),
+            )
     ax.set_xticks(range(k), [short[n] for n in names], rotation=40, ha="right", rotation_mode="anchor")
     ax.set_yticks(range(k), [f"{short[n]} (n={t})" for n, t in zip(names, row_tot)])
     ax.set_xlabel("next signal (step t+1)")
@@ -215,8 +238,11 @@ def plot_transition_heatmap(report: dict[str, Any], tax: Taxonomy, path: Path) -
     ax.grid(which="minor", color="white", linewidth=1.5)
     ax.tick_params(which="minor", length=0)
     total = sum(row_tot)
-    ax.set_title(f"Signal transitions: {report.get('traces', 0)} traces, {total} step pairs\n"
-                 "colour: row-normalised share; text: count", fontsize=10)
+    ax.set_title(
+        f"Signal transitions: {report.get('traces', 0)} traces, {total} step pairs\n"
+        "colour: row-normalised share; text: count",
+        fontsize=10,
+    )
     cbar = fig.colorbar(im, ax=ax, shrink=0.8)
     cbar.set_label("share of the row's transitions")
 

@@ -87,9 +87,12 @@ class Taxonomy(BaseModel):
     _cue_owner: dict[str, tuple[str, str]] = PrivateAttr()  # normalized cue -> (signal, cue)
 
     @model_validator(mode="after")
-    def _check(self) -> "Taxonomy":
+    def _check(self) -> Taxonomy:
         problems: list[str] = []
-        for what, values in (("name", [s.name.lower() for s in self.signals]), ("token", [s.token for s in self.signals])):
+        for what, values in (
+            ("name", [s.name.lower() for s in self.signals]),
+            ("token", [s.token for s in self.signals]),
+        ):
             dups = sorted(v for v, c in Counter(values).items() if c > 1)
             if dups:
                 problems.append(f"duplicate signal {what}(s): {', '.join(dups)}")

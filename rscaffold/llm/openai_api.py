@@ -112,7 +112,7 @@ class OpenAIBackend:
         )
 
     # -- one HTTP call, with the 400 fallbacks ------------------------------------------------
-    async def _create(self, client, req: ChatRequest, sampling: SamplingConfig, n: int, seed: int):
+    async def _create(self, client, req: ChatRequest, sampling: SamplingConfig, *, n: int, seed: int):
         kwargs: dict[str, Any] = {
             "model": self.cfg.model,
             "messages": req.messages,
@@ -170,7 +170,7 @@ class OpenAIBackend:
             return f"{INVALID_RESPONSE}: {describe_error(err)}"
         return describe_error(err)
 
-    def _parse(self, resp: Any, req: ChatRequest, start_index: int, latency: float) -> list[Completion]:
+    def _parse(self, resp: Any, req: ChatRequest, start_index: int, *, latency: float) -> list[Completion]:
         choices = getattr(resp, "choices", None)
         if not isinstance(choices, list):
             raise InvalidResponseError(f"{INVALID_RESPONSE}: expected a chat completion, got {type(resp).__name__}")
@@ -198,7 +198,7 @@ class OpenAIBackend:
                 req.request_id,
                 start_index + k,
                 message.content,
-                getattr(choice, "finish_reason", None),
+                finish_reason=getattr(choice, "finish_reason", None),
                 reasoning_field=message_reasoning(message),
                 prompt_tokens=prompt_tokens,
                 completion_tokens=total_completion if len(ordered) == 1 else None,
@@ -213,7 +213,7 @@ class OpenAIBackend:
 
     # -- one request (all its samples) ------------------------------------------------------
     async def _run_request(
-        self, client, sem, req: ChatRequest, sampling: SamplingConfig, on_result
+        self, client, sem, req: ChatRequest, *, sampling: SamplingConfig, on_result
     ) -> list[Completion]:
         got: list[Completion] = []
         async with sem:
@@ -223,7 +223,7 @@ class OpenAIBackend:
                 while len(got) < req.n:
                     seed = derive_seed(sampling.seed, req.request_id, call)
                     resp = await self._create(client, req, sampling, n=req.n - len(got), seed=seed)
-                    parsed = self._parse(resp, req, len(got), time.perf_counter() - t0)
+                    parsed = self._parse(resp, req, len(got), latency=time.perf_counter() - t0)
                     if not parsed:
                         raise InvalidResponseError(f"{INVALID_RESPONSE}: no choices")
                     got.extend(parsed)
@@ -233,7 +233,11 @@ class OpenAIBackend:
                 log.debug("request %s failed: %s", req.request_id, error)
                 got.extend(
                     error_completions(
-                        req.request_id, req.n - len(got), error, time.perf_counter() - t0, start_index=len(got)
+                        req.request_id,
+                        req.n - len(got),
+                        error,
+                        latency_s=time.perf_counter() - t0,
+                        start_index=len(got),
                     )
                 )
         # Outside the try: the caller's callback may raise, and that must stop the run.
@@ -247,7 +251,10 @@ class OpenAIBackend:
     ) -> list[Completion]:
         sem = asyncio.Semaphore(self.cfg.concurrency)
         async with self._client() as client:
-            tasks = [asyncio.create_task(self._run_request(client, sem, r, sampling, on_result)) for r in requests]
+            tasks = [
+                asyncio.create_task(self._run_request(client, sem, r, sampling=sampling, on_result=on_result))
+                for r in requests
+            ]
             try:
                 per_request = await asyncio.gather(*tasks)
             except BaseException:

@@ -104,8 +104,8 @@ def completion_from_output(
     request_id: str,
     sample_index: int,
     raw_text: str | bytes | None,
-    finish_reason: str | None,
     *,
+    finish_reason: str | None,
     reasoning_field: str | None = None,
     prompt_tokens: int | None = None,
     completion_tokens: int | None = None,
@@ -140,7 +140,7 @@ def completion_from_output(
 
 
 def error_completions(
-    request_id: str, n: int, error: str, latency_s: float = 0.0, start_index: int = 0
+    request_id: str, n: int, error: str, *, latency_s: float = 0.0, start_index: int = 0
 ) -> list[Completion]:
     """``n`` error Completions for one request (samples ``start_index..start_index+n-1``)."""
     return [

@@ -54,7 +54,9 @@ class TransformersBackend:
         self.cfg = cfg
         self.model_id = cfg.model
         if model is None or tokenizer is None:
-            model, tokenizer = load_causal_lm(cfg.model, cfg.gguf_file, cfg.tokenizer, cfg.device, cfg.dtype)
+            model, tokenizer = load_causal_lm(
+                cfg.model, cfg.gguf_file, cfg.tokenizer, device=cfg.device, dtype=cfg.dtype
+            )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -162,7 +164,7 @@ class TransformersBackend:
                         row.request.request_id,
                         i,
                         text,
-                        finish,
+                        finish_reason=finish,
                         prompt_tokens=int(sum(mask)),
                         completion_tokens=n_completion,
                         latency_s=latency,

@@ -77,7 +77,9 @@ def line_choices_regex(line_choices: list[list[str]]) -> str:
     return "\n".join("(" + "|".join(re.escape(c) for c in choices) + ")" for choices in line_choices)
 
 
-def structured_output_kwargs(vllm_module: Any, schema: dict[str, Any] | None = None, regex: str | None = None) -> dict[str, Any]:
+def structured_output_kwargs(
+    vllm_module: Any, schema: dict[str, Any] | None = None, regex: str | None = None
+) -> dict[str, Any]:
     """``{"structured_outputs": StructuredOutputsParams(json=schema | regex=...)}`` on current
     vLLM, ``{"guided_decoding": GuidedDecodingParams(...)}`` on older ones, ``{}`` when neither
     exists (the caller then validates the unconstrained output)."""
@@ -112,7 +114,7 @@ def make_sampling_params(vllm_module: Any, kwargs: dict[str, Any]):
 
 
 def parse_request_output(
-    output: Any, request_id: str, latency_s: float = 0.0, n: int | None = None
+    output: Any, request_id: str, latency_s: float = 0.0, *, n: int | None = None
 ) -> list[Completion]:
     """``vllm.RequestOutput`` -> one Completion per sample (``outputs[i].index`` = sample index).
 
@@ -132,7 +134,7 @@ def parse_request_output(
             request_id,
             index,
             getattr(sample, "text", ""),
-            finish,
+            finish_reason=finish,
             prompt_tokens=prompt_tokens,
             completion_tokens=len(token_ids) if token_ids is not None else None,
             latency_s=latency_s,
@@ -199,11 +201,15 @@ class VLLMBackend:
                 latency = time.perf_counter() - t0
                 if len(outputs) != len(part):
                     raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(part)} requests")
-                done = [c for r, o in zip(part, outputs) for c in parse_request_output(o, r.request_id, latency, r.n)]
+                done = [c for r, o in zip(part, outputs) for c in parse_request_output(o, r.request_id, latency, n=r.n)]
             except Exception as err:  # isolate the failure to this chunk
                 latency = time.perf_counter() - t0
                 log.warning("vLLM chunk of %d requests failed: %s", len(part), describe_error(err))
-                done = [c for r in part for c in error_completions(r.request_id, r.n, describe_error(err), latency)]
+                done = [
+                    c
+                    for r in part
+                    for c in error_completions(r.request_id, r.n, describe_error(err), latency_s=latency)
+                ]
             for c in done:
                 results.append(c)
                 if on_result:

@@ -30,7 +30,9 @@ def source_digest(source: str) -> str:
     return source if source.startswith("hub:") else file_digest(source)
 
 
-def open_stage(cfg: PipelineConfig, stage: str, fps: dict[str, str], force: bool) -> tuple[StageDir, StageRef | None]:
+def open_stage(
+    cfg: PipelineConfig, stage: str, fps: dict[str, str], *, force: bool
+) -> tuple[StageDir, StageRef | None]:
     """The stage's directory, and its complete output if there is one (``force``: recompute)."""
     sd = StageDir(cfg.run.artifacts_dir, stage, fps[stage])
     if sd.is_complete() and not force:

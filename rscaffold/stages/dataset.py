@@ -22,7 +22,7 @@ def run_dataset(
     from rscaffold.dataset import assemble_examples, dataset_stats
     from rscaffold.labeling.taxonomy import load_taxonomy
 
-    sd, done = open_stage(cfg, "dataset", fps, force)
+    sd, done = open_stage(cfg, "dataset", fps, force=force)
     if done:
         return done
     started = time.time()

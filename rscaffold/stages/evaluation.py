@@ -50,7 +50,7 @@ def run_evaluation(
     from rscaffold.inference import generate
     from rscaffold.student import load_student
 
-    sd, done = open_stage(cfg, "evaluation", fps, force)
+    sd, done = open_stage(cfg, "evaluation", fps, force=force)
     if done:
         return done
     started = time.time()
@@ -74,12 +74,26 @@ def run_evaluation(
                 if student is None:
                     student = load_student(model_path(training, name))
                 outs = generate(
-                    student, questions=suite.prompts(ecfg.prompt), mode=mode, max_new_tokens=ecfg.max_new_tokens,
-                    batch_size=ecfg.batch_size, guided=ecfg.guided,
+                    student,
+                    questions=suite.prompts(ecfg.prompt),
+                    mode=mode,
+                    max_new_tokens=ecfg.max_new_tokens,
+                    batch_size=ecfg.batch_size,
+                    guided=ecfg.guided,
                 )
                 preds = [
-                    score_output(name, suite.name, p, o.text, suite.answer_type, o.output_tokens, o.signals, o.latency_s,
-                                 decoding=mode, n_steps=len([s for s in o.steps if s]))
+                    score_output(
+                        name,
+                        suite.name,
+                        p,
+                        output=o.text,
+                        answer_type=suite.answer_type,
+                        output_tokens=o.output_tokens,
+                        signals=o.signals,
+                        latency_s=o.latency_s,
+                        decoding=mode,
+                        n_steps=len([s for s in o.steps if s]),
+                    )
                     for p, o in zip(suite.problems, outs)
                 ]
                 write_records(shard, preds, PredictionRecord)
@@ -98,7 +112,9 @@ def run_evaluation(
             "metrics": [m.model_dump() for m in metrics],
             "generated_signals": signal_distribution(predictions),
             "signal_agreement": signal_agreement(predictions, teacher),
-            "teacher_signals": None if teacher is None else {k: teacher.get(k) for k in ("names", "signal_counts", "transitions")},
+            "teacher_signals": None
+            if teacher is None
+            else {k: teacher.get(k) for k in ("names", "signal_counts", "transitions")},
         },
     )
     write_report(sd.path)  # report.md + accuracy.png, from the Parquet files just written

@@ -25,7 +25,12 @@ class LabelingFailureError(RuntimeError):
 
 
 def run_labeling(
-    cfg: PipelineConfig, fps: dict[str, str], teacher: StageRef, *, force: bool = False, progress: Progress | None = None
+    cfg: PipelineConfig,
+    fps: dict[str, str],
+    teacher: StageRef,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
 ) -> StageRef:
     """Segment and label the kept traces; write ``labeled_steps.parquet`` and the quality report."""
     from rscaffold.labeling.labeler import label_traces
@@ -37,7 +42,7 @@ def run_labeling(
     from rscaffold.labeling.taxonomy import load_taxonomy
     from rscaffold.segment import split_steps, trace_body
 
-    sd, done = open_stage(cfg, "labeling", fps, force)
+    sd, done = open_stage(cfg, "labeling", fps, force=force)
     if done:
         return done
     started = time.time()
@@ -74,7 +79,9 @@ def run_labeling(
         for i in range(0, len(todo), cfg.labeling.shard_size):
             group = todo[i : i + cfg.labeling.shard_size]
             batch: list[LabeledStepRecord] = []
-            for records in label_traces(group, tax, backend, cfg.labeling.sampling, cfg.labeling, stats=stats):
+            for records in label_traces(
+                group, tax, backend, sampling=cfg.labeling.sampling, cfg=cfg.labeling, stats=stats
+            ):
                 batch.extend(records)
             sd.write_shard("labeled_steps", batch, LabeledStepRecord)
             done_n += len(group)

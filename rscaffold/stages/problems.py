@@ -18,7 +18,7 @@ def run_problems(cfg: PipelineConfig, fps: dict[str, str], *, force: bool = Fals
     """Load the train and eval problems (``problems.*``) into ``problems.parquet``."""
     from rscaffold.evalsets.loaders import load_problems
 
-    sd, done = open_stage(cfg, "problems", fps, force)
+    sd, done = open_stage(cfg, "problems", fps, force=force)
     if done:
         return done
     started = time.time()

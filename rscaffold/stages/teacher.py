@@ -66,7 +66,7 @@ class TeacherFailureError(RuntimeError):
     Raised after every finished trace has been persisted; ``result`` holds the run's outcome.
     """
 
-    def __init__(self, message: str, result: "TraceRunResult"):
+    def __init__(self, message: str, result: TraceRunResult):
         super().__init__(message)
         self.result = result
 
@@ -122,6 +122,7 @@ def trace_from_completion(
     problem: ProblemRecord,
     completion: Completion,
     sample_index: int,
+    *,
     answer_fn: AnswerFn,
     check_fn: CheckFn,
     backend: str = "",
@@ -182,6 +183,7 @@ def generate_traces(
     problems: list[ProblemRecord],
     backend: LLMBackend,
     cfg: TeacherConfig,
+    *,
     stage: StageDir,
     answer_fn: AnswerFn,
     check_fn: CheckFn,
@@ -238,7 +240,13 @@ def generate_traces(
             return
         handled.add(key)
         record = trace_from_completion(
-            by_id[c.request_id], c, idx[c.sample_index], answer_fn, check_fn, backend.name, backend.model_id
+            by_id[c.request_id],
+            c,
+            idx[c.sample_index],
+            answer_fn=answer_fn,
+            check_fn=check_fn,
+            backend=backend.name,
+            model=backend.model_id,
         )
         new[record.trace_id] = record
         buffer.append(record)
@@ -327,7 +335,12 @@ def teacher_prompt_config(cfg: PipelineConfig) -> TeacherConfig:
 
 
 def run_teacher(
-    cfg: PipelineConfig, fps: dict[str, str], problems: StageRef, *, force: bool = False, progress: Progress | None = None
+    cfg: PipelineConfig,
+    fps: dict[str, str],
+    problems: StageRef,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
 ) -> StageRef:
     """Generate (or resume) the teacher traces of the train problems; write ``traces.parquet`` and
     ``kept_traces.parquet`` (``teacher.keep``)."""
@@ -335,7 +348,7 @@ def run_teacher(
     from rscaffold.evalsets.loaders import BENCHMARKS
     from rscaffold.llm import create_backend
 
-    sd, done = open_stage(cfg, "teacher", fps, force)
+    sd, done = open_stage(cfg, "teacher", fps, force=force)
     if done:
         return done
     started = time.time()
@@ -348,7 +361,7 @@ def run_teacher(
             train,
             backend,
             teacher_cfg,
-            sd,
+            stage=sd,
             answer_fn=lambda text: extract_answer(text, answer_type),
             check_fn=lambda pred, gold: pred is not None and is_correct(pred, gold, answer_type),
             progress=progress,
@@ -372,4 +385,3 @@ def run_teacher(
         started=started,
         code=stage_code_version("teacher"),
     )
-

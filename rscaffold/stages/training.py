@@ -57,7 +57,7 @@ def run_training(
 
     procs = current_processes()
     if procs.is_main:
-        sd, done = open_stage(cfg, "training", fps, force)
+        sd, done = open_stage(cfg, "training", fps, force=force)
     procs.wait()
     if not procs.is_main:
         sd = StageDir(cfg.run.artifacts_dir, "training", fps["training"])
@@ -80,7 +80,11 @@ def run_training(
         tcfg = tcfg.model_copy(update={"student": base, "tiny": None, "tokenizer": None})
     else:
         base = tcfg.student
-    card = {"dataset_fingerprint": dataset.fingerprint, "taxonomy_digest": tax.digest(), "training_fingerprint": sd.fingerprint}
+    card = {
+        "dataset_fingerprint": dataset.fingerprint,
+        "taxonomy_digest": tax.digest(),
+        "training_fingerprint": sd.fingerprint,
+    }
     variants = training_variants(cfg)
     if only is not None and only not in {n for n, _ in variants}:
         raise ValueError(f"this config does not train {only!r} (students: {[n for n, _ in variants]})")
@@ -99,7 +103,13 @@ def run_training(
         if procs.is_main:
             log.info("training: %s on %d process(es)", name, procs.num)
         res = train_student(
-            train_rows, tcfg, tax.names, tax.tokens, sd.path / name, scaffolded=scaffolded, model_card_info=card
+            train_rows,
+            tcfg,
+            tax.names,
+            signal_tokens=tax.tokens,
+            output_dir=sd.path / name,
+            scaffolded=scaffolded,
+            model_card_info=card,
         )
         procs.wait()
         results[name] = as_dict(res)
@@ -121,7 +131,10 @@ def run_training(
                 outputs=outputs,
                 config=cfg.training,
                 inputs=stage_inputs(dataset),
-                summary={"train_rows": len(train_rows), **{k: {m: v.get(m) for m in summary_keys} for k, v in results.items()}},
+                summary={
+                    "train_rows": len(train_rows),
+                    **{k: {m: v.get(m) for m in summary_keys} for k, v in results.items()},
+                },
                 started=started,
                 code=stage_code_version("training"),
             )

@@ -35,6 +35,7 @@ def encode_example(
     prompt: str,
     completion: str,
     tokenizer,
+    *,
     signal_token_ids: Sequence[int] = (),
     max_length: int | None = None,
 ) -> dict[str, list[int]] | None:
@@ -73,6 +74,7 @@ def encode_examples(
     examples: Sequence[ExampleRecord],
     tokenizer,
     signal_tokens: Mapping[str, str] | None,
+    *,
     signal_token_ids: Sequence[int] = (),
     max_length: int | None = None,
 ) -> list[dict[str, list[int]]]:
@@ -84,14 +86,25 @@ def encode_examples(
     dropped = 0
     for ex in examples:
         steps = [(s.signal, s.text) for s in ex.steps]
-        prompt, completion = render_example(ex.question, steps, tokenizer, signal_tokens)
-        enc = encode_example(prompt, completion, tokenizer, signal_token_ids if signal_tokens else (), max_length)
+        prompt, completion = render_example(ex.question, steps, tokenizer, signal_tokens=signal_tokens)
+        enc = encode_example(
+            prompt,
+            completion,
+            tokenizer,
+            signal_token_ids=signal_token_ids if signal_tokens else (),
+            max_length=max_length,
+        )
         if enc is None or (all(x == IGNORE_INDEX for x in enc["labels"]) and not enc["signal_labels"]):
             dropped += 1
             continue
         rows.append(enc)
     if dropped:
-        log.warning("dropped %d of %d examples whose prompt leaves no room under max_length=%s", dropped, len(examples), max_length)
+        log.warning(
+            "dropped %d of %d examples whose prompt leaves no room under max_length=%s",
+            dropped,
+            len(examples),
+            max_length,
+        )
     return rows
 
 

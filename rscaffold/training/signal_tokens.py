@@ -14,9 +14,7 @@ def _add_special(tokenizer, tokens: list[str]) -> int:
     params = inspect.signature(tokenizer.add_special_tokens).parameters
     if "replace_extra_special_tokens" in params:  # transformers >= 5
         return tokenizer.add_special_tokens({"extra_special_tokens": tokens}, replace_extra_special_tokens=False)
-    return tokenizer.add_special_tokens(
-        {"additional_special_tokens": tokens}, replace_additional_special_tokens=False
-    )
+    return tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_additional_special_tokens=False)
 
 
 def add_signal_tokens(tokenizer, model, signal_tokens: Sequence[str]) -> list[int]:

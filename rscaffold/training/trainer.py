@@ -134,7 +134,7 @@ class ScaffoldTrainer(SFTTrainer):
 
     # -- the loss --------------------------------------------------------------------------------
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: PLR0917 - Trainer API
         mode = "train" if self.model.training else "eval"
         sig_pos = inputs.pop("signal_positions", None)
         sig_lab = inputs.pop("signal_labels", None)
@@ -143,7 +143,9 @@ class ScaffoldTrainer(SFTTrainer):
         self._captured_hidden = None
         self._capture_hidden = want_signal
         try:
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         finally:
             self._capture_hidden = False
         step_loss, outputs = result if return_outputs else (result, None)
@@ -170,7 +172,9 @@ class ScaffoldTrainer(SFTTrainer):
             rows = torch.arange(sig_lab.shape[0], device=hidden.device)[:, None].expand_as(sig_lab)[valid]
             h = hidden[rows, sig_pos[valid]]
             target = sig_lab[valid]
-            logits = signal_logits(model, h, self.signal_token_ids, self._signal_head() if self.signal_objective == "head" else None)
+            logits = signal_logits(
+                model, h, self.signal_token_ids, head=self._signal_head() if self.signal_objective == "head" else None
+            )
             if target.numel():
                 signal_loss = F.cross_entropy(logits, target)
                 with torch.no_grad():
@@ -200,7 +204,7 @@ def _expose_output_bias(model) -> None:
     if head is None:
         return
     try:
-        head.bias
+        head.bias  # noqa: B018 - probing: a TrainableTokensWrapper raises here
     except AttributeError:
         original = getattr(head, "original_module", None)
         object.__setattr__(head, "bias", getattr(original, "bias", None))
@@ -318,6 +322,7 @@ def build_trainer(
     model,
     tokenizer,
     train_rows: list[dict[str, list[int]]],
+    *,
     cfg: TrainingConfig,
     checkpoint_dir: Path,
     signal_token_ids: list[int],
@@ -384,6 +389,7 @@ def train_student(
     examples: list[ExampleRecord],
     cfg: TrainingConfig,
     signal_names: list[str],
+    *,
     signal_tokens: list[str],
     output_dir: Path,
     scaffolded: bool = True,
@@ -422,11 +428,25 @@ def train_student(
     else:
         token_ids, token_map, weight, objective = [], None, 0.0, cfg.signal_objective
 
-    train_rows = encode_examples(train_examples, tokenizer, token_map, token_ids, cfg.max_length)
-    eval_rows = encode_examples(eval_examples, tokenizer, token_map, token_ids, cfg.max_length) if eval_examples else None
+    train_rows = encode_examples(
+        train_examples, tokenizer, token_map, signal_token_ids=token_ids, max_length=cfg.max_length
+    )
+    eval_rows = (
+        encode_examples(eval_examples, tokenizer, token_map, signal_token_ids=token_ids, max_length=cfg.max_length)
+        if eval_examples
+        else None
+    )
     checkpoint_dir = output_dir / CHECKPOINTS_DIRNAME
     trainer = build_trainer(
-        model, tokenizer, train_rows, cfg, checkpoint_dir, token_ids, objective, weight, eval_rows=eval_rows
+        model,
+        tokenizer,
+        train_rows,
+        cfg=cfg,
+        checkpoint_dir=checkpoint_dir,
+        signal_token_ids=token_ids,
+        signal_objective=objective,
+        signal_loss_weight=weight,
+        eval_rows=eval_rows,
     )
     last = _last_checkpoint(checkpoint_dir)
     start_step = 0
@@ -472,7 +492,12 @@ def train_student(
         "metrics": result.to_dict(),
     }
     _save_final(
-        trainer, tokenizer, model_dir=result.model_dir, meta=meta, cfg=cfg, signal_names=signal_names if scaffolded else []
+        trainer,
+        tokenizer,
+        model_dir=result.model_dir,
+        meta=meta,
+        cfg=cfg,
+        signal_names=signal_names if scaffolded else [],
     )
     return result
 
@@ -524,7 +549,9 @@ def _save_final(
             raise NotImplementedError("LoRA under FSDP/DeepSpeed is not supported; use DDP for LoRA")
         full = acc.get_state_dict(trainer.model)  # a collective: every process must call it
     if acc.is_main_process:
-        _write_model_dir(trainer, tokenizer, model_dir=Path(model_dir), meta=meta, cfg=cfg, signal_names=signal_names, full=full)
+        _write_model_dir(
+            trainer, tokenizer, model_dir=Path(model_dir), meta=meta, cfg=cfg, signal_names=signal_names, full=full
+        )
     acc.wait_for_everyone()
 
 
@@ -632,13 +659,19 @@ def _model_card(meta: dict[str, Any], cfg: TrainingConfig) -> str:
 
 
 @torch.no_grad()
-def evaluate_signal_accuracy(student: Student, examples, batch_size: int = 8, max_length: int | None = None) -> float:
+def evaluate_signal_accuracy(
+    student: Student, examples, batch_size: int = 8, *, max_length: int | None = None
+) -> float:
     """Teacher-forced next-signal accuracy over the gold scaffolds of ``examples`` (ExampleRecords)."""
     if not student.scaffolded or not student.signal_token_ids:
         raise ValueError("signal accuracy needs a scaffolded student")
     tok = student.tokenizer
     rows = encode_examples(
-        examples, tok, dict(zip(student.signal_names, student.signal_tokens)), student.signal_token_ids, max_length
+        examples,
+        tok,
+        dict(zip(student.signal_names, student.signal_tokens)),
+        signal_token_ids=student.signal_token_ids,
+        max_length=max_length,
     )
     collate = ScaffoldCollator(pad_token_id=tok.pad_token_id)
     correct = total = 0
@@ -656,7 +689,7 @@ def evaluate_signal_accuracy(student: Student, examples, batch_size: int = 8, ma
             valid = lab != IGNORE_INDEX
             rows_idx = torch.arange(lab.shape[0], device=dev)[:, None].expand_as(lab)[valid]
             h = hidden[rows_idx, batch["signal_positions"].to(dev)[valid]]
-            pred = signal_logits(model, h, student.signal_token_ids, student.head).argmax(-1)
+            pred = signal_logits(model, h, student.signal_token_ids, head=student.head).argmax(-1)
             correct += int((pred == lab[valid]).sum())
             total += int(valid.sum())
     finally:
