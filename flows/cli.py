@@ -16,6 +16,7 @@ from rscaffold.config import (
     ConfigError,
     PipelineConfig,
     check_inputs_exist,
+    explain_config,
     load_config,
 )
 from rscaffold.vocabulary import STAGES
@@ -169,14 +170,20 @@ def serve_command(
 
 
 @app.command("show-config")
-def show_config(config: ConfigOpt = None) -> None:
+def show_config(
+    config: ConfigOpt = None,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Put each key's meaning above it, as a YAML comment.")
+    ] = False,
+) -> None:
     """Print the fully resolved config (defaults filled in) as YAML."""
     try:
         cfg = load_config(config)
     except ConfigError as e:
         err.print(f"[bold red]config error[/]: {e}")
         raise typer.Exit(2) from None
-    console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), highlight=False, markup=False)
+    text = explain_config(cfg) if explain else yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

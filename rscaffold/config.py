@@ -10,6 +10,8 @@ can be moved together with its data.
 from __future__ import annotations
 
 import os
+import textwrap
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,22 +48,55 @@ class BackendConfig(_Section):
     ``vllm``: in-process ``vllm.LLM`` (install ``rscaffold[vllm]``).
     """
 
-    backend: BackendName = "transformers"
-    model: str = Field(default_factory=lambda: str(default_model_dir()))
-    gguf_file: str | None = None
-    tokenizer: str | None = None
+    backend: BackendName = Field(
+        default="transformers",
+        description="Which engine serves the requests: 'transformers' (local, CPU or one GPU), 'openai' (any OpenAI-compatible server: vllm serve, llama.cpp, SGLang, hosted APIs) or 'vllm' (in-process, pip install 'rscaffold[vllm]').",
+    )
+    model: str = Field(
+        default_factory=lambda: str(default_model_dir()),
+        description="transformers/vllm: a local model directory or hub id; openai: the served model name. Default: the SmolLM2-135M-Instruct that `rscaffold models fetch` prepares.",
+    )
+    gguf_file: str | None = Field(
+        default=None, description="Load this GGUF file from the 'model' directory (transformers, vllm)."
+    )
+    tokenizer: str | None = Field(
+        default=None, description="A separate tokenizer directory or hub id (default: the model's)."
+    )
     # transformers / vllm
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_size: int = Field(default=8, ge=1)
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    device: str = Field(
+        default="auto", description="transformers: 'auto' (CUDA if available, else CPU), 'cpu', 'cuda', 'cuda:1', ..."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Weights dtype for local backends; 'auto': bf16 on a GPU that supports it, else float32.",
+    )
+    batch_size: int = Field(
+        default=8,
+        ge=1,
+        description="transformers: sequences generated together; vllm: the minimum chunk handed to the engine.",
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vllm: GPUs one model is split over.")
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="vllm: share of GPU memory the engine may take."
+    )
     # openai
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    request_timeout_s: float = Field(default=120.0, gt=0)
-    max_retries: int = Field(default=5, ge=0)
-    concurrency: int = Field(default=8, ge=1)
+    base_url: str | None = Field(
+        default=None,
+        description="openai: the endpoint, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL, else OpenAI's).",
+    )
+    api_key_env: str = Field(
+        default="OPENAI_API_KEY",
+        description="openai: the environment variable holding the API key (the key itself never goes in a config).",
+    )
+    request_timeout_s: float = Field(
+        default=120.0, gt=0, description="openai: seconds before one request times out (then it is retried)."
+    )
+    max_retries: int = Field(
+        default=5,
+        ge=0,
+        description="openai: retries of a request on 408/409/429/5xx, timeouts and dropped connections, with exponential backoff.",
+    )
+    concurrency: int = Field(default=8, ge=1, description="openai: requests in flight at once.")
 
     @model_validator(mode="after")
     def _check_backend(self) -> BackendConfig:
@@ -74,10 +109,12 @@ class BackendConfig(_Section):
 
 
 class SamplingConfig(_Section):
-    max_new_tokens: int = Field(default=256, ge=1)
-    temperature: float = Field(default=0.0, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int = 0
+    max_new_tokens: int = Field(default=256, ge=1, description="Most tokens generated per request.")
+    temperature: float = Field(default=0.0, ge=0, description="0: greedy decoding.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
+    seed: int = Field(
+        default=0, description="Run seed; each request's sampling seed derives from it and the request's identity."
+    )
 
 
 class ProblemsConfig(_Section):
@@ -88,12 +125,24 @@ class ProblemsConfig(_Section):
     which needs network access to the Hugging Face hub.
     """
 
-    format: BenchmarkName = "gsm8k"
-    train: str = Field(default_factory=lambda: str(data_dir() / "problems" / "train.jsonl"))
-    eval: str = Field(default_factory=lambda: str(data_dir() / "problems" / "eval.jsonl"))
-    limit_train: int | None = Field(default=None, ge=1)
-    limit_eval: int | None = Field(default=None, ge=1)
-    seed: int = 0
+    format: BenchmarkName = Field(
+        default="gsm8k", description="The benchmark family of the problems: its file format, answer checker and prompt."
+    )
+    train: str = Field(
+        default_factory=lambda: str(data_dir() / "problems" / "train.jsonl"),
+        description="Training problems: a local file in the format's layout, or hub:<dataset id>[@<config>][:<split>] (needs the hub). Default: the built-in set.",
+    )
+    eval: str = Field(
+        default_factory=lambda: str(data_dir() / "problems" / "eval.jsonl"),
+        description="Evaluation problems (same forms as 'train'). Default: the built-in set.",
+    )
+    limit_train: int | None = Field(
+        default=None, ge=1, description="Use a seeded subsample of this many training problems."
+    )
+    limit_eval: int | None = Field(
+        default=None, ge=1, description="Use a seeded subsample of this many evaluation problems."
+    )
+    seed: int = Field(default=0, description="Seed of the subsamples.")
 
 
 # The answer-format instruction comes from the benchmark family's prompt template.
@@ -101,18 +150,28 @@ DEFAULT_SYSTEM_PROMPT = "You are a careful tutor. Think step by step. Put a blan
 
 
 class TeacherConfig(_Section):
-    llm: BackendConfig = Field(default_factory=BackendConfig)
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    samples_per_problem: int = Field(default=1, ge=1)
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    llm: BackendConfig = Field(
+        default_factory=BackendConfig, description="The teacher model and the engine that serves it."
+    )
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Decoding of the teacher's traces.")
+    samples_per_problem: int = Field(default=1, ge=1, description="Traces generated per training problem.")
+    system_prompt: str = Field(default=DEFAULT_SYSTEM_PROMPT, description="The teacher's system message ('' for none).")
     prompt_template: str | None = Field(
         default=None,
         description="User prompt with '{question}'; None: the template of the problems' benchmark family "
         "(math: 'The answer is N.', yes/no, multiple-choice letter).",
     )
-    keep: Literal["correct", "all"] = "all"
-    shard_size: int = Field(default=8, ge=1)
-    max_failure_rate: float = Field(default=0.5, ge=0, le=1)
+    keep: Literal["correct", "all"] = Field(
+        default="all",
+        description="Which traces go on to labeling: 'all' successful ones, or only 'correct' ones (the answer checks out).",
+    )
+    shard_size: int = Field(default=8, ge=1, description="Traces per persisted shard (the unit of resume).")
+    max_failure_rate: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Fail the stage (after saving the finished traces) when a larger share of requests failed.",
+    )
 
     @field_validator("prompt_template")
     @classmethod
@@ -125,21 +184,42 @@ class TeacherConfig(_Section):
 class SegmentationConfig(_Section):
     """How a trace is split into steps (the paper splits at blank lines)."""
 
-    split_on_discourse_turns: bool = False
-    min_chars: int = Field(default=8, ge=0)
-    max_chars: int = Field(default=1200, ge=50)
-    max_steps: int = Field(default=64, ge=1)
+    split_on_discourse_turns: bool = Field(
+        default=False,
+        description="Also split a paragraph before discourse turns ('Wait,', 'But', 'Alternatively', ...).",
+    )
+    min_chars: int = Field(default=8, ge=0, description="Merge a piece shorter than this into its neighbour.")
+    max_chars: int = Field(default=1200, ge=50, description="Split a step longer than this at sentence ends.")
+    max_steps: int = Field(default=64, ge=1, description="Most steps per trace; the tail is joined into the last step.")
 
 
 class LabelingConfig(_Section):
-    taxonomy: str = Field(default_factory=lambda: str(data_dir() / "signals.yaml"))
-    method: Literal["llm", "keyword"] = "llm"
+    taxonomy: str = Field(
+        default_factory=lambda: str(data_dir() / "signals.yaml"),
+        description="The signal taxonomy YAML (names, tokens, definitions, cue words). Default: data/signals.yaml.",
+    )
+    method: Literal["llm", "keyword"] = Field(
+        default="llm",
+        description="'llm': keyword pre-labels validated and completed by an LLM (the paper's two stages); 'keyword': pre-labels only, the default signal elsewhere.",
+    )
     llm: BackendConfig | None = Field(default=None, description="Labeler LLM; None means the teacher's backend.")
-    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=160))
-    retries_on_invalid: int = Field(default=1, ge=0)
-    with_rationale: bool = False
-    segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig)
-    shard_size: int = Field(default=8, ge=1)
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(max_new_tokens=160), description="Decoding of the labeler's answers."
+    )
+    retries_on_invalid: int = Field(
+        default=1,
+        ge=0,
+        description="Retries of a trace whose answer fails validation (the error is quoted back), before the keyword fallback.",
+    )
+    with_rationale: bool = Field(
+        default=False, description="Ask for a short rationale per label (JSON answers only; costs output tokens)."
+    )
+    segmentation: SegmentationConfig = Field(
+        default_factory=SegmentationConfig, description="How traces are split into steps."
+    )
+    shard_size: int = Field(
+        default=8, ge=1, description="Traces per labeling batch and persisted shard (the unit of resume)."
+    )
     max_fallback_rate: float = Field(
         default=1.0,
         ge=0,
@@ -149,66 +229,104 @@ class LabelingConfig(_Section):
 
 
 class DatasetConfig(_Section):
-    validation_fraction: float = Field(default=0.1, ge=0, lt=1)
-    seed: int = 0
-    min_steps: int = Field(default=1, ge=1)
-    only_correct: bool = False
+    validation_fraction: float = Field(
+        default=0.1, ge=0, lt=1, description="Share of problems (not traces) held out as the validation split."
+    )
+    seed: int = Field(default=0, description="Seed of the split.")
+    min_steps: int = Field(default=1, ge=1, description="Drop traces with fewer steps.")
+    only_correct: bool = Field(default=False, description="Keep only traces whose answer is correct.")
 
 
 class TinyModelConfig(_Section):
     """A random-init Llama-style model built from a config (tests, smoke runs)."""
 
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 1024
-    seed: int = 0
+    hidden_size: int = Field(default=64, description="Hidden size of the tiny model.")
+    intermediate_size: int = Field(default=128, description="MLP size.")
+    num_hidden_layers: int = Field(default=2, description="Decoder layers.")
+    num_attention_heads: int = Field(default=4, description="Attention heads.")
+    num_key_value_heads: int = Field(default=2, description="Key/value heads (grouped-query attention).")
+    max_position_embeddings: int = Field(default=1024, description="Longest sequence.")
+    seed: int = Field(default=0, description="Seed of the random initialisation.")
 
 
 class LoraSettings(_Section):
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] | str = "all-linear"
+    r: int = Field(default=16, description="LoRA rank.")
+    alpha: int = Field(default=32, description="LoRA scaling (alpha / r).")
+    dropout: float = Field(default=0.05, description="Dropout on the LoRA path.")
+    target_modules: list[str] | str = Field(
+        default="all-linear", description="Modules that get adapters ('all-linear' or a list of names)."
+    )
 
 
 class TrainingConfig(_Section):
-    student: str = Field(default_factory=lambda: str(default_model_dir()))
-    student_gguf_file: str | None = None
-    tokenizer: str | None = None
-    tiny: TinyModelConfig | None = None
-    signal_objective: Literal["token", "head"] = "token"
+    student: str = Field(
+        default_factory=lambda: str(default_model_dir()),
+        description="The student to train: a local model directory or hub id. Default: the fetched SmolLM2-135M-Instruct.",
+    )
+    student_gguf_file: str | None = Field(
+        default=None, description="Load the student from this GGUF file in the 'student' directory."
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description="A separate tokenizer directory or hub id (with 'tiny': whose vocabulary the tiny model gets).",
+    )
+    tiny: TinyModelConfig | None = Field(
+        default=None, description="Build a tiny random-init Llama instead of loading 'student' (tests, smoke runs)."
+    )
+    signal_objective: Literal["token", "head"] = Field(
+        default="token",
+        description="'token': L_signal is the LM head restricted to the signal tokens (no extra parameters); 'head': a linear head on the hidden state at step boundaries.",
+    )
     signal_loss_weight: float = Field(default=1.0, ge=0, description="lambda in L = L_step + lambda * L_signal")
-    train_baseline: bool = True
-    max_steps: int = Field(default=20, ge=1)
-    learning_rate: float = Field(default=5e-5, gt=0)
-    per_device_batch_size: int = Field(default=4, ge=1)
-    gradient_accumulation_steps: int = Field(default=1, ge=1)
-    max_length: int = Field(default=512, ge=16)
-    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
-    weight_decay: float = Field(default=0.0, ge=0)
-    logging_steps: int = Field(default=5, ge=1)
-    save_steps: int = Field(default=10, ge=1)
+    train_baseline: bool = Field(
+        default=True, description="Also train the CoT-SFT baseline (no signals, lambda = 0) on the same rows."
+    )
+    max_steps: int = Field(default=20, ge=1, description="Optimizer steps per student.")
+    learning_rate: float = Field(default=5e-5, gt=0, description="Peak learning rate.")
+    per_device_batch_size: int = Field(default=4, ge=1, description="Examples per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    max_length: int = Field(
+        default=512, ge=16, description="Longest training sequence in tokens (prompt kept whole, completion truncated)."
+    )
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="Share of max_steps with linear warm-up.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    logging_steps: int = Field(default=5, ge=1, description="Log the losses every this many steps.")
+    save_steps: int = Field(
+        default=10, ge=1, description="Save a checkpoint (to resume a killed run) every this many steps."
+    )
     keep_checkpoints: bool = Field(
         default=False,
         description="Keep the intermediate checkpoints after the final model is saved (they exist to resume a killed run).",
     )
-    seed: int = 0
-    bf16: Literal["auto", True, False] = "auto"
-    gradient_checkpointing: bool = False
-    padding_free: bool = False
-    lora: LoraSettings | None = None
+    seed: int = Field(default=0, description="Training seed (initialisation of new parameters, data order).")
+    bf16: Literal["auto", True, False] = Field(
+        default="auto", description="bf16 mixed precision; 'auto': on a GPU that supports it."
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass (less memory, slower)."
+    )
+    padding_free: bool = Field(
+        default=False, description="Pack each batch into one row without padding (flash-attention varlen kernels)."
+    )
+    lora: LoraSettings | None = Field(
+        default=None, description="Train LoRA adapters (peft) instead of all weights; the saved student is merged."
+    )
 
 
 class GuidedInferenceConfig(_Section):
     """Signal-guided decoding of the scaffolded student (see :mod:`rscaffold.inference`)."""
 
-    confidence_threshold: float = Field(default=0.0, ge=0, le=1)
-    max_steps: int = Field(default=8, ge=1)
-    max_step_tokens: int = Field(default=64, ge=1)
-    prune_signals: list[str] = Field(default_factory=list)
+    confidence_threshold: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Adaptive gating: commit the predicted signal when its probability is at least this; else decode the step freely.",
+    )
+    max_steps: int = Field(default=8, ge=1, description="Most steps per answer.")
+    max_step_tokens: int = Field(default=64, ge=1, description="Most tokens per step.")
+    prune_signals: list[str] = Field(
+        default_factory=list, description="Signals never committed (their steps are not started)."
+    )
 
 
 class BenchmarkSource(_Section):
@@ -222,12 +340,22 @@ class BenchmarkSource(_Section):
     published file is its train split), ``train`` the rest, ``all`` everything.
     """
 
-    name: BenchmarkName
-    source: str
-    limit: int | None = Field(default=None, ge=1)
-    seed: int = 0
-    part: Literal["all", "train", "heldout"] = "all"
-    heldout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    name: BenchmarkName = Field(description="Which benchmark: its file layout, answer checker and prompt.")
+    source: str = Field(
+        description="The published file, a directory holding it (directly or under <name>/), or "
+        "hub:<dataset id>[@<config>][:<split>]."
+    )
+    limit: int | None = Field(
+        default=None, ge=1, description="A seeded subsample of this many problems (default: evaluation.limit)."
+    )
+    seed: int = Field(default=0, description="Seed of the subsample and of the held-out part.")
+    part: Literal["all", "train", "heldout"] = Field(
+        default="all",
+        description="'heldout': the held-out share of a file that is a train split (StrategyQA); 'train': the rest; 'all': everything.",
+    )
+    heldout_fraction: float = Field(
+        default=0.2, gt=0, lt=1, description="Share held out for part 'heldout' (by a seeded hash of the problem id)."
+    )
 
 
 class EvaluationConfig(_Section):
@@ -242,15 +370,32 @@ class EvaluationConfig(_Section):
     ``limit``: the first N eval problems (default source), or the per-benchmark default limit.
     """
 
-    models: list[StudentName] = Field(default_factory=lambda: ["base", "cot_sft", "scaffolded"])
-    benchmarks: list[BenchmarkSource] = Field(default_factory=list)
-    prompt: Literal["benchmark", "question"] = "benchmark"
-    limit: int | None = Field(default=None, ge=1)
-    max_new_tokens: int = Field(default=160, ge=1)
-    batch_size: int = Field(default=8, ge=1)
-    guided: GuidedInferenceConfig = Field(default_factory=GuidedInferenceConfig)
-    bootstrap_samples: int = Field(default=1000, ge=0)
-    seed: int = 0
+    models: list[StudentName] = Field(
+        default_factory=lambda: ["base", "cot_sft", "scaffolded"],
+        description="Which models answer: the untrained base student, the CoT-SFT baseline, the scaffolded student.",
+    )
+    benchmarks: list[BenchmarkSource] = Field(
+        default_factory=list,
+        description="Benchmarks to answer (each name once). Empty: the problems stage's eval split, as problems.format.",
+    )
+    prompt: Literal["benchmark", "question"] = Field(
+        default="benchmark",
+        description="'benchmark': the question wrapped in the benchmark's answer-format instruction; 'question': the bare question, as in training.",
+    )
+    limit: int | None = Field(
+        default=None,
+        ge=1,
+        description="At most this many problems per benchmark (the first N of the eval split, or each benchmark's default limit).",
+    )
+    max_new_tokens: int = Field(default=160, ge=1, description="Most output tokens per answer.")
+    batch_size: int = Field(default=8, ge=1, description="Questions decoded together (plain and guided).")
+    guided: GuidedInferenceConfig = Field(
+        default_factory=GuidedInferenceConfig, description="Signal-guided decoding of the scaffolded student."
+    )
+    bootstrap_samples: int = Field(
+        default=1000, ge=0, description="Resamples of the 95% percentile bootstrap interval of accuracy (0: none)."
+    )
+    seed: int = Field(default=0, description="Seed of the bootstrap.")
 
     @field_validator("benchmarks")
     @classmethod
@@ -264,19 +409,37 @@ class EvaluationConfig(_Section):
 
 class RunSettings(_Section):
     # Relative to the working directory (not to the config file), like any output location.
-    artifacts_dir: str = "artifacts"
-    retries: int = Field(default=1, ge=0)
-    retry_delay_s: float = Field(default=2.0, ge=0)
+    artifacts_dir: str = Field(
+        default="artifacts",
+        description="Root of the content-addressed stage outputs; relative to the working directory (not to the config file).",
+    )
+    retries: int = Field(default=1, ge=0, description="Prefect retries of a failed stage task.")
+    retry_delay_s: float = Field(default=2.0, ge=0, description="Seconds between retries.")
 
 
 class PipelineConfig(_Section):
-    run: RunSettings = Field(default_factory=RunSettings)
-    problems: ProblemsConfig = Field(default_factory=ProblemsConfig)
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    labeling: LabelingConfig = Field(default_factory=LabelingConfig)
-    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    run: RunSettings = Field(
+        default_factory=RunSettings, description="Where outputs go and how failed stages are retried."
+    )
+    problems: ProblemsConfig = Field(
+        default_factory=ProblemsConfig, description="Stage 1: the training and evaluation problems."
+    )
+    teacher: TeacherConfig = Field(
+        default_factory=TeacherConfig, description="Stage 2: the teacher and its reasoning traces."
+    )
+    labeling: LabelingConfig = Field(
+        default_factory=LabelingConfig,
+        description="Stage 3: splitting traces into steps and labeling each with a semantic signal.",
+    )
+    dataset: DatasetConfig = Field(
+        default_factory=DatasetConfig, description="Stage 4: assembly of the training dataset."
+    )
+    training: TrainingConfig = Field(
+        default_factory=TrainingConfig, description="Stage 5: the students (scaffolded and CoT-SFT baseline)."
+    )
+    evaluation: EvaluationConfig = Field(
+        default_factory=EvaluationConfig, description="Stage 6: benchmarks, decoding and scoring."
+    )
 
     def labeler_llm(self) -> BackendConfig:
         return self.labeling.llm or self.teacher.llm
@@ -420,3 +583,39 @@ def check_inputs_exist(cfg: PipelineConfig) -> None:
 def _looks_local(value: str) -> bool:
     # hub ids look like "org/name"; local paths are absolute or start with . or ~
     return value.startswith(("/", ".", "~")) or Path(value).is_absolute()
+
+
+# ---------------------------------------------------------------------------------------------
+# documentation
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The config section class of a field (``X`` or ``X | None``), else None."""
+    candidates = [annotation, *typing.get_args(annotation)]
+    return next((t for t in candidates if isinstance(t, type) and issubclass(t, BaseModel)), None)
+
+
+def explain_config(cfg: BaseModel, indent: int = 0) -> str:
+    """``cfg`` as YAML with every key's help text as a comment above it (``rscaffold show-config
+    --explain``); the output loads back as the same config."""
+    pad = " " * indent
+    lines: list[str] = []
+    for name, field in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        for line in textwrap.wrap(field.description or "", width=max(40, 100 - indent)):
+            lines.append(f"{pad}# {line}")
+        if isinstance(value, BaseModel) and _section_type(field.annotation) is not None:
+            lines.append(f"{pad}{name}:")
+            lines.append(explain_config(value, indent + 2))
+            continue
+        dumped = yaml.safe_dump({name: _plain(value)}, sort_keys=False, default_flow_style=False, width=1000)
+        lines.extend(pad + ln for ln in dumped.rstrip("\n").splitlines())
+    return "\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
