@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from rscaffold.paths import data_dir, default_model_dir
-from rscaffold.vocabulary import BenchmarkName, StudentName
+from rscaffold.vocabulary import STUDENTS, BenchmarkName, StudentName
 
 BackendName = Literal["transformers", "openai", "vllm"]
 
@@ -371,7 +371,7 @@ class EvaluationConfig(_Section):
     """
 
     models: list[StudentName] = Field(
-        default_factory=lambda: ["base", "cot_sft", "scaffolded"],
+        default_factory=lambda: list(STUDENTS),
         description="Which models answer: the untrained base student, the CoT-SFT baseline, the scaffolded student.",
     )
     benchmarks: list[BenchmarkSource] = Field(

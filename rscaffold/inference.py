@@ -46,8 +46,9 @@ from typing import Any, Literal
 import torch
 
 from rscaffold.config import GuidedInferenceConfig
-from rscaffold.prompts import STEP_SEPARATOR, STUDENT_SYSTEM_PROMPT, render_prompt
+from rscaffold.prompts import STUDENT_SYSTEM_PROMPT, render_prompt
 from rscaffold.student import Student, backbone_of, signal_logits
+from rscaffold.vocabulary import STEP_SEPARATOR
 
 
 @dataclass

@@ -26,10 +26,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
+from rscaffold.vocabulary import STEP_SEPARATOR
+
 log = logging.getLogger(__name__)
 
 STUDENT_SYSTEM_PROMPT = "Solve the problem step by step. End with 'The answer is N.'"
-STEP_SEPARATOR = "\n\n"
 
 
 def render_prompt(question: str, tokenizer, system_prompt: str = STUDENT_SYSTEM_PROMPT) -> str:

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 from rscaffold.config import SegmentationConfig
+from rscaffold.vocabulary import STEP_SEPARATOR, THINK_TAG
 
 # Sentence openers before which a paragraph is split when ``split_on_discourse_turns`` is on.
 DISCOURSE_TURNS: tuple[str, ...] = (
@@ -27,10 +28,8 @@ DISCOURSE_TURNS: tuple[str, ...] = (
     "However",
 )
 
-PARAGRAPH_SEP = "\n\n"
 SENTENCE_SEP = " "
 
-_THINK_TAG = re.compile(r"</?think\s*>", re.IGNORECASE)
 # A blank line: a newline, optional horizontal whitespace, another newline (and any whitespace after).
 _BLANK_LINE = re.compile(r"\n[^\S\n]*\n\s*")
 # End of a sentence: terminal punctuation (plus closing quotes/brackets) followed by whitespace,
@@ -47,7 +46,7 @@ class _Piece:
 def trace_body(reasoning: str | None, text: str) -> str:
     """The full trace to segment: the separate reasoning field (if any), then the visible text."""
     parts = [p for p in (reasoning, text) if p and p.strip()]
-    return PARAGRAPH_SEP.join(parts)
+    return STEP_SEPARATOR.join(parts)
 
 
 def split_steps(text: str, cfg: SegmentationConfig | None = None) -> list[str]:
@@ -55,7 +54,7 @@ def split_steps(text: str, cfg: SegmentationConfig | None = None) -> list[str]:
     cfg = cfg or SegmentationConfig()
     if not text or not text.strip():
         return []
-    pieces = [_Piece(p, PARAGRAPH_SEP) for p in paragraphs(text)]
+    pieces = [_Piece(p, STEP_SEPARATOR) for p in paragraphs(text)]
     if cfg.split_on_discourse_turns:
         pieces = [q for p in pieces for q in _split_turns(p)]
     pieces = [q for p in pieces for q in _split_long(p, cfg.max_chars)]
@@ -66,7 +65,7 @@ def split_steps(text: str, cfg: SegmentationConfig | None = None) -> list[str]:
 
 def paragraphs(text: str) -> list[str]:
     """Blank-line separated paragraphs, ``<think>`` tags removed (their content kept, in order)."""
-    text = _THINK_TAG.sub(PARAGRAPH_SEP, text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = THINK_TAG.sub(STEP_SEPARATOR, text.replace("\r\n", "\n").replace("\r", "\n"))
     return [p.strip() for p in _BLANK_LINE.split(text) if p.strip()]
 
 

@@ -56,6 +56,7 @@ from rscaffold.prompts import (
     PROMPT_YESNO,
 )
 from rscaffold.records import ProblemRecord
+from rscaffold.vocabulary import BENCHMARK_NAMES
 
 HUB_PREFIX = "hub:"
 Part = Literal["all", "train", "heldout"]
@@ -559,6 +560,10 @@ BENCHMARKS: dict[str, Benchmark] = {
         ),
     )
 }
+
+
+# One vocabulary: the registry holds exactly the benchmark names of rscaffold.vocabulary, in order.
+assert tuple(BENCHMARKS) == BENCHMARK_NAMES, tuple(BENCHMARKS)
 
 
 def get_benchmark(name: str) -> Benchmark:

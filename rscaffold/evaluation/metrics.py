@@ -21,8 +21,7 @@ from rscaffold.evalsets.answers import choice_options, extract_answer, is_correc
 from rscaffold.evaluation.consistency import check_consistency
 from rscaffold.evaluation.signals import signal_agreement
 from rscaffold.records import MetricRecord, PredictionRecord, ProblemRecord
-
-MODEL_ORDER = ("base", "cot_sft", "scaffolded")
+from rscaffold.vocabulary import STEP_SEPARATOR, STUDENTS
 
 
 def score_output(
@@ -61,7 +60,7 @@ def score_output(
         signals=list(signals),
         latency_s=latency_s,
         decoding=decoding,
-        n_steps=n_steps if n_steps is not None else len([s for s in output.split("\n\n") if s.strip()]),
+        n_steps=n_steps if n_steps is not None else len([s for s in output.split(STEP_SEPARATOR) if s.strip()]),
         consistent=cons.consistent,
         consistency_check=cons.check,
         consistency_evidence=cons.evidence,
@@ -132,7 +131,7 @@ def compute_metrics(
 
 
 def _model_rank(model: str) -> int:
-    return MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER)
+    return STUDENTS.index(model) if model in STUDENTS else len(STUDENTS)
 
 
 def _pct(x: float | None) -> float | None:

@@ -13,16 +13,15 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from rscaffold.evaluation.metrics import MODEL_ORDER
 from rscaffold.markdown import number, percent
 from rscaffold.markdown import table as md_table
 from rscaffold.records import MetricRecord, PredictionRecord
+from rscaffold.vocabulary import BENCHMARK_NAMES, STUDENTS
 
 REPORT_FILE = "report.md"
 CHART_FILE = "accuracy.png"
 PREDICTIONS_FILE = "predictions.parquet"
 METRICS_FILE = "metrics.parquet"
-BENCHMARK_ORDER = ("gsm8k", "math500", "strategyqa", "commonsenseqa", "truthfulqa")
 
 
 def _rank(value: str, order: Sequence[str]) -> tuple[int, str]:
@@ -30,11 +29,11 @@ def _rank(value: str, order: Sequence[str]) -> tuple[int, str]:
 
 
 def models_of(metrics: Sequence[MetricRecord]) -> list[str]:
-    return sorted({m.model for m in metrics}, key=lambda x: _rank(x, MODEL_ORDER))
+    return sorted({m.model for m in metrics}, key=lambda x: _rank(x, STUDENTS))
 
 
 def benchmarks_of(metrics: Sequence[MetricRecord]) -> list[str]:
-    return sorted({m.benchmark for m in metrics}, key=lambda x: _rank(x, BENCHMARK_ORDER))
+    return sorted({m.benchmark for m in metrics}, key=lambda x: _rank(x, BENCHMARK_NAMES))
 
 
 def _cell(m: MetricRecord | None) -> str:

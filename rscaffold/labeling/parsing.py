@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rscaffold.labeling.taxonomy import Taxonomy
+from rscaffold.vocabulary import THINK_BLOCK, THINK_CLOSE
 
 MAX_REPORTED_PROBLEMS = 5  # per kind, in a parse error (the error is quoted back in retries)
 
@@ -58,7 +59,6 @@ def resolve_signal(label: str, tax: Taxonomy) -> str | None:
 
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _NUMBERED_LINE = re.compile(
     r"^\s*[-*]?\s*\**\s*(?:step\s*)?[\[(]?\s*(\d+)\s*[\])]?\s*\**\s*[:.)=\-\u2013\u2014]*\s*(.*?)\s*$",
     re.IGNORECASE,
@@ -172,9 +172,9 @@ def parse_labels(text: str, n_steps: int, tax: Taxonomy) -> list[ParsedLabel]:
     """
     if n_steps <= 0:
         return []
-    body = _THINK_BLOCK.sub("", text)
-    if "</think>" in body.lower():  # an unterminated reasoning prefix
-        body = body[body.lower().rfind("</think>") + len("</think>") :]
+    body = THINK_BLOCK.sub("", text)
+    if THINK_CLOSE in body.lower():  # an unterminated reasoning prefix
+        body = body[body.lower().rfind(THINK_CLOSE) + len(THINK_CLOSE) :]
     body = body.strip()
     if not body:
         raise LabelParseError("empty answer")

@@ -147,6 +147,12 @@ class Taxonomy(BaseModel):
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def save(self, path: str | Path) -> Path:
+        """Write the taxonomy as YAML (what :func:`load_taxonomy` reads back, same digest)."""
+        path = Path(path)
+        path.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+        return path
+
     def match_cue(self, text: str) -> tuple[str, str] | None:
         """(signal, cue) of the longest cue ``text`` starts with, else None."""
         m = self._cue_re.match(text.translate(_APOSTROPHES))

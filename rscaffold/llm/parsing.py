@@ -13,9 +13,7 @@ import zlib
 from dataclasses import dataclass
 
 from rscaffold.llm.base import Completion
-
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
+from rscaffold.vocabulary import STEP_SEPARATOR, THINK_CLOSE, THINK_OPEN
 
 _BLOCK = re.compile(re.escape(THINK_OPEN) + r"(.*?)" + re.escape(THINK_CLOSE), re.DOTALL)
 
@@ -64,7 +62,7 @@ def parse_reasoning(text: str) -> ReasoningSplit:
         visible_parts.append(tail)
     # A stray closing tag left in the visible text carries no content; drop it.
     visible = "".join(visible_parts).replace(THINK_CLOSE, "").strip()
-    reasoning = "\n\n".join(p.strip() for p in reasoning_parts if p.strip()) or None
+    reasoning = STEP_SEPARATOR.join(p.strip() for p in reasoning_parts if p.strip()) or None
     return ReasoningSplit(reasoning, visible, unclosed)
 
 
@@ -77,7 +75,7 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
 def merge_reasoning(*parts: str | None) -> str | None:
     """Join reasoning from several sources (API field, ``<think>`` blocks), skipping empties."""
     kept = [p.strip() for p in parts if p and p.strip()]
-    return "\n\n".join(kept) or None
+    return STEP_SEPARATOR.join(kept) or None
 
 
 def clean_text(text: str | bytes | None) -> str:

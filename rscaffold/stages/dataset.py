@@ -34,7 +34,8 @@ def run_dataset(
             f"the dataset has no training rows ({len(traces)} traces, dropped: {dropped}); "
             "check the teacher output and dataset.only_correct/min_steps"
         )
-    tax = load_taxonomy(cfg.labeling.taxonomy)
+    tax = load_taxonomy(labeling.output("taxonomy"))  # the labels' own taxonomy
+    tax.save(sd.path / "taxonomy.yaml")
     write_records(sd.path / "examples.parquet", examples, ExampleRecord)
     stats = dataset_stats(examples, tax.names)
     stats["dropped"] = dropped
@@ -42,7 +43,7 @@ def run_dataset(
     stats["fingerprint"] = sd.fingerprint
     write_json(sd.path / "stats.json", stats)
     return sd.finish(
-        outputs={"examples": "examples.parquet", "stats": "stats.json"},
+        outputs={"examples": "examples.parquet", "stats": "stats.json", "taxonomy": "taxonomy.yaml"},
         config=cfg.dataset,
         inputs=stage_inputs(teacher, labeling),
         summary=stats,

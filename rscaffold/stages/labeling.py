@@ -110,6 +110,8 @@ def run_labeling(
     write_json(sd.path / "quality.json", report)
     (sd.path / "quality.md").write_text(render_quality_markdown(report, tax))
     plot_transition_heatmap(report, tax, sd.path / "transitions.png")
+    # The taxonomy travels with the labels: the stages after this one read it from here.
+    tax.save(sd.path / "taxonomy.yaml")
     summary = {
         "traces": len(traces),
         "labeled_traces": len({s.trace_id for s in steps}),
@@ -125,6 +127,7 @@ def run_labeling(
             "quality": "quality.json",
             "quality_report": "quality.md",
             "transitions_png": "transitions.png",
+            "taxonomy": "taxonomy.yaml",
         },
         config={"labeling": cfg.labeling, "labeler": cfg.labeler_llm() if cfg.labeling.method == "llm" else None},
         inputs=stage_inputs(teacher),

@@ -89,14 +89,6 @@ class TraceRunResult:
         total = self.counts.get("total", 0)
         return self.counts.get("failed", 0) / total if total else 0.0
 
-    def summary(self) -> dict[str, Any]:
-        """A small JSON-able summary (for manifests and UI artifacts)."""
-        return {
-            **self.counts,
-            "failure_rate": round(self.failure_rate, 4),
-            "failure_reasons": dict(self.failure_reasons.most_common(10)),
-        }
-
 
 def trace_id_for(problem_id: str, sample_index: int) -> str:
     return f"{problem_id}#{sample_index}"

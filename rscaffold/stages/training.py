@@ -65,7 +65,7 @@ def run_training(
     if done:
         return done if procs.is_main else None
     started = time.time()
-    tax = load_taxonomy(cfg.labeling.taxonomy)
+    tax = load_taxonomy(dataset.output("taxonomy"))  # the taxonomy the dataset was labeled with
     examples = read_records(dataset.output("examples"), ExampleRecord)
     train_rows = [e for e in examples if e.split == "train"]
     tcfg = cfg.training
