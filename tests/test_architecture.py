@@ -89,7 +89,11 @@ def test_every_module_has_a_layer():
 
 @pytest.mark.parametrize("module", sorted(m for m in OURS if m.startswith("rscaffold.") or m == "rscaffold"))
 def test_library_never_imports_prefect_or_orchestration(module):
-    bad = {i for i in GRAPH[module] if i.split(".")[0] in ("prefect", "rscaffold_tasks", "rscaffold_flows", "tasks", "flows")}
+    bad = {
+        i
+        for i in GRAPH[module]
+        if i.split(".")[0] in ("prefect", "rscaffold_tasks", "rscaffold_flows", "tasks", "flows")
+    }
     assert not bad, f"{module} imports {sorted(bad)}"
 
 
