@@ -15,10 +15,10 @@ from rich.table import Table
 from rscaffold.config import (
     ConfigError,
     PipelineConfig,
-    check_inputs_exist,
     explain_config,
     load_config,
 )
+from rscaffold.stages.plan import preflight
 from rscaffold.vocabulary import STAGES
 
 app = typer.Typer(
@@ -34,13 +34,50 @@ ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config; default: the built-in data/default.yaml.")
 ]
 ArtifactsOpt = Annotated[Path | None, typer.Option("--artifacts-dir", help="Override run.artifacts_dir.")]
+FreshOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fresh",
+        help="Recomputed stages start from a clean work directory, discarding the partial work (shards, "
+        "checkpoints) of an earlier attempt. Without it they resume from it.",
+    ),
+]
+NoWaitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-wait",
+        help="Fail at once, naming the holder, when another run is writing a stage of the same artifacts "
+        "directory (default: wait for it, then reuse its output).",
+    ),
+]
+RefreshRequestsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--refresh-requests",
+        help="Send every LLM request again instead of answering it from the request cache "
+        "(<artifacts>/requests), and store the new answers.",
+    ),
+]
 
 
-def _load(config: Path | None, artifacts_dir: Path | None) -> PipelineConfig:
-    overrides = {"run": {"artifacts_dir": str(artifacts_dir.resolve())}} if artifacts_dir else None
+def _run_overrides(no_wait: bool, refresh_requests: bool) -> dict:
+    run: dict = {}
+    if no_wait:
+        run["wait_for_locks"] = False
+    if refresh_requests:
+        run["request_cache"] = "refresh"
+    return run
+
+
+def _load(config: Path | None, artifacts_dir: Path | None, run: dict | None = None) -> PipelineConfig:
+    """The validated config (``run``: overrides of its ``run`` section from command-line flags)."""
+    run = dict(run or {})
+    if artifacts_dir:
+        run["artifacts_dir"] = str(artifacts_dir.resolve())
+    overrides = {"run": run} if run else None
     try:
         cfg = load_config(config, overrides)
-        check_inputs_exist(cfg)
+        preflight(cfg)
     except ConfigError as e:
         err.print(f"[bold red]config error[/]: {e}")
         raise typer.Exit(2) from None
@@ -91,7 +128,11 @@ def run(
             help=f"Recompute a stage (and those after it) even if cached. One of: {', '.join(STAGES)}. Repeatable.",
         ),
     ] = None,
+    *,
     artifacts_dir: ArtifactsOpt = None,
+    fresh: FreshOpt = False,
+    no_wait: NoWaitOpt = False,
+    refresh_requests: RefreshRequestsOpt = False,
 ) -> None:
     """Run the full pipeline: problems, teacher traces, labeling, dataset, training, evaluation.
 
@@ -99,14 +140,16 @@ def run(
     (`prefect server start`). Every stage is cached on its config and inputs: a second run with
     nothing changed recomputes nothing.
     """
-    cfg = _load(config, artifacts_dir)
+    cfg = _load(config, artifacts_dir, _run_overrides(no_wait, refresh_requests))
     bad = [s for s in (refresh or []) if s not in STAGES]
     if bad:
         err.print(f"[bold red]error[/]: unknown stage(s) {bad}; stages are {list(STAGES)}")
         raise typer.Exit(2) from None
+    from rscaffold_flows.ephemeral_server import prefect_api
     from rscaffold_flows.pipeline import rscaffold_pipeline
 
-    refs = rscaffold_pipeline(config=cfg, refresh=list(refresh or []))
+    with prefect_api():
+        refs = rscaffold_pipeline(config=cfg, refresh=list(refresh or []), fresh=fresh)
     _print_results(refs)
 
 
@@ -117,15 +160,24 @@ def stage(
     downstream: Annotated[bool, typer.Option(help="Also recompute every stage after it.")] = False,
     *,
     artifacts_dir: ArtifactsOpt = None,
+    fresh: FreshOpt = False,
+    no_wait: NoWaitOpt = False,
+    refresh_requests: RefreshRequestsOpt = False,
 ) -> None:
-    """Re-run one stage against the upstream artifacts of a config (e.g. after a failure)."""
+    """Re-run one stage against the upstream artifacts of a config (e.g. after a failure).
+
+    The stage resumes its partial work (finished shards, checkpoints) unless --fresh; its complete
+    output, if any, is replaced only when the new one is complete.
+    """
     if name not in STAGES:
         err.print(f"[bold red]error[/]: unknown stage {name!r}; stages are {list(STAGES)}")
         raise typer.Exit(2) from None
-    cfg = _load(config, artifacts_dir)
+    cfg = _load(config, artifacts_dir, _run_overrides(no_wait, refresh_requests))
+    from rscaffold_flows.ephemeral_server import prefect_api
     from rscaffold_flows.pipeline import rscaffold_stage
 
-    refs = rscaffold_stage(config=cfg, stage=name, downstream=downstream)
+    with prefect_api():
+        refs = rscaffold_stage(config=cfg, stage=name, downstream=downstream, fresh=fresh)
     _print_results(refs)
 
 

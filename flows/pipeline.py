@@ -43,17 +43,22 @@ def expand_refresh(refresh: list[str] | set[str]) -> set[str]:
 
 def _configured(stage: str, config: PipelineConfig, fps: dict[str, str], *, forced: set[str]):
     """The stage task with retries from config; Prefect's cache is bypassed for a forced stage
-    and for a stage whose artifact directory is missing or incomplete (a cached result would
-    point at nothing)."""
-    complete = StageDir(config.run.artifacts_dir, stage, fps[stage]).is_complete()
+    and for a stage whose output is missing, incomplete or damaged (a cached result would point
+    at nothing, or at something the stage must recompute)."""
+    sd = StageDir(config.run.artifacts_dir, stage, fps[stage])
+    reusable = sd.is_complete() and not sd.verify()
     return TASKS[stage].with_options(
         retries=config.run.retries,
         retry_delay_seconds=config.run.retry_delay_s,
-        refresh_cache=(stage in forced) or not complete,
+        refresh_cache=(stage in forced) or not reusable,
     )
 
 
-def run_stages(config: PipelineConfig, refresh: set[str], until: str = "evaluation") -> dict[str, dict[str, Any]]:
+def run_stages(
+    config: PipelineConfig, refresh: set[str], *, until: str = "evaluation", fresh: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Run the stages up to ``until``; the ``refresh`` stages (and those after them) recompute,
+    starting from a clean work directory when ``fresh`` (else resuming their partial work)."""
     logger = get_run_logger()
     fps = plan_fingerprints(config)
     forced = expand_refresh(refresh)
@@ -61,7 +66,9 @@ def run_stages(config: PipelineConfig, refresh: set[str], until: str = "evaluati
     last = STAGES.index(until)
 
     def call(stage: str, **upstream: dict) -> dict:
-        result = _configured(stage, config, fps, forced=forced)(config, fps, force=stage in forced, **upstream)
+        forced_here = stage in forced
+        task = _configured(stage, config, fps, forced=forced)
+        result = task(config, fps, force=forced_here, fresh=fresh and forced_here, **upstream)
         logger.info("stage %-10s %s -> %s", stage, result["fingerprint"], result["path"])
         return result
 
@@ -82,20 +89,28 @@ def run_stages(config: PipelineConfig, refresh: set[str], until: str = "evaluati
 
 
 @flow(name="rscaffold-pipeline", flow_run_name="rscaffold-{config.problems.format}")
-def rscaffold_pipeline(config: PipelineConfig, refresh: list[StageName] | None = None) -> dict[str, dict[str, Any]]:
+def rscaffold_pipeline(
+    config: PipelineConfig, refresh: list[StageName] | None = None, fresh: bool = False
+) -> dict[str, dict[str, Any]]:
     """Problems -> teacher traces -> signal labels -> dataset -> students -> evaluation.
 
-    ``refresh``: stages to recompute even if cached (each also forces the stages after it).
+    ``refresh``: stages to recompute even if cached (each also forces the stages after it); a
+    recomputation resumes the partial work (shards, checkpoints) of an earlier attempt unless
+    ``fresh``. LLM requests answered before come from the request cache either way
+    (``config.run.request_cache``).
     """
-    return run_stages(config, set(refresh or []))
+    return run_stages(config, set(refresh or []), fresh=fresh)
 
 
 @flow(name="rscaffold-stage", flow_run_name="rscaffold-stage-{stage}")
-def rscaffold_stage(config: PipelineConfig, stage: StageName, downstream: bool = False) -> dict[str, dict[str, Any]]:
+def rscaffold_stage(
+    config: PipelineConfig, stage: StageName, downstream: bool = False, *, fresh: bool = False
+) -> dict[str, dict[str, Any]]:
     """Re-run one stage against the existing upstream artifacts of ``config``.
 
     Upstream stages are taken from the cache/store (computed only if missing); ``downstream``
-    also recomputes every stage after it.
+    also recomputes every stage after it. The stage resumes its partial work (e.g. the shards of
+    a teacher run that failed) unless ``fresh``.
     """
     until = "evaluation" if downstream else stage
-    return run_stages(config, {stage}, until=until)
+    return run_stages(config, {stage}, until=until, fresh=fresh)

@@ -35,6 +35,11 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the field and the problem."""
 
 
+# Marks a field that decides how a stage runs, not what it produces (concurrency, timeouts, batch
+# and shard sizes, devices, failure thresholds): left out of every fingerprint (fingerprint_view).
+EXECUTION: dict[str, Any] = {"execution": True}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -64,7 +69,9 @@ class BackendConfig(_Section):
     )
     # transformers / vllm
     device: str = Field(
-        default="auto", description="transformers: 'auto' (CUDA if available, else CPU), 'cpu', 'cuda', 'cuda:1', ..."
+        default="auto",
+        description="transformers: 'auto' (CUDA if available, else CPU), 'cpu', 'cuda', 'cuda:1', ...",
+        json_schema_extra=EXECUTION,
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto",
@@ -74,29 +81,58 @@ class BackendConfig(_Section):
         default=8,
         ge=1,
         description="transformers: sequences generated together; vllm: the minimum chunk handed to the engine.",
+        json_schema_extra=EXECUTION,
     )
-    tensor_parallel_size: int = Field(default=1, ge=1, description="vllm: GPUs one model is split over.")
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="vllm: GPUs one model is split over.", json_schema_extra=EXECUTION
+    )
     gpu_memory_utilization: float = Field(
-        default=0.9, gt=0, le=1, description="vllm: share of GPU memory the engine may take."
+        default=0.9,
+        gt=0,
+        le=1,
+        description="vllm: share of GPU memory the engine may take.",
+        json_schema_extra=EXECUTION,
     )
     # openai
     base_url: str | None = Field(
         default=None,
         description="openai: the endpoint, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL, else OpenAI's).",
+        json_schema_extra=EXECUTION,
     )
     api_key_env: str = Field(
         default="OPENAI_API_KEY",
         description="openai: the environment variable holding the API key (the key itself never goes in a config).",
+        json_schema_extra=EXECUTION,
     )
     request_timeout_s: float = Field(
-        default=120.0, gt=0, description="openai: seconds before one request times out (then it is retried)."
+        default=120.0,
+        gt=0,
+        description="openai: seconds before one request times out (then it is retried).",
+        json_schema_extra=EXECUTION,
     )
     max_retries: int = Field(
         default=5,
         ge=0,
         description="openai: retries of a request on 408/409/429/5xx, timeouts and dropped connections, with exponential backoff.",
+        json_schema_extra=EXECUTION,
     )
-    concurrency: int = Field(default=8, ge=1, description="openai: requests in flight at once.")
+    concurrency: int = Field(
+        default=8, ge=1, description="openai: requests in flight at once.", json_schema_extra=EXECUTION
+    )
+    revision: str | None = Field(
+        default=None,
+        description="Hub revision (branch, tag or commit) of the model; openai: a free tag that tells apart "
+        "different models served under one name. Part of the request cache's key.",
+    )
+    price_per_million_prompt_tokens: float | None = Field(
+        default=None,
+        ge=0,
+        description="For the cost estimate in stage summaries (your currency).",
+        json_schema_extra=EXECUTION,
+    )
+    price_per_million_completion_tokens: float | None = Field(
+        default=None, ge=0, description="For the cost estimate in stage summaries.", json_schema_extra=EXECUTION
+    )
 
     @model_validator(mode="after")
     def _check_backend(self) -> BackendConfig:
@@ -165,12 +201,15 @@ class TeacherConfig(_Section):
         default="all",
         description="Which traces go on to labeling: 'all' successful ones, or only 'correct' ones (the answer checks out).",
     )
-    shard_size: int = Field(default=8, ge=1, description="Traces per persisted shard (the unit of resume).")
+    shard_size: int = Field(
+        default=8, ge=1, description="Traces per persisted shard (the unit of resume).", json_schema_extra=EXECUTION
+    )
     max_failure_rate: float = Field(
         default=0.5,
         ge=0,
         le=1,
         description="Fail the stage (after saving the finished traces) when a larger share of requests failed.",
+        json_schema_extra=EXECUTION,
     )
 
     @field_validator("prompt_template")
@@ -218,13 +257,17 @@ class LabelingConfig(_Section):
         default_factory=SegmentationConfig, description="How traces are split into steps."
     )
     shard_size: int = Field(
-        default=8, ge=1, description="Traces per labeling batch and persisted shard (the unit of resume)."
+        default=8,
+        ge=1,
+        description="Traces per labeling batch and persisted shard (the unit of resume).",
+        json_schema_extra=EXECUTION,
     )
     max_fallback_rate: float = Field(
-        default=1.0,
+        default=0.5,
         ge=0,
         le=1,
         description="With method 'llm': fail the stage (after saving the labels) when a larger share of traces fell back to keyword labels.",
+        json_schema_extra=EXECUTION,
     )
 
 
@@ -290,13 +333,19 @@ class TrainingConfig(_Section):
     )
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="Share of max_steps with linear warm-up.")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
-    logging_steps: int = Field(default=5, ge=1, description="Log the losses every this many steps.")
+    logging_steps: int = Field(
+        default=5, ge=1, description="Log the losses every this many steps.", json_schema_extra=EXECUTION
+    )
     save_steps: int = Field(
-        default=10, ge=1, description="Save a checkpoint (to resume a killed run) every this many steps."
+        default=10,
+        ge=1,
+        description="Save a checkpoint (to resume a killed run) every this many steps.",
+        json_schema_extra=EXECUTION,
     )
     keep_checkpoints: bool = Field(
         default=False,
         description="Keep the intermediate checkpoints after the final model is saved (they exist to resume a killed run).",
+        json_schema_extra=EXECUTION,
     )
     seed: int = Field(default=0, description="Training seed (initialisation of new parameters, data order).")
     bf16: Literal["auto", True, False] = Field(
@@ -388,7 +437,9 @@ class EvaluationConfig(_Section):
         description="At most this many problems per benchmark (the first N of the eval split, or each benchmark's default limit).",
     )
     max_new_tokens: int = Field(default=160, ge=1, description="Most output tokens per answer.")
-    batch_size: int = Field(default=8, ge=1, description="Questions decoded together (plain and guided).")
+    batch_size: int = Field(
+        default=8, ge=1, description="Questions decoded together (plain and guided).", json_schema_extra=EXECUTION
+    )
     guided: GuidedInferenceConfig = Field(
         default_factory=GuidedInferenceConfig, description="Signal-guided decoding of the scaffolded student."
     )
@@ -415,6 +466,20 @@ class RunSettings(_Section):
     )
     retries: int = Field(default=1, ge=0, description="Prefect retries of a failed stage task.")
     retry_delay_s: float = Field(default=2.0, ge=0, description="Seconds between retries.")
+    wait_for_locks: bool = Field(
+        default=True,
+        description="When another run is writing a stage of the same artifacts directory, wait for it "
+        "(then reuse its output); false: fail at once, naming the holder (rscaffold run --no-wait).",
+    )
+    request_cache: Literal["use", "refresh", "off"] = Field(
+        default="use",
+        description="The LLM request cache under <artifacts_dir>/requests: 'use' answers every request it has seen "
+        "from it; 'refresh' sends every request again and stores the new answer (rscaffold run --refresh-requests); "
+        "'off' neither reads nor writes it.",
+    )
+    lock_timeout_s: float | None = Field(
+        default=None, ge=0, description="Give up waiting for another run's stage lock after this many seconds."
+    )
 
 
 class PipelineConfig(_Section):
@@ -440,6 +505,18 @@ class PipelineConfig(_Section):
     evaluation: EvaluationConfig = Field(
         default_factory=EvaluationConfig, description="Stage 6: benchmarks, decoding and scoring."
     )
+
+    @model_validator(mode="after")
+    def _check_across_sections(self) -> PipelineConfig:
+        """What one section asks of another, checked before any stage starts."""
+        trained = {"base", "scaffolded"} | ({"cot_sft"} if self.training.train_baseline else set())
+        missing = [m for m in self.evaluation.models if m not in trained]
+        if missing:
+            raise ValueError(
+                f"evaluation.models asks for {missing}, which training does not produce "
+                "(training.train_baseline is false); drop them from evaluation.models or train the baseline"
+            )
+        return self
 
     def labeler_llm(self) -> BackendConfig:
         return self.labeling.llm or self.teacher.llm
@@ -566,6 +643,7 @@ def check_inputs_exist(cfg: PipelineConfig) -> None:
             problems.append(f"  evaluation.benchmarks.{i}.source: file not found: {b.source}")
     if not Path(cfg.labeling.taxonomy).exists():
         problems.append(f"  labeling.taxonomy: file not found: {cfg.labeling.taxonomy}")
+
     for where, llm in (("teacher.llm", cfg.teacher.llm), ("labeling.llm", cfg.labeling.llm)):
         if llm is None or llm.backend == "openai":
             continue
@@ -619,3 +697,21 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
+
+
+def fingerprint_view(section: BaseModel) -> dict[str, Any]:
+    """A config section as it enters a fingerprint: its values, without the execution settings
+    (fields marked :data:`EXECUTION`), recursively."""
+    out: dict[str, Any] = {}
+    for name, field in type(section).model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("execution"):
+            continue
+        value = getattr(section, name)
+        if isinstance(value, BaseModel):
+            out[name] = fingerprint_view(value)
+        elif isinstance(value, list):
+            out[name] = [fingerprint_view(v) if isinstance(v, BaseModel) else v for v in value]
+        else:
+            out[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    return out

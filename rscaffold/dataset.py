@@ -83,3 +83,23 @@ def dataset_stats(examples: Sequence[ExampleRecord], signal_names: Sequence[str]
         "label_sources": dict(sorted(sources.items())),
         "teacher_accuracy": round(sum(1 for e in examples if e.correct) / n, 4) if n else 0.0,
     }
+
+
+def select_traces(traces: Sequence[TraceRecord], keep: str) -> tuple[list[TraceRecord], dict[str, int]]:
+    """Filter traces for the dataset: ``keep="correct"`` keeps correct ones, ``"all"`` keeps every
+    successful one (incorrect included). Failed traces are always dropped.
+
+    Returns ``(kept, dropped_reasons)`` with reasons ``failed``, ``no_answer``, ``incorrect``.
+    """
+    if keep not in ("correct", "all"):
+        raise ValueError(f"keep must be 'correct' or 'all', got {keep!r}")
+    kept: list[TraceRecord] = []
+    dropped: Counter = Counter()
+    for t in traces:
+        if t.status != "ok":
+            dropped["failed"] += 1
+        elif keep == "correct" and not t.correct:
+            dropped["no_answer" if t.predicted_answer is None else "incorrect"] += 1
+        else:
+            kept.append(t)
+    return kept, dict(dropped)

@@ -1,9 +1,23 @@
-"""Content-addressed artifact directories, manifests, fingerprints and Parquet I/O.
+"""Content-addressed stage directories: locks, atomic publication, manifests with file digests,
+shards named by the work they hold, and Parquet I/O.
 
-Layout: ``<root>/<stage>/<fingerprint>/`` holds the stage's Parquet files, ``manifest.json``
-(written last, so its presence means "complete") and ``shards/`` with partial work that a re-run
-resumes from. The fingerprint of a stage is a hash of its config section, the fingerprints of its
-inputs and the stage's code version, so the same inputs always land in the same directory.
+Layout under the artifacts root, for one stage and fingerprint::
+
+    <stage>/<fingerprint>/          the complete output; appears in one atomic rename, never partial
+    <stage>/<fingerprint>.partial/  where a run builds it: outputs, shards/, checkpoints (kept
+                                    across failures, kills and refreshes, so a re-run resumes)
+    <stage>/<fingerprint>.lock      the OS-level lock of whoever is writing that stage
+
+A stage run holds the lock (:meth:`StageDir.lock`) from the moment it looks for a complete output
+until it has published one, so two runs on one artifacts directory never write the same stage at
+once: the second waits (and then finds the output complete) or, asked not to wait, fails with the
+name of the holder. :meth:`StageDir.finish` writes the manifest (row counts, config, code version,
+and the size, mtime and sha256 of every output file) into the work directory and then renames it
+into place; a recomputation (a refresh) therefore builds beside the old output and replaces it
+only on success. :meth:`StageDir.verify` checks a complete output against its manifest before it
+is reused: a file whose size changed, or whose modification time changed and whose content digest
+no longer matches, makes the output damaged (the stage then recomputes, see
+:func:`rscaffold.stages.common.open_stage`).
 
 Every Parquet file of the project is written by :func:`write_records` and read by
 :func:`read_records`.
@@ -11,13 +25,18 @@ Every Parquet file of the project is written by :func:`write_records` and read b
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
-import tempfile
+import socket
+import sys
 import time
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,11 +50,23 @@ from rscaffold.records import SCHEMA_VERSION, Record, arrow_schema
 
 R = TypeVar("R", bound=Record)
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+WORK_SUFFIX = ".partial"
+LOCK_SUFFIX = ".lock"
+SHARDS = "shards"
+DAMAGED = "damaged"  # where unreadable shards are set aside (inside shards/)
+# Partial work that stays inside a complete output but is not part of it (not verified).
+UNVERIFIED_DIRS = (SHARDS, "checkpoints")
+
+
+class StageLockedError(RuntimeError):
+    """Another process is writing this stage and the caller asked not to wait."""
 
 
 # ---------------------------------------------------------------------------------------------
-# fingerprints
+# fingerprints and digests
 
 
 def _canonical(obj: Any) -> Any:
@@ -64,45 +95,46 @@ def file_digest(path: str | Path, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
-_PKG = Path(rscaffold.__file__).parent
-
-
-def code_version(*modules: str) -> str:
-    """Hash of the source of the given library modules/packages (relative to ``rscaffold/``).
-
-    A stage's cache key includes this, so editing the code a stage runs invalidates its cache and
-    nothing else's.
-    """
-    h = hashlib.sha256(rscaffold.__version__.encode())
-    for mod in sorted(modules):
-        p = _PKG / mod
-        files = sorted(p.rglob("*.py")) if p.is_dir() else [p.with_suffix(".py") if p.suffix != ".py" else p]
-        for f in files:
-            h.update(str(f.relative_to(_PKG)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:12]
+def _file_entry(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_digest(path, length=64)}
 
 
 # ---------------------------------------------------------------------------------------------
 # Parquet
 
 
+def _atomic_write(path: Path, write: Any) -> Path:
+    """Write ``path`` through a temporary file in the same directory and rename it into place.
+
+    The temporary file is created with ``open(..., "xb")``, so it gets the process umask's mode
+    (``tempfile.mkstemp`` would make it 0600 for good).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def write_records(path: str | Path, records: Iterable[Record], record_type: type[R]) -> Path:
     """Write rows of one record type to Parquet, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     schema = arrow_schema(record_type)
     rows = [r.model_dump(mode="python") for r in records]
     table = pa.Table.from_pylist(rows, schema=schema)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".parquet.tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return _atomic_write(Path(path), lambda f: pq.write_table(table, f))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (temp file + rename)."""
+    return _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
 
 
 def read_records(path: str | Path, record_type: type[R]) -> list[R]:
@@ -141,15 +173,28 @@ class StageRef:
         return cls(**{k: d[k] for k in ("stage", "fingerprint", "path", "outputs", "summary")})
 
 
+def _holder() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "argv": sys.argv[:4]}
+
+
+def _describe_holder(info: dict[str, Any]) -> str:
+    if not info:
+        return "another process"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0)))
+    return f"pid {info.get('pid')} on {info.get('host')} (since {since}: {' '.join(map(str, info.get('argv', [])))})"
+
+
 class StageDir:
-    """One stage's content-addressed output directory."""
+    """One stage's content-addressed output directory (see the module docstring)."""
 
     def __init__(self, root: str | Path, stage: str, fp: str):
         self.root = Path(root)
         self.stage = stage
         self.fingerprint = fp
         self.path = self.root / stage / fp
-        self.shards = self.path / "shards"
+        self.work = self.root / stage / (fp + WORK_SUFFIX)
+        self.shards = self.work / SHARDS
+        self.lock_path = self.root / stage / (fp + LOCK_SUFFIX)
 
     # -- completion -------------------------------------------------------------------------
     @property
@@ -166,11 +211,94 @@ class StageDir:
         m = self.read_manifest()
         return StageRef(self.stage, self.fingerprint, str(self.path), m["outputs"], m.get("summary", {}))
 
+    def verify(self) -> list[str]:
+        """What is wrong with the complete output, by its manifest (empty: intact).
+
+        A file is checked by size, then, if its modification time changed, by its sha256 (so an
+        untouched output costs one ``stat`` per file, and a copied one is re-hashed once).
+        """
+        try:
+            manifest = self.read_manifest()
+        except (OSError, ValueError) as err:
+            return [f"{MANIFEST}: unreadable ({err})"]
+        problems = []
+        for rel, entry in manifest.get("files", {}).items():
+            p = self.path / rel
+            try:
+                st = p.stat()
+            except OSError:
+                problems.append(f"{rel}: missing")
+                continue
+            if st.st_size != entry["size"]:
+                problems.append(f"{rel}: size {st.st_size} != {entry['size']}")
+            elif st.st_mtime_ns != entry["mtime_ns"] and file_digest(p, length=64) != entry["sha256"]:
+                problems.append(f"{rel}: content changed (sha256 differs)")
+        return problems
+
+    def set_aside(self, reason: str) -> Path:
+        """Move the complete output out of the way (kept for inspection), e.g. when damaged."""
+        target = self.root / self.stage / f"{self.fingerprint}.{reason}-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(self.path, target)
+        return target
+
+    # -- the lock ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, *, wait: bool = True, timeout_s: float | None = None, poll_s: float = 1.0) -> Iterator[None]:
+        """Hold this stage's OS-level lock (``fcntl.flock``; released by the OS if the process dies).
+
+        ``wait``: block until the holder is done, logging who holds it; else raise
+        :class:`StageLockedError` at once (and after ``timeout_s`` when waiting).
+        """
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            start = time.monotonic()
+            announced = 0.0
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    holder = _describe_holder(self._read_holder())
+                    waited = time.monotonic() - start
+                    if not wait or (timeout_s is not None and waited >= timeout_s):
+                        raise StageLockedError(
+                            f"{self.stage} ({self.fingerprint}) is being written by {holder}; "
+                            f"lock file {self.lock_path}"
+                        ) from None
+                    if waited - announced >= 30 or announced == 0.0:
+                        log.warning(
+                            "%s: waiting for %s, which is writing %s (lock %s)",
+                            self.stage,
+                            holder,
+                            self.path,
+                            self.lock_path,
+                        )
+                        announced = max(waited, 1e-9)
+                    time.sleep(poll_s)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(_holder()).encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _read_holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.lock_path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    # -- building ---------------------------------------------------------------------------
     def prepare(self, fresh: bool = False) -> StageDir:
-        """Create the directory; ``fresh`` wipes it first (a forced refresh)."""
-        if fresh and self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Create the work directory; ``fresh`` first discards the partial work in it (shards,
+        checkpoints) for a clean start. A complete output is never touched here."""
+        if fresh and self.work.exists():
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True, exist_ok=True)
         return self
 
     def finish(
@@ -183,7 +311,24 @@ class StageDir:
         started: float,
         code: str,
     ) -> StageRef:
-        """Write the manifest (last), which marks the stage complete."""
+        """Write the manifest into the work directory and publish it as the complete output.
+
+        ``outputs`` maps names to paths relative to the stage directory (files or folders; a value
+        that is not a path inside it, such as a hub id, is recorded as is). The manifest records
+        the size, mtime and sha256 of every file they hold, which :meth:`verify` checks.
+        """
+        files: dict[str, dict[str, Any]] = {}
+        for rel in outputs.values():
+            if Path(rel).is_absolute() or ".." in Path(rel).parts:
+                continue  # not ours (e.g. the student a training stage started from)
+            p = self.work / rel
+            if p.is_file():
+                files[rel] = _file_entry(p)
+            elif p.is_dir():
+                for f in sorted(p.rglob("*")):
+                    r = f.relative_to(self.work)
+                    if f.is_file() and not any(part in UNVERIFIED_DIRS for part in r.parts):
+                        files[str(r)] = _file_entry(f)
         manifest = {
             "stage": self.stage,
             "fingerprint": self.fingerprint,
@@ -193,29 +338,77 @@ class StageDir:
             "inputs": inputs,
             "config": _canonical(config),
             "outputs": outputs,
+            "files": files,
             "summary": summary,
             "started_at": started,
             "finished_at": time.time(),
             "duration_s": round(time.time() - started, 3),
         }
-        tmp = self.manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, default=str))
-        os.replace(tmp, self.manifest_path)
+        write_text(self.work / MANIFEST, json.dumps(manifest, indent=2, default=str))
+        self._publish()
         return StageRef(self.stage, self.fingerprint, str(self.path), outputs, summary)
 
+    def _publish(self) -> None:
+        """Rename the work directory into place; an older output is replaced only now."""
+        old = None
+        if self.path.exists():
+            old = self.path.with_name(f"{self.fingerprint}.replaced-{uuid.uuid4().hex[:8]}")
+            os.rename(self.path, old)
+        os.rename(self.work, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
     # -- partial work -----------------------------------------------------------------------
-    def write_shard(self, name: str, records: Sequence[Record], record_type: type[R]) -> Path | None:
-        """Persist a batch of finished rows as one shard (``<name>-<n>.parquet``)."""
+    def shard_path(self, name: str, key: str) -> Path:
+        return self.shards / f"{name}-{key}.parquet"
+
+    def write_shard(self, name: str, records: Sequence[Record], record_type: type[R], *, key: str) -> Path | None:
+        """Persist finished rows as the shard ``<name>-<key>.parquet``; ``key`` names the work the
+        rows are (e.g. the index range of the items), so a shard never overwrites another's."""
         if not records:
             return None
-        self.shards.mkdir(parents=True, exist_ok=True)
-        n = len(list(self.shards.glob(f"{name}-*.parquet")))
-        return write_records(self.shards / f"{name}-{n:05d}.parquet", records, record_type)
+        return write_records(self.shard_path(name, key), records, record_type)
+
+    def shard_keys(self, name: str) -> list[str]:
+        """The keys of the readable shards of ``name`` (see :meth:`read_shards`), sorted."""
+        return sorted(key for key, _ in self._shards(name))
 
     def read_shards(self, name: str, record_type: type[R]) -> list[R]:
+        """The rows of every shard of ``name``, in key order. A shard that cannot be read (a
+        truncated or corrupt file) is set aside into ``shards/damaged/`` with a warning, so its
+        work is redone instead of failing every re-run."""
+        out: list[R] = []
+        for _key, path in self._shards(name):
+            try:
+                out.extend(read_records(path, record_type))
+            except Exception as err:  # noqa: BLE001 - any unreadable file is the same case
+                self._set_shard_aside(path, err)
+        return out
+
+    def read_shard_map(self, name: str, record_type: type[R]) -> dict[str, list[R]]:
+        """Like :meth:`read_shards`, keyed by shard key."""
+        out: dict[str, list[R]] = {}
+        for key, path in self._shards(name):
+            try:
+                out[key] = read_records(path, record_type)
+            except Exception as err:  # noqa: BLE001
+                self._set_shard_aside(path, err)
+        return out
+
+    def _shards(self, name: str) -> list[tuple[str, Path]]:
         if not self.shards.exists():
             return []
-        out: list[R] = []
-        for p in sorted(self.shards.glob(f"{name}-*.parquet")):
-            out.extend(read_records(p, record_type))
-        return out
+        prefix = f"{name}-"
+        return sorted(
+            (p.name[len(prefix) : -len(".parquet")], p)
+            for p in self.shards.glob(f"{name}-*.parquet")
+            if not p.name.startswith(".")
+        )
+
+    def _set_shard_aside(self, path: Path, err: BaseException) -> None:
+        target = self.shards / DAMAGED / f"{path.name}.{uuid.uuid4().hex[:6]}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        log.warning(
+            "%s: shard %s is unreadable (%s); set aside as %s, its work is redone", self.stage, path.name, err, target
+        )

@@ -1,12 +1,19 @@
-"""What every stage task shares: cache keys, progress and UI artifacts.
+"""What every stage task shares: cache keys, progress, UI artifacts and the library's logs.
 
 The cache key of a stage task is the stage's fingerprint (config section + upstream fingerprints
-+ code version, see ``rscaffold.stages.plan.plan_fingerprints``), so Prefect's cache and the
-content-addressed artifact store agree on what "the same work" is.
++ code version, see ``rscaffold.stages.plan.plan_fingerprints``) and the artifacts root, so
+Prefect's cache and the content-addressed artifact store agree on what "the same work" is, and a
+cached result never points into another run's artifacts directory.
+
+The library logs through the ``rscaffold.*`` loggers; :func:`attach_library_logs` (run when this
+module is imported) sends them to the Prefect UI of the run they happen in, and at INFO to the
+console.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import time
 from typing import Any
@@ -17,17 +24,41 @@ from prefect.artifacts import (
     create_progress_artifact,
     update_progress_artifact,
 )
-from prefect.context import TaskRunContext
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging.handlers import APILogHandler
 
 from rscaffold.store import StageRef
 
 
 def stage_cache_key(stage: str):
     def key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
-        return f"rscaffold-{stage}-{params['fps'][stage]}"
+        root = os.path.abspath(os.path.expanduser(params["config"].run.artifacts_dir))
+        return f"rscaffold-{stage}-{params['fps'][stage]}-{hashlib.sha256(root.encode()).hexdigest()[:12]}"
 
     key.__name__ = f"{stage}_cache_key"
     return key
+
+
+class _InRun(logging.Filter):
+    """Only records emitted inside a flow or task run go to the API (others have no run to go to)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def attach_library_logs() -> None:
+    """Send the ``rscaffold.*`` loggers' records to the Prefect UI of the current run (and, at
+    INFO, to the console through the root logger). Idempotent."""
+    lib = logging.getLogger("rscaffold")
+    if not any(isinstance(h, APILogHandler) for h in lib.handlers):
+        handler = APILogHandler()
+        handler.addFilter(_InRun())
+        lib.addHandler(handler)
+    if lib.level == logging.NOTSET or lib.level > logging.INFO:
+        lib.setLevel(logging.INFO)
+
+
+attach_library_logs()
 
 
 def artifact_key(stage: str) -> str:

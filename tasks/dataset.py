@@ -10,11 +10,22 @@ from rscaffold.store import StageRef
 
 @task(name="dataset", cache_key_fn=stage_cache_key("dataset"), persist_result=True)
 def dataset_task(
-    config: PipelineConfig, fps: dict[str, str], *, teacher: dict, labeling: dict, force: bool = False
+    config: PipelineConfig,
+    fps: dict[str, str],
+    *,
+    teacher: dict,
+    labeling: dict,
+    force: bool = False,
+    fresh: bool = False,
 ) -> dict:
     """Assemble the labeled-trace dataset (Parquet, splits, stats)."""
     ref = dataset_stage.run_dataset(
-        config, fps, teacher=StageRef.from_dict(teacher), labeling=StageRef.from_dict(labeling), force=force
+        config,
+        fps,
+        teacher=StageRef.from_dict(teacher),
+        labeling=StageRef.from_dict(labeling),
+        force=force,
+        fresh=fresh,
     )
     publish_stage(ref)
     return ref.to_dict()

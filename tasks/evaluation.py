@@ -37,6 +37,7 @@ def evaluation_task(
     training: dict,
     labeling: dict | None = None,
     force: bool = False,
+    fresh: bool = False,
 ) -> dict:
     """Answer the evaluation benchmarks with base, CoT-SFT and scaffolded students; score and report."""
     ref = evaluation_stage.run_evaluation(
@@ -45,6 +46,7 @@ def evaluation_task(
         problems=StageRef.from_dict(problems),
         training=StageRef.from_dict(training),
         force=force,
+        fresh=fresh,
         progress=ProgressReporter("evaluation"),
         labeling=StageRef.from_dict(labeling) if labeling else None,
     )

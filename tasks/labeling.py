@@ -16,10 +16,12 @@ from rscaffold.store import StageRef
     cache_key_fn=stage_cache_key("labeling"),
     persist_result=True,
 )
-def labeling_task(config: PipelineConfig, fps: dict[str, str], teacher: dict, *, force: bool = False) -> dict:
+def labeling_task(
+    config: PipelineConfig, fps: dict[str, str], teacher: dict, *, force: bool = False, fresh: bool = False
+) -> dict:
     """Split traces into steps and label each step with a semantic signal."""
     ref = labeling_stage.run_labeling(
-        config, fps, StageRef.from_dict(teacher), force=force, progress=ProgressReporter("labeling")
+        config, fps, StageRef.from_dict(teacher), force=force, fresh=fresh, progress=ProgressReporter("labeling")
     )
     publish_stage(ref, extra_markdown=(Path(ref.path) / ref.outputs["quality_report"]).read_text())
     return ref.to_dict()

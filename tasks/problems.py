@@ -13,8 +13,8 @@ from rscaffold.stages import problems as problems_stage
     cache_key_fn=stage_cache_key("problems"),
     persist_result=True,
 )
-def problems_task(config: PipelineConfig, fps: dict[str, str], force: bool = False) -> dict:
+def problems_task(config: PipelineConfig, fps: dict[str, str], *, force: bool = False, fresh: bool = False) -> dict:
     """Load the train/eval problems into a Parquet table."""
-    ref = problems_stage.run_problems(config, fps, force=force)
+    ref = problems_stage.run_problems(config, fps, force=force, fresh=fresh)
     publish_stage(ref)
     return ref.to_dict()

@@ -14,10 +14,12 @@ from rscaffold.store import StageRef
     cache_key_fn=stage_cache_key("teacher"),
     persist_result=True,
 )
-def teacher_task(config: PipelineConfig, fps: dict[str, str], problems: dict, *, force: bool = False) -> dict:
+def teacher_task(
+    config: PipelineConfig, fps: dict[str, str], problems: dict, *, force: bool = False, fresh: bool = False
+) -> dict:
     """Generate teacher traces (sharded, resumable)."""
     ref = teacher_stage.run_teacher(
-        config, fps, StageRef.from_dict(problems), force=force, progress=ProgressReporter("teacher")
+        config, fps, StageRef.from_dict(problems), force=force, fresh=fresh, progress=ProgressReporter("teacher")
     )
     publish_stage(ref)
     return ref.to_dict()

@@ -14,8 +14,10 @@ from rscaffold.store import StageRef
     cache_key_fn=stage_cache_key("training"),
     persist_result=True,
 )
-def training_task(config: PipelineConfig, fps: dict[str, str], dataset: dict, *, force: bool = False) -> dict:
+def training_task(
+    config: PipelineConfig, fps: dict[str, str], dataset: dict, *, force: bool = False, fresh: bool = False
+) -> dict:
     """Train the scaffolded student and the CoT-SFT baseline on the same rows."""
-    ref = training_stage.run_training(config, fps, StageRef.from_dict(dataset), force=force)
+    ref = training_stage.run_training(config, fps, StageRef.from_dict(dataset), force=force, fresh=fresh)
     publish_stage(ref)
     return ref.to_dict()

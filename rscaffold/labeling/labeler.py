@@ -62,6 +62,10 @@ class LabelStats:
         return asdict(self)
 
 
+class LabelerUnavailableError(RuntimeError):
+    """The labeler's endpoint could not be reached (transport errors after the client's retries)."""
+
+
 class Labeler:
     """Labels traces: keyword pre-labels, then (method ``llm``) one batched LLM call per pass."""
 
@@ -205,7 +209,16 @@ class Labeler:
         assert self.backend is not None
         # A backend reports a bad request in its Completion; an exception is a systemic failure
         # (server down, out of memory) and propagates, so no shard is filled with fallback labels.
+        # The same holds for a labeler that cannot be reached: its transport errors (after the
+        # client's retries) are not a trace the LLM failed on, and must not become fallback labels.
         completions = self.backend.generate(requests, self.sampling)
+        unreachable = [c for c in completions if c.error_kind == "transport"]
+        if unreachable:
+            raise LabelerUnavailableError(
+                f"the labeler is unreachable: {len(unreachable)} of {len(requests)} requests failed with "
+                f"transport errors (e.g. {unreachable[0].error}); the labels made so far are saved, re-run "
+                "when the endpoint is back"
+            )
         out: dict[str, Completion] = {}
         for c in completions:
             out.setdefault(c.request_id, c)  # n=1: the first sample

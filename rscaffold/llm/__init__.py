@@ -11,6 +11,7 @@ import importlib
 
 from rscaffold.config import BackendConfig
 from rscaffold.llm.base import ChatRequest, Completion, LLMBackend, ResultCallback
+from rscaffold.llm.cache import CachedBackend, RequestCache
 
 BACKENDS: dict[str, str] = {
     "transformers": "rscaffold.llm.transformers_local:TransformersBackend",
@@ -28,9 +29,17 @@ def backend_class(name: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
-def create_backend(cfg: BackendConfig) -> LLMBackend:
-    """Instantiate the backend ``cfg.backend`` names (importing its module only now)."""
-    return backend_class(cfg.backend)(cfg)
+def create_backend(cfg: BackendConfig, *, cache: RequestCache | None = None) -> LLMBackend:
+    """The backend ``cfg.backend`` names (its module is imported only now).
+
+    With a ``cache`` (:mod:`rscaffold.llm.cache`), a :class:`~rscaffold.llm.cache.CachedBackend`
+    that answers known requests from it and creates the real backend only for the first one it
+    cannot answer.
+    """
+    cls = backend_class(cfg.backend)
+    if cache is None or cache.mode == "off":
+        return cls(cfg)
+    return CachedBackend(cfg, lambda: cls(cfg), capabilities=cls.capabilities, name=cls.name, cache=cache)
 
 
 __all__ = ["BACKENDS", "ChatRequest", "Completion", "LLMBackend", "ResultCallback", "backend_class", "create_backend"]

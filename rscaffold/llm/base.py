@@ -23,6 +23,10 @@ class ChatRequest:
     # backends enforce it token by token (a closed-vocabulary answer even a tiny model gets
     # right in form); the others ignore it and rely on json_schema or the caller's parser.
     line_choices: list[list[str]] | None = None
+    # The sampling seed of this request (sample ``k`` of an ``n > 1`` request uses ``seed + k``);
+    # None: derived from the run seed and ``request_id``. Callers that resume work derive it
+    # from what the request is (e.g. run seed, problem id, sample index), never from a counter.
+    seed: int | None = None
 
 
 @dataclass
@@ -38,6 +42,10 @@ class Completion:
     latency_s: float = 0.0
     sample_index: int = 0
     error: str | None = None
+    # "transport": the server could not be reached or kept failing (connection errors, timeouts,
+    # 429 / 5xx after the client's retries); "request": this request was refused or its answer
+    # was unusable; "engine": a local engine failed on its batch.
+    error_kind: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -60,11 +68,15 @@ class Capabilities:
     ``line_choices``: :attr:`ChatRequest.line_choices` is enforced token by token (the answer is
     always a valid set of lines). ``json_schema``: decoding is constrained to
     :attr:`ChatRequest.json_schema` (it may still fall back to unconstrained output on a server
-    that rejects it).
+    that rejects it). ``batch_invariant``: a request's output does not depend on the other
+    requests sent with it (a server or engine that batches on its own), so a caller may hand over
+    everything at once; a local batched engine is not (padding changes the numerics), and a
+    caller that needs reproducible outputs hands it the same groups of requests every time.
     """
 
     line_choices: bool = False
     json_schema: bool = False
+    batch_invariant: bool = False
 
 
 @runtime_checkable

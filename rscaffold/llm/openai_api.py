@@ -36,9 +36,9 @@ from rscaffold.config import BackendConfig, SamplingConfig
 from rscaffold.llm.base import Capabilities, ChatRequest, Completion, ResultCallback
 from rscaffold.llm.parsing import (
     completion_from_output,
-    derive_seed,
     describe_error,
     error_completions,
+    request_seed,
 )
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,9 @@ class OpenAIBackend:
     """:class:`~rscaffold.llm.base.LLMBackend` over an OpenAI-compatible HTTP API."""
 
     name = "openai"
-    capabilities = Capabilities(json_schema=True)  # response_format json_schema, dropped if refused
+    capabilities = Capabilities(
+        json_schema=True, batch_invariant=True
+    )  # response_format json_schema, dropped if refused
 
     def __init__(self, cfg: BackendConfig):
         import openai  # core dependency; imported here so that importing the registry stays cheap
@@ -163,12 +165,24 @@ class OpenAIBackend:
             return resp
 
     def _describe(self, err: BaseException) -> str:
+        """One line for ``Completion.error``, with the API key masked (before any cut)."""
+        secrets = (self._api_key,) if self._api_key != "EMPTY" else ()
         if isinstance(err, InvalidResponseError):
-            return str(err)
+            return self._mask(str(err))
         if isinstance(err, (ValueError, self._openai.APIResponseValidationError)):
             # undecodable JSON, a body that does not validate as a chat completion
-            return f"{INVALID_RESPONSE}: {describe_error(err)}"
-        return describe_error(err)
+            return f"{INVALID_RESPONSE}: {describe_error(err, secrets=secrets)}"
+        return describe_error(err, secrets=secrets)
+
+    def _error_kind(self, err: BaseException) -> str:
+        """``transport`` when the server could not be reached or kept failing after the client's
+        retries (connection errors, timeouts, 408/409/429/5xx), else ``request``."""
+        o = self._openai
+        if isinstance(err, (o.APIConnectionError, o.RateLimitError, o.InternalServerError)):
+            return "transport"  # APITimeoutError is an APIConnectionError
+        if isinstance(err, o.APIStatusError) and (err.status_code >= 500 or err.status_code in (408, 409, 429)):
+            return "transport"
+        return "request"
 
     def _parse(self, resp: Any, req: ChatRequest, start_index: int, *, latency: float) -> list[Completion]:
         choices = getattr(resp, "choices", None)
@@ -221,7 +235,7 @@ class OpenAIBackend:
             try:
                 call = 0
                 while len(got) < req.n:
-                    seed = derive_seed(sampling.seed, req.request_id, call)
+                    seed = request_seed(req, sampling.seed, call)
                     resp = await self._create(client, req, sampling, n=req.n - len(got), seed=seed)
                     parsed = self._parse(resp, req, len(got), latency=time.perf_counter() - t0)
                     if not parsed:
@@ -229,7 +243,7 @@ class OpenAIBackend:
                     got.extend(parsed)
                     call += 1
             except Exception as err:  # isolate: this request fails, the run goes on
-                error = self._mask(self._describe(err))
+                error = self._describe(err)
                 log.debug("request %s failed: %s", req.request_id, error)
                 got.extend(
                     error_completions(
@@ -238,6 +252,7 @@ class OpenAIBackend:
                         error,
                         latency_s=time.perf_counter() - t0,
                         start_index=len(got),
+                        error_kind=self._error_kind(err),
                     )
                 )
         # Outside the try: the caller's callback may raise, and that must stop the run.

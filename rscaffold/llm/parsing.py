@@ -12,7 +12,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from rscaffold.llm.base import Completion
+from rscaffold.llm.base import ChatRequest, Completion
 from rscaffold.vocabulary import STEP_SEPARATOR, THINK_CLOSE, THINK_OPEN
 
 _BLOCK = re.compile(re.escape(THINK_OPEN) + r"(.*?)" + re.escape(THINK_CLOSE), re.DOTALL)
@@ -138,21 +138,51 @@ def completion_from_output(
 
 
 def error_completions(
-    request_id: str, n: int, error: str, *, latency_s: float = 0.0, start_index: int = 0
+    request_id: str,
+    n: int,
+    error: str,
+    *,
+    latency_s: float = 0.0,
+    start_index: int = 0,
+    error_kind: str = "request",
 ) -> list[Completion]:
     """``n`` error Completions for one request (samples ``start_index..start_index+n-1``)."""
     return [
-        Completion(request_id=request_id, sample_index=start_index + i, error=error, latency_s=latency_s)
+        Completion(
+            request_id=request_id,
+            sample_index=start_index + i,
+            error=error,
+            error_kind=error_kind,
+            latency_s=latency_s,
+        )
         for i in range(n)
     ]
 
 
-def describe_error(err: BaseException, limit: int = 500) -> str:
-    """``"Type: message"``, one line, bounded (for Completion.error and failure counters)."""
+MASK = "***"
+
+
+def describe_error(err: BaseException, limit: int = 500, secrets: tuple[str, ...] = ()) -> str:
+    """``"Type: message"``, one line, bounded (for Completion.error and failure counters).
+
+    ``secrets`` (e.g. an API key) are replaced by ``***`` *before* the message is cut to
+    ``limit``, so no part of a secret can survive at the cut.
+    """
     msg = " ".join(str(err).split())
+    for secret in secrets:
+        if secret and len(secret) >= 6:
+            msg = msg.replace(secret, MASK)
     if len(msg) > limit:
         msg = msg[: limit - 3] + "..."
     return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
+
+
+def request_seed(request: ChatRequest, run_seed: int, sample: int = 0) -> int:
+    """The sampling seed of sample ``sample`` of ``request``: its own :attr:`~ChatRequest.seed`
+    (plus ``sample``), else derived from the run seed and its id. The same for every backend."""
+    if request.seed is not None:
+        return (request.seed + sample) & 0x7FFFFFFF
+    return derive_seed(run_seed, request.request_id, sample)
 
 
 def derive_seed(seed: int, request_id: str, offset: int = 0) -> int:

@@ -7,9 +7,12 @@ Requests are expanded into (request, sample) rows, sorted by prompt length (less
 generated in batches of ``cfg.batch_size`` with LEFT padding, which decoder-only generation
 needs (the new tokens must start right after every row's last prompt token).
 
-Sampling is seeded per batch with ``sampling.seed + batch_number`` inside a forked RNG, so a run
-is reproducible and the process-wide torch RNG is left untouched. Greedy decoding (temperature
-0) generates each request once and copies the result to its ``n`` samples.
+Sampling is seeded per row: sample ``k`` of a request draws from its own ``torch.Generator``
+seeded with :func:`~rscaffold.llm.parsing.request_seed` (the request's seed, the same one every
+backend uses), through :class:`SeededSampling`, so what a request gets does not depend on the
+other rows of its batch, on batch numbers or on the process-wide RNG (which is left untouched).
+Greedy decoding (temperature 0) generates each request once and copies the result to its ``n``
+samples.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from rscaffold.llm.parsing import (
     completion_from_output,
     describe_error,
     error_completions,
+    request_seed,
 )
 from rscaffold.models import free_accelerator_memory, load_causal_lm
 
@@ -38,6 +42,38 @@ class _Row:
     sample_indices: list[int]  # the samples this row's output stands for (several when greedy)
     prompt: str
     n_tokens: int
+
+
+class SeededSampling:
+    """A logits processor that samples each row's next token with that row's own generator.
+
+    Scores are divided by the temperature, cut to the top-``top_p`` nucleus, sampled with
+    ``torch.multinomial`` from the row's generator, and returned as a row that is ``-inf``
+    everywhere but at the chosen token, so the greedy step of ``generate`` takes it. Processors
+    that run before this one (output constraints) have already masked what is not allowed.
+    """
+
+    def __init__(self, seeds: Sequence[int], *, temperature: float, top_p: float, device):
+        import torch
+
+        self.temperature = temperature
+        self.top_p = top_p
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_p.cumsum(dim=-1) - sorted_p > self.top_p  # keeps at least the top token
+            sorted_p = sorted_p.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        chosen = torch.full_like(scores, float("-inf"))
+        for b, gen in enumerate(self.generators):
+            token = torch.multinomial(probs[b], 1, generator=gen)
+            chosen[b, token] = 0.0
+        return chosen
 
 
 class TransformersBackend:
@@ -103,17 +139,17 @@ class TransformersBackend:
         return rows, failed
 
     def _generation_kwargs(self, sampling: SamplingConfig) -> dict:
-        kw: dict = {
+        # Decoding is "greedy" for generate(): sampling happens in SeededSampling, per row. No
+        # top-k (transformers' default 50), matching vLLM / OpenAI sampling.
+        return {
             "max_new_tokens": sampling.max_new_tokens,
             "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": self.eos_token_ids or None,
+            "do_sample": False,
+            "temperature": None,
+            "top_p": None,
+            "top_k": None,
         }
-        if sampling.temperature > 0:
-            # top_k=0 disables transformers' default top-k, matching vLLM / OpenAI sampling.
-            kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-        else:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kw
 
     def _constraints(self, batch: list[_Row]) -> list[LineChoiceConstraint | None]:
         eos = self.eos_token_ids[0] if self.eos_token_ids else self.tokenizer.eos_token_id
@@ -122,13 +158,12 @@ class TransformersBackend:
             for r in batch
         ]
 
-    def _generate_batch(self, batch: list[_Row], sampling: SamplingConfig, seed: int) -> list[Completion]:
+    def _generate_batch(self, batch: list[_Row], sampling: SamplingConfig) -> list[Completion]:
         import torch
 
         t0 = time.perf_counter()
         enc = self.tokenizer([r.prompt for r in batch], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(self.model.device) for k, v in enc.items()}
-        devices = [self.model.device] if self.model.device.type == "cuda" else []
         kwargs = self._generation_kwargs(sampling)
         constraints = self._constraints(batch)
         if any(c is not None for c in constraints):
@@ -142,8 +177,12 @@ class TransformersBackend:
             kwargs["prefix_allowed_tokens_fn"] = allowed
             # a constrained answer always fits: its length is known in advance
             kwargs["max_new_tokens"] = max([sampling.max_new_tokens] + [c.max_tokens for c in constraints if c])
-        with torch.random.fork_rng(devices=devices), torch.inference_mode():
-            torch.manual_seed(seed)
+        if sampling.temperature > 0:
+            seeds = [request_seed(r.request, sampling.seed, r.sample_indices[0]) for r in batch]
+            kwargs["logits_processor"] = [
+                SeededSampling(seeds, temperature=sampling.temperature, top_p=sampling.top_p, device=self.model.device)
+            ]
+        with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)
         latency = time.perf_counter() - t0
         prompt_len = enc["input_ids"].shape[1]
@@ -187,17 +226,21 @@ class TransformersBackend:
             if on_result:
                 on_result(c)
         bs = self.cfg.batch_size
-        for b, start in enumerate(range(0, len(rows), bs)):
+        for b, start in enumerate(range(0, len(rows), bs)):  # noqa: B007 - b names the batch in logs
             batch = rows[start : start + bs]
             t0 = time.perf_counter()
             try:
-                done = self._generate_batch(batch, sampling, seed=sampling.seed + b)
+                done = self._generate_batch(batch, sampling)
             except Exception as err:  # isolate the failure to this batch
                 log.warning("transformers batch %d (%d rows) failed: %s", b, len(batch), describe_error(err))
                 latency = time.perf_counter() - t0
                 done = [
                     Completion(
-                        request_id=r.request.request_id, sample_index=i, error=describe_error(err), latency_s=latency
+                        request_id=r.request.request_id,
+                        sample_index=i,
+                        error=describe_error(err),
+                        error_kind="engine",
+                        latency_s=latency,
                     )
                     for r in batch
                     for i in r.sample_indices

@@ -25,9 +25,9 @@ from rscaffold.config import BackendConfig, SamplingConfig
 from rscaffold.llm.base import Capabilities, ChatRequest, Completion, ResultCallback
 from rscaffold.llm.parsing import (
     completion_from_output,
-    derive_seed,
     describe_error,
     error_completions,
+    request_seed,
 )
 from rscaffold.models import free_accelerator_memory
 
@@ -63,7 +63,7 @@ def build_sampling_kwargs(sampling: SamplingConfig, request: ChatRequest) -> dic
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
         "max_tokens": sampling.max_new_tokens,
-        "seed": derive_seed(sampling.seed, request.request_id),
+        "seed": request_seed(request, sampling.seed),
     }
     if request.line_choices:
         kw[REGEX_KEY] = line_choices_regex(request.line_choices)
@@ -160,7 +160,9 @@ class VLLMBackend:
     """:class:`~rscaffold.llm.base.LLMBackend` on an in-process ``vllm.LLM``."""
 
     name = "vllm"
-    capabilities = Capabilities(line_choices=True, json_schema=True)  # structured outputs (regex / JSON)
+    capabilities = Capabilities(
+        line_choices=True, json_schema=True, batch_invariant=True
+    )  # structured outputs (regex / JSON)
 
     def __init__(self, cfg: BackendConfig, llm: Any = None, vllm_module: Any = None):
         """``llm`` / ``vllm_module`` inject an engine and module (tests, or sharing one engine)."""
@@ -208,7 +210,9 @@ class VLLMBackend:
                 done = [
                     c
                     for r in part
-                    for c in error_completions(r.request_id, r.n, describe_error(err), latency_s=latency)
+                    for c in error_completions(
+                        r.request_id, r.n, describe_error(err), latency_s=latency, error_kind="engine"
+                    )
                 ]
             for c in done:
                 results.append(c)

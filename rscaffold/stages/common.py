@@ -3,16 +3,17 @@ JSON files, and the progress callback type."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from rscaffold.code_version import code_version
 from rscaffold.config import PipelineConfig
-from rscaffold.store import StageDir, StageRef, file_digest
+from rscaffold.store import StageDir, StageRef, file_digest, write_text
 
 log = logging.getLogger("rscaffold.stages")
 
@@ -30,16 +31,44 @@ def source_digest(source: str) -> str:
     return source if source.startswith("hub:") else file_digest(source)
 
 
+@contextlib.contextmanager
 def open_stage(
-    cfg: PipelineConfig, stage: str, fps: dict[str, str], *, force: bool
-) -> tuple[StageDir, StageRef | None]:
-    """The stage's directory, and its complete output if there is one (``force``: recompute)."""
+    cfg: PipelineConfig, stage: str, fps: dict[str, str], *, force: bool = False, fresh: bool = False
+) -> Iterator[tuple[StageDir, StageRef | None]]:
+    """Hold the stage's lock and yield ``(stage dir, complete output or None)``.
+
+    The complete output is reused unless ``force`` (a refresh: recompute it beside the old one,
+    which is replaced only on success) or it is damaged (:meth:`StageDir.verify`: it is then set
+    aside as ``<fingerprint>.damaged-<time>`` with a warning and recomputed). When there is
+    nothing to reuse, the work directory is ready; it keeps the partial work (shards,
+    checkpoints) of earlier attempts unless ``fresh``. The lock is held until the ``with`` block
+    ends, so a second run on the same artifacts directory waits (``run.wait_for_locks``) and then
+    finds the output complete.
+    """
     sd = StageDir(cfg.run.artifacts_dir, stage, fps[stage])
-    if sd.is_complete() and not force:
-        log.info("%s: complete output found at %s", stage, sd.path)
-        return sd, sd.ref()
-    sd.prepare(fresh=force)
-    return sd, None
+    with sd.lock(wait=cfg.run.wait_for_locks, timeout_s=cfg.run.lock_timeout_s):
+        done = None if force else reusable_output(sd)
+        if done is None:
+            sd.prepare(fresh=fresh)
+        yield sd, done
+
+
+def reusable_output(sd: StageDir) -> StageRef | None:
+    """The stage's complete output if it is intact; a damaged one is set aside (and None returned)."""
+    if not sd.is_complete():
+        return None
+    problems = sd.verify()
+    if problems:
+        aside = sd.set_aside("damaged")
+        log.warning(
+            "%s: the complete output was damaged (%s); moved to %s and recomputing",
+            sd.stage,
+            "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""),
+            aside,
+        )
+        return None
+    log.info("%s: complete output found at %s", sd.stage, sd.path)
+    return sd.ref()
 
 
 def stage_inputs(*refs: StageRef) -> dict[str, str]:
@@ -57,8 +86,8 @@ def as_dict(obj: Any) -> dict[str, Any]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=str))
+    """Write a small JSON file atomically."""
+    write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def read_json(path: Path, default: Any) -> Any:

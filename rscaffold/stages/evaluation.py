@@ -16,7 +16,9 @@ from rscaffold.stages.common import (
 )
 from rscaffold.stages.problems import read_problems
 from rscaffold.stages.training import model_path
-from rscaffold.store import StageRef, read_records, write_records
+from rscaffold.store import StageRef, write_records
+
+SHARD = "predictions"  # one shard per model and benchmark, key <model>-<benchmark>
 
 
 def run_evaluation(
@@ -27,6 +29,7 @@ def run_evaluation(
     training: StageRef,
     labeling: StageRef | None = None,
     force: bool = False,
+    fresh: bool = False,
     progress: Progress | None = None,
 ) -> StageRef:
     """Answer every evaluation benchmark with every model; score, aggregate, report.
@@ -50,89 +53,91 @@ def run_evaluation(
     from rscaffold.inference import generate
     from rscaffold.student import load_student
 
-    sd, done = open_stage(cfg, "evaluation", fps, force=force)
-    if done:
-        return done
-    started = time.time()
-    ecfg = cfg.evaluation
-    suites = evaluation_suites(ecfg, cfg.problems.format, read_problems(problems, "eval"))
-    teacher = None
-    if labeling is not None and "quality" in labeling.outputs:
-        teacher = read_json(labeling.output("quality"), None)
+    with open_stage(cfg, "evaluation", fps, force=force, fresh=fresh) as (sd, done):
+        if done:
+            return done
+        started = time.time()
+        ecfg = cfg.evaluation
+        suites = evaluation_suites(ecfg, cfg.problems.format, read_problems(problems, "eval"))
+        teacher = None
+        if labeling is not None and "quality" in labeling.outputs:
+            teacher = read_json(labeling.output("quality"), None)
 
-    # Predictions are persisted per model and benchmark as soon as they are made (resume).
-    predictions: list[PredictionRecord] = []
-    total, finished = len(ecfg.models) * len(suites), 0
-    for name in ecfg.models:
-        mode = "guided" if name == "scaffolded" else "plain"
-        student = None
-        for suite in suites:
-            shard = sd.shards / f"predictions-{name}-{suite.name}.parquet"
-            if shard.exists():
-                predictions.extend(read_records(shard, PredictionRecord))
-            else:
-                if student is None:
-                    student = load_student(model_path(training, name))
-                outs = generate(
-                    student,
-                    questions=suite.prompts(ecfg.prompt),
-                    mode=mode,
-                    max_new_tokens=ecfg.max_new_tokens,
-                    batch_size=ecfg.batch_size,
-                    guided=ecfg.guided,
-                )
-                preds = [
-                    score_output(
-                        name,
-                        suite.name,
-                        p,
-                        output=o.text,
-                        answer_type=suite.answer_type,
-                        output_tokens=o.output_tokens,
-                        signals=o.signals,
-                        latency_s=o.latency_s,
-                        decoding=mode,
-                        n_steps=len([s for s in o.steps if s]),
+        # Predictions are persisted per model and benchmark as soon as they are made (resume).
+        finished_shards = sd.read_shard_map(SHARD, PredictionRecord)
+        predictions: list[PredictionRecord] = []
+        total, finished = len(ecfg.models) * len(suites), 0
+        for name in ecfg.models:
+            mode = "guided" if name == "scaffolded" else "plain"
+            student = None
+            for suite in suites:
+                key = f"{name}-{suite.name}"
+                done_rows = finished_shards.get(key)
+                if done_rows is not None:
+                    predictions.extend(done_rows)
+                else:
+                    if student is None:
+                        student = load_student(model_path(training, name))
+                    outs = generate(
+                        student,
+                        questions=suite.prompts(ecfg.prompt),
+                        mode=mode,
+                        max_new_tokens=ecfg.max_new_tokens,
+                        batch_size=ecfg.batch_size,
+                        guided=ecfg.guided,
                     )
-                    for p, o in zip(suite.problems, outs)
-                ]
-                write_records(shard, preds, PredictionRecord)
-                predictions.extend(preds)
-            finished += 1
-            if progress:
-                progress(finished, total)
-        del student
+                    preds = [
+                        score_output(
+                            name,
+                            suite.name,
+                            p,
+                            output=o.text,
+                            answer_type=suite.answer_type,
+                            output_tokens=o.output_tokens,
+                            signals=o.signals,
+                            latency_s=o.latency_s,
+                            decoding=mode,
+                            n_steps=len([s for s in o.steps if s]),
+                        )
+                        for p, o in zip(suite.problems, outs)
+                    ]
+                    sd.write_shard(SHARD, preds, PredictionRecord, key=key)
+                    predictions.extend(preds)
+                finished += 1
+                if progress:
+                    progress(finished, total)
+            del student
 
-    metrics = compute_metrics(predictions, ecfg.bootstrap_samples, ecfg.seed, teacher=teacher)
-    write_records(sd.path / "predictions.parquet", predictions, PredictionRecord)
-    write_records(sd.path / "metrics.parquet", metrics, MetricRecord)
-    write_json(
-        sd.path / "metrics.json",
-        {
-            "metrics": [m.model_dump() for m in metrics],
-            "generated_signals": signal_distribution(predictions),
-            "signal_agreement": signal_agreement(predictions, teacher),
-            "teacher_signals": None
-            if teacher is None
-            else {k: teacher.get(k) for k in ("names", "signal_counts", "transitions")},
-        },
-    )
-    write_report(sd.path)  # report.md + accuracy.png, from the Parquet files just written
-    return sd.finish(
-        outputs={
-            "predictions": "predictions.parquet",
-            "metrics": "metrics.parquet",
-            "metrics_json": "metrics.json",
-            "report": REPORT_FILE,
-            "accuracy_png": CHART_FILE,
-        },
-        config=ecfg,
-        inputs=stage_inputs(problems, training, *([labeling] if labeling is not None else [])),
-        summary={
-            "table": metrics_table(metrics),
-            "accuracy_table": accuracy_table(metrics),
-            "benchmarks": {s.name: len(s.problems) for s in suites},
-        },
-        started=started,
-        code=stage_code_version("evaluation"),
-    )
+        metrics = compute_metrics(predictions, ecfg.bootstrap_samples, ecfg.seed, teacher=teacher)
+        write_records(sd.work / "predictions.parquet", predictions, PredictionRecord)
+        write_records(sd.work / "metrics.parquet", metrics, MetricRecord)
+        write_json(
+            sd.work / "metrics.json",
+            {
+                "metrics": [m.model_dump() for m in metrics],
+                "generated_signals": signal_distribution(predictions),
+                "signal_agreement": signal_agreement(predictions, teacher),
+                "teacher_signals": None
+                if teacher is None
+                else {k: teacher.get(k) for k in ("names", "signal_counts", "transitions")},
+            },
+        )
+        write_report(sd.work)  # report.md + accuracy.png, from the Parquet files just written
+        return sd.finish(
+            outputs={
+                "predictions": "predictions.parquet",
+                "metrics": "metrics.parquet",
+                "metrics_json": "metrics.json",
+                "report": REPORT_FILE,
+                "accuracy_png": CHART_FILE,
+            },
+            config=ecfg,
+            inputs=stage_inputs(problems, training, *([labeling] if labeling is not None else [])),
+            summary={
+                "table": metrics_table(metrics),
+                "accuracy_table": accuracy_table(metrics),
+                "benchmarks": {s.name: len(s.problems) for s in suites},
+            },
+            started=started,
+            code=stage_code_version("evaluation"),
+        )

@@ -1,16 +1,24 @@
 """Every stage's fingerprint, derived from the config alone (upstream fingerprints chained).
 
-A fingerprint is a hash of what decides a stage's output: its config section, the fingerprints of
-its inputs, the content of the files it reads, and its code version
-(:func:`rscaffold.stages.common.stage_code_version`). The Prefect tasks use it as their cache key
-and the store as the stage's directory name, so both agree on what "the same work" is.
+A fingerprint is a hash of what decides a stage's output, and of nothing else:
+
+* its config section's values without the execution settings (concurrency, timeouts, retries,
+  batch and shard sizes, devices, failure thresholds: :func:`rscaffold.config.fingerprint_view`);
+* the identity of what it reads: upstream fingerprints, and for the first stage the content digest
+  of its input files. The teacher reads only the train problems, so it chains on the train part
+  of the problems stage (``problems.limit_eval`` does not concern it); ``teacher.keep`` decides
+  which traces go on, so it enters the labeling fingerprint, not the teacher's;
+* its code version (:func:`rscaffold.stages.common.stage_code_version`, the import closure).
+
+The Prefect tasks key their cache on it (plus the artifacts root) and the store names the stage's
+directory after it, so both agree on what "the same work" is.
 """
 
 from __future__ import annotations
 
-from rscaffold.config import PipelineConfig
+from rscaffold.config import ConfigError, PipelineConfig, check_inputs_exist, fingerprint_view
 from rscaffold.evaluation.suites import benchmark_source_digest
-from rscaffold.labeling.taxonomy import load_taxonomy
+from rscaffold.labeling.taxonomy import TaxonomyError, load_taxonomy
 from rscaffold.stages.common import source_digest, stage_code_version
 from rscaffold.store import fingerprint
 from rscaffold.vocabulary import STAGES
@@ -18,29 +26,56 @@ from rscaffold.vocabulary import STAGES
 
 def plan_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     """The fingerprint of every stage, in stage order."""
-    fps: dict[str, str] = {}
     p = cfg.problems
-    fps["problems"] = fingerprint(
-        "problems", p, source_digest(p.train), source_digest(p.eval), stage_code_version("problems")
-    )
-    fps["teacher"] = fingerprint("teacher", fps["problems"], cfg.teacher, stage_code_version("teacher"))
+    problems_code = stage_code_version("problems")
+    train_part = fingerprint("problems:train", p.format, source_digest(p.train), p.limit_train, p.seed, problems_code)
+    eval_part = fingerprint("problems:eval", p.format, source_digest(p.eval), p.limit_eval, p.seed, problems_code)
+    teacher = fingerprint_view(cfg.teacher)
+    keep = teacher.pop("keep")
+    labeling = fingerprint_view(cfg.labeling)
+    labeling.pop("taxonomy")  # a path: the taxonomy enters by its content digest
+    labeling.pop("llm")  # None means "the teacher's": the effective labeler enters below
+
+    fps: dict[str, str] = {}
+    fps["problems"] = fingerprint("problems", train_part, eval_part)
+    fps["teacher"] = fingerprint("teacher", train_part, teacher, stage_code_version("teacher"))
     fps["labeling"] = fingerprint(
         "labeling",
         fps["teacher"],
-        cfg.labeling.model_dump(exclude={"taxonomy"}),
-        cfg.labeler_llm() if cfg.labeling.method == "llm" else None,
+        keep,
+        labeling,
+        fingerprint_view(cfg.labeler_llm()) if cfg.labeling.method == "llm" else None,
         load_taxonomy(cfg.labeling.taxonomy).digest(),
         stage_code_version("labeling"),
     )
-    fps["dataset"] = fingerprint("dataset", fps["labeling"], cfg.dataset, stage_code_version("dataset"))
-    fps["training"] = fingerprint("training", fps["dataset"], cfg.training, stage_code_version("training"))
+    fps["dataset"] = fingerprint(
+        "dataset", fps["labeling"], fingerprint_view(cfg.dataset), stage_code_version("dataset")
+    )
+    fps["training"] = fingerprint(
+        "training", fps["dataset"], fingerprint_view(cfg.training), stage_code_version("training")
+    )
     fps["evaluation"] = fingerprint(
         "evaluation",
         fps["training"],
-        fps["problems"],
-        cfg.evaluation,
+        eval_part if not cfg.evaluation.benchmarks else None,
+        fingerprint_view(cfg.evaluation),
         [benchmark_source_digest(b) for b in cfg.evaluation.benchmarks],
         stage_code_version("evaluation"),
     )
     assert tuple(fps) == STAGES
     return fps
+
+
+def preflight(cfg: PipelineConfig) -> dict[str, str]:
+    """Everything that can be checked before any stage starts: the input files exist, the
+    taxonomy is valid, every fingerprint can be computed. Returns the fingerprints; raises
+    :class:`~rscaffold.config.ConfigError` naming what is wrong."""
+    check_inputs_exist(cfg)
+    try:
+        load_taxonomy(cfg.labeling.taxonomy)
+    except TaxonomyError as err:
+        raise ConfigError(f"labeling.taxonomy: {err}") from None
+    try:
+        return plan_fingerprints(cfg)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot plan the stages: {err}") from None

@@ -14,28 +14,28 @@ from rscaffold.stages.common import (
 from rscaffold.store import StageRef, read_records, write_records
 
 
-def run_problems(cfg: PipelineConfig, fps: dict[str, str], *, force: bool = False) -> StageRef:
+def run_problems(cfg: PipelineConfig, fps: dict[str, str], *, force: bool = False, fresh: bool = False) -> StageRef:
     """Load the train and eval problems (``problems.*``) into ``problems.parquet``."""
     from rscaffold.evalsets.loaders import load_problems
 
-    sd, done = open_stage(cfg, "problems", fps, force=force)
-    if done:
-        return done
-    started = time.time()
-    p = cfg.problems
-    train = load_problems(p.train, benchmark=p.format, split="train", limit=p.limit_train, seed=p.seed)
-    evl = load_problems(p.eval, benchmark=p.format, split="eval", limit=p.limit_eval, seed=p.seed)
-    train = [r.model_copy(update={"split": "train"}) for r in train]
-    evl = [r.model_copy(update={"split": "eval"}) for r in evl]
-    write_records(sd.path / "problems.parquet", train + evl, ProblemRecord)
-    return sd.finish(
-        outputs={"problems": "problems.parquet"},
-        config=p,
-        inputs={"train": source_digest(p.train), "eval": source_digest(p.eval)},
-        summary={"train": len(train), "eval": len(evl)},
-        started=started,
-        code=stage_code_version("problems"),
-    )
+    with open_stage(cfg, "problems", fps, force=force, fresh=fresh) as (sd, done):
+        if done:
+            return done
+        started = time.time()
+        p = cfg.problems
+        train = load_problems(p.train, benchmark=p.format, split="train", limit=p.limit_train, seed=p.seed)
+        evl = load_problems(p.eval, benchmark=p.format, split="eval", limit=p.limit_eval, seed=p.seed)
+        train = [r.model_copy(update={"split": "train"}) for r in train]
+        evl = [r.model_copy(update={"split": "eval"}) for r in evl]
+        write_records(sd.work / "problems.parquet", train + evl, ProblemRecord)
+        return sd.finish(
+            outputs={"problems": "problems.parquet"},
+            config=p,
+            inputs={"train": source_digest(p.train), "eval": source_digest(p.eval)},
+            summary={"train": len(train), "eval": len(evl)},
+            started=started,
+            code=stage_code_version("problems"),
+        )
 
 
 def read_problems(ref: StageRef, split: str | None = None) -> list[ProblemRecord]:

@@ -39,15 +39,11 @@ from tqdm import tqdm
 
 from rscaffold.config import PipelineConfig, TeacherConfig
 from rscaffold.llm.base import ChatRequest, Completion, LLMBackend
-from rscaffold.llm.parsing import EMPTY_OUTPUT, clean_text, describe_error
+from rscaffold.llm.parsing import EMPTY_OUTPUT, clean_text, derive_seed, describe_error
 from rscaffold.records import ProblemRecord, TraceRecord
-from rscaffold.stages.common import (
-    Progress,
-    open_stage,
-    stage_code_version,
-    stage_inputs,
-)
+from rscaffold.stages.common import Progress, open_stage, stage_code_version, stage_inputs
 from rscaffold.stages.problems import read_problems
+from rscaffold.stages.requests import log_request_stats, request_cache, request_summary
 from rscaffold.store import StageDir, StageRef, write_records
 
 log = logging.getLogger(__name__)
@@ -102,10 +98,14 @@ def build_messages(problem: ProblemRecord, cfg: TeacherConfig) -> list[dict[str,
     return messages
 
 
-def build_request(problem: ProblemRecord, cfg: TeacherConfig, n: int | None = None) -> ChatRequest:
-    """The chat request for one problem (``request_id`` = ``problem_id``)."""
+def build_request(problem: ProblemRecord, cfg: TeacherConfig, sample_index: int = 0) -> ChatRequest:
+    """The chat request for one (problem, sample): ``request_id`` is the trace id and the seed is
+    derived from (run seed, problem id, sample index), the same for every backend, so a resumed
+    or re-run request samples what the first one did."""
     return ChatRequest(
-        request_id=problem.problem_id, messages=build_messages(problem, cfg), n=n or cfg.samples_per_problem
+        request_id=trace_id_for(problem.problem_id, sample_index),
+        messages=build_messages(problem, cfg),
+        seed=derive_seed(cfg.sampling.seed, problem.problem_id, sample_index),
     )
 
 
@@ -170,6 +170,36 @@ def _unique_problems(problems: Sequence[ProblemRecord]) -> list[ProblemRecord]:
     return list(seen.values())
 
 
+@dataclass(frozen=True)
+class TraceWork:
+    """One (problem, sample) the teacher answers; ``index`` is its place in the stage's work order."""
+
+    index: int
+    problem: ProblemRecord
+    sample_index: int
+
+    @property
+    def trace_id(self) -> str:
+        return trace_id_for(self.problem.problem_id, self.sample_index)
+
+
+def work_items(problems: Sequence[ProblemRecord], samples: int) -> list[TraceWork]:
+    """Every (problem, sample) in a fixed order: problems as given (first of a duplicated id),
+    samples 0..n-1 of each."""
+    unique = _unique_problems(problems)
+    pairs = [(p, i) for p in unique for i in range(samples)]
+    return [TraceWork(k, p, i) for k, (p, i) in enumerate(pairs)]
+
+
+def shard_key(items: Sequence[TraceWork]) -> str:
+    """A shard's name: the (inclusive) range of work indexes it holds."""
+    return f"{items[0].index:06d}-{items[-1].index:06d}"
+
+
+class TeacherUnavailableError(RuntimeError):
+    """The teacher could not be reached: many requests in a row failed with transport errors."""
+
+
 def generate_traces(
     problems: list[ProblemRecord],
     backend: LLMBackend,
@@ -182,95 +212,103 @@ def generate_traces(
 ) -> TraceRunResult:
     """Generate (or resume) the teacher traces of ``problems``; see the module doc.
 
+    The work (every problem x sample) is cut into shards of ``cfg.shard_size`` consecutive items;
+    a shard is persisted as ``traces-<first>-<last>.parquet`` (indexes in the work order) once its
+    requests are answered. A re-run reads the shards back and asks only for the items without an
+    ``ok`` trace. A backend that is not batch-invariant (a local engine) gets one call per shard,
+    so a resumed shard is decoded in exactly the batches an uninterrupted run would use; the
+    others get every pending request at once.
+
     Raises :class:`TeacherFailureError` (after persisting) when the failed fraction of all traces
-    exceeds ``cfg.max_failure_rate``. Exceptions from the backend itself (not per-request
-    failures, which backends turn into error completions) propagate after the finished traces
-    have been flushed.
+    exceeds ``cfg.max_failure_rate``, and :class:`TeacherUnavailableError` when requests keep
+    failing with transport errors (the endpoint is down). Exceptions from the backend itself (not
+    per-request failures, which backends turn into error completions) propagate after the finished
+    traces have been flushed.
     """
-    problems = _unique_problems(problems)
-    by_id = {p.problem_id: p for p in problems}
-    n = cfg.samples_per_problem
-    wanted = [(p.problem_id, i) for p in problems for i in range(n)]
+    items = work_items(problems, cfg.samples_per_problem)
+    by_trace = {w.trace_id: w for w in items}
+    size = cfg.shard_size
+    shards = [items[k : k + size] for k in range(0, len(items), size)]
+    shard_of = {w.trace_id: k for k, shard in enumerate(shards) for w in shard}
+    if cfg.sampling.temperature == 0 and cfg.samples_per_problem > 1:
+        log.warning(
+            "teacher: greedy decoding (temperature 0) gives %d identical samples per problem", cfg.samples_per_problem
+        )
 
     # -- resume ---------------------------------------------------------------------------
-    latest: dict[str, TraceRecord] = {}
+    records: dict[str, TraceRecord] = {}
     for t in stage.read_shards(TRACES_SHARD, TraceRecord):
-        latest[t.trace_id] = t  # shards are read oldest first: the latest wins
-    finished = {tid for tid, t in latest.items() if t.status == "ok"}
-    resumed = sum(1 for pid, i in wanted if trace_id_for(pid, i) in finished)
-
-    # request_id -> the sample indices still missing; the k-th sample returned for a request
-    # becomes missing[k] (a partly finished problem is asked only for what it lacks).
-    missing: dict[str, list[int]] = {}
-    for pid, i in wanted:
-        if trace_id_for(pid, i) not in finished:
-            missing.setdefault(pid, []).append(i)
-    requests = [build_request(by_id[pid], cfg, n=len(idx)) for pid, idx in missing.items()]
-    total_pairs = len(wanted)
-    n_requested = sum(len(v) for v in missing.values())
+        if t.trace_id in by_trace and (t.status == "ok" or t.trace_id not in records):
+            records[t.trace_id] = t  # an ok trace wins over a failed one
+    finished = {tid for tid, t in records.items() if t.status == "ok"}
+    resumed = len(finished)
+    pending = [[w for w in shard if w.trace_id not in finished] for shard in shards]
+    n_requested = sum(len(p) for p in pending)
     if resumed:
-        log.info("teacher: resuming, %d of %d traces already done; %d to generate", resumed, total_pairs, n_requested)
+        log.info("teacher: resuming, %d of %d traces already done; %d to generate", resumed, len(items), n_requested)
 
-    # -- generate, persisting as we go ----------------------------------------------------------
+    # -- generate, persisting each shard as soon as it is answered --------------------------------
     new: dict[str, TraceRecord] = {}
-    handled: set[tuple[str, int]] = set()
-    buffer: list[TraceRecord] = []
+    waiting = {k: {w.trace_id for w in p} for k, p in enumerate(pending) if p}
+    breaker = _TransportBreaker(limit=max(8, 2 * getattr(getattr(backend, "cfg", None), "concurrency", 4)))
 
-    def flush() -> None:
-        if buffer:
-            stage.write_shard(TRACES_SHARD, list(buffer), TraceRecord)
-            buffer.clear()
+    def flush(k: int) -> None:
+        rows = [new.get(w.trace_id) or records.get(w.trace_id) for w in shards[k]]
+        stage.write_shard(TRACES_SHARD, [r for r in rows if r is not None], TraceRecord, key=shard_key(shards[k]))
 
     def on_result(c: Completion) -> None:
-        key = (c.request_id, c.sample_index)
-        idx = missing.get(c.request_id)
-        if idx is None or not 0 <= c.sample_index < len(idx):
+        w = by_trace.get(c.request_id)
+        k = shard_of.get(c.request_id)
+        if w is None or k is None or c.request_id not in waiting.get(k, ()):
             log.warning("ignoring an unexpected completion %r #%d", c.request_id, c.sample_index)
             return
-        if key in handled:  # already seen through on_result
-            return
-        handled.add(key)
         record = trace_from_completion(
-            by_id[c.request_id],
+            w.problem,
             c,
-            idx[c.sample_index],
+            w.sample_index,
             answer_fn=answer_fn,
             check_fn=check_fn,
             backend=backend.name,
             model=backend.model_id,
         )
         new[record.trace_id] = record
-        buffer.append(record)
-        if len(buffer) >= cfg.shard_size:
-            flush()
+        waiting[k].discard(c.request_id)
+        if not waiting[k]:
+            del waiting[k]
+            flush(k)
         bar.update(1)
         if progress:
-            progress(resumed + len(new), total_pairs)
+            progress(resumed + len(new), len(items))
+        breaker.observe(c)
 
     if progress:
-        progress(resumed, total_pairs)
+        progress(resumed, len(items))
     # console bar; disable=None: off when stderr is not a TTY (logs, CI, Prefect workers)
-    bar = tqdm(total=total_pairs, initial=resumed, desc="teacher", unit="trace", disable=None, dynamic_ncols=True)
+    bar = tqdm(total=len(items), initial=resumed, desc="teacher", unit="trace", disable=None, dynamic_ncols=True)
+    calls = [[w for p in pending for w in p]] if backend.capabilities.batch_invariant else [p for p in pending if p]
     try:
-        if requests:
+        for call in calls:
+            if not call:
+                continue
+            requests = [build_request(w.problem, cfg, w.sample_index) for w in call]
             returned = backend.generate(requests, cfg.sampling, on_result=on_result)
             for c in returned:  # backends that do not call on_result (or skipped some)
-                on_result(c)
-            for pid, idx in missing.items():  # a backend that lost a sample is a failure too
-                for k in range(len(idx)):
-                    if (pid, k) not in handled:
-                        on_result(
-                            Completion(request_id=pid, sample_index=k, error="no completion returned by the backend")
-                        )
+                if c.request_id in by_trace and c.request_id not in new:
+                    on_result(c)
+            for w in call:  # a backend that lost a request is a failure too
+                if w.trace_id not in new:
+                    on_result(Completion(request_id=w.trace_id, error="no completion returned by the backend"))
     finally:
         try:
-            flush()
+            for k in sorted(waiting):  # shards cut short by an error keep what they have
+                if any(w.trace_id in new for w in shards[k]):
+                    flush(k)
         finally:
             bar.close()
 
     # -- outcome -----------------------------------------------------------------------------
-    merged = {**latest, **new}
-    traces = [merged[trace_id_for(pid, i)] for pid, i in wanted if trace_id_for(pid, i) in merged]
+    merged = {**records, **new}
+    traces = [merged[w.trace_id] for w in items if w.trace_id in merged]
     failed = [t for t in traces if t.status != "ok"]
     counts = {
         "total": len(traces),
@@ -292,24 +330,24 @@ def generate_traces(
     return result
 
 
-def select_traces(traces: Sequence[TraceRecord], keep: str) -> tuple[list[TraceRecord], dict[str, int]]:
-    """Filter traces for the dataset: ``keep="correct"`` keeps correct ones, ``"all"`` keeps every
-    successful one (incorrect included). Failed traces are always dropped.
+class _TransportBreaker:
+    """Stops a run whose requests keep failing with transport errors (the endpoint is down):
+    after ``limit`` in a row, the client's own retries included, asking the rest is futile."""
 
-    Returns ``(kept, dropped_reasons)`` with reasons ``failed``, ``no_answer``, ``incorrect``.
-    """
-    if keep not in ("correct", "all"):
-        raise ValueError(f"keep must be 'correct' or 'all', got {keep!r}")
-    kept: list[TraceRecord] = []
-    dropped: Counter = Counter()
-    for t in traces:
-        if t.status != "ok":
-            dropped["failed"] += 1
-        elif keep == "correct" and not t.correct:
-            dropped["no_answer" if t.predicted_answer is None else "incorrect"] += 1
-        else:
-            kept.append(t)
-    return kept, dict(dropped)
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_a_row = 0
+
+    def observe(self, c: Completion) -> None:
+        if c.error_kind != "transport":
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise TeacherUnavailableError(
+                f"the teacher is unreachable: {self.in_a_row} requests in a row failed with transport errors "
+                f"(last: {c.error}); the finished traces are saved, re-run when the endpoint is back"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,48 +369,51 @@ def run_teacher(
     problems: StageRef,
     *,
     force: bool = False,
+    fresh: bool = False,
     progress: Progress | None = None,
 ) -> StageRef:
-    """Generate (or resume) the teacher traces of the train problems; write ``traces.parquet`` and
-    ``kept_traces.parquet`` (``teacher.keep``)."""
+    """Generate (or resume) the teacher traces of the train problems; write ``traces.parquet``.
+
+    Every request goes through the request cache (``run.request_cache``), so a re-run whose
+    fingerprint changed for any reason re-serves every request answered before. Which traces go on
+    (``teacher.keep``) is decided by the stages after this one, so changing it re-runs nothing here.
+    """
     from rscaffold.evalsets.answers import extract_answer, is_correct
     from rscaffold.evalsets.loaders import BENCHMARKS
     from rscaffold.llm import create_backend
 
-    sd, done = open_stage(cfg, "teacher", fps, force=force)
-    if done:
-        return done
-    started = time.time()
-    answer_type = BENCHMARKS[cfg.problems.format].answer_type
-    teacher_cfg = teacher_prompt_config(cfg)
-    train = read_problems(problems, "train")
-    backend = create_backend(cfg.teacher.llm)
-    try:
-        result = generate_traces(
-            train,
-            backend,
-            teacher_cfg,
-            stage=sd,
-            answer_fn=lambda text: extract_answer(text, answer_type),
-            check_fn=lambda pred, gold: pred is not None and is_correct(pred, gold, answer_type),
-            progress=progress,
+    with open_stage(cfg, "teacher", fps, force=force, fresh=fresh) as (sd, done):
+        if done:
+            return done
+        started = time.time()
+        answer_type = BENCHMARKS[cfg.problems.format].answer_type
+        teacher_cfg = teacher_prompt_config(cfg)
+        train = read_problems(problems, "train")
+        backend = create_backend(cfg.teacher.llm, cache=request_cache(cfg))
+        try:
+            result = generate_traces(
+                train,
+                backend,
+                teacher_cfg,
+                stage=sd,
+                answer_fn=lambda text: extract_answer(text, answer_type),
+                check_fn=lambda pred, gold: pred is not None and is_correct(pred, gold, answer_type),
+                progress=progress,
+            )
+        finally:
+            backend.close()
+            log_request_stats("teacher", backend, cfg.teacher.llm)
+        write_records(sd.work / "traces.parquet", result.traces, TraceRecord)
+        summary = {
+            **result.counts,
+            "failure_reasons": dict(result.failure_reasons),
+            "requests": request_summary(backend, cfg.teacher.llm),
+        }
+        return sd.finish(
+            outputs={"traces": "traces.parquet"},
+            config=cfg.teacher,
+            inputs=stage_inputs(problems),
+            summary=summary,
+            started=started,
+            code=stage_code_version("teacher"),
         )
-    finally:
-        backend.close()
-    kept, dropped = select_traces(result.traces, cfg.teacher.keep)
-    write_records(sd.path / "traces.parquet", result.traces, TraceRecord)
-    write_records(sd.path / "kept_traces.parquet", kept, TraceRecord)
-    summary = {
-        **result.counts,
-        "kept": len(kept),
-        "dropped": dropped,
-        "failure_reasons": dict(result.failure_reasons),
-    }
-    return sd.finish(
-        outputs={"traces": "traces.parquet", "kept_traces": "kept_traces.parquet"},
-        config=cfg.teacher,
-        inputs=stage_inputs(problems),
-        summary=summary,
-        started=started,
-        code=stage_code_version("teacher"),
-    )

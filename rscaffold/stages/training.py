@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ def run_training(
     dataset: StageRef,
     *,
     force: bool = False,
+    fresh: bool = False,
     only: str | None = None,
 ) -> StageRef | None:
     """Train the scaffolded student and (``train_baseline``) the CoT-SFT baseline on the train rows.
@@ -45,25 +47,28 @@ def run_training(
     that student; the stage is finished (and its ref returned) once every configured student
     exists. Returns None on the other processes, and when students are still missing.
     """
+    from rscaffold.training.processes import current_processes
+
+    procs = current_processes()
+    with contextlib.ExitStack() as stack:
+        # The main process holds the stage's lock and prepares its directory; the others follow.
+        if procs.is_main:
+            sd, done = stack.enter_context(open_stage(cfg, "training", fps, force=force, fresh=fresh))
+        procs.wait()
+        if not procs.is_main:
+            sd = StageDir(cfg.run.artifacts_dir, "training", fps["training"])
+            done = sd.ref() if sd.is_complete() else None
+        if done:
+            return done if procs.is_main else None
+        return _train(cfg, sd=sd, dataset=dataset, procs=procs, only=only)
+
+
+def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, only: str | None) -> StageRef | None:
     from rscaffold.labeling.taxonomy import load_taxonomy
     from rscaffold.models import save_tiny_model
     from rscaffold.student import STUDENT_META
-    from rscaffold.training.processes import current_processes
-    from rscaffold.training.trainer import (
-        CHECKPOINTS_DIRNAME,
-        MODEL_DIRNAME,
-        train_student,
-    )
+    from rscaffold.training.trainer import CHECKPOINTS_DIRNAME, MODEL_DIRNAME, train_student
 
-    procs = current_processes()
-    if procs.is_main:
-        sd, done = open_stage(cfg, "training", fps, force=force)
-    procs.wait()
-    if not procs.is_main:
-        sd = StageDir(cfg.run.artifacts_dir, "training", fps["training"])
-        done = sd.ref() if sd.is_complete() else None
-    if done:
-        return done if procs.is_main else None
     started = time.time()
     tax = load_taxonomy(dataset.output("taxonomy"))  # the taxonomy the dataset was labeled with
     examples = read_records(dataset.output("examples"), ExampleRecord)
@@ -72,7 +77,7 @@ def run_training(
     if tcfg.tiny is not None:
         # The untrained starting point is saved so that "base" is evaluated on exactly the
         # weights both students start from.
-        base_dir = sd.path / "base"
+        base_dir = sd.work / "base"
         if procs.is_main and not (base_dir / "config.json").exists():
             save_tiny_model(tcfg.tokenizer or tcfg.student, tcfg.tiny, base_dir)
         procs.wait()
@@ -91,7 +96,7 @@ def run_training(
     results: dict[str, Any] = {}
     outputs = {"base": "base" if cfg.training.tiny is not None else base}
     for name, scaffolded in variants:
-        final_meta = sd.path / name / MODEL_DIRNAME / STUDENT_META
+        final_meta = sd.work / name / MODEL_DIRNAME / STUDENT_META
         if final_meta.exists():
             # This student finished in an earlier attempt of the stage (a later one failed).
             log.info("training: %s already trained, reusing %s", name, final_meta.parent)
@@ -107,24 +112,24 @@ def run_training(
             tcfg,
             tax.names,
             signal_tokens=tax.tokens,
-            output_dir=sd.path / name,
+            output_dir=sd.work / name,
             scaffolded=scaffolded,
             model_card_info=card,
         )
         procs.wait()
-        results[name] = as_dict(res)
+        results[name] = {**as_dict(res), "model_dir": os.path.join(name, MODEL_DIRNAME)}
         if procs.is_main and not cfg.training.keep_checkpoints:
             # Checkpoints (weights + optimizer state) exist to resume a killed run; once the final
             # model is saved they only cost disk.
-            shutil.rmtree(sd.path / name / CHECKPOINTS_DIRNAME, ignore_errors=True)
-        outputs[name] = os.path.relpath(Path(res.model_dir).resolve(), sd.path.resolve())
+            shutil.rmtree(sd.work / name / CHECKPOINTS_DIRNAME, ignore_errors=True)
+        outputs[name] = os.path.relpath(Path(res.model_dir).resolve(), sd.work.resolve())
     missing = [n for n, _ in variants if n not in results]
     ref = None
     if procs.is_main:
         if missing:
             log.info("training: the stage is finished once %s is trained too", ", ".join(missing))
         else:
-            write_json(sd.path / "train_metrics.json", results)
+            write_json(sd.work / "train_metrics.json", results)
             outputs["metrics"] = "train_metrics.json"
             summary_keys = ("train_loss", "step_loss", "signal_loss", "steps", "runtime_s")
             ref = sd.finish(

@@ -507,11 +507,24 @@ def _finite(x: Any) -> float | None:
 
 
 def _last_checkpoint(checkpoint_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The newest *complete* ``checkpoint-<step>`` folder: the Trainer writes
+    ``trainer_state.json`` last, so a checkpoint without a readable one was cut short (a kill
+    during the save) and is skipped in favour of the one before."""
     if not checkpoint_dir.is_dir():
         return None
-    return get_last_checkpoint(str(checkpoint_dir))
+    steps = []
+    for p in checkpoint_dir.glob("checkpoint-*"):
+        suffix = p.name.rsplit("-", 1)[-1]
+        if p.is_dir() and suffix.isdigit():
+            steps.append((int(suffix), p))
+    for _step, path in sorted(steps, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            log.warning("checkpoint %s is incomplete (no readable trainer_state.json); skipping it", path)
+            continue
+        return str(path)
+    return None
 
 
 def _last_logged(history: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, float]:

@@ -1,0 +1,124 @@
+"""The temporary Prefect server of a command-line run, which dies with the run.
+
+Without ``PREFECT_API_URL``, Prefect starts a temporary server in a subprocess and stops it at
+exit; a run killed with ``kill -9`` never gets there, and the server is left running. ``rscaffold
+run`` / ``rscaffold stage`` therefore start that same server (Prefect's app under uvicorn, as
+Prefect does) themselves, as ``python -m rscaffold_flows.ephemeral_server``, whose first act is to
+ask the kernel to end it when its parent dies (Linux ``PR_SET_PDEATHSIG``; elsewhere it checks
+its parent every second and exits when it is gone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+    def watch() -> None:  # portable fallback, and the race where the parent died before prctl
+        while True:
+            if os.getppid() != parent:
+                os._exit(0)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m rscaffold_flows.ephemeral_server")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--parent", type=int, required=True)
+    args = p.parse_args(argv)
+    _die_with_parent(args.parent)
+    os.environ.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"})
+    import uvicorn
+
+    uvicorn.run(
+        "prefect.server.api.server:create_app",
+        factory=True,
+        host="127.0.0.1",
+        port=args.port,
+        log_level="error",
+        lifespan="on",
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _drain_prefect_workers() -> None:
+    """Send the logs and events still queued to the server before it stops (as Prefect does at
+    exit for its own temporary server)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=5)
+
+
+@contextlib.contextmanager
+def prefect_api(timeout_s: float = 120.0) -> Iterator[str | None]:
+    """The Prefect API the run talks to: ``PREFECT_API_URL`` when set, else a temporary server
+    started here that dies with this process. Yields the API URL (None: the configured one)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if get_current_settings().api.url:
+        yield None
+        return
+    port = _free_port()
+    cmd = [sys.executable, "-m", "rscaffold_flows.ephemeral_server", "--port", str(port), "--parent", str(os.getpid())]
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the temporary Prefect server exited with code {proc.returncode}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the temporary Prefect server did not answer within {timeout_s:.0f} s")
+            time.sleep(0.2)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            try:
+                yield url
+            finally:
+                _drain_prefect_workers()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    main()
