@@ -224,7 +224,6 @@ def test_prefect_cache_key_includes_the_artifacts_root(tiny_model_dir, smollm2_d
     import shutil
 
     from prefect.testing.utilities import prefect_test_harness
-
     from rscaffold_flows.pipeline import rscaffold_stage
 
     def cfg_for(root: Path):
