@@ -10,11 +10,30 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import threading
 from collections import deque
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
-from rscaffold.llm.base import ChatRequest
+from rscaffold.config import LabelingConfig, SamplingConfig, SegmentationConfig
+from rscaffold.llm.base import Capabilities, ChatRequest, Completion
+from rscaffold.segment import split_steps
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG file, after checking its signature and header chunk."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
 
 # ---------------------------------------------------------------------------------------------
 # LLM backends: requests, a free port, a fake OpenAI-compatible server
@@ -120,3 +139,158 @@ def completion_body(messages: list[dict], finish="stop") -> dict:
         ],
         "usage": {"prompt_tokens": 3, "completion_tokens": 4 * len(messages), "total_tokens": 3 + 4 * len(messages)},
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# labeling: the built-in signals, two teacher traces with their pre-labels and gold labels, a
+# scripted labeler
+
+# The built-in taxonomy (data/signals.yaml), in its order.
+SIGNAL_NAMES = [
+    "Contrast and Concession",
+    "Addition and Elaboration",
+    "Reasoning and Analysis",
+    "Conclusion and Summary",
+    "Verification and Reflection",
+    "Hypothesis and Exploration",
+    "Restatement and Clarification",
+]
+CONTRAST, ADDITION, REASONING, CONCLUSION, VERIFY, HYPOTHESIS, RESTATE = SIGNAL_NAMES
+
+
+R1_QUESTION = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?"
+)
+
+
+# DeepSeek-R1 style trace (think block + visible answer), 10 steps at blank lines.
+R1_TRACE = """<think>
+Okay, so the problem says Natalia sold clips to 48 of her friends in April, and then in May she sold half as many. I need to find the total for April and May together.
+
+First, let me figure out how many she sold in May. Half as many as 48 is 48 divided by 2, which is 24.
+
+Wait, does "half as many clips" mean half as many clips or half as many friends? The question says she sold clips to 48 friends, so I'll assume one clip per friend, which means 48 clips in April.
+
+Hmm, that assumption matters. If each friend bought more than one clip the numbers would change, but nothing in the problem suggests that.
+
+So in May she sold 24 clips. Adding April and May: 48 + 24 = 72.
+
+Let me check that again. 48 / 2 = 24, and 48 + 24 = 72. Yes, that's right.
+
+Alternatively, I could think of it as 1.5 times 48, which is also 72. Same answer.
+
+Therefore, Natalia sold 72 clips altogether.
+</think>
+
+Natalia sold 48 clips in April and 48 / 2 = 24 clips in May.
+
+The answer is 72."""
+
+
+R1_PRELABELS = [RESTATE, REASONING, CONTRAST, CONTRAST, REASONING, VERIFY, HYPOTHESIS, CONCLUSION, None, CONCLUSION]
+
+
+R1_CUES = [
+    "okay so the problem",
+    "first",
+    "wait",
+    "hmm",
+    "so",
+    "let me check",
+    "alternatively",
+    "therefore",
+    None,
+    "the answer is",
+]
+
+
+# What a good labeler says: step 9 (no cue) is a summary, step 4 ("Hmm") is really verification.
+R1_GOLD = [RESTATE, REASONING, CONTRAST, VERIFY, REASONING, VERIFY, HYPOTHESIS, CONCLUSION, CONCLUSION, CONCLUSION]
+
+
+# QwQ style trace with markdown and list markers.
+QWQ_TRACE = """Alright, so the problem asks for the area of a 2 m wide path around an 8 m by 5 m garden.
+
+**Step 1:** The outer rectangle is (8 + 4) by (5 + 4), that is 12 by 9, so 108 square meters.
+
+- Moreover, the garden itself is 8 * 5 = 40 square meters.
+
+Hmm... so the path is 108 - 40 = 68 square meters.
+
+Let’s verify: the four strips are 2*(8*2) + 2*(5*2) = 52, plus four 2x2 corners = 16, total 68.
+
+So the answer is 68."""
+
+
+# "**Step 1:** The outer rectangle ..." has no cue once the markdown and list marker are stripped.
+QWQ_PRELABELS = [RESTATE, None, ADDITION, CONTRAST, VERIFY, CONCLUSION]
+
+
+QWQ_GOLD = [RESTATE, REASONING, ADDITION, REASONING, VERIFY, CONCLUSION]
+
+
+class ScriptedLabelerBackend:
+    """test fake: returns scripted outputs; real backends are exercised in the backend tests
+
+    ``script`` maps a trace id to the queue of its answers (text or Completion), or is a function
+    of the request; ``calls`` records each batch of requests received.
+    """
+
+    name = "scripted"
+    model_id = "scripted-labeler"
+    capabilities = Capabilities()
+
+    def __init__(self, script: dict[str, list[str | Completion]] | Callable[[ChatRequest], str]) -> None:
+        self.script = script
+        self.calls: list[list[ChatRequest]] = []
+
+    def generate(
+        self,
+        requests: Sequence[ChatRequest],
+        sampling: SamplingConfig,
+        on_result: Callable[[Completion], None] | None = None,
+    ) -> list[Completion]:
+        self.calls.append(list(requests))
+        out = []
+        for r in requests:
+            if callable(self.script):
+                c = Completion(r.request_id, text=self.script(r), finish_reason="stop")
+            else:
+                queue = self.script.get(r.request_id.split(":")[0], [])
+                item = queue.pop(0) if queue else Completion(r.request_id, error="unscripted request")
+                c = item if isinstance(item, Completion) else Completion(r.request_id, text=item, finish_reason="stop")
+                c.request_id = r.request_id
+            if on_result:
+                on_result(c)
+            out.append(c)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def json_label_answer(signals: Sequence[str], rationale: bool = False) -> str:
+    """A labeler's JSON answer: ``{"labels": [{"step": 1, "signal": ...}, ...]}``."""
+    entries = []
+    for i, s in enumerate(signals, 1):
+        e: dict[str, object] = {"step": i, "signal": s}
+        if rationale:
+            e["rationale"] = f"reason {i}"
+        entries.append(e)
+    return json.dumps({"labels": entries})
+
+
+def llm_labeling_config(**kw: object) -> LabelingConfig:
+    return LabelingConfig(method="llm", **kw)  # type: ignore[arg-type]
+
+
+LABEL_SAMPLING = SamplingConfig(max_new_tokens=1024)
+
+
+def labeling_traces() -> list[tuple[str, str, str, list[str]]]:
+    """The two sample traces as the labeler takes them: (trace id, problem id, question, steps)."""
+    return [
+        ("r1", "p1", R1_QUESTION, split_steps(R1_TRACE, SegmentationConfig())),
+        ("qwq", "p2", "What is the area of the path?", split_steps(QWQ_TRACE, SegmentationConfig())),
+    ]
