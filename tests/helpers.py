@@ -19,6 +19,7 @@ from pathlib import Path
 
 from rscaffold.config import LabelingConfig, SamplingConfig, SegmentationConfig
 from rscaffold.llm.base import Capabilities, ChatRequest, Completion
+from rscaffold.records import PredictionRecord
 from rscaffold.segment import split_steps
 
 # ---------------------------------------------------------------------------------------------
@@ -294,3 +295,62 @@ def labeling_traces() -> list[tuple[str, str, str, list[str]]]:
         ("r1", "p1", R1_QUESTION, split_steps(R1_TRACE, SegmentationConfig())),
         ("qwq", "p2", "What is the area of the path?", split_steps(QWQ_TRACE, SegmentationConfig())),
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation: predictions of two models on two benchmarks, a toy teacher over the signals A, B, C;
+# the signals of the random student (the conftest fixture ``random_student``)
+
+TOY_SIGNALS = ["A", "B", "C"]
+
+
+def prediction(model, bench, i, correct, signals=(), consistent=None, tokens=10):
+    """A PredictionRecord of ``model`` on problem ``i`` of ``bench`` (guided where it has signals)."""
+    return PredictionRecord(
+        model=model,
+        benchmark=bench,
+        problem_id=f"{bench}-{i}",
+        question="q",
+        gold_answer="1",
+        output="o",
+        predicted_answer="1" if correct else "2",
+        correct=correct,
+        parsed=True,
+        output_tokens=tokens,
+        signals=list(signals),
+        latency_s=0.01,
+        decoding="guided" if signals else "plain",
+        n_steps=max(1, len(signals)),
+        consistent=consistent,
+        consistency_check=None if consistent is None else "math_equation",
+        consistency_evidence=None if consistent is not False else "1 + 1 = 2",
+    )
+
+
+def sample_predictions() -> list[PredictionRecord]:
+    """base and scaffolded, 6 problems each of gsm8k and strategyqa."""
+    out = []
+    for bench in ("gsm8k", "strategyqa"):
+        for i in range(6):
+            out.append(prediction("base", bench, i, i % 3 == 0, consistent=i % 2 == 0))
+            out.append(
+                prediction(
+                    "scaffolded",
+                    bench,
+                    i,
+                    i % 2 == 0,
+                    signals=["A", "B", "C"] if i % 2 else ["A", "C"],
+                    consistent=True,
+                )
+            )
+    return out
+
+
+TOY_TEACHER = {
+    "names": TOY_SIGNALS,
+    "transitions": [[0, 4, 1], [0, 0, 4], [0, 0, 0]],
+    "signal_counts": {"A": 5, "B": 4, "C": 5},
+}
+
+RANDOM_STUDENT_SIGNALS = ["setup", "elaborate", "check", "conclude"]
+RANDOM_STUDENT_TOKENS = [f"<sig:{n}>" for n in RANDOM_STUDENT_SIGNALS]

@@ -3,7 +3,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rscaffold.config import ConfigError, PipelineConfig, check_inputs_exist, config_from_dict, load_config
+from rscaffold.config import (
+    BenchmarkSource,
+    ConfigError,
+    EvaluationConfig,
+    PipelineConfig,
+    check_inputs_exist,
+    config_from_dict,
+    load_config,
+)
 
 
 def write(tmp_path: Path, data) -> Path:
@@ -124,3 +132,27 @@ def test_every_field_has_help_and_explain_round_trips():
     text = explain_config(cfg)
     assert "# Optimizer steps per student." in text and "\n  max_steps: 12\n" in text
     assert config_from_dict(yaml.safe_load(text)) == cfg
+
+
+def test_benchmark_sources_config(tmp_path):
+    (tmp_path / "bench").mkdir()
+    cfg = config_from_dict(
+        {
+            "evaluation": {
+                "benchmarks": [
+                    {"name": "gsm8k", "source": "bench", "limit": 3},
+                    {"name": "truthfulqa", "source": "hub:truthfulqa/truthful_qa"},
+                ]
+            }
+        },
+        base=tmp_path,
+    )
+    assert cfg.evaluation.benchmarks[0].source == str((tmp_path / "bench").resolve())  # relative to the config file
+    assert cfg.evaluation.benchmarks[1].source.startswith("hub:")
+    assert EvaluationConfig().benchmarks == [] and EvaluationConfig().prompt == "benchmark"
+    with pytest.raises(ValueError, match="repeated"):
+        EvaluationConfig(
+            benchmarks=[BenchmarkSource(name="gsm8k", source="a"), BenchmarkSource(name="gsm8k", source="b")]
+        )
+    with pytest.raises(ValueError):
+        BenchmarkSource(name="mmlu", source="a")
