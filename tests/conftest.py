@@ -1,5 +1,5 @@
 """Shared fixtures: the offline SmolLM2 model dir, tiny models, the shared benchmark files, a random
-scaffolded student."""
+scaffolded student, a trained tiny student."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import RANDOM_STUDENT_SIGNALS, RANDOM_STUDENT_TOKENS
+from helpers import (
+    RANDOM_STUDENT_SIGNALS,
+    RANDOM_STUDENT_TOKENS,
+    STUDENT_SIGNAL_TOKENS,
+    STUDENT_SIGNALS,
+    synthetic_examples,
+    training_config,
+)
 
 from rscaffold.config import TinyModelConfig
 from rscaffold.paths import default_model_dir
@@ -75,3 +82,24 @@ def random_student(smollm2_dir):
         signal_objective="token",
         system_prompt=STUDENT_SYSTEM_PROMPT,
     )
+
+
+@pytest.fixture(scope="session")
+def trained_token(tmp_path_factory):
+    """A tiny student trained with the token objective on synthetic examples (16 steps), saved;
+    (TrainResult, the examples, the TrainingConfig). Shared read-only by the trainer and student tests."""
+    from rscaffold.training.trainer import train_student
+
+    out = tmp_path_factory.mktemp("token")
+    examples = synthetic_examples(24) + synthetic_examples(4, split="validation")
+    c = training_config(max_steps=16, logging_steps=4, learning_rate=2e-2, signal_objective="token")
+    result = train_student(
+        examples,
+        c,
+        STUDENT_SIGNALS,
+        signal_tokens=STUDENT_SIGNAL_TOKENS,
+        output_dir=out,
+        scaffolded=True,
+        model_card_info={"data_fingerprint": "data123", "taxonomy_hash": "tax456"},
+    )
+    return result, examples, c

@@ -9,6 +9,7 @@ importing this module stays cheap.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import threading
@@ -17,9 +18,13 @@ from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from rscaffold.config import LabelingConfig, SamplingConfig, SegmentationConfig
+import pytest
+
+from rscaffold.config import LabelingConfig, SamplingConfig, SegmentationConfig, TinyModelConfig, TrainingConfig
 from rscaffold.llm.base import Capabilities, ChatRequest, Completion
-from rscaffold.records import PredictionRecord
+from rscaffold.models import build_tiny_model
+from rscaffold.paths import default_model_dir
+from rscaffold.records import ExampleRecord, PredictionRecord, Step
 from rscaffold.segment import split_steps
 
 # ---------------------------------------------------------------------------------------------
@@ -354,3 +359,66 @@ TOY_TEACHER = {
 
 RANDOM_STUDENT_SIGNALS = ["setup", "elaborate", "check", "conclude"]
 RANDOM_STUDENT_TOKENS = [f"<sig:{n}>" for n in RANDOM_STUDENT_SIGNALS]
+
+
+# ---------------------------------------------------------------------------------------------
+# student training: tiny students on the SmolLM2 tokenizer, three signals, synthetic examples
+
+STUDENT_TOKENIZER_DIR = Path(os.environ.get("RSCAFFOLD_SMOLLM2_DIR", default_model_dir()))
+STUDENT_TOKENIZER = str(STUDENT_TOKENIZER_DIR)
+STUDENT_SIGNALS = ["setup", "elaborate", "conclude"]
+STUDENT_SIGNAL_TOKENS = [f"<sig:{n}>" for n in STUDENT_SIGNALS]
+STUDENT_TOKEN_MAP = dict(zip(STUDENT_SIGNALS, STUDENT_SIGNAL_TOKENS))
+
+
+def skip_module_without_student_tokenizer() -> None:
+    """Called at the top of a test module: skip the whole module when the tokenizer is missing."""
+    if not (STUDENT_TOKENIZER_DIR / "tokenizer.json").exists():
+        pytest.skip(
+            f"SmolLM2 tokenizer not found at {STUDENT_TOKENIZER_DIR} (run `rscaffold models fetch`)",
+            allow_module_level=True,
+        )
+
+
+def tiny_student(**kw):
+    """(model, tokenizer): a tiny random-init model on the SmolLM2 tokenizer."""
+    return build_tiny_model(STUDENT_TOKENIZER, TinyModelConfig(**kw))
+
+
+def training_config(**kw) -> TrainingConfig:
+    """A TrainingConfig for a tiny student on CPU: a few steps, a high learning rate."""
+    base = dict(
+        student=STUDENT_TOKENIZER,
+        tiny=TinyModelConfig(),
+        max_steps=4,
+        per_device_batch_size=4,
+        learning_rate=5e-3,
+        logging_steps=2,
+        save_steps=1000,
+        max_length=256,
+        bf16=False,
+    )
+    base.update(kw)
+    return TrainingConfig(**base)
+
+
+def synthetic_examples(n: int, split: str = "train") -> list[ExampleRecord]:
+    """The next signal is determined by the step index (setup, elaborate, conclude)."""
+    out = []
+    for i in range(n):
+        a, b = i % 7 + 1, i % 5 + 2
+        texts = [f"We have {a} apples and {b} pears.", f"Together that is {a} plus {b}.", f"The answer is {a + b}."]
+        steps = [Step(index=j, signal=STUDENT_SIGNALS[j], text=t, source="llm") for j, t in enumerate(texts)]
+        out.append(
+            ExampleRecord(
+                trace_id=f"t{i}",
+                problem_id=f"p{i}",
+                split=split,
+                question=f"How many fruits: {a} apples, {b} pears?",
+                gold_answer=str(a + b),
+                steps=steps,
+                signals=list(STUDENT_SIGNALS),
+                n_steps=3,
+            )
+        )
+    return out
