@@ -303,6 +303,37 @@ def labeling_traces() -> list[tuple[str, str, str, list[str]]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# the teacher stage: a scripted teacher
+
+
+class ScriptedTeacherBackend:
+    """Test fake: answers each (request, sample) with ``script(problem_id, sample_index)``, which
+    returns a Completion's fields or raises; records every request it receives."""
+
+    name = "scripted"
+    model_id = "scripted-model"
+    capabilities = Capabilities()
+
+    def __init__(self, script):
+        self.script = script
+        self.requests: list[ChatRequest] = []
+
+    def generate(self, requests: Sequence[ChatRequest], sampling: SamplingConfig, on_result=None) -> list[Completion]:
+        out = []
+        for r in requests:
+            self.requests.append(r)
+            for i in range(r.n):
+                c = Completion(request_id=r.request_id, sample_index=i, **self.script(r.request_id, i))
+                out.append(c)
+                if on_result:
+                    on_result(c)
+        return out
+
+    def close(self):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
 # evaluation: predictions of two models on two benchmarks, a toy teacher over the signals A, B, C;
 # the signals of the random student (the conftest fixture ``random_student``)
 

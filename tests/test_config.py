@@ -89,20 +89,6 @@ def test_example_configs_validate():
         assert cfg.teacher.llm.backend in ("openai", "vllm", "transformers")
 
 
-def test_teacher_prompt_defaults_to_the_benchmark_family():
-    from rscaffold.records import ProblemRecord
-    from rscaffold.stages.teacher import build_request, teacher_prompt_config
-
-    p = ProblemRecord(problem_id="x", split="train", source="s", question="Is water wet?", gold_answer="yes")
-    yesno = teacher_prompt_config(PipelineConfig.model_validate({"problems": {"format": "strategyqa"}}))
-    user = build_request(p, yesno).messages[-1]["content"]
-    assert user.startswith("Is water wet?") and "'The answer is yes.' or 'The answer is no.'" in user
-    math = teacher_prompt_config(PipelineConfig())
-    assert "The answer is N." in build_request(p, math).messages[-1]["content"]
-    own = teacher_prompt_config(PipelineConfig.model_validate({"teacher": {"prompt_template": "Q: {question}"}}))
-    assert build_request(p, own).messages[-1]["content"] == "Q: Is water wet?"
-
-
 def test_every_field_has_help_and_explain_round_trips():
     """Every config key carries its meaning (shown by `rscaffold show-config --explain`), and the
     commented YAML loads back as the same config."""
