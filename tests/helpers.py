@@ -8,23 +8,41 @@ importing this module stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from rscaffold.config import LabelingConfig, SamplingConfig, SegmentationConfig, TinyModelConfig, TrainingConfig
+from rscaffold.config import (
+    LabelingConfig,
+    PipelineConfig,
+    SamplingConfig,
+    SegmentationConfig,
+    TinyModelConfig,
+    TrainingConfig,
+    config_from_dict,
+)
 from rscaffold.llm.base import Capabilities, ChatRequest, Completion
 from rscaffold.models import build_tiny_model
 from rscaffold.paths import default_model_dir
 from rscaffold.records import ExampleRecord, PredictionRecord, Step
+from rscaffold.vocabulary import STAGES
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout: tests/ is directly below it
+BIN_DIR = Path(sys.executable).parent  # the environment's console scripts (prefect, rscaffold)
 from rscaffold.segment import split_steps
 
 # ---------------------------------------------------------------------------------------------
@@ -453,3 +471,189 @@ def synthetic_examples(n: int, split: str = "train") -> list[ExampleRecord]:
             )
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the tiny pipeline: one config for the end-to-end, artifact, launch and Prefect server tests
+
+
+def tiny_config_dict(tiny_model_dir: Path, smollm2_dir: Path, artifacts: Path, **training) -> dict:
+    """The raw config of a tiny pipeline run (8 train and 4 eval problems of the built-in data, a
+    tiny random-init teacher and student, a few tokens and steps); ``training`` overrides keys of
+    the training section."""
+    data = REPO / "data"
+    return {
+        "run": {"artifacts_dir": str(artifacts), "retries": 0},
+        "problems": {
+            "train": str(data / "problems" / "train.jsonl"),
+            "eval": str(data / "problems" / "eval.jsonl"),
+            "limit_train": 8,
+            "limit_eval": 4,
+        },
+        "teacher": {
+            "llm": {"backend": "transformers", "model": str(tiny_model_dir), "batch_size": 4},
+            # a random-init model decodes only newlines greedily; sampling gives it text to label
+            "sampling": {"max_new_tokens": 24, "temperature": 1.0, "seed": 1},
+            "shard_size": 4,
+        },
+        "labeling": {"method": "llm", "sampling": {"max_new_tokens": 24}, "shard_size": 4},
+        "dataset": {"validation_fraction": 0.25},
+        "training": {
+            "student": str(smollm2_dir),
+            "tiny": {},
+            "tokenizer": str(smollm2_dir),
+            "max_steps": 2,
+            "per_device_batch_size": 2,
+            "max_length": 128,
+            "save_steps": 1,
+            **training,
+        },
+        "evaluation": {
+            "max_new_tokens": 12,
+            "batch_size": 4,
+            "bootstrap_samples": 50,
+            "guided": {"max_steps": 3, "max_step_tokens": 6},
+        },
+    }
+
+
+def make_config(tiny_model_dir: Path, smollm2_dir: Path, artifacts: Path, **training) -> PipelineConfig:
+    """The tiny pipeline's config (``tiny_config_dict``), validated."""
+    return config_from_dict(tiny_config_dict(tiny_model_dir, smollm2_dir, artifacts, **training))
+
+
+def run_upstream_stages(cfg: PipelineConfig, fps: dict[str, str]) -> dict:
+    """problems, teacher, labeling and dataset, in-process with the library stage functions (what the
+    Prefect tasks call); their StageRefs by stage."""
+    from rscaffold.stages.dataset import run_dataset
+    from rscaffold.stages.labeling import run_labeling
+    from rscaffold.stages.problems import run_problems
+    from rscaffold.stages.teacher import run_teacher
+
+    problems = run_problems(cfg, fps)
+    teacher = run_teacher(cfg, fps, problems)
+    labeling = run_labeling(cfg, fps, teacher)
+    dataset = run_dataset(cfg, fps, teacher=teacher, labeling=labeling)
+    return {"problems": problems, "teacher": teacher, "labeling": labeling, "dataset": dataset}
+
+
+# ---------------------------------------------------------------------------------------------
+# a real Prefect server (the `server` fixture in tests/flows/conftest.py) and its processes
+
+
+@dataclass
+class Server:
+    url: str
+    home: Path
+    env: dict[str, str]
+
+    @contextlib.contextmanager
+    def api(self):
+        """Point this process's Prefect client (and in-process flows) at the server."""
+        from prefect.settings import temporary_settings
+
+        with temporary_settings(
+            updates={"api.url": self.url, "results.local_storage_path": str(self.home / "storage")}
+        ):
+            try:
+                yield
+            finally:
+                drain_prefect_workers()
+
+    def client(self):
+        from prefect.client.orchestration import get_client
+
+        return get_client(sync_client=True)
+
+
+def drain_prefect_workers() -> None:
+    """Send this process's queued logs and events while the server is still there (as
+    prefect_test_harness does), instead of failing to at interpreter exit."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain():
+        with contextlib.suppress(RuntimeError):  # a worker that never started
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    run_coro_as_sync(drain())
+
+
+def unavailable(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 20) -> None:
+    """Stop a process a test started, and whatever it started (by pid, never by name)."""
+    import psutil
+
+    if proc.poll() is not None:
+        return
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    for child in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
+def log_tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else "<no log>"
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5, show=None):
+    """Poll ``predicate`` until it returns something truthy; ``show()`` describes a timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout:.0f} s waiting for {what}" + (f": {show()}" if show else "")
+            )
+        time.sleep(interval)
+
+
+def stage_manifests(cfg: PipelineConfig) -> dict[str, Path | None]:
+    """The manifest of each stage under the run's (fresh) artifacts root, None where there is none.
+
+    Found on disk rather than recomputed from the config here: a fingerprint includes the code
+    version, and the run's process is the authority on which code it ran.
+    """
+    out: dict[str, Path | None] = {}
+    for stage in STAGES:
+        dirs = sorted(d for d in (Path(cfg.run.artifacts_dir) / stage).glob("*") if d.is_dir())
+        assert len(dirs) <= 1, f"{stage}: several fingerprints {dirs}"
+        manifest = dirs[0] / "manifest.json" if dirs else None
+        out[stage] = manifest if manifest is not None and manifest.exists() else None
+    return out
+
+
+def fast_config(tiny_model_dir: Path, smollm2_dir: Path, artifacts: Path) -> PipelineConfig:
+    """The tests' tiny pipeline, trimmed where it does not change what the Prefect server tests
+    exercise."""
+    cfg = make_config(tiny_model_dir, smollm2_dir, artifacts, max_steps=1, train_baseline=False)
+    cfg.problems.limit_train = 4
+    cfg.teacher.sampling.max_new_tokens = 16
+    cfg.labeling.method = "keyword"
+    cfg.evaluation.models = ["base", "scaffolded"]
+    cfg.evaluation.limit = 2
+    return cfg
