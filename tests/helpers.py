@@ -39,11 +39,11 @@ from rscaffold.llm.base import Capabilities, ChatRequest, Completion
 from rscaffold.models import build_tiny_model
 from rscaffold.paths import default_model_dir
 from rscaffold.records import ExampleRecord, PredictionRecord, Step
+from rscaffold.segment import split_steps
 from rscaffold.vocabulary import STAGES
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: tests/ is directly below it
 BIN_DIR = Path(sys.executable).parent  # the environment's console scripts (prefect, rscaffold)
-from rscaffold.segment import split_steps
 
 # ---------------------------------------------------------------------------------------------
 # files
@@ -400,6 +400,7 @@ def sample_predictions() -> list[PredictionRecord]:
     return out
 
 
+# The labeling stage's quality summary of a teacher over the toy signals (what evaluation compares with).
 TOY_TEACHER = {
     "names": TOY_SIGNALS,
     "transitions": [[0, 4, 1], [0, 0, 4], [0, 0, 0]],
