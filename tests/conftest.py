@@ -1,4 +1,5 @@
-"""Shared fixtures: the offline SmolLM2 model dir, tiny models, the shared benchmark files."""
+"""Shared fixtures: the offline SmolLM2 model dir, tiny models, the shared benchmark files, a random
+scaffolded student, a trained tiny student."""
 
 from __future__ import annotations
 
@@ -6,6 +7,14 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import (
+    RANDOM_STUDENT_SIGNALS,
+    RANDOM_STUDENT_TOKENS,
+    STUDENT_SIGNAL_TOKENS,
+    STUDENT_SIGNALS,
+    synthetic_examples,
+    training_config,
+)
 
 from rscaffold.config import TinyModelConfig
 from rscaffold.paths import default_model_dir
@@ -38,3 +47,59 @@ def benchmarks_dir() -> Path:
     if not BENCHMARKS_DIR.exists():
         pytest.skip(f"shared benchmark files not present at {BENCHMARKS_DIR}")
     return BENCHMARKS_DIR
+
+
+@pytest.fixture(scope="module")
+def random_student(smollm2_dir):
+    """A tiny random model with signal tokens whose (untied, random) output layer makes greedy
+    decoding produce varied text, blank lines, eos and signal tokens, so that every stopping path
+    of guided decoding is taken."""
+    torch = pytest.importorskip("torch")
+    from rscaffold.models import build_tiny_model
+    from rscaffold.prompts import STUDENT_SYSTEM_PROMPT
+    from rscaffold.student import Student
+    from rscaffold.training.signal_tokens import add_signal_tokens
+
+    model, tok = build_tiny_model(str(smollm2_dir), TinyModelConfig(seed=0))
+    ids = add_signal_tokens(tok, model, RANDOM_STUDENT_TOKENS)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        vocab, hidden = model.get_input_embeddings().weight.shape
+        w = torch.randn(vocab, hidden, generator=g)
+        w[ids] *= 2.5
+        w[tok.convert_tokens_to_ids(["Ċ", "ĊĊ"])] *= 3.0  # "\n", "\n\n"
+        w[tok.eos_token_id] *= 2.5
+        model.lm_head.weight = torch.nn.Parameter(w)
+        model.config.tie_word_embeddings = False
+    model.eval()
+    return Student(
+        model=model,
+        tokenizer=tok,
+        signal_names=RANDOM_STUDENT_SIGNALS,
+        signal_tokens=RANDOM_STUDENT_TOKENS,
+        signal_token_ids=ids,
+        scaffolded=True,
+        signal_objective="token",
+        system_prompt=STUDENT_SYSTEM_PROMPT,
+    )
+
+
+@pytest.fixture(scope="session")
+def trained_token(tmp_path_factory):
+    """A tiny student trained with the token objective on synthetic examples (16 steps), saved;
+    (TrainResult, the examples, the TrainingConfig). Shared read-only by the trainer and student tests."""
+    from rscaffold.training.trainer import train_student
+
+    out = tmp_path_factory.mktemp("token")
+    examples = synthetic_examples(24) + synthetic_examples(4, split="validation")
+    c = training_config(max_steps=16, logging_steps=4, learning_rate=2e-2, signal_objective="token")
+    result = train_student(
+        examples,
+        c,
+        STUDENT_SIGNALS,
+        signal_tokens=STUDENT_SIGNAL_TOKENS,
+        output_dir=out,
+        scaffolded=True,
+        model_card_info={"data_fingerprint": "data123", "taxonomy_hash": "tax456"},
+    )
+    return result, examples, c

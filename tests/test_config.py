@@ -3,7 +3,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rscaffold.config import ConfigError, PipelineConfig, check_inputs_exist, config_from_dict, load_config
+from rscaffold.config import (
+    BenchmarkSource,
+    ConfigError,
+    EvaluationConfig,
+    PipelineConfig,
+    check_inputs_exist,
+    config_from_dict,
+    load_config,
+)
 
 
 def write(tmp_path: Path, data) -> Path:
@@ -81,20 +89,6 @@ def test_example_configs_validate():
         assert cfg.teacher.llm.backend in ("openai", "vllm", "transformers")
 
 
-def test_teacher_prompt_defaults_to_the_benchmark_family():
-    from rscaffold.records import ProblemRecord
-    from rscaffold.stages.teacher import build_request, teacher_prompt_config
-
-    p = ProblemRecord(problem_id="x", split="train", source="s", question="Is water wet?", gold_answer="yes")
-    yesno = teacher_prompt_config(PipelineConfig.model_validate({"problems": {"format": "strategyqa"}}))
-    user = build_request(p, yesno).messages[-1]["content"]
-    assert user.startswith("Is water wet?") and "'The answer is yes.' or 'The answer is no.'" in user
-    math = teacher_prompt_config(PipelineConfig())
-    assert "The answer is N." in build_request(p, math).messages[-1]["content"]
-    own = teacher_prompt_config(PipelineConfig.model_validate({"teacher": {"prompt_template": "Q: {question}"}}))
-    assert build_request(p, own).messages[-1]["content"] == "Q: Is water wet?"
-
-
 def test_every_field_has_help_and_explain_round_trips():
     """Every config key carries its meaning (shown by `rscaffold show-config --explain`), and the
     commented YAML loads back as the same config."""
@@ -124,3 +118,27 @@ def test_every_field_has_help_and_explain_round_trips():
     text = explain_config(cfg)
     assert "# Optimizer steps per student." in text and "\n  max_steps: 12\n" in text
     assert config_from_dict(yaml.safe_load(text)) == cfg
+
+
+def test_benchmark_sources_config(tmp_path):
+    (tmp_path / "bench").mkdir()
+    cfg = config_from_dict(
+        {
+            "evaluation": {
+                "benchmarks": [
+                    {"name": "gsm8k", "source": "bench", "limit": 3},
+                    {"name": "truthfulqa", "source": "hub:truthfulqa/truthful_qa"},
+                ]
+            }
+        },
+        base=tmp_path,
+    )
+    assert cfg.evaluation.benchmarks[0].source == str((tmp_path / "bench").resolve())  # relative to the config file
+    assert cfg.evaluation.benchmarks[1].source.startswith("hub:")
+    assert EvaluationConfig().benchmarks == [] and EvaluationConfig().prompt == "benchmark"
+    with pytest.raises(ValueError, match="repeated"):
+        EvaluationConfig(
+            benchmarks=[BenchmarkSource(name="gsm8k", source="a"), BenchmarkSource(name="gsm8k", source="b")]
+        )
+    with pytest.raises(ValueError):
+        BenchmarkSource(name="mmlu", source="a")

@@ -6,33 +6,14 @@ import re
 
 import pytest
 
+# A DeepSeek-R1 style trace: a <think> block, then the visible answer (shared with the labeling tests).
+from helpers import R1_TRACE
+
 from rscaffold.config import SegmentationConfig
 from rscaffold.segment import DISCOURSE_TURNS, paragraphs, split_steps, trace_body
 
-# A DeepSeek-R1 style trace: a <think> block, then the visible answer.
-R1_TRACE = """<think>
-Okay, so the problem says Natalia sold clips to 48 of her friends in April, and then in May she sold half as many. I need to find the total for April and May together.
-
-First, let me figure out how many she sold in May. Half as many as 48 is 48 divided by 2, which is 24.
-
-Wait, does "half as many clips" mean half as many clips or half as many friends? The question says she sold clips to 48 friends, so I'll assume one clip per friend, which means 48 clips in April.
-
-Hmm, that assumption matters. If each friend bought more than one clip the numbers would change, but nothing in the problem suggests that.
-
-So in May she sold 24 clips. Adding April and May: 48 + 24 = 72.
-
-Let me check that again. 48 / 2 = 24, and 48 + 24 = 72. Yes, that's right.
-
-Alternatively, I could think of it as 1.5 times 48, which is also 72. Same answer.
-
-Therefore, Natalia sold 72 clips altogether.
-</think>
-
-Natalia sold 48 clips in April and 48 / 2 = 24 clips in May.
-
-The answer is 72."""
-
-# A QwQ style trace: long paragraphs full of self-corrections, blank lines with stray spaces.
+# A QwQ style trace: long paragraphs full of self-corrections, blank lines with stray spaces (not
+# the labeling tests' QWQ_TRACE in helpers, which has one step per blank line).
 QWQ_TRACE = (
     "Let me compute the area first. The garden is 8 by 5, so its area is 40 square meters. "
     "Wait, the problem says the garden is surrounded by a path 2 meters wide. So the outer rectangle "

@@ -1,4 +1,5 @@
-"""The labeling stage's fallback threshold, on a real (tiny) teacher stage output."""
+"""The labeling stage (rscaffold.stages.labeling): its fallback threshold, on a real (tiny) teacher
+stage output."""
 
 import pytest
 

@@ -1,4 +1,7 @@
+"""Scoring one output and the metrics per model and benchmark (rscaffold.evaluation.metrics)."""
+
 import pytest
+from helpers import TOY_TEACHER, sample_predictions
 
 from rscaffold.evaluation.metrics import bootstrap_ci, compute_metrics, score_output
 from rscaffold.evaluation.report import render_report
@@ -107,3 +110,52 @@ def test_metrics_per_model():
     assert dist == {"scaffolded": {"Conclusion and Summary": 2, "Reasoning and Analysis": 1}}
     md = render_report(list(m.values()), preds)
     assert "| gsm8k | scaffolded | – | 2 | 100.0 |" in md and "Conclusion and Summary 67%" in md
+
+
+def test_score_output_flags_and_choice_options():
+    q = "Where do fish live?\nA. desert\nB. river\nC. sky"
+    p = ProblemRecord(problem_id="c1", split="eval", source="commonsenseqa", question=q, gold_answer="B")
+    # answered with the option's text, not its letter: found through the question's options
+    r = score_output(
+        "base",
+        "commonsenseqa",
+        p,
+        output="Fish need water.\n\nThey live in a river",
+        answer_type="choice",
+        output_tokens=9,
+        signals=[],
+        latency_s=0.1,
+        decoding="plain",
+    )
+    assert r.predicted_answer == "B" and r.correct and r.consistent is None and r.n_steps == 2 and r.decoding == "plain"
+    m = ProblemRecord(problem_id="m1", split="eval", source="gsm8k", question="q", gold_answer="20")
+    bad = score_output(
+        "cot_sft",
+        "gsm8k",
+        m,
+        output="6 * 3 = 18\n\nThe answer is 20.",
+        answer_type="math",
+        output_tokens=9,
+        signals=[],
+        latency_s=0.1,
+    )
+    assert (
+        bad.correct
+        and bad.consistent is False
+        and bad.consistency_check == "math_equation"
+        and bad.consistency_evidence == "6 * 3 = 18"
+    )
+
+
+def test_metrics_with_consistency_and_agreement():
+    metrics = {(m.model, m.benchmark): m for m in compute_metrics(sample_predictions(), 200, 0, teacher=TOY_TEACHER)}
+    base, scaf = metrics[("base", "gsm8k")], metrics[("scaffolded", "gsm8k")]
+    assert (
+        base.accuracy == pytest.approx(2 / 6)
+        and base.consistency_checked == 6
+        and base.consistency_rate == pytest.approx(0.5)
+    )
+    assert base.transition_tv is None and base.generated_signals == 0
+    assert scaf.generated_signals == 15 and scaf.mean_steps == pytest.approx(2.5)
+    assert 0 <= scaf.transition_tv <= 1 and scaf.transition_kl >= 0 and scaf.signal_tv is not None
+    assert compute_metrics(sample_predictions(), 0)[0].transition_tv is None  # no teacher: no agreement

@@ -1,14 +1,15 @@
-"""The teacher stage library: outcome policy, persistence, resume, failure threshold, selection."""
+"""The teacher stage (rscaffold.stages.teacher): requests and prompts, outcome policy, persistence,
+resume, failure threshold, selection, progress."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
 import pytest
+from helpers import ScriptedTeacherBackend
 
-from rscaffold.config import BackendConfig, SamplingConfig, TeacherConfig
-from rscaffold.llm.base import Capabilities, ChatRequest, Completion
+from rscaffold.config import BackendConfig, PipelineConfig, SamplingConfig, TeacherConfig
+from rscaffold.llm.base import ChatRequest
 from rscaffold.records import ProblemRecord, TraceRecord
 from rscaffold.stages.teacher import TRACES_SHARD, TeacherFailureError, build_request, generate_traces, select_traces
 from rscaffold.store import StageDir
@@ -36,33 +37,6 @@ def stage_dir(tmp_path) -> StageDir:
     return StageDir(tmp_path, "teacher", "fp").prepare()
 
 
-class ScriptedBackend:
-    """Test fake: answers each (request, sample) with ``script(problem_id, sample_index)``, which
-    returns a Completion's fields or raises; records every request it receives."""
-
-    name = "scripted"
-    model_id = "scripted-model"
-    capabilities = Capabilities()
-
-    def __init__(self, script):
-        self.script = script
-        self.requests: list[ChatRequest] = []
-
-    def generate(self, requests: Sequence[ChatRequest], sampling: SamplingConfig, on_result=None) -> list[Completion]:
-        out = []
-        for r in requests:
-            self.requests.append(r)
-            for i in range(r.n):
-                c = Completion(request_id=r.request_id, sample_index=i, **self.script(r.request_id, i))
-                out.append(c)
-                if on_result:
-                    on_result(c)
-        return out
-
-    def close(self):
-        pass
-
-
 def test_outcome_policy(tmp_path):
     script = {
         "q0": dict(text="The answer is 1.", finish_reason="stop", completion_tokens=5),
@@ -73,7 +47,7 @@ def test_outcome_policy(tmp_path):
         "q5": dict(text="no number here \udcff", finish_reason="stop"),
         "q6": dict(text="The answer is 7", extra={"unclosed_think": True}),
     }
-    backend = ScriptedBackend(lambda pid, i: script[pid])
+    backend = ScriptedTeacherBackend(lambda pid, i: script[pid])
     cfg = TeacherConfig(max_failure_rate=1.0, shard_size=3)
     res = generate_traces(problems(7), backend, cfg, stage=stage_dir(tmp_path), answer_fn=answer_fn, check_fn=check_fn)
     t = {r.problem_id: r for r in res.traces}
@@ -108,15 +82,29 @@ def test_request_building():
     assert build_request(problems(1)[0], cfg.model_copy(update={"system_prompt": ""})).messages[0]["role"] == "user"
 
 
+def test_teacher_prompt_defaults_to_the_benchmark_family():
+    from rscaffold.records import ProblemRecord
+    from rscaffold.stages.teacher import build_request, teacher_prompt_config
+
+    p = ProblemRecord(problem_id="x", split="train", source="s", question="Is water wet?", gold_answer="yes")
+    yesno = teacher_prompt_config(PipelineConfig.model_validate({"problems": {"format": "strategyqa"}}))
+    user = build_request(p, yesno).messages[-1]["content"]
+    assert user.startswith("Is water wet?") and "'The answer is yes.' or 'The answer is no.'" in user
+    math = teacher_prompt_config(PipelineConfig())
+    assert "The answer is N." in build_request(p, math).messages[-1]["content"]
+    own = teacher_prompt_config(PipelineConfig.model_validate({"teacher": {"prompt_template": "Q: {question}"}}))
+    assert build_request(p, own).messages[-1]["content"] == "Q: Is water wet?"
+
+
 def test_failed_pairs_are_retried_and_answer_fn_errors_fail(tmp_path):
     stage = stage_dir(tmp_path)
     cfg = TeacherConfig(samples_per_problem=2, max_failure_rate=1.0, shard_size=2)
-    first = ScriptedBackend(
+    first = ScriptedTeacherBackend(
         lambda pid, i: dict(error="HTTP 503") if (pid, i) in {("q1", 1), ("q2", 0)} else dict(text="The answer is 2")
     )
     r1 = generate_traces(problems(3), first, cfg, stage=stage, answer_fn=answer_fn, check_fn=check_fn)
     assert r1.counts["failed"] == 2
-    second = ScriptedBackend(lambda pid, i: dict(text="The answer is 9"))
+    second = ScriptedTeacherBackend(lambda pid, i: dict(text="The answer is 9"))
     r2 = generate_traces(problems(3), second, cfg, stage=stage, answer_fn=answer_fn, check_fn=check_fn)
     # only the failed pairs are asked for, one sample each
     assert sorted((r.request_id, r.n) for r in second.requests) == [("q1", 1), ("q2", 1)]
@@ -131,7 +119,7 @@ def test_failed_pairs_are_retried_and_answer_fn_errors_fail(tmp_path):
 
     r3 = generate_traces(
         problems(1),
-        ScriptedBackend(lambda pid, i: dict(text="x")),
+        ScriptedTeacherBackend(lambda pid, i: dict(text="x")),
         cfg,
         stage=stage_dir(tmp_path / "b"),
         answer_fn=broken_answer_fn,
@@ -142,7 +130,7 @@ def test_failed_pairs_are_retried_and_answer_fn_errors_fail(tmp_path):
 
 def test_failure_threshold_raises_after_persisting(tmp_path):
     stage = stage_dir(tmp_path)
-    backend = ScriptedBackend(
+    backend = ScriptedTeacherBackend(
         lambda pid, i: dict(text="The answer is 1") if pid == "q0" else dict(error="RateLimitError: slow down")
     )
     cfg = TeacherConfig(max_failure_rate=0.5, shard_size=4)
@@ -156,7 +144,7 @@ def test_failure_threshold_raises_after_persisting(tmp_path):
     # exactly at the threshold: no error
     ok = generate_traces(
         problems(2),
-        ScriptedBackend(lambda pid, i: dict(error="x") if pid == "q0" else dict(text="a")),
+        ScriptedTeacherBackend(lambda pid, i: dict(error="x") if pid == "q0" else dict(text="a")),
         cfg,
         stage=stage_dir(tmp_path / "c"),
         answer_fn=answer_fn,
@@ -321,7 +309,7 @@ def test_progress_callback_and_bar_count_resumed_work(tmp_path, monkeypatch):
     cfg = TeacherConfig(samples_per_problem=2, max_failure_rate=1.0, shard_size=2)
     probs = problems(4)  # 8 (problem, sample) pairs
     fail = {("q1", 1), ("q3", 0), ("q3", 1)}
-    first = ScriptedBackend(
+    first = ScriptedTeacherBackend(
         lambda pid, i: dict(error="boom") if (pid, i) in fail else dict(text="The answer is 1.", finish_reason="stop")
     )
     seen: list[tuple[int, int]] = []
@@ -342,7 +330,7 @@ def test_progress_callback_and_bar_count_resumed_work(tmp_path, monkeypatch):
 
     # a re-run resumes the 5 ok traces and retries only the 3 failed pairs
     seen.clear()
-    ok_now = ScriptedBackend(lambda pid, i: dict(text="The answer is 1.", finish_reason="stop"))
+    ok_now = ScriptedTeacherBackend(lambda pid, i: dict(text="The answer is 1.", finish_reason="stop"))
     res = generate_traces(
         probs,
         ok_now,
@@ -359,7 +347,7 @@ def test_progress_callback_and_bar_count_resumed_work(tmp_path, monkeypatch):
 
     # everything done: one call at (total, total), no request, the bar still closed
     seen.clear()
-    idle = ScriptedBackend(lambda pid, i: pytest.fail("nothing should be requested"))
+    idle = ScriptedTeacherBackend(lambda pid, i: pytest.fail("nothing should be requested"))
     res = generate_traces(
         probs, idle, cfg, stage=stage, answer_fn=answer_fn, check_fn=check_fn, progress=lambda d, t: seen.append((d, t))
     )
@@ -384,7 +372,7 @@ def test_progress_bar_closed_when_the_backend_crashes(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="backend died"):
         generate_traces(
             problems(3),
-            ScriptedBackend(script),
+            ScriptedTeacherBackend(script),
             TeacherConfig(),
             stage=stage_dir(tmp_path),
             answer_fn=answer_fn,

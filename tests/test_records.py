@@ -1,4 +1,5 @@
-"""The artifacts as a downstream reader sees them: plain pyarrow/polars, no rscaffold import.
+"""The artifacts (rscaffold.records) as a downstream reader sees them: plain pyarrow/polars, no
+rscaffold import.
 
 A fixture runs the six stages of a tiny pipeline (the library stage functions, exactly what the
 Prefect tasks call, without the orchestration); the files are then read in a separate Python
@@ -17,12 +18,13 @@ import warnings
 from pathlib import Path
 
 import pytest
+from helpers import REPO, make_config, run_upstream_stages
 
 from rscaffold.vocabulary import STAGES
 
 pytestmark = pytest.mark.slow
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = REPO / "README.md"
 
 # Top-level Parquet files that are partial work rather than documented outputs (README, "Caching,
 # re-runs and failures": evaluation predictions are persisted per model).
@@ -124,14 +126,8 @@ def _parse_columns(spec: str) -> list[tuple[str, list[str] | None, list[str] | N
 @pytest.fixture(scope="module")
 def finished_run(tiny_model_dir, smollm2_dir, tmp_path_factory) -> Path:
     """A finished tiny run of all six stages; returns the artifacts root."""
-    from test_flow_e2e import make_config
-
-    from rscaffold.stages.dataset import run_dataset
     from rscaffold.stages.evaluation import run_evaluation
-    from rscaffold.stages.labeling import run_labeling
     from rscaffold.stages.plan import plan_fingerprints
-    from rscaffold.stages.problems import run_problems
-    from rscaffold.stages.teacher import run_teacher
     from rscaffold.stages.training import run_training
 
     root = tmp_path_factory.mktemp("artifact-schemas") / "artifacts"
@@ -141,12 +137,9 @@ def finished_run(tiny_model_dir, smollm2_dir, tmp_path_factory) -> Path:
     cfg.labeling.method = "keyword"
     cfg.evaluation.limit = 2
     fps = plan_fingerprints(cfg)
-    problems = run_problems(cfg, fps)
-    teacher = run_teacher(cfg, fps, problems)
-    labeling = run_labeling(cfg, fps, teacher)
-    dataset = run_dataset(cfg, fps, teacher=teacher, labeling=labeling)
-    training = run_training(cfg, fps, dataset)
-    run_evaluation(cfg, fps, problems=problems, training=training)
+    refs = run_upstream_stages(cfg, fps)
+    training = run_training(cfg, fps, refs["dataset"])
+    run_evaluation(cfg, fps, problems=refs["problems"], training=training)
     for stage in STAGES:
         assert (root / stage / fps[stage] / "manifest.json").exists(), stage
     return root

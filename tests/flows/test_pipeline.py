@@ -15,9 +15,9 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from helpers import make_config
 from prefect.testing.utilities import prefect_test_harness
 
-from rscaffold.config import config_from_dict
 from rscaffold.stages.plan import plan_fingerprints
 from rscaffold.vocabulary import STAGES
 
@@ -28,45 +28,6 @@ pytestmark = pytest.mark.slow
 def harness():
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-def make_config(tiny_model_dir: Path, smollm2_dir: Path, artifacts: Path, **training):
-    data = Path(__file__).resolve().parents[1] / "data"
-    return config_from_dict(
-        {
-            "run": {"artifacts_dir": str(artifacts), "retries": 0},
-            "problems": {
-                "train": str(data / "problems" / "train.jsonl"),
-                "eval": str(data / "problems" / "eval.jsonl"),
-                "limit_train": 8,
-                "limit_eval": 4,
-            },
-            "teacher": {
-                "llm": {"backend": "transformers", "model": str(tiny_model_dir), "batch_size": 4},
-                # a random-init model decodes only newlines greedily; sampling gives it text to label
-                "sampling": {"max_new_tokens": 24, "temperature": 1.0, "seed": 1},
-                "shard_size": 4,
-            },
-            "labeling": {"method": "llm", "sampling": {"max_new_tokens": 24}, "shard_size": 4},
-            "dataset": {"validation_fraction": 0.25},
-            "training": {
-                "student": str(smollm2_dir),
-                "tiny": {},
-                "tokenizer": str(smollm2_dir),
-                "max_steps": 2,
-                "per_device_batch_size": 2,
-                "max_length": 128,
-                "save_steps": 1,
-                **training,
-            },
-            "evaluation": {
-                "max_new_tokens": 12,
-                "batch_size": 4,
-                "bootstrap_samples": 50,
-                "guided": {"max_steps": 3, "max_step_tokens": 6},
-            },
-        }
-    )
 
 
 class CallCounter:

@@ -1,7 +1,7 @@
-"""Operations against a REAL Prefect server: deployments, schedules, workers, retries, resume, serve.
+"""Deployments against a REAL Prefect server: the project file, schedules, workers, retries, resume.
 
-A `prefect server start` subprocess (SQLite under a temporary PREFECT_HOME) is started once for the
-module and always stopped. Against it:
+A `prefect server start` subprocess (the `server` fixture, tests/flows/conftest.py) runs for the
+module. Against it:
 
 (a) `prefect deploy --all --prefect-file deployments/prefect.yaml` creates both deployments; the
     cron schedule is read back through the API and the scheduler creates its runs;
@@ -11,11 +11,10 @@ module and always stopped. Against it:
     third try and the server's task-run history shows the two retries;
 (d) a worker killed (with its flow-run process) in the middle of training leaves the earlier
     stages intact; after the killed run is marked crashed, the next run takes them from the cache
-    and finishes;
-(e) `rscaffold serve` registers its deployments with the schedule and the config, runs a started
-    stage run, and pauses its deployments when interrupted.
+    and finishes.
 
-The first tests check the project file and the serve helpers without a server.
+`rscaffold serve` is tested in test_serve.py. The first tests check the project file without a
+server.
 
 If the server cannot start here (no free port, a sandbox forbidding it) the server tests are
 skipped with the server's log as the reason; under CI (`CI` set) they fail instead.
@@ -26,34 +25,26 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from helpers import BIN_DIR, REPO, Server, fast_config, log_tail, stage_manifests, stop_process, wait_for
 
 from rscaffold.config import PipelineConfig, load_config
 from rscaffold.vocabulary import STAGES
 
-REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
-BIN = Path(sys.executable).parent
 POOL = "rscaffold-process"
 NIGHTLY = "rscaffold-pipeline/nightly"
-SERVED = ("rscaffold-pipeline/nightly-served", "rscaffold-stage/stage-served")
 
 
 # ---------------------------------------------------------------------------------------------
-# the project file and the serve helpers, no server
+# the project file, no server
 
 
 def _project_file() -> dict:
@@ -97,120 +88,8 @@ def test_prefect_yaml_parameters_are_the_default_config_and_fit_the_flow_schema(
         validate(d["parameters"], parameter_schema(flow).model_dump_for_openapi(), raise_on_error=True)
 
 
-def test_served_deployments(tmp_path, monkeypatch):
-    from prefect.client.schemas.schedules import CronSchedule
-    from rscaffold_flows.serve import ServeError, served_deployments
-
-    monkeypatch.chdir(tmp_path)
-    cfg = load_config(overrides={"run": {"artifacts_dir": "out"}})
-    pipeline, stage = served_deployments(cfg, cron="15 2 * * 1-5", timezone="Europe/Berlin")
-    assert (pipeline.name, pipeline.entrypoint) == ("nightly-served", "rscaffold_flows.pipeline.rscaffold_pipeline")
-    assert (stage.name, stage.entrypoint) == ("stage-served", "rscaffold_flows.pipeline.rscaffold_stage")
-    (schedule,) = pipeline.schedules
-    assert isinstance(schedule.schedule, CronSchedule)
-    assert (schedule.schedule.cron, schedule.schedule.timezone) == ("15 2 * * 1-5", "Europe/Berlin")
-    assert not stage.schedules
-    served_cfg = PipelineConfig.model_validate(pipeline.parameters["config"])
-    assert served_cfg.run.artifacts_dir == str(tmp_path / "out")  # made absolute at serve time
-    assert served_cfg.model_copy(update={"run": cfg.run}) == cfg
-    assert stage.parameters["stage"] == "evaluation" and stage.parameters["downstream"] is False
-    assert served_deployments(cfg, cron=None)[0].schedules == []
-    with pytest.raises(ServeError, match="invalid schedule"):
-        served_deployments(cfg, cron="61 * * * *")
-
-
-def test_serve_command_needs_a_server():
-    from prefect.settings import temporary_settings
-    from rscaffold_flows.cli import app
-    from typer.testing import CliRunner
-
-    with temporary_settings(restore_defaults={"api.url"}):
-        result = CliRunner().invoke(app, ["serve"])
-    assert result.exit_code == 2
-    assert "start one with `prefect server start`" in " ".join(result.output.split())
-
-
 # ---------------------------------------------------------------------------------------------
 # the server
-
-
-@dataclass
-class Server:
-    url: str
-    home: Path
-    env: dict[str, str]
-
-    @contextlib.contextmanager
-    def api(self):
-        """Point this process's Prefect client (and in-process flows) at the server."""
-        from prefect.settings import temporary_settings
-
-        with temporary_settings(
-            updates={"api.url": self.url, "results.local_storage_path": str(self.home / "storage")}
-        ):
-            try:
-                yield
-            finally:
-                _drain_prefect_workers()
-
-    def client(self):
-        from prefect.client.orchestration import get_client
-
-        return get_client(sync_client=True)
-
-
-def _drain_prefect_workers() -> None:
-    """Send this process's queued logs and events while the server is still there (as
-    prefect_test_harness does), instead of failing to at interpreter exit."""
-    import inspect
-
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.utilities.asyncutils import run_coro_as_sync
-
-    async def drain():
-        with contextlib.suppress(RuntimeError):  # a worker that never started
-            result = APILogWorker.instance().drain()
-            if inspect.isawaitable(result):
-                await result
-        result = EventsWorker.drain_all()
-        if inspect.isawaitable(result):
-            await result
-
-    run_coro_as_sync(drain())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _unavailable(reason: str):
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 20) -> None:
-    """Stop a process this module started, and whatever it started (by pid, never by name)."""
-    import psutil
-
-    if proc.poll() is not None:
-        return
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-    for child in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
 
 
 def _kill_now(proc: subprocess.Popen) -> None:
@@ -228,56 +107,12 @@ def _wait_exit(proc: subprocess.Popen, timeout: float, log: Path) -> None:
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"still running after {timeout:.0f} s:\n{_tail(log)}") from None
-
-
-def _tail(path: Path, n: int = 3000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else "<no log>"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_API_URL=url,
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_UI_ENABLED="false",
-        PYTHONUNBUFFERED="1",
-    )
-    log = home / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                _unavailable(f"`prefect server start` exited with {proc.returncode}:\n{_tail(log)}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                _unavailable(f"`prefect server start` not healthy after 120 s:\n{_tail(log)}")
-            time.sleep(0.5)
-        yield Server(url, home, env)
-    finally:
-        _stop(proc)
+        raise AssertionError(f"still running after {timeout:.0f} s:\n{log_tail(log)}") from None
 
 
 def _cli(server: Server, *args: str, cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [str(BIN / "prefect"), "--no-prompt", *args],
+        [str(BIN_DIR / "prefect"), "--no-prompt", *args],
         cwd=cwd,
         env=server.env,
         capture_output=True,
@@ -292,7 +127,7 @@ def _cli(server: Server, *args: str, cwd: Path = REPO, timeout: float = 120) -> 
 def _worker(server: Server, cwd: Path, run_once: bool):
     """A `prefect worker start` subprocess on the process pool; always stopped."""
     log = cwd / f"worker-{time.monotonic_ns()}.log"
-    args = [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--limit", "1"]
+    args = [str(BIN_DIR / "prefect"), "worker", "start", "--pool", POOL, "--limit", "1"]
     if run_once:
         args.append("--run-once")
     with open(log, "w") as out:
@@ -302,34 +137,7 @@ def _worker(server: Server, cwd: Path, run_once: bool):
     try:
         yield proc, log
     finally:
-        _stop(proc)
-
-
-def _fast_config(tiny_model_dir: Path, smollm2_dir: Path, artifacts: Path) -> PipelineConfig:
-    """The tests' tiny pipeline, trimmed where it does not change what is exercised here."""
-    from test_flow_e2e import make_config
-
-    cfg = make_config(tiny_model_dir, smollm2_dir, artifacts, max_steps=1, train_baseline=False)
-    cfg.problems.limit_train = 4
-    cfg.teacher.sampling.max_new_tokens = 16
-    cfg.labeling.method = "keyword"
-    cfg.evaluation.models = ["base", "scaffolded"]
-    cfg.evaluation.limit = 2
-    return cfg
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 0.5, show=None):
-    """Poll ``predicate`` until it returns something truthy; ``show()`` describes a timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout:.0f} s waiting for {what}" + (f": {show()}" if show else "")
-            )
-        time.sleep(interval)
+        stop_process(proc)
 
 
 def _task_runs(client, flow_run_id) -> dict[str, object]:
@@ -337,21 +145,6 @@ def _task_runs(client, flow_run_id) -> dict[str, object]:
 
     runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
     return {r.name.split("[")[0].rsplit("-", 1)[0]: r for r in runs}
-
-
-def _stage_manifests(cfg: PipelineConfig) -> dict[str, Path | None]:
-    """The manifest of each stage under the run's (fresh) artifacts root, None where there is none.
-
-    Found on disk rather than recomputed from the config here: a fingerprint includes the code
-    version, and the run's process is the authority on which code it ran.
-    """
-    out: dict[str, Path | None] = {}
-    for stage in STAGES:
-        dirs = sorted(d for d in (Path(cfg.run.artifacts_dir) / stage).glob("*") if d.is_dir())
-        assert len(dirs) <= 1, f"{stage}: several fingerprints {dirs}"
-        manifest = dirs[0] / "manifest.json" if dirs else None
-        out[stage] = manifest if manifest is not None and manifest.exists() else None
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -387,13 +180,13 @@ def test_deploy_registers_schedule_and_parameters(server, deployed):
             runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [nightly.id]}))
             return [r for r in runs if r.state_type.value == "SCHEDULED" and r.auto_scheduled]
 
-        runs = _wait(scheduled, 60, "the scheduler to create the nightly runs", interval=1)
+        runs = wait_for(scheduled, 60, "the scheduler to create the nightly runs", interval=1)
         for run in runs:
             t = run.expected_start_time.astimezone(datetime.timezone.utc)
             assert (t.hour, t.minute) == (3, 0), t
         # Keep the rest of the module's workers away from real nightly runs.
         client.pause_deployment(nightly.id)
-        _wait(
+        wait_for(
             lambda: (
                 not client.read_flow_runs(
                     deployment_filter=DeploymentFilter(id={"any_": [nightly.id]}),
@@ -411,7 +204,7 @@ def test_worker_runs_the_deployment(server, deployed, tiny_model_dir, smollm2_di
     """(b) run_deployment + a real process worker: the run completes and the Parquet files exist."""
     from prefect.deployments import run_deployment
 
-    cfg = _fast_config(tiny_model_dir, smollm2_dir, tmp_path / "artifacts")
+    cfg = fast_config(tiny_model_dir, smollm2_dir, tmp_path / "artifacts")
     with server.api():
         run = run_deployment(NIGHTLY, parameters={"config": cfg.model_dump(mode="json")}, timeout=0)
         # Started from elsewhere: the deployment's pull step takes the run to the repository.
@@ -419,14 +212,14 @@ def test_worker_runs_the_deployment(server, deployed, tiny_model_dir, smollm2_di
             _wait_exit(worker, 180, log)
         client = server.client()
         final = client.read_flow_run(run.id)
-        assert final.state.is_completed(), f"{final.state!r}\n{_tail(log)}"
+        assert final.state.is_completed(), f"{final.state!r}\n{log_tail(log)}"
         tasks = _task_runs(client, run.id)
         assert set(tasks) == set(STAGES), tasks
         assert all(t.state.is_completed() for t in tasks.values())
 
-    manifests = _stage_manifests(cfg)
+    manifests = stage_manifests(cfg)
     for stage, manifest in manifests.items():
-        assert manifest is not None, f"{stage}: no complete output\n{_tail(log)}"
+        assert manifest is not None, f"{stage}: no complete output\n{log_tail(log)}"
         outputs = json.loads(manifest.read_text())["outputs"]
         for name, rel in outputs.items():
             path = manifest.parent / rel
@@ -454,7 +247,7 @@ def test_task_retries_are_in_the_server_history(server, tiny_model_dir, smollm2_
         return original(*args, **kwargs)
 
     monkeypatch.setattr(pipeline_mod, "run_problems", flaky_run_problems)
-    cfg = _fast_config(tiny_model_dir, smollm2_dir, tmp_path / "artifacts")
+    cfg = fast_config(tiny_model_dir, smollm2_dir, tmp_path / "artifacts")
     cfg.run.retries = 2
     cfg.run.retry_delay_s = 0.2
     with server.api():
@@ -468,14 +261,14 @@ def test_task_retries_are_in_the_server_history(server, tiny_model_dir, smollm2_
             task = _task_runs(client, flow_run_id).get("problems")
             return task if task is not None and task.state is not None and task.state.is_completed() else None
 
-        task = _wait(finished_task, 30, "the task run's final state on the server")
+        task = wait_for(finished_task, 30, "the task run's final state on the server")
         assert task.run_count == 3, task.run_count
 
         def history():
             names = [s.name for s in client.read_task_run_states(task.id)]
             return names if names.count("AwaitingRetry") == 2 and names[-1] == "Completed" else None
 
-        names = _wait(
+        names = wait_for(
             history,
             30,
             "two retries in the task-run history",
@@ -483,7 +276,7 @@ def test_task_retries_are_in_the_server_history(server, tiny_model_dir, smollm2_
         )
         # Running -> (fails) AwaitingRetry -> Retrying, twice; then Completed
         assert Counter(names)["Retrying"] == 2 and names.count("Failed") == 0, names
-    assert _stage_manifests(cfg)["problems"] is not None
+    assert stage_manifests(cfg)["problems"] is not None
 
 
 @pytest.mark.slow
@@ -494,7 +287,7 @@ def test_killed_worker_keeps_earlier_stages_and_next_run_resumes(
     from prefect.deployments import run_deployment
     from prefect.states import Crashed
 
-    cfg = _fast_config(tiny_model_dir, smollm2_dir, tmp_path / "artifacts")
+    cfg = fast_config(tiny_model_dir, smollm2_dir, tmp_path / "artifacts")
     params = {"config": cfg.model_dump(mode="json")}
     training_root = tmp_path / "artifacts" / "training"
     upstream = ("problems", "teacher", "labeling", "dataset")
@@ -503,10 +296,12 @@ def test_killed_worker_keeps_earlier_stages_and_next_run_resumes(
         first = run_deployment(NIGHTLY, parameters=params, timeout=0)
         with _worker(server, tmp_path, run_once=False) as (worker, log):
             # training's directory appears when it starts, after dataset's manifest is written
-            _wait(lambda: training_root.exists() or worker.poll() is not None, 180, "training to start", interval=0.1)
-            assert worker.poll() is None, _tail(log)
+            wait_for(
+                lambda: training_root.exists() or worker.poll() is not None, 180, "training to start", interval=0.1
+            )
+            assert worker.poll() is None, log_tail(log)
             _kill_now(worker)
-        manifests = _stage_manifests(cfg)
+        manifests = stage_manifests(cfg)
         for stage in upstream:
             assert manifests[stage] is not None, stage
         assert manifests["training"] is None, "training finished before the kill"
@@ -527,61 +322,12 @@ def test_killed_worker_keeps_earlier_stages_and_next_run_resumes(
         with _worker(server, tmp_path, run_once=True) as (worker, log):
             _wait_exit(worker, 180, log)
         final = client.read_flow_run(second.id)
-        assert final.state.is_completed(), f"{final.state!r}\n{_tail(log)}"
+        assert final.state.is_completed(), f"{final.state!r}\n{log_tail(log)}"
         tasks = _task_runs(client, second.id)
         # earlier stages: Prefect cache hits, nothing recomputed; training and evaluation ran
         assert {s: tasks[s].state.name for s in upstream} == {s: "Cached" for s in upstream}
         assert tasks["training"].state.name == "Completed" and tasks["evaluation"].state.name == "Completed"
-    resumed = _stage_manifests(cfg)
+    resumed = stage_manifests(cfg)
     after = {s: (resumed[s].stat().st_mtime_ns, resumed[s].read_bytes()) for s in upstream}
     assert after == before
     assert resumed["training"] is not None and resumed["evaluation"] is not None
-
-
-@pytest.mark.slow
-def test_rscaffold_serve(server, tiny_model_dir, smollm2_dir, tmp_path):
-    """(e) `rscaffold serve`: deployments with the schedule and config, a run executed, paused on exit."""
-    from prefect.deployments import run_deployment
-    from rscaffold_flows.serve import deployment_parameters
-
-    cfg = _fast_config(tiny_model_dir, smollm2_dir, tmp_path / "served-artifacts")
-    config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "rscaffold"), "serve", "--config", str(config_file), "--cron", "30 4 * * *"],
-            cwd=tmp_path,
-            env=server.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        with server.api():
-            client = server.client()
-
-            def registered():
-                if proc.poll() is not None:
-                    raise AssertionError(f"rscaffold serve exited with {proc.returncode}:\n{_tail(log)}")
-                with contextlib.suppress(Exception):  # not (yet) there: ObjectNotFound
-                    return [client.read_deployment_by_name(name) for name in SERVED]
-
-            nightly, _stage = _wait(registered, 90, "rscaffold serve to register both deployments", interval=1)
-            (schedule,) = client.read_deployment_schedules(nightly.id)
-            assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("30 4 * * *", "UTC", True)
-            assert nightly.parameters["config"] == deployment_parameters(cfg)["config"]
-
-            # A run started from the API is executed by the serving process.
-            run = run_deployment(
-                "rscaffold-stage/stage-served", parameters={"stage": "problems"}, timeout=120, poll_interval=1
-            )
-            assert run.state.is_completed(), f"{run.state!r}\n{_tail(log)}"
-            assert _stage_manifests(cfg)["problems"] is not None
-
-            # Ctrl-C: serve pauses its deployments, so no scheduled run waits for a server that is gone.
-            _stop(proc, signal.SIGINT, grace_s=30)
-            assert proc.returncode == 0, _tail(log)
-            assert client.read_deployment(nightly.id).paused, _tail(log)
-    finally:
-        _stop(proc)

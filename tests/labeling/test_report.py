@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import pytest
+from helpers import ADDITION, CONCLUSION, CONTRAST, REASONING, RESTATE, VERIFY, png_size
 
 from rscaffold.labeling.quality import label_quality_report
 from rscaffold.labeling.report import plot_transition_heatmap, render_quality_markdown, short_signal_names
-from rscaffold.labeling.taxonomy import Taxonomy, load_taxonomy
-from rscaffold.paths import data_dir
+from rscaffold.labeling.taxonomy import Taxonomy
 from rscaffold.records import LabeledStepRecord
 
-CONTRAST = "Contrast and Concession"
-ADDITION = "Addition and Elaboration"
-REASONING = "Reasoning and Analysis"
-CONCLUSION = "Conclusion and Summary"
-VERIFY = "Verification and Reflection"
-HYPOTHESIS = "Hypothesis and Exploration"
-RESTATE = "Restatement and Clarification"
 SHORT = ["contrast", "addition", "reasoning", "conclusion", "verify", "hypothesis", "restate"]
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def tax() -> Taxonomy:
-    return load_taxonomy(data_dir() / "signals.yaml")
 
 
 def _rec(trace: str, i: int, signal: str, prelabel: str | None, source: str, text: str) -> LabeledStepRecord:
@@ -144,26 +129,19 @@ def test_markdown_warns_on_another_taxonomy(tax: Taxonomy) -> None:
     assert "Warning" in render_quality_markdown(report, tax)
 
 
-def _png_size(path: Path) -> tuple[int, int]:
-    data = path.read_bytes()
-    assert data[:8] == PNG_SIGNATURE
-    assert data[12:16] == b"IHDR"
-    return struct.unpack(">II", data[16:24])
-
-
 def test_heatmap_png(tax: Taxonomy, tmp_path: Path) -> None:
     report = label_quality_report(_records(), tax)
     out = plot_transition_heatmap(report, tax, tmp_path / "sub" / "transitions.png")
     assert out == tmp_path / "sub" / "transitions.png" and out.is_file()
     assert out.stat().st_size > 20_000  # a real figure, not an empty canvas
-    width, height = _png_size(out)
+    width, height = png_size(out)
     assert width >= 800 and height >= 600
     assert out.read_bytes()[-8:-4] == b"IEND"
 
 
 def test_heatmap_of_an_empty_report(tax: Taxonomy, tmp_path: Path) -> None:
     out = plot_transition_heatmap(label_quality_report([], tax), tax, tmp_path / "empty.png")
-    assert _png_size(out)[0] > 0
+    assert png_size(out)[0] > 0
 
 
 def test_heatmap_rejects_a_malformed_matrix(tax: Taxonomy, tmp_path: Path) -> None:

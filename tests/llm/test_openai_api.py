@@ -4,41 +4,21 @@ running a tiny model), plus a fault-injecting fake server for the failure paths.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
+from helpers import FakeOpenAIServer, chat_request, free_port
 
-from rscaffold.config import BackendConfig, SamplingConfig, TinyModelConfig
-from rscaffold.llm.base import ChatRequest
+from rscaffold.config import BackendConfig, SamplingConfig
 from rscaffold.llm.openai_api import OpenAIBackend
 
 SERVER_START_TIMEOUT_S = 90
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _req(rid: str, question: str, n: int = 1, schema=None) -> ChatRequest:
-    return ChatRequest(
-        rid,
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question}],
-        n=n,
-        json_schema=schema,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,25 +26,7 @@ def _req(rid: str, question: str, n: int = 1, schema=None) -> ChatRequest:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(smollm2_dir, tmp_path_factory) -> Path:
-    import torch
-
-    from rscaffold.models import build_tiny_model
-
-    out = tmp_path_factory.mktemp("tiny-served")
-    model, tok = build_tiny_model(str(smollm2_dir), TinyModelConfig())
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # larger weights than the default init: varied, non-blank greedy text
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.3, generator=gen)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def served(tiny_dir, tmp_path_factory):
+def served(tiny_teacher_dir, tmp_path_factory):
     """``transformers serve <tiny model>`` as a subprocess on a free 127.0.0.1 port."""
     try:
         from transformers.utils.import_utils import is_serve_available
@@ -72,12 +34,12 @@ def served(tiny_dir, tmp_path_factory):
         pytest.skip("this transformers has no `transformers serve`")
     if not is_serve_available():
         pytest.skip("`transformers serve` needs the serving extra: pip install 'transformers[serving]'")
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-c", "from transformers.cli.transformers import app; app()",
-        "serve", str(tiny_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+        "serve", str(tiny_teacher_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
     ]  # fmt: skip
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
@@ -98,7 +60,7 @@ def served(tiny_dir, tmp_path_factory):
                     f"transformers serve not ready after {SERVER_START_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}"
                 )
             time.sleep(0.25)
-        yield {"base_url": f"{base}/v1", "model": str(tiny_dir)}
+        yield {"base_url": f"{base}/v1", "model": str(tiny_teacher_dir)}
     finally:
         proc.terminate()
         try:
@@ -111,7 +73,7 @@ def served(tiny_dir, tmp_path_factory):
 QUESTIONS = ["What is 2+3?", "A farmer has 17 sheep and buys 5 more. How many?", "hi", "Compute 12*12."]
 
 
-def test_real_server_matches_local_generation(served, tiny_dir):
+def test_real_server_matches_local_generation(served, tiny_teacher_dir):
     from rscaffold.llm.transformers_local import TransformersBackend
 
     cfg = BackendConfig(
@@ -124,7 +86,7 @@ def test_real_server_matches_local_generation(served, tiny_dir):
     )
     backend = OpenAIBackend(cfg)
     s = SamplingConfig(max_new_tokens=8)
-    reqs = [_req(f"p{i}", q) for i, q in enumerate(QUESTIONS)] + [_req("n2", "hello", n=2)]
+    reqs = [chat_request(f"p{i}", q) for i, q in enumerate(QUESTIONS)] + [chat_request("n2", "hello", n=2)]
     seen = []
     out = backend.generate(reqs, s, on_result=seen.append)
     assert len(out) == len(seen) == 6
@@ -136,7 +98,7 @@ def test_real_server_matches_local_generation(served, tiny_dir):
         for c in out
     )
     # the same model run in-process: same greedy text, same prompt length
-    local = TransformersBackend(BackendConfig(model=str(tiny_dir), device="cpu", batch_size=4))
+    local = TransformersBackend(BackendConfig(model=str(tiny_teacher_dir), device="cpu", batch_size=4))
     for c in local.generate(reqs[:4], s):
         assert by[(c.request_id, 0)].text == c.text
         assert by[(c.request_id, 0)].prompt_tokens == c.prompt_tokens
@@ -151,11 +113,11 @@ def test_real_server_from_running_loop_and_thread(served):
     s = SamplingConfig(max_new_tokens=4)
 
     async def inside_a_loop():
-        return backend.generate([_req("a", "hi")], s)
+        return backend.generate([chat_request("a", "hi")], s)
 
     assert asyncio.run(inside_a_loop())[0].ok
     box = {}
-    t = threading.Thread(target=lambda: box.setdefault("r", backend.generate([_req("b", "hi")], s)))
+    t = threading.Thread(target=lambda: box.setdefault("r", backend.generate([chat_request("b", "hi")], s)))
     t.start()
     t.join(60)
     assert box["r"][0].ok
@@ -163,91 +125,6 @@ def test_real_server_from_running_loop_and_thread(served):
 
 # ---------------------------------------------------------------------------------------------
 # fault injection: a fake server with scripted answers (no model)
-
-
-class FakeOpenAIServer:
-    """Test fake of an OpenAI-compatible server: answers /v1/chat/completions from a queue of
-    scripted actions (HTTP errors, dropped connections, malformed bodies, custom messages), then
-    with an echo of the last user message. Records every request body it receives."""
-
-    def __init__(self):
-        self.actions: deque = deque()
-        self.bodies: list[dict] = []
-        self.headers: list[dict] = []
-        self.reject_if = None  # body -> (status, message) | None, checked on every request
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status, payload, extra_headers=()):
-                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                for k, v in extra_headers:
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                server.bodies.append(body)
-                server.headers.append({k.lower(): v for k, v in self.headers.items()})
-                action = server.actions.popleft() if server.actions else None
-                if action is None and server.reject_if:
-                    rejected = server.reject_if(body)
-                    if rejected:
-                        action = ("status",) + rejected
-                if action is None:
-                    n = body.get("n", 1)
-                    last = body["messages"][-1]["content"]
-                    return self._send(200, completion_body([{"content": f"echo: {last} #{i}"} for i in range(n)]))
-                kind = action[0]
-                if kind == "status":
-                    status, message = action[1], action[2] if len(action) > 2 else "scripted failure"
-                    return self._send(
-                        status, {"error": {"message": message, "type": "x", "code": status}}, [("retry-after-ms", "1")]
-                    )
-                if kind == "drop":
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                if kind == "raw":
-                    return self._send(200, action[1])
-                if kind == "messages":
-                    return self._send(200, completion_body(action[1]))
-                raise AssertionError(action)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def completion_body(messages: list[dict], finish="stop") -> dict:
-    return {
-        "id": "cmpl-1",
-        "object": "chat.completion",
-        "created": 0,
-        "model": "fake",
-        "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", **m},
-                "finish_reason": m.pop("finish_reason", finish) if "finish_reason" in m else finish,
-            }
-            for i, m in enumerate(messages)
-        ],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 4 * len(messages), "total_tokens": 3 + 4 * len(messages)},
-    }
 
 
 @pytest.fixture
@@ -267,14 +144,14 @@ def _backend(fake, **kw) -> OpenAIBackend:
 
 def test_client_retries_5xx_429_and_dropped_connections(fake):
     fake.actions.extend([("status", 500), ("status", 429), ("drop",)])
-    out = _backend(fake, max_retries=3).generate([_req("a", "hi")], SamplingConfig())
+    out = _backend(fake, max_retries=3).generate([chat_request("a", "hi")], SamplingConfig())
     assert out[0].ok and out[0].text == "echo: hi #0" and out[0].prompt_tokens == 3 and out[0].completion_tokens == 4
     assert len(fake.bodies) == 4
 
 
 def test_retries_exhausted_is_an_error_completion(fake):
     fake.reject_if = lambda body: (503, "overloaded") if body["messages"][-1]["content"] == "hi" else None
-    out = _backend(fake, max_retries=1).generate([_req("a", "hi"), _req("b", "ok")], SamplingConfig())
+    out = _backend(fake, max_retries=1).generate([chat_request("a", "hi"), chat_request("b", "ok")], SamplingConfig())
     by = {c.request_id: c for c in out}
     assert by["a"].error.startswith("InternalServerError") and "overloaded" in by["a"].error
     assert by["b"].ok
@@ -283,7 +160,7 @@ def test_retries_exhausted_is_an_error_completion(fake):
 
 def test_bad_request_is_isolated_and_not_retried(fake):
     fake.reject_if = lambda body: (400, "prompt too long") if "long" in body["messages"][-1]["content"] else None
-    out = _backend(fake).generate([_req("a", "long question"), _req("b", "fine")], SamplingConfig())
+    out = _backend(fake).generate([chat_request("a", "long question"), chat_request("b", "fine")], SamplingConfig())
     by = {c.request_id: c for c in out}
     assert by["a"].error.startswith("BadRequestError") and "prompt too long" in by["a"].error
     assert by["b"].ok
@@ -297,20 +174,20 @@ def test_json_schema_falls_back_once_when_unsupported(fake, caplog):
     )
     backend = _backend(fake, concurrency=1)
     with caplog.at_level(logging.WARNING):
-        out = backend.generate([_req("a", "x", schema=schema)], SamplingConfig())
+        out = backend.generate([chat_request("a", "x", schema=schema)], SamplingConfig())
     assert out[0].ok
     assert fake.bodies[0]["response_format"]["type"] == "json_schema"
     assert fake.bodies[0]["response_format"]["json_schema"]["name"] == "Label_"
     assert "response_format" not in fake.bodies[1]
     assert "rejected response_format" in caplog.text
-    backend.generate([_req("b", "y", schema=schema)], SamplingConfig())
+    backend.generate([chat_request("b", "y", schema=schema)], SamplingConfig())
     assert len(fake.bodies) == 3 and "response_format" not in fake.bodies[2]  # remembered
 
 
 def test_json_schema_is_sent_when_supported(fake):
     schema = {"type": "object"}
     out = _backend(fake).generate(
-        [_req("a", "x", schema=schema)], SamplingConfig(max_new_tokens=7, temperature=0.5, top_p=0.9, seed=2)
+        [chat_request("a", "x", schema=schema)], SamplingConfig(max_new_tokens=7, temperature=0.5, top_p=0.9, seed=2)
     )
     body = fake.bodies[0]
     assert out[0].ok and body["response_format"]["json_schema"]["schema"] == schema
@@ -329,9 +206,9 @@ def test_max_completion_tokens_fallback(fake):
         else None
     )
     backend = _backend(fake, concurrency=1)
-    assert backend.generate([_req("a", "x")], SamplingConfig(max_new_tokens=5))[0].ok
+    assert backend.generate([chat_request("a", "x")], SamplingConfig(max_new_tokens=5))[0].ok
     assert fake.bodies[-1]["max_completion_tokens"] == 5
-    backend.generate([_req("b", "x")], SamplingConfig(max_new_tokens=5))
+    backend.generate([chat_request("b", "x")], SamplingConfig(max_new_tokens=5))
     assert "max_tokens" not in fake.bodies[-1] and len(fake.bodies) == 3
 
 
@@ -340,8 +217,8 @@ def test_rejected_sampling_parameter_is_dropped(fake):
         (400, "Unsupported value: 'temperature' does not support 0 with this model.") if "temperature" in body else None
     )
     backend = _backend(fake, concurrency=1)
-    assert backend.generate([_req("a", "x")], SamplingConfig())[0].ok
-    backend.generate([_req("b", "x")], SamplingConfig())
+    assert backend.generate([chat_request("a", "x")], SamplingConfig())[0].ok
+    backend.generate([chat_request("b", "x")], SamplingConfig())
     assert [("temperature" in b) for b in fake.bodies] == [True, False, False]
 
 
@@ -357,7 +234,7 @@ def test_reasoning_empty_and_invalid_responses(fake):
         ]
     )
     backend = _backend(fake, concurrency=1, max_retries=0)
-    out = backend.generate([_req(r, "q") for r in "abcdef"], SamplingConfig())
+    out = backend.generate([chat_request(r, "q") for r in "abcdef"], SamplingConfig())
     by = {c.request_id: c for c in out}
     assert by["a"].ok and by["a"].reasoning == "a\n\nb" and by["a"].text == "The answer is 4."
     assert by["b"].error == "empty output"
@@ -368,12 +245,12 @@ def test_reasoning_empty_and_invalid_responses(fake):
 
 
 def test_n_samples_and_servers_that_ignore_n(fake):
-    out = _backend(fake).generate([_req("a", "q", n=3)], SamplingConfig(temperature=0.7))
+    out = _backend(fake).generate([chat_request("a", "q", n=3)], SamplingConfig(temperature=0.7))
     assert [c.sample_index for c in out] == [0, 1, 2] and len(fake.bodies) == 1 and fake.bodies[0]["n"] == 3
     assert out[0].completion_tokens is None and out[0].extra["usage_completion_tokens_total"] == 12
     fake.bodies.clear()
     fake.actions.extend([("messages", [{"content": "one"}]), ("messages", [{"content": "two"}])])
-    out = _backend(fake).generate([_req("b", "q", n=3)], SamplingConfig(temperature=0.7))
+    out = _backend(fake).generate([chat_request("b", "q", n=3)], SamplingConfig(temperature=0.7))
     assert [(c.sample_index, c.text) for c in out] == [(0, "one"), (1, "two"), (2, "echo: q #0")]
     assert [b.get("n", 1) for b in fake.bodies] == [3, 2, 1]
     assert len({b["seed"] for b in fake.bodies}) == 3  # each follow-up draws with its own seed
@@ -385,7 +262,7 @@ def test_api_key_is_sent_but_never_shown(fake, monkeypatch, caplog):
     fake.reject_if = lambda body: (400, f"bad key {secret}")
     backend = _backend(fake, api_key_env="RSCAFFOLD_TEST_KEY")
     with caplog.at_level(logging.DEBUG):
-        out = backend.generate([_req("a", "q")], SamplingConfig())
+        out = backend.generate([chat_request("a", "q")], SamplingConfig())
     assert fake.headers[0]["authorization"] == f"Bearer {secret}"
     assert secret not in out[0].error and "***" in out[0].error
     assert secret not in repr(backend) and secret not in caplog.text
@@ -396,4 +273,4 @@ def test_callback_errors_propagate(fake):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        _backend(fake).generate([_req(r, "q") for r in "abc"], SamplingConfig(), on_result=boom)
+        _backend(fake).generate([chat_request(r, "q") for r in "abc"], SamplingConfig(), on_result=boom)

@@ -17,19 +17,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO, run_upstream_stages, tiny_config_dict
 from rscaffold_flows import launch as launch_mod
 
 from rscaffold.config import load_config
-from rscaffold.stages.dataset import run_dataset
-from rscaffold.stages.labeling import run_labeling
 from rscaffold.stages.plan import plan_fingerprints
-from rscaffold.stages.problems import run_problems
-from rscaffold.stages.teacher import run_teacher
 from rscaffold.store import StageDir
 from rscaffold.student import STUDENT_META
 
-ROOT = Path(__file__).resolve().parents[1]
-ACCEL = ROOT / "deployments" / "accelerate"
+ACCEL = REPO / "deployments" / "accelerate"
 CONFIGS = sorted(ACCEL.glob("*.yaml"))
 
 
@@ -101,32 +97,14 @@ def test_deepspeed_config_args():
 
 
 def _write_config(path: Path, tiny_model_dir: Path, smollm2_dir: Path, artifacts: Path) -> Path:
-    data = ROOT / "data"
-    raw = {
-        "run": {"artifacts_dir": str(artifacts), "retries": 0},
-        "problems": {
-            "train": str(data / "problems" / "train.jsonl"),
-            "eval": str(data / "problems" / "eval.jsonl"),
-            "limit_train": 8,
-            "limit_eval": 2,
-        },
-        "teacher": {
-            "llm": {"backend": "transformers", "model": str(tiny_model_dir), "batch_size": 8},
-            # a random-init model decodes only newlines greedily; sampling gives it text
-            "sampling": {"max_new_tokens": 24, "temperature": 1.0, "seed": 1},
-        },
-        "labeling": {"method": "keyword"},
-        "dataset": {"validation_fraction": 0.25},
-        "training": {
-            "student": str(smollm2_dir),
-            "tiny": {},
-            "tokenizer": str(smollm2_dir),
-            "max_steps": 2,
-            "per_device_batch_size": 2,
-            "max_length": 128,
-            "save_steps": 1,
-        },
-    }
+    """The tiny pipeline's config as a YAML file, as the launch tests use it: keyword labels, two eval
+    problems, the teacher's eight problems in one batch and one shard; no evaluation settings."""
+    raw = tiny_config_dict(tiny_model_dir, smollm2_dir, artifacts)
+    raw["problems"]["limit_eval"] = 2
+    raw["teacher"]["llm"]["batch_size"] = 8
+    del raw["teacher"]["shard_size"]
+    raw["labeling"] = {"method": "keyword"}
+    del raw["evaluation"]
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -138,10 +116,7 @@ def upstream(tiny_model_dir, smollm2_dir, tmp_path_factory):
     config = _write_config(tmp / "my.yaml", tiny_model_dir, smollm2_dir, tmp / "artifacts")
     cfg = load_config(config)
     fps = plan_fingerprints(cfg)
-    problems = run_problems(cfg, fps)
-    teacher = run_teacher(cfg, fps, problems)
-    labeling = run_labeling(cfg, fps, teacher)
-    run_dataset(cfg, fps, teacher=teacher, labeling=labeling)
+    run_upstream_stages(cfg, fps)
     return config, cfg, fps
 
 
@@ -155,7 +130,7 @@ def _accelerate_launch(config: Path, num_processes: int, *extra: str) -> subproc
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
         "-m", "rscaffold_flows.launch", "--config", str(config), *extra,
     ]  # fmt: skip
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
 
 
 def _check_trained(cfg, fps) -> dict:
