@@ -3,7 +3,7 @@
 The student is a tiny random-init Llama (``rscaffold.models.build_tiny_model``) with the SmolLM2
 tokenizer and the taxonomy's signal tokens. A tied random-init model greedily emits nothing but
 newlines, which would make every answer equally short; its output layer is therefore replaced by
-an untied random one (signal, newline and eos rows scaled up, as in ``tests/test_report.py``), so
+an untied random one (signal, newline and eos rows scaled up, as in ``tests/conftest.py`` (random_student)), so
 that answers differ in length and guided decoding commits signals, falls back to free decoding,
 ends steps at blank lines and stops at eos, like a real student. ``--tied`` keeps the plain
 random-init model.

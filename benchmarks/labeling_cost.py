@@ -44,7 +44,7 @@ from rscaffold.paths import data_dir, default_model_dir
 from rscaffold.segment import split_steps, trace_body
 
 # ---------------------------------------------------------------------------------------------
-# synthetic traces (DeepSeek-R1 / QwQ style; the first two are the texts of tests/test_signals.py)
+# synthetic traces (DeepSeek-R1 / QwQ style; the first two are the texts of tests/helpers.py)
 
 NAMES = ["Natalia", "Tom", "Aisha", "Marco", "Lena", "Kenji", "Sofia", "Omar"]
 

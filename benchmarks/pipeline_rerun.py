@@ -1,9 +1,13 @@
-"""Cold run vs fully cached re-run of the whole Prefect flow, measured in one process.
+"""Cold run vs re-runs of the whole Prefect flow, measured in one process.
 
-Runs the real pipeline flow (all six stages) twice on the same config and prints both wall times
-and their ratio; the second run should hit Prefect's cache for every stage. By default it uses a
-tiny random-init model (seconds per stage); ``--default`` runs the embedded default config
-instead (SmolLM2-135M, minutes).
+Runs the real pipeline flow (all six stages) once cold, then again with nothing changed, then once
+per change that must not cost teacher or labeler requests (issue "Never pay twice"): execution
+settings, ``teacher.keep``, ``problems.limit_eval``, a comment in a module the teacher imports, a
+package upgrade, and a forced recomputation of the teacher. For each it prints the wall time as a
+ratio of the cold run's and the LLM requests sent (what reached the model, not the request cache).
+A change that alters a later stage's output re-runs that stage (e.g. ``problems.limit_eval``
+re-evaluates on the new problems), which its ratio includes. By default a tiny random-init model
+(seconds per stage); ``--default`` runs the embedded default config (SmolLM2-135M, minutes).
 
     .venv/bin/python benchmarks/pipeline_rerun.py [--default] [--artifacts-dir DIR]
 """
@@ -57,14 +61,39 @@ def tiny_config(artifacts: Path):
     )
 
 
+class RequestCounter:
+    """Counts the LLM requests that reach a model (sent past the request cache), process-wide."""
+
+    def __init__(self) -> None:
+        from rscaffold.llm import cache
+
+        self.sent = 0
+        original = cache.CachedBackend.generate
+        counter = self
+
+        def counting(backend, requests, sampling, on_result=None):  # noqa: PLR0917 - a method: self first
+            before = backend.stats.sent
+            try:
+                return original(backend, requests, sampling, on_result)
+            finally:
+                counter.sent += backend.stats.sent - before
+
+        cache.CachedBackend.generate = counting
+
+    def take(self) -> int:
+        n, self.sent = self.sent, 0
+        return n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--default", action="store_true", help="use the embedded default config (minutes)")
     ap.add_argument("--artifacts-dir", type=Path, default=None)
     args = ap.parse_args()
 
-    from rscaffold_flows.pipeline import rscaffold_pipeline
+    from rscaffold_flows.pipeline import rscaffold_pipeline, rscaffold_stage
 
+    import rscaffold
     from rscaffold.config import load_config
 
     tmp = Path(tempfile.mkdtemp(prefix="rscaffold-rerun-"))
@@ -73,19 +102,65 @@ def main() -> None:
         cfg = load_config(overrides={"run": {"artifacts_dir": str(artifacts)}})
     else:
         cfg = tiny_config(artifacts)
+    counter = RequestCounter()
 
+    def timed(config, **kw) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        rscaffold_pipeline(config=config, **kw)
+        return time.perf_counter() - t0, counter.take()
+
+    cold, cold_requests = timed(cfg)
+    rows = [("nothing changed", *timed(cfg))]
+
+    def changed(path: str, value):
+        c = cfg.model_copy(deep=True)
+        *parents, last = path.split(".")
+        target = c
+        for p in parents:
+            target = getattr(target, p)
+        setattr(target, last, value)
+        return c
+
+    for path, value in (
+        ("teacher.llm.concurrency", 3),
+        ("teacher.llm.batch_size", 2),
+        ("teacher.shard_size", 5),
+        ("teacher.max_failure_rate", 0.25),
+        ("problems.limit_eval", (cfg.problems.limit_eval or 20) - 1),
+    ):
+        rows.append((f"{path} = {value!r}", *timed(changed(path, value))))
+    # keep=correct leaves a random-init teacher no trace to train on, so this one runs the stages
+    # up to labeling (the one that re-runs: it labels the kept traces)
+    keep = "correct" if cfg.teacher.keep == "all" else "all"
     t0 = time.perf_counter()
-    rscaffold_pipeline(config=cfg)
-    cold = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    rscaffold_pipeline(config=cfg)
-    cached = time.perf_counter() - t0
-    # Both numbers include the flow's own overhead (Prefect API calls for six task runs); the
+    rscaffold_stage(config=changed("teacher.keep", keep), stage="labeling")
+    rows.append((f"teacher.keep = {keep!r} (up to labeling)", time.perf_counter() - t0, counter.take()))
+
+    # a comment in a module the teacher imports (the file is restored afterwards)
+    answers = ROOT / "rscaffold" / "evalsets" / "answers.py"
+    original = answers.read_text()
+    try:
+        answers.write_text(original + "\n# a comment added by benchmarks/pipeline_rerun.py\n")
+        from rscaffold import code_version
+
+        code_version.module_digest.cache_clear()
+        code_version._tree.cache_clear()
+        rows.append(("a comment in rscaffold/evalsets/answers.py", *timed(cfg)))
+    finally:
+        answers.write_text(original)
+    version = rscaffold.__version__
+    rscaffold.__version__ = "99.0.0"
+    rows.append(("the package upgraded (__version__)", *timed(cfg)))
+    rscaffold.__version__ = version
+    rows.append(("--refresh teacher (forced recomputation)", *timed(cfg, refresh=["teacher"])))
+
+    # Every number includes the flow's own overhead (Prefect API calls for six task runs); the
     # temporary server was already started by the first run.
     print(f"config: {'embedded default' if args.default else 'tiny random-init model'}; artifacts: {artifacts}")
-    print(f"cold run     {cold:8.2f} s")
-    print(f"cached rerun {cached:8.2f} s")
-    print(f"ratio cached/cold {cached / cold:.4f}")
+    print(f"cold run: {cold:.2f} s, {cold_requests} LLM requests sent (teacher + labeler)")
+    print(f"{'re-run after':52s} {'wall s':>8s} {'ratio':>7s} {'requests':>9s}")
+    for name, seconds, sent in rows:
+        print(f"{name:52s} {seconds:8.2f} {seconds / cold:7.3f} {sent:9d}")
 
 
 if __name__ == "__main__":

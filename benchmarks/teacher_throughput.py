@@ -13,7 +13,7 @@ to do: a fully resumed re-run) and prints its time as a fraction of that cold ru
 it checks, from ``TraceRunResult.counts``, that the re-run requested nothing. The server is always
 torn down.
 
-The tiny model's 2-D weights are redrawn from N(0, 0.3) as in tests/test_openai_backend.py: at
+The tiny model's 2-D weights are redrawn from N(0, 0.3) as in tests/conftest.py (tiny_teacher_dir): at
 the default init (std 0.02) its greedy output is only newlines, which the teacher stage counts as
 "empty output" failures (and a re-run would retry them). With the larger weights greedy decoding
 gives varied, non-blank text, so every pair ends ``ok`` and the re-run has nothing to retry.
@@ -79,7 +79,7 @@ def _check(pred: str | None, gold: str) -> bool:
 
 
 def save_served_tiny_model(tokenizer_dir: Path, out: Path) -> Path:
-    """The tiny random-init model of tests/test_openai_backend.py (non-blank greedy text), saved."""
+    """The tiny random-init model of tests/conftest.py (tiny_teacher_dir) (non-blank greedy text), saved."""
     import torch
 
     from rscaffold.models import build_tiny_model

@@ -18,6 +18,7 @@ import ast
 import functools
 import hashlib
 import importlib.util
+import threading
 from pathlib import Path
 
 PACKAGE = "rscaffold"
@@ -43,9 +44,19 @@ def _parents(module: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
+# CPython 3.11's parser is not safe to call from several threads at once ("AST constructor
+# recursion depth mismatch", gh-106905); Prefect runs tasks in threads, so parsing is serialised.
+_PARSE_LOCK = threading.Lock()
+
+
+def _parse(path: Path) -> ast.Module:
+    with _PARSE_LOCK:
+        return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
 @functools.cache
 def _tree(path: Path) -> ast.Module:
-    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return _parse(path)
 
 
 def direct_imports(module: str) -> set[str]:
@@ -103,7 +114,7 @@ def module_digest(module: str) -> str:
     if path is None:
         raise ModuleNotFoundError(module)
     # Cached like the parsed trees: a long-running process versions the code it has loaded.
-    tree = _strip_docstrings(ast.parse(path.read_text(encoding="utf-8")))
+    tree = _strip_docstrings(_parse(path))
     return hashlib.sha256(ast.dump(tree, annotate_fields=False).encode()).hexdigest()
 
 

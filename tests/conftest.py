@@ -103,3 +103,40 @@ def trained_token(tmp_path_factory):
         model_card_info={"data_fingerprint": "data123", "taxonomy_hash": "tax456"},
     )
     return result, examples, c
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """A tiny random-init Llama with SmolLM2's tokenizer and chat template.
+
+    The matrices are re-drawn with std 0.3: at the default 0.02 the logits are almost flat and
+    greedy decoding degenerates to whitespace, which would make output comparisons vacuous.
+    """
+    import torch
+
+    from rscaffold.models import build_tiny_model
+
+    out_dir = tmp_path_factory.mktemp("tiny-teacher")
+    model, tok = build_tiny_model(str(smollm2_dir), TinyModelConfig())
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3, generator=gen)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def counted_server(tiny_teacher_dir, tmp_path_factory):
+    """``transformers serve`` hosting the tiny teacher, behind a :class:`helpers.CountingProxy`."""
+    from helpers import CountingProxy, serve_available, transformers_serve
+
+    why = serve_available()
+    if why:
+        pytest.skip(why)
+    with transformers_serve(tiny_teacher_dir, tmp_path_factory.mktemp("serve") / "serve.log") as base:
+        proxy = CountingProxy(base)
+        yield proxy
+        proxy.close()

@@ -3,7 +3,7 @@
 Each test is a fault a hostile user can cause (two runs at once, kill -9 at every stage, damaged
 files, dead endpoints, bad input) and checks what happens and what is kept; README.md's
 "Faults" table lists them. Real processes, a real model (tiny, random-init) and, for the labeler
-endpoint, a real OpenAI-compatible server behind a switchable proxy (tests/openai_server.py).
+endpoint, a real OpenAI-compatible server behind a switchable proxy (tests/helpers.py).
 """
 
 from __future__ import annotations
@@ -229,16 +229,8 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def labeler_proxy(tiny_model_dir, tmp_path_factory):
-    from openai_server import CountingProxy, serve_available, transformers_serve
-
-    why = serve_available()
-    if why:
-        pytest.skip(why)
-    with transformers_serve(tiny_model_dir, tmp_path_factory.mktemp("serve") / "serve.log") as base:
-        proxy = CountingProxy(base)
-        yield proxy
-        proxy.close()
+def labeler_proxy(counted_server):
+    return counted_server
 
 
 def test_dead_labeler_fails_the_stage_keeping_its_labels(labeler_proxy, tiny_model_dir, tmp_path):

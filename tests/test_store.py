@@ -2,7 +2,7 @@ import pyarrow.parquet as pq
 
 from rscaffold.config import PipelineConfig
 from rscaffold.records import ExampleRecord, Step, TraceRecord, arrow_schema
-from rscaffold.store import StageDir, code_version, fingerprint, read_records, write_records
+from rscaffold.store import StageDir, fingerprint, read_records, write_records
 
 
 def test_fingerprint_is_stable_and_sensitive():
@@ -12,11 +12,6 @@ def test_fingerprint_is_stable_and_sensitive():
     b.teacher.sampling.max_new_tokens += 1
     assert fingerprint(a.teacher, "x") != fingerprint(b.teacher, "x")
     assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
-
-
-def test_code_version_changes_with_modules():
-    assert code_version("dataset.py") != code_version("segment.py")
-    assert code_version("dataset.py") == code_version("dataset.py")
 
 
 def _example(i: int) -> ExampleRecord:
@@ -53,9 +48,11 @@ def test_empty_table_keeps_schema(tmp_path):
 def test_stage_dir_completion_and_shards(tmp_path):
     sd = StageDir(tmp_path, "dataset", "abc").prepare()
     assert not sd.is_complete()
-    sd.write_shard("examples", [_example(0)], ExampleRecord)
-    sd.write_shard("examples", [_example(1)], ExampleRecord)
-    assert [e.trace_id for e in sd.read_shards("examples", ExampleRecord)] == ["t0", "t1"]
+    sd.write_shard("examples", [_example(1)], ExampleRecord, key="000001-000001")
+    sd.write_shard("examples", [_example(0)], ExampleRecord, key="000000-000000")
+    assert [e.trace_id for e in sd.read_shards("examples", ExampleRecord)] == ["t0", "t1"]  # in key order
+    assert sd.shard_keys("examples") == ["000000-000000", "000001-000001"]
+    write_records(sd.work / "x.parquet", [_example(0)], ExampleRecord)
     ref = sd.finish(
         outputs={"x": "x.parquet"},
         config=PipelineConfig().dataset,
@@ -64,10 +61,13 @@ def test_stage_dir_completion_and_shards(tmp_path):
         started=0.0,
         code="v1",
     )
-    assert sd.is_complete() and ref.summary == {"rows": 2}
+    assert sd.is_complete() and ref.summary == {"rows": 2} and not sd.work.exists()  # published by a rename
     manifest = sd.read_manifest()
     assert manifest["inputs"] == {"labeling": "f"} and manifest["schema_version"] == 1
-    assert sd.ref().outputs == {"x": "x.parquet"}
-    # a forced refresh wipes partial and complete work
+    assert set(manifest["files"]) == {"x.parquet"} and len(manifest["files"]["x.parquet"]["sha256"]) == 64
+    assert sd.ref().outputs == {"x": "x.parquet"} and sd.verify() == []
+    # a fresh start discards partial work, never a complete output
+    sd.prepare()
+    sd.write_shard("examples", [_example(2)], ExampleRecord, key="000002-000002")
     sd.prepare(fresh=True)
-    assert not sd.is_complete() and sd.read_shards("examples", ExampleRecord) == []
+    assert sd.read_shards("examples", ExampleRecord) == [] and sd.is_complete()

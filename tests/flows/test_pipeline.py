@@ -19,6 +19,7 @@ from helpers import make_config
 from prefect.testing.utilities import prefect_test_harness
 
 from rscaffold.stages.plan import plan_fingerprints
+from rscaffold.store import StageDir
 from rscaffold.vocabulary import STAGES
 
 pytestmark = pytest.mark.slow
@@ -123,9 +124,10 @@ def test_training_failure_keeps_upstream_and_resumes(harness, tiny_model_dir, sm
     root = Path(cfg.run.artifacts_dir)
     for stage in ("problems", "teacher", "labeling", "dataset"):
         assert (root / stage / fps[stage] / "manifest.json").exists(), stage
-    training_dir = root / "training" / fps["training"]
-    assert not (training_dir / "manifest.json").exists()
-    assert (training_dir / "scaffolded" / "model" / "rscaffold_student.json").exists(), "the finished student is kept"
+    training = StageDir(root, "training", fps["training"])
+    assert not training.is_complete()
+    # the finished student is kept in the stage's work directory, for the next attempt
+    assert (training.work / "scaffolded" / "model" / "rscaffold_student.json").exists(), "the finished student is kept"
 
     retrained: list[bool] = []
 

@@ -5,21 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 
 import pytest
-from helpers import FakeOpenAIServer, chat_request, free_port
+from helpers import FakeOpenAIServer, chat_request, serve_available, transformers_serve
 
 from rscaffold.config import BackendConfig, SamplingConfig
 from rscaffold.llm.openai_api import OpenAIBackend
-
-SERVER_START_TIMEOUT_S = 90
-
 
 # ---------------------------------------------------------------------------------------------
 # the real server: `transformers serve`
@@ -28,46 +20,11 @@ SERVER_START_TIMEOUT_S = 90
 @pytest.fixture(scope="module")
 def served(tiny_teacher_dir, tmp_path_factory):
     """``transformers serve <tiny model>`` as a subprocess on a free 127.0.0.1 port."""
-    try:
-        from transformers.utils.import_utils import is_serve_available
-    except ImportError:
-        pytest.skip("this transformers has no `transformers serve`")
-    if not is_serve_available():
-        pytest.skip("`transformers serve` needs the serving extra: pip install 'transformers[serving]'")
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-c", "from transformers.cli.transformers import app; app()",
-        "serve", str(tiny_teacher_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-    ]  # fmt: skip
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"transformers serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"transformers serve not ready after {SERVER_START_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}"
-                )
-            time.sleep(0.25)
+    why = serve_available()
+    if why:
+        pytest.skip(why)
+    with transformers_serve(tiny_teacher_dir, tmp_path_factory.mktemp("serve") / "serve.log") as base:
         yield {"base_url": f"{base}/v1", "model": str(tiny_teacher_dir)}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 QUESTIONS = ["What is 2+3?", "A farmer has 17 sheep and buys 5 more. How many?", "hi", "Compute 12*12."]

@@ -9,9 +9,10 @@ import pytest
 from helpers import ScriptedTeacherBackend
 
 from rscaffold.config import BackendConfig, PipelineConfig, SamplingConfig, TeacherConfig
+from rscaffold.dataset import select_traces
 from rscaffold.llm.base import ChatRequest
 from rscaffold.records import ProblemRecord, TraceRecord
-from rscaffold.stages.teacher import TRACES_SHARD, TeacherFailureError, build_request, generate_traces, select_traces
+from rscaffold.stages.teacher import TRACES_SHARD, TeacherFailureError, build_request, generate_traces
 from rscaffold.store import StageDir
 
 
@@ -68,16 +69,22 @@ def test_outcome_policy(tmp_path):
     assert t["q6"].truncated and t["q6"].correct  # truncated is recorded, not judged
     assert res.counts == {"total": 7, "requested": 7, "resumed": 0, "ok": 5, "failed": 2, "truncated": 2, "correct": 3}
     assert res.failure_reasons == {"empty output": 1, "APIConnectionError: Connection error.": 1}
-    # persisted in shards of 3 (3 + 3 + 1)
-    shards = sorted((tmp_path / "teacher" / "fp" / "shards").glob(f"{TRACES_SHARD}-*.parquet"))
-    assert len(shards) == 3
+    # persisted in shards of 3 (3 + 3 + 1), named by the range of work they hold
+    shards = sorted((tmp_path / "teacher" / "fp.partial" / "shards").glob(f"{TRACES_SHARD}-*.parquet"))
+    assert [p.name for p in shards] == [
+        f"{TRACES_SHARD}-{a}.parquet" for a in ("000000-000002", "000003-000005", "000006-000006")
+    ]
     assert len(stage_dir(tmp_path).read_shards(TRACES_SHARD, TraceRecord)) == 7
 
 
 def test_request_building():
+    """One request per (problem, sample), its seed derived from (run seed, problem id, sample)."""
+    from rscaffold.llm.parsing import derive_seed
+
     cfg = TeacherConfig(system_prompt="SYS", prompt_template="Q: {question}\nA:", samples_per_problem=3)
-    r = build_request(problems(1)[0], cfg)
-    assert r.request_id == "q0" and r.n == 3
+    r = build_request(problems(1)[0], cfg, 2)
+    assert r.request_id == "q0#2" and r.n == 1 and r.seed == derive_seed(cfg.sampling.seed, "q0", 2)
+    assert build_request(problems(1)[0], cfg, 1).seed != r.seed
     assert r.messages == [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Q: What is 0+1?\nA:"}]
     assert build_request(problems(1)[0], cfg.model_copy(update={"system_prompt": ""})).messages[0]["role"] == "user"
 
@@ -107,7 +114,7 @@ def test_failed_pairs_are_retried_and_answer_fn_errors_fail(tmp_path):
     second = ScriptedTeacherBackend(lambda pid, i: dict(text="The answer is 9"))
     r2 = generate_traces(problems(3), second, cfg, stage=stage, answer_fn=answer_fn, check_fn=check_fn)
     # only the failed pairs are asked for, one sample each
-    assert sorted((r.request_id, r.n) for r in second.requests) == [("q1", 1), ("q2", 1)]
+    assert sorted((r.request_id, r.n) for r in second.requests) == [("q1#1", 1), ("q2#0", 1)]
     t = {r.trace_id: r for r in r2.traces}
     assert t["q1#1"].predicted_answer == "9" and t["q2#0"].predicted_answer == "9" and t["q1#0"].predicted_answer == "2"
     assert (
@@ -201,19 +208,18 @@ class CrashAfter:
 
     def __init__(self, inner, crash_after: int | None = None):
         self.inner = inner
-        self.name, self.model_id = inner.name, inner.model_id
+        self.name, self.model_id, self.capabilities = inner.name, inner.model_id, inner.capabilities
         self.crash_after = crash_after
+        self.delivered = 0  # over all calls (the stage calls once per shard)
         self.requests: list[ChatRequest] = []
 
     def generate(self, requests, sampling, on_result=None):
         self.requests.extend(requests)
-        delivered = 0
 
         def relay(c):
-            nonlocal delivered
             on_result(c)
-            delivered += 1
-            if self.crash_after is not None and delivered >= self.crash_after:
+            self.delivered += 1
+            if self.crash_after is not None and self.delivered >= self.crash_after:
                 raise RuntimeError("simulated crash")
 
         return self.inner.generate(requests, sampling, on_result=relay)
@@ -237,7 +243,7 @@ def test_resume_after_crash(tmp_path, tiny_backend):
     with pytest.raises(RuntimeError, match="simulated crash"):
         generate_traces(probs, crashing, cfg, stage=stage, answer_fn=answer_fn, check_fn=check_fn)
     first = stage.read_shards(TRACES_SHARD, TraceRecord)
-    assert len(first) == 5  # 3 in a full shard + 2 flushed by the finally
+    assert len(first) == 5  # 3 in a full shard + 2 of the next one, flushed by the finally
     done = {t.trace_id for t in first if t.status == "ok"}
     assert len(done) == 5  # random tokens sampled at temperature 1 are never empty
 
@@ -253,21 +259,15 @@ def test_resume_after_crash(tmp_path, tiny_backend):
         progress=lambda d, t: progress.append((d, t)),
     )
     # no finished pair is asked for again (a partly done problem asks only for its missing sample)
-    missing_per_problem = {
-        pid: sum(1 for s in range(2) if f"{pid}#{s}" not in done) for pid in (p.problem_id for p in probs)
-    }
-    assert {r.request_id: r.n for r in again.requests} == {pid: n for pid, n in missing_per_problem.items() if n}
-    assert sum(r.n for r in again.requests) == 10 - len(done)
+    assert {r.request_id for r in again.requests} == wanted - done and all(r.n == 1 for r in again.requests)
     assert (
         res.counts["resumed"] == len(done) and res.counts["requested"] == 10 - len(done) and res.counts["total"] == 10
     )
     assert {t.trace_id for t in res.traces} == wanted and len(res.traces) == 10
     assert progress[0] == (len(done), 10) and progress[-1] == (10, 10)
-    # nothing lost; on disk, each pair is there once per attempt (a retried failure twice, the
-    # latest winning), and the ok traces of the first run were not written again
+    # nothing lost; on disk each pair is there once (a shard holds the traces of its range)
     on_disk = stage.read_shards(TRACES_SHARD, TraceRecord)
-    assert {t.trace_id for t in on_disk} == wanted
-    assert len(on_disk) == len(first) + (10 - len(done))
+    assert sorted(t.trace_id for t in on_disk) == sorted(wanted)
     assert all(t.backend == "transformers" for t in on_disk)
 
     # a third run has nothing to do

@@ -2,7 +2,7 @@
 and a Prefect cache key that includes the artifacts root.
 
 The teacher and the labeler are a REAL OpenAI-compatible server (``transformers serve`` hosting a
-tiny random-init model on 127.0.0.1), reached through a counting proxy (tests/openai_server.py),
+tiny random-init model on 127.0.0.1), reached through a counting proxy (tests/helpers.py),
 so every assertion on "requests sent" counts what reached the model.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from openai_server import CountingProxy, serve_available, transformers_serve
+from helpers import CountingProxy
 
 from rscaffold.config import config_from_dict
 from rscaffold.records import TraceRecord
@@ -30,37 +30,12 @@ from rscaffold.stages.teacher import run_teacher
 from rscaffold.store import StageDir, read_records
 
 pytestmark = pytest.mark.slow
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 @pytest.fixture(scope="module")
-def tiny_served_dir(smollm2_dir, tmp_path_factory) -> Path:
-    import torch
-
-    from rscaffold.config import TinyModelConfig
-    from rscaffold.models import build_tiny_model
-
-    out = tmp_path_factory.mktemp("tiny-teacher")
-    model, tok = build_tiny_model(str(smollm2_dir), TinyModelConfig())
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # larger weights than the default init: varied, non-blank text
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.3, generator=gen)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def proxy(tiny_served_dir, tmp_path_factory):
-    why = serve_available()
-    if why:
-        pytest.skip(why)
-    with transformers_serve(tiny_served_dir, tmp_path_factory.mktemp("serve") / "serve.log") as base:
-        p = CountingProxy(base)
-        yield p
-        p.close()
+def proxy(counted_server):
+    return counted_server
 
 
 def make_config(proxy: CountingProxy, model: Path, artifacts: Path, **sections):
@@ -117,13 +92,13 @@ def traces_of(ref) -> list[dict]:
     return pq.read_table(ref.output("traces")).to_pylist()
 
 
-def test_every_rerun_sends_zero_requests(proxy, tiny_served_dir, tmp_path, monkeypatch):
+def test_every_rerun_sends_zero_requests(proxy, tiny_teacher_dir, tmp_path, monkeypatch):
     import rscaffold
     import rscaffold.stages.common as common
 
     artifacts = tmp_path / "artifacts"
     proxy.reset()
-    fps, cold = run_upto_dataset(make_config(proxy, tiny_served_dir, artifacts))
+    fps, cold = run_upto_dataset(make_config(proxy, tiny_teacher_dir, artifacts))
     sent_cold = proxy.reset()
     assert sent_cold >= 6 + 6  # 6 teacher traces, then one labeling request per trace with steps
     cold_traces = traces_of(cold["teacher"])
@@ -138,7 +113,7 @@ def test_every_rerun_sends_zero_requests(proxy, tiny_served_dir, tmp_path, monke
         "labeling.shard_size": {"labeling": {"shard_size": 3}},
     }
     for name, change in changes.items():
-        cfg = make_config(proxy, tiny_served_dir, artifacts, **change)
+        cfg = make_config(proxy, tiny_teacher_dir, artifacts, **change)
         # keep=correct leaves the random-init teacher nothing to train on: no dataset there
         fps2, refs = run_upto_dataset(cfg, dataset=name != "teacher.keep")
         assert proxy.reset() == 0, f"{name}: requests were sent"
@@ -147,7 +122,7 @@ def test_every_rerun_sends_zero_requests(proxy, tiny_served_dir, tmp_path, monke
 
     # the package version is not part of any fingerprint
     monkeypatch.setattr(rscaffold, "__version__", "99.0")
-    assert plan_fingerprints(make_config(proxy, tiny_served_dir, artifacts)) == fps
+    assert plan_fingerprints(make_config(proxy, tiny_teacher_dir, artifacts)) == fps
 
     # a fingerprint that changed for any reason (here: the teacher's code) re-serves every request
     original = common.stage_code_version
@@ -157,7 +132,7 @@ def test_every_rerun_sends_zero_requests(proxy, tiny_served_dir, tmp_path, monke
     import rscaffold.stages.plan as plan
 
     monkeypatch.setattr(plan, "stage_code_version", common.stage_code_version)
-    fps3, refs = run_upto_dataset(make_config(proxy, tiny_served_dir, artifacts))
+    fps3, refs = run_upto_dataset(make_config(proxy, tiny_teacher_dir, artifacts))
     assert fps3["teacher"] != fps["teacher"] and refs["teacher"].path != cold["teacher"].path
     assert proxy.reset() == 0
     assert traces_of(refs["teacher"]) == cold_traces
@@ -165,12 +140,12 @@ def test_every_rerun_sends_zero_requests(proxy, tiny_served_dir, tmp_path, monke
 
     # ... and so does a forced recomputation (`--refresh teacher`)
     monkeypatch.undo()
-    _, refs = run_upto_dataset(make_config(proxy, tiny_served_dir, artifacts), force_teacher=True)
+    _, refs = run_upto_dataset(make_config(proxy, tiny_teacher_dir, artifacts), force_teacher=True)
     assert proxy.reset() == 0 and traces_of(refs["teacher"]) == cold_traces
 
     # --refresh-requests sends them again
     _, refs = run_upto_dataset(
-        make_config(proxy, tiny_served_dir, artifacts, run={"request_cache": "refresh"}), force_teacher=True
+        make_config(proxy, tiny_teacher_dir, artifacts, run={"request_cache": "refresh"}), force_teacher=True
     )
     assert proxy.reset() == 6
 
@@ -187,11 +162,11 @@ run_teacher(cfg, fps, run_problems(cfg, fps))
 """
 
 
-def test_killed_teacher_resends_only_unanswered_requests(proxy, tiny_served_dir, tmp_path):
+def test_killed_teacher_resends_only_unanswered_requests(proxy, tiny_teacher_dir, tmp_path):
     artifacts = tmp_path / "artifacts"
     cfg = make_config(
         proxy,
-        tiny_served_dir,
+        tiny_teacher_dir,
         artifacts,
         problems={"limit_train": 12},
         teacher={"sampling.max_new_tokens": 48, "llm.concurrency": 1, "shard_size": 4},
