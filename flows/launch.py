@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-log = logging.getLogger("rscaffold_flows.launch")
+log = logging.getLogger("rscaffold.flows.launch")
 
 
 class LaunchError(RuntimeError):
@@ -39,10 +39,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="both",
         help="which student(s) to train; the stage is finished (manifest written) once all the config asks for exist",
     )
+    p.add_argument("--force", action="store_true", help="recompute the stage even if it is complete (a refresh)")
+    p.add_argument("--fresh", action="store_true", help="discard the stage's partial work (checkpoints) first")
     return p.parse_args(argv)
 
 
-def launch(config: Path, artifacts_dir: Path | None = None, variant: str = "both"):
+def launch(
+    config: Path, artifacts_dir: Path | None = None, variant: str = "both", *, force: bool = False, fresh: bool = False
+):
     """Train (all processes) and finish the training stage (main process). Returns the main
     process's ``StageRef`` when the stage is complete, else None."""
     from rscaffold.config import load_config
@@ -62,7 +66,7 @@ def launch(config: Path, artifacts_dir: Path | None = None, variant: str = "both
         )
     if variant != "both" and variant not in {n for n, _ in training_variants(cfg)}:
         raise LaunchError(f"--variant {variant}: this config does not train it (training.train_baseline is false)")
-    ref = run_training(cfg, fps, ds.ref(), only=None if variant == "both" else variant)
+    ref = run_training(cfg, fps, ds.ref(), force=force, fresh=fresh, only=None if variant == "both" else variant)
     if ref is not None:
         log.info("training: complete at %s", ref.path)
     return ref
@@ -72,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        ref = launch(args.config, args.artifacts_dir, args.variant)
+        ref = launch(args.config, args.artifacts_dir, args.variant, force=args.force, fresh=args.fresh)
     except LaunchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

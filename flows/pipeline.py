@@ -5,6 +5,8 @@ Both take a pydantic ``PipelineConfig`` parameter, so the Prefect UI renders a f
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -12,6 +14,7 @@ from rscaffold_tasks.dataset import dataset_task
 from rscaffold_tasks.evaluation import evaluation_task
 from rscaffold_tasks.labeling import labeling_task
 from rscaffold_tasks.problems import problems_task
+from rscaffold_tasks.shards import SHARD_TASKS, shard_keys
 from rscaffold_tasks.teacher import teacher_task
 from rscaffold_tasks.training import training_task
 
@@ -54,6 +57,76 @@ def _configured(stage: str, config: PipelineConfig, fps: dict[str, str], *, forc
     )
 
 
+def ray_task_runner(config: PipelineConfig):
+    """prefect-ray's task runner for ``run.ray`` (an optional dependency: ``rscaffold[ray]``)."""
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError:
+        raise RuntimeError("run.task_runner 'ray' needs prefect-ray: pip install 'rscaffold[ray]'") from None
+    r = config.run.ray
+    init = {"include_dashboard": False, **r.init_kwargs}
+    return RayTaskRunner(address=r.address, init_kwargs=init)
+
+
+@flow(name="rscaffold-shards", flow_run_name="{stage}-shards")
+def run_shards(
+    stage: str,
+    config: PipelineConfig,
+    fps: dict[str, str],
+    *,
+    upstream: dict[str, dict],
+    keys: list[str],
+    force: bool = False,
+) -> list[dict]:
+    """One task per shard of ``stage`` on this flow's task runner (Ray), with the stage's retries;
+    returns what each did and where (process id, host). Fails if a shard still fails after its
+    retries (the shards that finished are kept)."""
+    from prefect_ray.context import remote_options
+
+    task = SHARD_TASKS[stage].with_options(
+        retries=config.run.retries, retry_delay_seconds=config.run.retry_delay_s, refresh_cache=force
+    )
+    with remote_options(num_cpus=config.run.ray.cpus_per_shard, num_gpus=config.run.ray.gpus_per_shard):
+        futures = [task.submit(config, fps, key=key, **upstream) for key in keys]
+    return [f.result() for f in futures]
+
+
+def fan_out(
+    stage: str, config: PipelineConfig, fps: dict[str, str], *, upstream: dict[str, dict], force: bool = False
+) -> list[dict] | None:
+    """With ``run.task_runner: ray``, generate ``stage``'s shards as tasks on the Ray cluster (the
+    stage's own task then assembles them); nothing for other stages, or when the output exists
+    and is not being recomputed."""
+    if config.run.task_runner != "ray" or stage not in SHARD_TASKS:
+        return None
+    sd = StageDir(config.run.artifacts_dir, stage, fps[stage])
+    if not force and sd.is_complete() and not sd.verify():
+        return None
+    keys = shard_keys(stage, config, upstream)
+    runner = ray_task_runner(config)
+    return run_shards.with_options(task_runner=runner)(stage, config, fps, upstream=upstream, keys=keys, force=force)
+
+
+@contextlib.contextmanager
+def ray_session(config: PipelineConfig) -> Iterator[None]:
+    """One Ray connection for the whole run (``run.task_runner: ray``): the shard flows' task
+    runners find it initialized and share it, instead of starting a local cluster per stage."""
+    if config.run.task_runner != "ray":
+        yield
+        return
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    r = config.run.ray
+    ray.init(address=r.address, **{"include_dashboard": False, "namespace": "prefect", **r.init_kwargs})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def run_stages(
     config: PipelineConfig, refresh: set[str], *, until: str = "evaluation", fresh: bool = False
 ) -> dict[str, dict[str, Any]]:
@@ -67,24 +140,33 @@ def run_stages(
 
     def call(stage: str, **upstream: dict) -> dict:
         forced_here = stage in forced
+        fresh_here = fresh and forced_here
+        if fresh_here and config.run.task_runner == "ray" and stage in SHARD_TASKS:
+            # the clean start must come before the shards are made, not after
+            StageDir(config.run.artifacts_dir, stage, fps[stage]).prepare(fresh=True)
+            fresh_here = False
+        shards = fan_out(stage, config, fps, upstream=upstream, force=forced_here)
         task = _configured(stage, config, fps, forced=forced)
-        result = task(config, fps, force=forced_here, fresh=fresh and forced_here, **upstream)
+        result = task(config, fps, force=forced_here, fresh=fresh_here, **upstream)
+        if shards is not None:
+            result = {**result, "shards": shards}
         logger.info("stage %-10s %s -> %s", stage, result["fingerprint"], result["path"])
         return result
 
-    refs["problems"] = call("problems")
-    if last >= 1:
-        refs["teacher"] = call("teacher", problems=refs["problems"])
-    if last >= 2:
-        refs["labeling"] = call("labeling", teacher=refs["teacher"])
-    if last >= 3:
-        refs["dataset"] = call("dataset", teacher=refs["teacher"], labeling=refs["labeling"])
-    if last >= 4:
-        refs["training"] = call("training", dataset=refs["dataset"])
-    if last >= 5:
-        refs["evaluation"] = call(
-            "evaluation", problems=refs["problems"], training=refs["training"], labeling=refs["labeling"]
-        )
+    with ray_session(config):
+        refs["problems"] = call("problems")
+        if last >= 1:
+            refs["teacher"] = call("teacher", problems=refs["problems"])
+        if last >= 2:
+            refs["labeling"] = call("labeling", teacher=refs["teacher"])
+        if last >= 3:
+            refs["dataset"] = call("dataset", teacher=refs["teacher"], labeling=refs["labeling"])
+        if last >= 4:
+            refs["training"] = call("training", dataset=refs["dataset"])
+        if last >= 5:
+            refs["evaluation"] = call(
+                "evaluation", problems=refs["problems"], training=refs["training"], labeling=refs["labeling"]
+            )
     return refs
 
 

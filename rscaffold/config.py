@@ -360,6 +360,25 @@ class TrainingConfig(_Section):
     lora: LoraSettings | None = Field(
         default=None, description="Train LoRA adapters (peft) instead of all weights; the saved student is merged."
     )
+    num_processes: int = Field(
+        default=1,
+        ge=1,
+        description="Train on this many processes (GPUs) with `accelerate launch`, started by the training task; the "
+        "effective batch is per_device_batch_size x processes x gradient_accumulation_steps.",
+        json_schema_extra=EXECUTION,
+    )
+    num_machines: int = Field(
+        default=1,
+        ge=1,
+        description="Machines of a multi-node launch (see accelerate's docs).",
+        json_schema_extra=EXECUTION,
+    )
+    accelerate_config: str | None = Field(
+        default=None,
+        description="An accelerate config file for the launch (e.g. deployments/accelerate/fsdp.yaml); "
+        "None: plain data parallelism (DDP) over num_processes.",
+        json_schema_extra=EXECUTION,
+    )
 
 
 class GuidedInferenceConfig(_Section):
@@ -458,6 +477,23 @@ class EvaluationConfig(_Section):
         return v
 
 
+class RaySettings(_Section):
+    """Where the shards of the data-parallel stages run with ``run.task_runner: ray``."""
+
+    address: str | None = Field(
+        default=None,
+        description="The Ray cluster: None starts a local one; 'auto' joins the cluster this machine belongs to; "
+        "'ray://<head>:10001' a remote one (Ray Client).",
+    )
+    cpus_per_shard: float = Field(default=1, gt=0, description="CPUs Ray reserves for one shard task.")
+    gpus_per_shard: float = Field(
+        default=0, ge=0, description="GPUs Ray reserves for one shard task (1: one model replica per GPU)."
+    )
+    init_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments of ray.init (e.g. runtime_env, num_cpus)."
+    )
+
+
 class RunSettings(_Section):
     # Relative to the working directory (not to the config file), like any output location.
     artifacts_dir: str = Field(
@@ -470,6 +506,19 @@ class RunSettings(_Section):
         default=True,
         description="When another run is writing a stage of the same artifacts directory, wait for it "
         "(then reuse its output); false: fail at once, naming the holder (rscaffold run --no-wait).",
+    )
+    task_runner: Literal["local", "ray"] = Field(
+        default="local",
+        description="'local': each stage runs as one task here; 'ray': teacher generation, labeling and "
+        "evaluation run one Prefect task per shard on a Ray cluster (prefect-ray; pip install 'rscaffold[ray]'), "
+        "then assemble here.",
+    )
+    ray: RaySettings = Field(default_factory=RaySettings, description="The Ray cluster for task_runner 'ray'.")
+    isolate_model_stages: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="Run a stage that loads a model in a child process (spawned), whose exit returns all its "
+        "memory (vLLM does not give GPU memory back in-process): 'auto' for stages with a local model "
+        "(teacher/labeler backend transformers or vllm, training, evaluation), 'always', 'never'.",
     )
     request_cache: Literal["use", "refresh", "off"] = Field(
         default="use",
@@ -528,7 +577,7 @@ class PipelineConfig(_Section):
 _PATH_FIELDS: dict[str, tuple[str, ...]] = {
     "problems": ("train", "eval"),
     "labeling": ("taxonomy",),
-    "training": ("student", "tokenizer"),
+    "training": ("student", "tokenizer", "accelerate_config"),
 }
 _LLM_PATH_FIELDS = ("model", "tokenizer")
 

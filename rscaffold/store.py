@@ -184,6 +184,47 @@ def _describe_holder(info: dict[str, Any]) -> str:
     return f"pid {info.get('pid')} on {info.get('host')} (since {since}: {' '.join(map(str, info.get('argv', [])))})"
 
 
+def _read_holder(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def _file_lock(
+    path: Path, *, what: str, wait: bool, timeout_s: float | None = None, poll_s: float = 1.0
+) -> Iterator[None]:
+    """An exclusive ``fcntl.flock`` on ``path`` holding who holds it (pid, host, since, command)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        start = time.monotonic()
+        announced = 0.0
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = _describe_holder(_read_holder(path))
+                waited = time.monotonic() - start
+                if not wait or (timeout_s is not None and waited >= timeout_s):
+                    raise StageLockedError(f"{what} is being written by {holder}; lock file {path}") from None
+                if waited - announced >= 30 or announced == 0.0:
+                    log.warning("%s: waiting for %s, which is writing it (lock %s)", what, holder, path)
+                    announced = max(waited, 1e-9)
+                time.sleep(poll_s)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_holder()).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 class StageDir:
     """One stage's content-addressed output directory (see the module docstring)."""
 
@@ -249,48 +290,21 @@ class StageDir:
         ``wait``: block until the holder is done, logging who holds it; else raise
         :class:`StageLockedError` at once (and after ``timeout_s`` when waiting).
         """
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            start = time.monotonic()
-            announced = 0.0
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    holder = _describe_holder(self._read_holder())
-                    waited = time.monotonic() - start
-                    if not wait or (timeout_s is not None and waited >= timeout_s):
-                        raise StageLockedError(
-                            f"{self.stage} ({self.fingerprint}) is being written by {holder}; "
-                            f"lock file {self.lock_path}"
-                        ) from None
-                    if waited - announced >= 30 or announced == 0.0:
-                        log.warning(
-                            "%s: waiting for %s, which is writing %s (lock %s)",
-                            self.stage,
-                            holder,
-                            self.path,
-                            self.lock_path,
-                        )
-                        announced = max(waited, 1e-9)
-                    time.sleep(poll_s)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(_holder()).encode(), 0)
-            try:
-                yield
-            finally:
-                os.ftruncate(fd, 0)
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+        with _file_lock(
+            self.lock_path, what=f"{self.stage} ({self.fingerprint})", wait=wait, timeout_s=timeout_s, poll_s=poll_s
+        ):
+            yield
+
+    @contextlib.contextmanager
+    def shard_lock(self, name: str, key: str) -> Iterator[None]:
+        """Hold the lock of one shard (parallel shard tasks of one stage, on any machine that sees
+        the artifacts directory, never compute the same shard at once)."""
+        self.shards.mkdir(parents=True, exist_ok=True)
+        with _file_lock(self.shards / f".{name}-{key}.lock", what=f"{self.stage} shard {key}", wait=True, poll_s=0.2):
+            yield
 
     def _read_holder(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.lock_path.read_text() or "{}")
-        except (OSError, ValueError):
-            return {}
+        return _read_holder(self.lock_path)
 
     # -- building ---------------------------------------------------------------------------
     def prepare(self, fresh: bool = False) -> StageDir:

@@ -13,6 +13,7 @@ console.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 import time
@@ -26,7 +27,9 @@ from prefect.artifacts import (
 )
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
+from rscaffold_tasks._child import needs_isolation, run_in_child
 
+from rscaffold.config import PipelineConfig
 from rscaffold.store import StageRef
 
 
@@ -118,3 +121,15 @@ def _json(obj: Any) -> str:
     import json
 
     return json.dumps(obj, indent=2, default=str)[:20000]
+
+
+def run_stage(stage: str, config: PipelineConfig, *, progress: bool = False, **kwargs: Any) -> StageRef:
+    """Run ``rscaffold.stages.<stage>.run_<stage>(config, **kwargs)``: in a spawned child process
+    when the stage loads a model (``run.isolate_model_stages``, see :mod:`rscaffold_tasks._child`),
+    else here. ``progress``: report the stage's progress as a Prefect progress artifact."""
+    reporter = ProgressReporter(stage) if progress else None
+    if needs_isolation(stage, config):
+        logging.getLogger("rscaffold.stages").info("%s: running in a child process (run.isolate_model_stages)", stage)
+        return run_in_child(f"rscaffold.stages.{stage}:run_{stage}", {"cfg": config, **kwargs}, progress=reporter)
+    fn = getattr(importlib.import_module(f"rscaffold.stages.{stage}"), f"run_{stage}")
+    return fn(config, **kwargs, **({"progress": reporter} if reporter else {}))

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
 from prefect import task
-from rscaffold_tasks._common import publish_stage, stage_cache_key
+from rscaffold_tasks._common import publish_stage, run_stage, stage_cache_key
 
 from rscaffold.config import PipelineConfig
-from rscaffold.stages import dataset as dataset_stage
 from rscaffold.store import StageRef
 
 
@@ -19,9 +18,10 @@ def dataset_task(
     fresh: bool = False,
 ) -> dict:
     """Assemble the labeled-trace dataset (Parquet, splits, stats)."""
-    ref = dataset_stage.run_dataset(
+    ref = run_stage(
+        "dataset",
         config,
-        fps,
+        fps=fps,
         teacher=StageRef.from_dict(teacher),
         labeling=StageRef.from_dict(labeling),
         force=force,

@@ -4,10 +4,9 @@ from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
-from rscaffold_tasks._common import ProgressReporter, publish_stage, stage_cache_key
+from rscaffold_tasks._common import publish_stage, run_stage, stage_cache_key
 
 from rscaffold.config import PipelineConfig
-from rscaffold.stages import evaluation as evaluation_stage
 from rscaffold.store import StageRef
 
 
@@ -40,15 +39,16 @@ def evaluation_task(
     fresh: bool = False,
 ) -> dict:
     """Answer the evaluation benchmarks with base, CoT-SFT and scaffolded students; score and report."""
-    ref = evaluation_stage.run_evaluation(
+    ref = run_stage(
+        "evaluation",
         config,
-        fps,
+        fps=fps,
         problems=StageRef.from_dict(problems),
         training=StageRef.from_dict(training),
+        labeling=StageRef.from_dict(labeling) if labeling else None,
         force=force,
         fresh=fresh,
-        progress=ProgressReporter("evaluation"),
-        labeling=StageRef.from_dict(labeling) if labeling else None,
+        progress=True,
     )
     create_table_artifact(
         ref.summary.get("accuracy_table") or ref.summary["table"],

@@ -3,10 +3,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
-from rscaffold_tasks._common import ProgressReporter, publish_stage, stage_cache_key
+from rscaffold_tasks._common import publish_stage, run_stage, stage_cache_key
 
 from rscaffold.config import PipelineConfig
-from rscaffold.stages import labeling as labeling_stage
 from rscaffold.store import StageRef
 
 
@@ -20,8 +19,8 @@ def labeling_task(
     config: PipelineConfig, fps: dict[str, str], teacher: dict, *, force: bool = False, fresh: bool = False
 ) -> dict:
     """Split traces into steps and label each step with a semantic signal."""
-    ref = labeling_stage.run_labeling(
-        config, fps, StageRef.from_dict(teacher), force=force, fresh=fresh, progress=ProgressReporter("labeling")
+    ref = run_stage(
+        "labeling", config, fps=fps, teacher=StageRef.from_dict(teacher), force=force, fresh=fresh, progress=True
     )
     publish_stage(ref, extra_markdown=(Path(ref.path) / ref.outputs["quality_report"]).read_text())
     return ref.to_dict()

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
 from prefect import task
-from rscaffold_tasks._common import publish_stage, stage_cache_key
+from rscaffold_tasks._common import publish_stage, run_stage, stage_cache_key
 
 from rscaffold.config import PipelineConfig
-from rscaffold.stages import problems as problems_stage
 
 
 @task(
@@ -15,6 +14,6 @@ from rscaffold.stages import problems as problems_stage
 )
 def problems_task(config: PipelineConfig, fps: dict[str, str], *, force: bool = False, fresh: bool = False) -> dict:
     """Load the train/eval problems into a Parquet table."""
-    ref = problems_stage.run_problems(config, fps, force=force, fresh=fresh)
+    ref = run_stage("problems", config, fps=fps, force=force, fresh=fresh)
     publish_stage(ref)
     return ref.to_dict()

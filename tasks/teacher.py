@@ -1,10 +1,9 @@
 from __future__ import annotations
 
 from prefect import task
-from rscaffold_tasks._common import ProgressReporter, publish_stage, stage_cache_key
+from rscaffold_tasks._common import publish_stage, run_stage, stage_cache_key
 
 from rscaffold.config import PipelineConfig
-from rscaffold.stages import teacher as teacher_stage
 from rscaffold.store import StageRef
 
 
@@ -18,8 +17,8 @@ def teacher_task(
     config: PipelineConfig, fps: dict[str, str], problems: dict, *, force: bool = False, fresh: bool = False
 ) -> dict:
     """Generate teacher traces (sharded, resumable)."""
-    ref = teacher_stage.run_teacher(
-        config, fps, StageRef.from_dict(problems), force=force, fresh=fresh, progress=ProgressReporter("teacher")
+    ref = run_stage(
+        "teacher", config, fps=fps, problems=StageRef.from_dict(problems), force=force, fresh=fresh, progress=True
     )
     publish_stage(ref)
     return ref.to_dict()

@@ -490,7 +490,9 @@ def tiny_config_dict(tiny_model_dir: Path, smollm2_dir: Path, artifacts: Path, *
     the training section."""
     data = REPO / "data"
     return {
-        "run": {"artifacts_dir": str(artifacts), "retries": 0},
+        # Stages run in this process (the tests patch stage functions and count their calls);
+        # tests/tasks/test_child.py covers the child processes of `isolate_model_stages`.
+        "run": {"artifacts_dir": str(artifacts), "retries": 0, "isolate_model_stages": "never"},
         "problems": {
             "train": str(data / "problems" / "train.jsonl"),
             "eval": str(data / "problems" / "eval.jsonl"),

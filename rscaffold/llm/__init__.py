@@ -8,6 +8,7 @@ Backends are imported lazily, so a heavy or optional dependency (vLLM) is loaded
 from __future__ import annotations
 
 import importlib
+import threading
 
 from rscaffold.config import BackendConfig
 from rscaffold.llm.base import ChatRequest, Completion, LLMBackend, ResultCallback
@@ -29,17 +30,51 @@ def backend_class(name: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
-def create_backend(cfg: BackendConfig, *, cache: RequestCache | None = None) -> LLMBackend:
+# Backends kept for the life of this process, one per config (see ``create_backend(shared=True)``).
+_SHARED: dict[str, LLMBackend] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+class _Borrowed:
+    """A shared backend lent to one user: everything passes through but ``close``, which is the
+    process's business (the model stays loaded for the next shard on this worker)."""
+
+    def __init__(self, inner: LLMBackend):
+        self._inner = inner
+        self.name, self.model_id, self.capabilities = inner.name, inner.model_id, inner.capabilities
+
+    def generate(self, requests, sampling, on_result=None):
+        return self._inner.generate(requests, sampling, on_result=on_result)
+
+    def close(self) -> None:
+        pass
+
+
+def _shared(cfg: BackendConfig, cls: type) -> LLMBackend:
+    key = cfg.model_dump_json()
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = cls(cfg)
+        return _Borrowed(_SHARED[key])
+
+
+def create_backend(cfg: BackendConfig, *, cache: RequestCache | None = None, shared: bool = False) -> LLMBackend:
     """The backend ``cfg.backend`` names (its module is imported only now).
 
     With a ``cache`` (:mod:`rscaffold.llm.cache`), a :class:`~rscaffold.llm.cache.CachedBackend`
     that answers known requests from it and creates the real backend only for the first one it
-    cannot answer.
+    cannot answer. ``shared``: the real backend is kept for the life of the process and lent to
+    every later call with the same config (a worker that runs shard after shard loads its model
+    replica once); closing what this returns does not unload it.
     """
     cls = backend_class(cfg.backend)
+
+    def factory() -> LLMBackend:
+        return _shared(cfg, cls) if shared else cls(cfg)
+
     if cache is None or cache.mode == "off":
-        return cls(cfg)
-    return CachedBackend(cfg, lambda: cls(cfg), capabilities=cls.capabilities, name=cls.name, cache=cache)
+        return factory()
+    return CachedBackend(cfg, factory, capabilities=cls.capabilities, name=cls.name, cache=cache)
 
 
 __all__ = ["BACKENDS", "ChatRequest", "Completion", "LLMBackend", "ResultCallback", "backend_class", "create_backend"]

@@ -4,8 +4,11 @@ the quality report (``quality.json`` / ``quality.md`` / ``transitions.png``)."""
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections import Counter
+from typing import Any
 
 from rscaffold.config import PipelineConfig
 from rscaffold.records import LabeledStepRecord, TraceRecord
@@ -18,13 +21,115 @@ from rscaffold.stages.common import (
     write_json,
 )
 from rscaffold.stages.requests import log_request_stats, request_cache, request_summary
-from rscaffold.store import StageRef, read_records, write_records, write_text
+from rscaffold.store import StageDir, StageRef, read_records, write_records, write_text
 
 SHARD = "labeled_steps"
 
 
 class LabelingFailureError(RuntimeError):
     """Too many traces could not be labeled by the LLM (see ``labeling.max_fallback_rate``)."""
+
+
+def _work(
+    cfg: PipelineConfig, teacher: StageRef
+) -> tuple[list[TraceRecord], dict[str, int], list[tuple[str, list[TraceRecord]]]]:
+    """The kept traces, what was dropped, and the shards: groups of ``shard_size`` traces in a
+    fixed order, each named by its index range."""
+    from rscaffold.dataset import select_traces
+
+    all_traces = read_records(teacher.output("traces"), TraceRecord)
+    traces, dropped = select_traces(all_traces, cfg.teacher.keep)
+    size = cfg.labeling.shard_size
+    groups = [traces[k : k + size] for k in range(0, len(traces), size)]
+    return (
+        traces,
+        {**dropped, "total": len(all_traces)},
+        [(f"{k * size:06d}-{k * size + len(g) - 1:06d}", g) for k, g in enumerate(groups)],
+    )
+
+
+def _empty_traces(sd: StageDir) -> set[str]:
+    """Traces that have no steps, remembered per shard so a resumed run does not count them as pending."""
+    out: set[str] = set()
+    for path in sd.shards.glob("empty-*.json") if sd.shards.exists() else []:
+        out.update(read_json(path, []))
+    return out
+
+
+def _label_shard(
+    cfg: PipelineConfig,
+    *,
+    sd: StageDir,
+    key: str,
+    group: list[TraceRecord],
+    backend_factory: Any,
+    tax: Any,
+    stats: Counter[str],
+) -> int:
+    """Label the traces of one shard that are not labeled yet; write the shard with all its
+    labels (earlier ones kept). Returns how many traces were labeled now."""
+    from rscaffold.labeling.labeler import label_traces
+    from rscaffold.segment import split_steps, trace_body
+
+    existing = sd.read_shard_map(SHARD, LabeledStepRecord).get(key, [])
+    labeled = {s.trace_id for s in existing}
+    empty = set(read_json(sd.shards / f"empty-{key}.json", []))
+    work = []
+    for t in group:
+        if t.trace_id in labeled or t.trace_id in empty:
+            continue
+        steps = split_steps(trace_body(t.reasoning, t.text), cfg.labeling.segmentation)
+        if not steps:
+            empty.add(t.trace_id)
+            continue
+        work.append((t.trace_id, t.problem_id, t.question, steps))
+    write_json(sd.shards / f"empty-{key}.json", sorted(empty))
+    if not work:
+        return 0
+    batch: list[LabeledStepRecord] = list(existing)
+    backend = backend_factory() if cfg.labeling.method == "llm" else None
+    for records in label_traces(work, tax, backend, sampling=cfg.labeling.sampling, cfg=cfg.labeling, stats=stats):
+        batch.extend(records)
+    sd.write_shard(SHARD, batch, LabeledStepRecord, key=key)
+    return len(work)
+
+
+def labeling_shards(cfg: PipelineConfig, teacher: StageRef) -> list[str]:
+    """The keys of the labeling shards (for a stage fanned out as one task per shard)."""
+    return [key for key, _ in _work(cfg, teacher)[2]]
+
+
+def run_labeling_shard(cfg: PipelineConfig, fps: dict[str, str], teacher: StageRef, *, key: str) -> dict[str, Any]:
+    """Label one shard into the stage's work directory (one task of a fanned-out stage;
+    :func:`run_labeling` then assembles and publishes). The labeler model is loaded once per
+    worker process; the shard's lock keeps two workers off one shard."""
+    from rscaffold.labeling.taxonomy import load_taxonomy
+    from rscaffold.llm import create_backend
+
+    sd = StageDir(cfg.run.artifacts_dir, "labeling", fps["labeling"])
+    out: dict[str, Any] = {"key": key, "pid": os.getpid(), "host": socket.gethostname(), "labeled": 0}
+    sd.prepare()
+    group = dict(_work(cfg, teacher)[2])[key]
+    holder: list[Any] = []
+
+    def backend():
+        if not holder:
+            holder.append(create_backend(cfg.labeler_llm(), cache=request_cache(cfg), shared=True))
+        return holder[0]
+
+    with sd.shard_lock(SHARD, key):
+        out["labeled"] = _label_shard(
+            cfg,
+            sd=sd,
+            key=key,
+            group=group,
+            backend_factory=backend,
+            tax=load_taxonomy(cfg.labeling.taxonomy),
+            stats=Counter(),
+        )
+    if holder:
+        out["requests"] = request_summary(holder[0], cfg.labeler_llm())
+    return out
 
 
 def run_labeling(
@@ -36,73 +141,44 @@ def run_labeling(
     fresh: bool = False,
     progress: Progress | None = None,
 ) -> StageRef:
-    """Segment and label the kept traces; write ``labeled_steps.parquet`` and the quality report."""
-    from rscaffold.dataset import select_traces
-    from rscaffold.labeling.labeler import label_traces
+    """Segment and label the kept traces; write ``labeled_steps.parquet`` and the quality report.
+
+    The kept traces are cut into shards (``labeling.shard_size`` traces, named by index range),
+    each labeled with one batched request round and persisted at once; traces already labeled in
+    a shard are not sent again.
+    """
     from rscaffold.labeling.quality import label_quality_report
-    from rscaffold.labeling.report import (
-        plot_transition_heatmap,
-        render_quality_markdown,
-    )
+    from rscaffold.labeling.report import plot_transition_heatmap, render_quality_markdown
     from rscaffold.labeling.taxonomy import load_taxonomy
-    from rscaffold.segment import split_steps, trace_body
+    from rscaffold.llm import create_backend
 
     with open_stage(cfg, "labeling", fps, force=force, fresh=fresh) as (sd, done):
         if done:
             return done
         started = time.time()
         tax = load_taxonomy(cfg.labeling.taxonomy)
-        all_traces = read_records(teacher.output("traces"), TraceRecord)
-        traces, dropped = select_traces(all_traces, cfg.teacher.keep)
+        traces, dropped, groups = _work(cfg, teacher)
+        holder: list[Any] = []
 
-        # The work in a fixed order, cut into shards of shard_size traces named by their index range;
-        # traces whose labels are already in a shard (or that have no steps) are not sent again.
-        size = cfg.labeling.shard_size
-        groups = [traces[k : k + size] for k in range(0, len(traces), size)]
-        keys = [f"{k * size:06d}-{k * size + len(g) - 1:06d}" for k, g in enumerate(groups)]
-        existing = sd.read_shard_map(SHARD, LabeledStepRecord)
-        labeled = {s.trace_id for rows in existing.values() for s in rows}
-        empty = set(read_json(sd.shards / "empty_traces.json", []))
-        todo: list[tuple[str, list[tuple[str, str, str, list[str]]]]] = []
-        for key, group in zip(keys, groups):
-            work = []
-            for t in group:
-                if t.trace_id in labeled or t.trace_id in empty:
-                    continue
-                steps = split_steps(trace_body(t.reasoning, t.text), cfg.labeling.segmentation)
-                if not steps:
-                    empty.add(t.trace_id)
-                    continue
-                work.append((t.trace_id, t.problem_id, t.question, steps))
-            if work:
-                todo.append((key, work))
-        # Traces with no steps are remembered so a resumed run does not count them as pending.
-        write_json(sd.shards / "empty_traces.json", sorted(empty))
+        def backend():
+            if not holder:
+                holder.append(create_backend(cfg.labeler_llm(), cache=request_cache(cfg)))
+            return holder[0]
 
-        backend = None
-        if cfg.labeling.method == "llm" and todo:
-            from rscaffold.llm import create_backend
-
-            backend = create_backend(cfg.labeler_llm(), cache=request_cache(cfg))
         stats: Counter[str] = Counter()
-        total = sum(len(w) for _, w in todo)
         try:
-            done_n = 0
-            # One batched generate call per shard, persisted at once (with the shard's earlier labels).
-            for key, work in todo:
-                batch: list[LabeledStepRecord] = list(existing.get(key, []))
-                for records in label_traces(
-                    work, tax, backend, sampling=cfg.labeling.sampling, cfg=cfg.labeling, stats=stats
-                ):
-                    batch.extend(records)
-                sd.write_shard(SHARD, batch, LabeledStepRecord, key=key)
-                done_n += len(work)
+            for k, (key, group) in enumerate(groups):
+                with sd.shard_lock(SHARD, key):
+                    _label_shard(cfg, sd=sd, key=key, group=group, backend_factory=backend, tax=tax, stats=stats)
                 if progress:
-                    progress(done_n, total)
+                    progress(k + 1, len(groups))
         finally:
-            if backend is not None:
-                backend.close()
-                log_request_stats("labeling", backend, cfg.labeler_llm())
+            for b in holder:
+                b.close()
+                log_request_stats("labeling", b, cfg.labeler_llm())
+        backend = holder[0] if holder else None
+        empty = _empty_traces(sd)
+        all_traces_n = dropped.pop("total")
 
         kept_ids = {t.trace_id for t in traces}
         steps = [s for s in sd.read_shards(SHARD, LabeledStepRecord) if s.trace_id in kept_ids]
@@ -127,7 +203,7 @@ def run_labeling(
         # The taxonomy travels with the labels: the stages after this one read it from here.
         tax.save(sd.work / "taxonomy.yaml")
         summary = {
-            "traces": len(all_traces),
+            "traces": all_traces_n,
             "kept_traces": len(traces),
             "dropped": dropped,
             "labeled_traces": len({s.trace_id for s in steps}),

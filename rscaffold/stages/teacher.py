@@ -30,10 +30,13 @@ callback (the flow feeds it to its progress artifact).
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tqdm import tqdm
 
@@ -196,6 +199,12 @@ def shard_key(items: Sequence[TraceWork]) -> str:
     return f"{items[0].index:06d}-{items[-1].index:06d}"
 
 
+def shard_keys(problems: Sequence[ProblemRecord], cfg: TeacherConfig) -> list[str]:
+    """The keys of every shard of the teacher's work, in order."""
+    items = work_items(problems, cfg.samples_per_problem)
+    return [shard_key(items[k : k + cfg.shard_size]) for k in range(0, len(items), cfg.shard_size)]
+
+
 class TeacherUnavailableError(RuntimeError):
     """The teacher could not be reached: many requests in a row failed with transport errors."""
 
@@ -209,6 +218,7 @@ def generate_traces(
     answer_fn: AnswerFn,
     check_fn: CheckFn,
     progress: ProgressFn | None = None,
+    only: Collection[str] | None = None,
 ) -> TraceRunResult:
     """Generate (or resume) the teacher traces of ``problems``; see the module doc.
 
@@ -224,6 +234,9 @@ def generate_traces(
     failing with transport errors (the endpoint is down). Exceptions from the backend itself (not
     per-request failures, which backends turn into error completions) propagate after the finished
     traces have been flushed.
+
+    ``only``: generate just the shards with these keys (:func:`shard_keys`; one shard task of a
+    stage fanned out over workers); the failure threshold is then left to the whole stage.
     """
     items = work_items(problems, cfg.samples_per_problem)
     by_trace = {w.trace_id: w for w in items}
@@ -242,7 +255,10 @@ def generate_traces(
             records[t.trace_id] = t  # an ok trace wins over a failed one
     finished = {tid for tid, t in records.items() if t.status == "ok"}
     resumed = len(finished)
-    pending = [[w for w in shard if w.trace_id not in finished] for shard in shards]
+    pending = [
+        [w for w in shard if w.trace_id not in finished] if only is None or shard_key(shard) in only else []
+        for shard in shards
+    ]
     n_requested = sum(len(p) for p in pending)
     if resumed:
         log.info("teacher: resuming, %d of %d traces already done; %d to generate", resumed, len(items), n_requested)
@@ -320,7 +336,7 @@ def generate_traces(
         "correct": sum(1 for t in traces if t.correct),
     }
     result = TraceRunResult(traces, counts, Counter(t.error or "unknown error" for t in failed))
-    if traces and len(failed) / len(traces) > cfg.max_failure_rate:
+    if only is None and traces and len(failed) / len(traces) > cfg.max_failure_rate:
         reason, times = result.failure_reasons.most_common(1)[0]
         raise TeacherFailureError(
             f"{len(failed)} of {len(traces)} teacher generations failed "
@@ -363,6 +379,55 @@ def teacher_prompt_config(cfg: PipelineConfig) -> TeacherConfig:
     return cfg.teacher.model_copy(update={"prompt_template": BENCHMARKS[cfg.problems.format].prompt_template})
 
 
+def _answer_fns(cfg: PipelineConfig) -> tuple[AnswerFn, CheckFn]:
+    from rscaffold.evalsets.answers import extract_answer, is_correct
+    from rscaffold.evalsets.loaders import BENCHMARKS
+
+    answer_type = BENCHMARKS[cfg.problems.format].answer_type
+    return (
+        lambda text: extract_answer(text, answer_type),
+        lambda pred, gold: pred is not None and is_correct(pred, gold, answer_type),
+    )
+
+
+def teacher_shards(cfg: PipelineConfig, problems: StageRef) -> list[str]:
+    """The keys of the teacher's shards (for a stage fanned out as one task per shard)."""
+    return shard_keys(read_problems(problems, "train"), teacher_prompt_config(cfg))
+
+
+def run_teacher_shard(cfg: PipelineConfig, fps: dict[str, str], problems: StageRef, *, key: str) -> dict[str, Any]:
+    """Generate one shard of the teacher stage into its work directory (one task of a fanned-out
+    stage; :func:`run_teacher` then assembles and publishes). The model is loaded once per worker
+    process and kept for its next shard; the shard's own lock keeps two workers off one shard."""
+    from rscaffold.llm import create_backend
+
+    sd = StageDir(cfg.run.artifacts_dir, "teacher", fps["teacher"])
+
+    sd.prepare()
+    answer_fn, check_fn = _answer_fns(cfg)
+    with sd.shard_lock(TRACES_SHARD, key):
+        backend = create_backend(cfg.teacher.llm, cache=request_cache(cfg), shared=True)
+        try:
+            result = generate_traces(
+                read_problems(problems, "train"),
+                backend,
+                teacher_prompt_config(cfg),
+                stage=sd,
+                answer_fn=answer_fn,
+                check_fn=check_fn,
+                only={key},
+            )
+        finally:
+            backend.close()
+    return {
+        "key": key,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "generated": result.counts["requested"],
+        "requests": request_summary(backend, cfg.teacher.llm),
+    }
+
+
 def run_teacher(
     cfg: PipelineConfig,
     fps: dict[str, str],
@@ -378,15 +443,13 @@ def run_teacher(
     fingerprint changed for any reason re-serves every request answered before. Which traces go on
     (``teacher.keep``) is decided by the stages after this one, so changing it re-runs nothing here.
     """
-    from rscaffold.evalsets.answers import extract_answer, is_correct
-    from rscaffold.evalsets.loaders import BENCHMARKS
     from rscaffold.llm import create_backend
 
     with open_stage(cfg, "teacher", fps, force=force, fresh=fresh) as (sd, done):
         if done:
             return done
         started = time.time()
-        answer_type = BENCHMARKS[cfg.problems.format].answer_type
+        answer_fn, check_fn = _answer_fns(cfg)
         teacher_cfg = teacher_prompt_config(cfg)
         train = read_problems(problems, "train")
         backend = create_backend(cfg.teacher.llm, cache=request_cache(cfg))
@@ -396,8 +459,8 @@ def run_teacher(
                 backend,
                 teacher_cfg,
                 stage=sd,
-                answer_fn=lambda text: extract_answer(text, answer_type),
-                check_fn=lambda pred, gold: pred is not None and is_correct(pred, gold, answer_type),
+                answer_fn=answer_fn,
+                check_fn=check_fn,
                 progress=progress,
             )
         finally:

@@ -9,6 +9,7 @@ with DDP on gloo) on a tiny random-init student.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -174,3 +175,42 @@ def test_launch_requires_the_dataset_stage(tiny_model_dir, smollm2_dir, tmp_path
     err = capsys.readouterr().err
     assert "dataset stage" in err and "not complete" in err and "rscaffold stage dataset" in err
     assert not (tmp_path / "empty" / "training").exists()
+
+
+@pytest.mark.slow
+def test_the_training_task_launches_n_processes(upstream, tmp_path):
+    """training.num_processes: 2 makes the flow's training task run `accelerate launch` itself (two
+    CPU processes in a gloo group) and follow it."""
+    from prefect.testing.utilities import prefect_test_harness
+    from rscaffold_flows.pipeline import rscaffold_stage
+
+    config, cfg, _ = upstream
+    artifacts = tmp_path / "artifacts"
+    for stage in ("problems", "teacher", "labeling", "dataset"):
+        shutil.copytree(Path(cfg.run.artifacts_dir) / stage, artifacts / stage, dirs_exist_ok=True)
+    cfg2 = load_config(config, {"run": {"artifacts_dir": str(artifacts)}, "training": {"num_processes": 2}})
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    launch_log = logging.getLogger("rscaffold.tasks.launch")  # (Prefect reconfigures the root logger)
+    launch_log.addHandler(handler)
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            refs = rscaffold_stage(config=cfg2, stage="training")
+    finally:
+        launch_log.removeHandler(handler)
+    assert any("training: scaffolded on 2 process(es)" in line for line in lines), lines[-20:]
+    fps2 = plan_fingerprints(cfg2)
+    assert refs["training"]["path"] == str(StageDir(artifacts, "training", fps2["training"]).path)
+    _check_trained(cfg2, fps2)
+
+
+def test_a_failed_launch_fails_the_task_with_its_output(upstream, tmp_path):
+    from rscaffold_tasks._launch import LaunchFailedError, launch_training
+
+    _, cfg, fps = upstream
+    broken = cfg.model_copy(deep=True)
+    broken.run.artifacts_dir = str(tmp_path / "empty")  # the dataset stage is missing there
+    broken.training.num_processes = 2
+    with pytest.raises(LaunchFailedError, match="dataset stage for this config is not complete"):
+        launch_training(broken, fps)

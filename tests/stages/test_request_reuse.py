@@ -204,7 +204,7 @@ def test_prefect_cache_key_includes_the_artifacts_root(tiny_model_dir, smollm2_d
     def cfg_for(root: Path):
         return config_from_dict(
             {
-                "run": {"artifacts_dir": str(root), "retries": 0},
+                "run": {"artifacts_dir": str(root), "retries": 0, "isolate_model_stages": "never"},
                 "problems": {"train": str(DATA / "problems" / "train.jsonl"), "eval": str(DATA / "problems" / "eval.jsonl"),
                              "limit_train": 4, "limit_eval": 2},
                 "teacher": {"llm": {"backend": "transformers", "model": str(tiny_model_dir)},

@@ -1,0 +1,94 @@
+"""Data-parallel stages on a real local Ray cluster (2 CPU workers, started by the test) through
+prefect-ray: one Prefect task per shard, in different worker processes; a worker killed mid-shard
+is retried; the stage's Parquet output is the one a sequential run writes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+from helpers import tiny_config_dict
+from prefect.testing.utilities import prefect_test_harness
+
+from rscaffold.config import config_from_dict
+
+pytestmark = pytest.mark.slow
+ray = pytest.importorskip("ray", reason="the Ray tests need rscaffold[ray]")
+pytest.importorskip("prefect_ray", reason="the Ray tests need rscaffold[ray]")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, namespace="prefect", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def config(tiny_model_dir: Path, smollm2_dir: Path, artifacts: Path, runner: str, **teacher):
+    raw = tiny_config_dict(tiny_model_dir, smollm2_dir, artifacts)
+    raw["run"].update(task_runner=runner, retries=1, retry_delay_s=0)
+    raw["teacher"].update(shard_size=2, **teacher)
+    raw["labeling"].update(shard_size=2)
+    return config_from_dict(raw)
+
+
+def table(ref: dict, name: str) -> list[dict]:
+    rows = pq.read_table(Path(ref["path"]) / ref["outputs"][name]).to_pylist()
+    return [{k: v for k, v in r.items() if k != "latency_s"} for r in rows]
+
+
+def test_shards_run_on_ray_workers_like_a_sequential_run(ray_cluster, harness, tiny_model_dir, smollm2_dir, tmp_path):
+    from rscaffold_flows.pipeline import rscaffold_stage
+
+    on_ray = rscaffold_stage(config=config(tiny_model_dir, smollm2_dir, tmp_path / "ray", "ray"), stage="labeling")
+    sequential = rscaffold_stage(
+        config=config(tiny_model_dir, smollm2_dir, tmp_path / "seq", "local"), stage="labeling"
+    )
+    shards = on_ray["teacher"]["shards"]
+    assert [s["key"] for s in shards] == ["000000-000001", "000002-000003", "000004-000005", "000006-000007"]
+    assert len({s["pid"] for s in shards}) >= 2 and os.getpid() not in {s["pid"] for s in shards}
+    assert sum(s["generated"] for s in shards) == 8
+    assert len({s["pid"] for s in on_ray["labeling"]["shards"]}) >= 1
+    assert "shards" not in sequential["teacher"]
+    assert table(on_ray["teacher"], "traces") == table(sequential["teacher"], "traces")
+    assert table(on_ray["labeling"], "labeled_steps") == table(sequential["labeling"], "labeled_steps")
+
+
+def test_a_worker_killed_mid_shard_is_retried(ray_cluster, harness, tiny_model_dir, smollm2_dir, tmp_path):
+    from rscaffold_flows.pipeline import rscaffold_stage
+
+    cfg = config(tiny_model_dir, smollm2_dir, tmp_path / "kill", "ray")
+    cfg.teacher.sampling.max_new_tokens = 96  # long enough to be caught mid-shard
+    killed: list[int] = []
+
+    def kill_a_busy_worker():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            for p in psutil.process_iter(["cmdline"]):
+                if " ".join(p.info["cmdline"] or []).startswith("ray::teacher-shard"):
+                    time.sleep(0.3)  # inside the shard's generation
+                    os.kill(p.pid, signal.SIGKILL)
+                    killed.append(p.pid)
+                    return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_a_busy_worker, daemon=True)
+    killer.start()
+    refs = rscaffold_stage(config=cfg, stage="teacher")
+    killer.join(timeout=5)
+    assert killed, "no shard was seen running"
+    pids = {s["pid"] for s in refs["teacher"]["shards"]}
+    assert killed[0] not in pids  # the killed worker's shard was done again elsewhere
+    assert len(pq.read_table(Path(refs["teacher"]["path"]) / "traces.parquet")) == 8
