@@ -15,8 +15,10 @@ from rich.table import Table
 from rscaffold.config import (
     ConfigError,
     PipelineConfig,
+    deep_merge,
     explain_config,
     load_config,
+    parse_assignments,
 )
 from rscaffold.stages.plan import preflight
 from rscaffold.vocabulary import STAGES
@@ -24,6 +26,26 @@ from rscaffold.vocabulary import STAGES
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Reasoning Scaffolding pipeline (teacher -> signals -> student)."
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import rscaffold
+
+        typer.echo(f"rscaffold {rscaffold.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Reasoning Scaffolding pipeline (teacher -> signals -> student)."""
+
+
 models_app = typer.Typer(no_args_is_help=True, help="Prepare local models.")
 app.add_typer(models_app, name="models")
 # Piped output (logs, CI) gets a width that fits the tables instead of rich's 80 columns.
@@ -50,6 +72,17 @@ NoWaitOpt = Annotated[
         "directory (default: wait for it, then reuse its output).",
     ),
 ]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help="Override one config key, e.g. --set training.max_steps=200 --set teacher.sampling.temperature=0.6. "
+        "The value is read as YAML (numbers, true/false, null, [lists], {maps}) and validated like the file; "
+        "relative paths are relative to the working directory. Repeatable; applied after the file.",
+    ),
+]
 RefreshRequestsOpt = Annotated[
     bool,
     typer.Option(
@@ -69,15 +102,27 @@ def _run_overrides(no_wait: bool, refresh_requests: bool) -> dict:
     return run
 
 
-def _load(config: Path | None, artifacts_dir: Path | None, run: dict | None = None) -> PipelineConfig:
-    """The validated config (``run``: overrides of its ``run`` section from command-line flags)."""
+def _load(
+    config: Path | None,
+    artifacts_dir: Path | None,
+    run: dict | None = None,
+    *,
+    assignments: list[str] | None = None,
+    check: bool = True,
+) -> PipelineConfig:
+    """The validated config: the file, then the ``--set`` ``assignments``, then ``run`` (overrides
+    of its ``run`` section from command-line flags); ``check``: also the preflight (inputs exist,
+    fingerprints can be planned)."""
     run = dict(run or {})
     if artifacts_dir:
         run["artifacts_dir"] = str(artifacts_dir.resolve())
-    overrides = {"run": run} if run else None
     try:
-        cfg = load_config(config, overrides)
-        preflight(cfg)
+        overrides = parse_assignments(assignments or [], base=Path.cwd())
+        if run:
+            overrides = deep_merge(overrides, {"run": run})
+        cfg = load_config(config, overrides or None)
+        if check:
+            preflight(cfg)
     except ConfigError as e:
         err.print(f"[bold red]config error[/]: {e}")
         raise typer.Exit(2) from None
@@ -129,6 +174,7 @@ def run(
         ),
     ] = None,
     *,
+    set_: SetOpt = None,
     artifacts_dir: ArtifactsOpt = None,
     fresh: FreshOpt = False,
     no_wait: NoWaitOpt = False,
@@ -140,7 +186,7 @@ def run(
     (`prefect server start`). Every stage is cached on its config and inputs: a second run with
     nothing changed recomputes nothing.
     """
-    cfg = _load(config, artifacts_dir, _run_overrides(no_wait, refresh_requests))
+    cfg = _load(config, artifacts_dir, _run_overrides(no_wait, refresh_requests), assignments=set_)
     bad = [s for s in (refresh or []) if s not in STAGES]
     if bad:
         err.print(f"[bold red]error[/]: unknown stage(s) {bad}; stages are {list(STAGES)}")
@@ -159,6 +205,7 @@ def stage(
     config: ConfigOpt = None,
     downstream: Annotated[bool, typer.Option(help="Also recompute every stage after it.")] = False,
     *,
+    set_: SetOpt = None,
     artifacts_dir: ArtifactsOpt = None,
     fresh: FreshOpt = False,
     no_wait: NoWaitOpt = False,
@@ -172,7 +219,7 @@ def stage(
     if name not in STAGES:
         err.print(f"[bold red]error[/]: unknown stage {name!r}; stages are {list(STAGES)}")
         raise typer.Exit(2) from None
-    cfg = _load(config, artifacts_dir, _run_overrides(no_wait, refresh_requests))
+    cfg = _load(config, artifacts_dir, _run_overrides(no_wait, refresh_requests), assignments=set_)
     from rscaffold_flows.ephemeral_server import prefect_api
     from rscaffold_flows.pipeline import rscaffold_stage
 
@@ -191,6 +238,7 @@ def serve_command(
     timezone: Annotated[str, typer.Option(help="IANA time zone of the cron schedule.")] = "UTC",
     *,
     limit: Annotated[int, typer.Option(min=1, help="Flow runs executed at the same time.")] = 1,
+    set_: SetOpt = None,
     artifacts_dir: ArtifactsOpt = None,
 ) -> None:
     """Serve the pipeline (on a cron schedule) and the stage flow from this process, no work pool needed.
@@ -199,7 +247,7 @@ def serve_command(
 
     Needs a Prefect server: `prefect server start` and PREFECT_API_URL.
     """
-    cfg = _load(config, artifacts_dir)
+    cfg = _load(config, artifacts_dir, assignments=set_)
     from rscaffold_flows.serve import (
         DEFAULT_CRON,
         ServeError,
@@ -227,24 +275,22 @@ def show_config(
     explain: Annotated[
         bool, typer.Option("--explain", help="Put each key's meaning above it, as a YAML comment.")
     ] = False,
+    *,
+    set_: SetOpt = None,
 ) -> None:
-    """Print the fully resolved config (defaults filled in) as YAML."""
-    try:
-        cfg = load_config(config)
-    except ConfigError as e:
-        err.print(f"[bold red]config error[/]: {e}")
-        raise typer.Exit(2) from None
+    """Print the fully resolved config (defaults filled in, --set overrides applied) as YAML."""
+    cfg = _load(config, None, assignments=set_, check=False)
     text = explain_config(cfg) if explain else yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     console.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
-def fingerprints(config: ConfigOpt = None, artifacts_dir: ArtifactsOpt = None) -> None:
+def fingerprints(config: ConfigOpt = None, artifacts_dir: ArtifactsOpt = None, *, set_: SetOpt = None) -> None:
     """Print each stage's fingerprint and whether its output is complete."""
     from rscaffold.stages.plan import plan_fingerprints
     from rscaffold.store import StageDir
 
-    cfg = _load(config, artifacts_dir)
+    cfg = _load(config, artifacts_dir, assignments=set_)
     for stage_name, fp in plan_fingerprints(cfg).items():
         sd = StageDir(cfg.run.artifacts_dir, stage_name, fp)
         console.print(f"{stage_name:<11} {fp}  {'complete' if sd.is_complete() else 'missing '}  {sd.path}")

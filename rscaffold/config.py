@@ -621,6 +621,38 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return config_from_dict(raw, base=path.parent.resolve(), source=str(path))
 
 
+def parse_assignments(assignments: list[str] | tuple[str, ...], base: Path | None = None) -> dict[str, Any]:
+    """``["training.max_steps=200", "teacher.sampling.temperature=0.6"]`` as a nested override dict.
+
+    Each value is read as YAML (``200`` an int, ``0.6`` a float, ``null``, ``[a, b]``, ``{r: 8}``,
+    anything else a string), so it is typed and then validated exactly like the same key in a
+    config file. Relative paths in it are resolved against ``base`` (the working directory of a
+    command line), not against the config file's directory. Raises :class:`ConfigError` for an
+    assignment that is not ``dotted.key=value``.
+    """
+    out: dict[str, Any] = {}
+    for item in assignments:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        parts = key.split(".")
+        if not eq or not key or any(not p.strip() for p in parts):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. training.max_steps=200")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: the value is not valid YAML: {err}") from None
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is also set to a value")
+            node = child
+        if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
+            raise ConfigError(f"--set {key}: keys below it are set too")
+        node[parts[-1]] = deep_merge(node[parts[-1]], value) if isinstance(node.get(parts[-1]), dict) else value
+    return _resolve_paths(out, base) if base is not None else out
+
+
 def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for k, v in b.items():
