@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from rscaffold.paths import data_dir, default_model_dir
-from rscaffold.vocabulary import STUDENTS, BenchmarkName, StudentName
+from rscaffold.vocabulary import BENCHMARK_NAMES, CUSTOM_FORMAT, STUDENTS, BenchmarkName, StudentName
 
 BackendName = Literal["transformers", "openai", "vllm"]
 
@@ -153,16 +153,86 @@ class SamplingConfig(_Section):
     )
 
 
+CustomAnswerType = Literal["number", "math", "yesno", "choice", "text"]
+
+
+class FieldMapping(_Section):
+    """Which field of a row holds what (a key of a JSON object, a CSV column, a Parquet or hub column;
+    ``a.b`` reaches a nested object's field)."""
+
+    question: str = Field(default="question", description="The field holding the question text.")
+    answer: str = Field(
+        default="answer",
+        description="The field holding the gold final answer (number: a number; yesno: true/false or yes/no; "
+        "choice: the option's letter, its text, or a 0-based index; math, text: the answer text).",
+    )
+    solution: str | None = Field(
+        default=None, description="The field holding a worked solution, if any (kept as gold_solution)."
+    )
+    options: str | list[str] | None = Field(
+        default=None,
+        description="choice only: one field holding the list of options, or a list of fields with one option each "
+        "(e.g. [A, B, C, D] columns of a CSV).",
+    )
+    id: str | None = Field(
+        default=None,
+        description="The field holding a stable id (problem ids become '<name>-<id>'); default: the row's position.",
+    )
+
+
+class CustomFormat(_Section):
+    """A user's own problem set: field mapping and answer type (``format: custom``).
+
+    The answer type selects the prompt and the answer checker: ``number`` (a numeric final answer,
+    GSM8K-style prompt), ``math`` (an expression, checked with math-verify, MATH-style prompt),
+    ``yesno``, ``choice`` (options listed as ``A. ...`` lines, answered by letter) and ``text`` (a
+    short free-text answer, compared after lower-casing and removing punctuation and articles).
+    """
+
+    name: str = Field(
+        default="custom",
+        pattern=r"^[a-z0-9][a-z0-9_-]*$",
+        description="What the problem set is called: the prefix of its problem ids and the benchmark's name in reports.",
+    )
+    answer_type: CustomAnswerType = Field(
+        description="number, math (an expression), yesno, choice or text: selects the prompt and the answer checker."
+    )
+    fields: FieldMapping = Field(default_factory=FieldMapping, description="Which field holds what.")
+
+    @model_validator(mode="after")
+    def _check(self) -> CustomFormat:
+        if self.name in BENCHMARK_NAMES:
+            raise ValueError(f"name {self.name!r} is a built-in benchmark; use that format, or another name")
+        if self.answer_type == "choice" and not self.fields.options:
+            raise ValueError("answer_type 'choice' needs fields.options (the field(s) holding the options)")
+        if self.answer_type != "choice" and self.fields.options:
+            raise ValueError(f"fields.options is only for answer_type 'choice' (got {self.answer_type!r})")
+        return self
+
+
+def _check_custom(fmt: str, custom: CustomFormat | None, what: str) -> None:
+    if fmt == CUSTOM_FORMAT and custom is None:
+        raise ValueError(f"{what} 'custom' needs a 'custom' section (answer_type and fields)")
+    if fmt != CUSTOM_FORMAT and custom is not None:
+        raise ValueError(f"a 'custom' section needs {what} 'custom' (got {fmt!r})")
+
+
 class ProblemsConfig(_Section):
     """Where the training and evaluation problems come from.
 
     ``train`` / ``eval`` are a local file (GSM8K-format JSONL: ``question`` and ``answer`` ending in
     ``#### <final>``) or ``hub:<dataset id>[:<split>]`` (for example ``hub:openai/gsm8k:test``),
-    which needs network access to the Hugging Face hub.
+    which needs network access to the Hugging Face hub. ``format: custom`` reads your own problems
+    (JSONL, JSON array, CSV, Parquet or a hub dataset) through the ``custom`` field mapping.
     """
 
-    format: BenchmarkName = Field(
-        default="gsm8k", description="The benchmark family of the problems: its file format, answer checker and prompt."
+    format: BenchmarkName | Literal["custom"] = Field(
+        default="gsm8k",
+        description="The benchmark family of the problems (its file format, answer checker and prompt), or 'custom': "
+        "your own file with the field mapping and answer type of 'custom'.",
+    )
+    custom: CustomFormat | None = Field(
+        default=None, description="format 'custom': the problem set's name, answer type and field mapping."
     )
     train: str = Field(
         default_factory=lambda: str(data_dir() / "problems" / "train.jsonl"),
@@ -179,6 +249,11 @@ class ProblemsConfig(_Section):
         default=None, ge=1, description="Use a seeded subsample of this many evaluation problems."
     )
     seed: int = Field(default=0, description="Seed of the subsamples.")
+
+    @model_validator(mode="after")
+    def _check_format(self) -> ProblemsConfig:
+        _check_custom(self.format, self.custom, "format")
+        return self
 
 
 # The answer-format instruction comes from the benchmark family's prompt template.
@@ -389,7 +464,10 @@ class BenchmarkSource(_Section):
     published file is its train split), ``train`` the rest, ``all`` everything.
     """
 
-    name: BenchmarkName = Field(description="Which benchmark: its file layout, answer checker and prompt.")
+    name: BenchmarkName | Literal["custom"] = Field(
+        description="Which benchmark: its file layout, answer checker and prompt; 'custom': your own problems "
+        "(with 'custom')."
+    )
     source: str = Field(
         description="The published file, a directory holding it (directly or under <name>/), or "
         "hub:<dataset id>[@<config>][:<split>]."
@@ -405,6 +483,19 @@ class BenchmarkSource(_Section):
     heldout_fraction: float = Field(
         default=0.2, gt=0, lt=1, description="Share held out for part 'heldout' (by a seeded hash of the problem id)."
     )
+    custom: CustomFormat | None = Field(
+        default=None, description="name 'custom': the problem set's name, answer type and field mapping."
+    )
+
+    @model_validator(mode="after")
+    def _check_format(self) -> BenchmarkSource:
+        _check_custom(self.name, self.custom, "name")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The benchmark's name in reports: the built-in name, or the custom set's name."""
+        return self.custom.name if self.custom is not None else self.name
 
 
 class EvaluationConfig(_Section):
@@ -451,7 +542,7 @@ class EvaluationConfig(_Section):
     @field_validator("benchmarks")
     @classmethod
     def _unique_benchmarks(cls, v: list[BenchmarkSource]) -> list[BenchmarkSource]:
-        names = [b.name for b in v]
+        names = [b.label for b in v]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"each benchmark may be listed once; repeated: {dup}")

@@ -28,8 +28,9 @@ def plan_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     """The fingerprint of every stage, in stage order."""
     p = cfg.problems
     problems_code = stage_code_version("problems")
-    train_part = fingerprint("problems:train", p.format, source_digest(p.train), p.limit_train, p.seed, problems_code)
-    eval_part = fingerprint("problems:eval", p.format, source_digest(p.eval), p.limit_eval, p.seed, problems_code)
+    fmt = [p.format, p.custom]  # custom: its field mapping and answer type
+    train_part = fingerprint("problems:train", *fmt, source_digest(p.train), p.limit_train, p.seed, problems_code)
+    eval_part = fingerprint("problems:eval", *fmt, source_digest(p.eval), p.limit_eval, p.seed, problems_code)
     teacher = fingerprint_view(cfg.teacher)
     keep = teacher.pop("keep")
     labeling = fingerprint_view(cfg.labeling)

@@ -356,11 +356,12 @@ class _TransportBreaker:
 
 def teacher_prompt_config(cfg: PipelineConfig) -> TeacherConfig:
     """The teacher config with its prompt template filled in from the benchmark family if unset."""
-    from rscaffold.evalsets.loaders import BENCHMARKS
+    from rscaffold.evalsets.loaders import benchmark_for
 
     if cfg.teacher.prompt_template is not None:
         return cfg.teacher
-    return cfg.teacher.model_copy(update={"prompt_template": BENCHMARKS[cfg.problems.format].prompt_template})
+    template = benchmark_for(cfg.problems.format, cfg.problems.custom).prompt_template
+    return cfg.teacher.model_copy(update={"prompt_template": template})
 
 
 def run_teacher(
@@ -379,14 +380,14 @@ def run_teacher(
     (``teacher.keep``) is decided by the stages after this one, so changing it re-runs nothing here.
     """
     from rscaffold.evalsets.answers import extract_answer, is_correct
-    from rscaffold.evalsets.loaders import BENCHMARKS
+    from rscaffold.evalsets.loaders import benchmark_for
     from rscaffold.llm import create_backend
 
     with open_stage(cfg, "teacher", fps, force=force, fresh=fresh) as (sd, done):
         if done:
             return done
         started = time.time()
-        answer_type = BENCHMARKS[cfg.problems.format].answer_type
+        answer_type = benchmark_for(cfg.problems.format, cfg.problems.custom).answer_type
         teacher_cfg = teacher_prompt_config(cfg)
         train = read_problems(problems, "train")
         backend = create_backend(cfg.teacher.llm, cache=request_cache(cfg))
