@@ -321,6 +321,61 @@ def report_command(
     console.print(f"chart:  {chart}")
 
 
+@app.command("export")
+def export_command(
+    dataset_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="A dataset stage directory (artifacts/dataset/<fingerprint>), or the artifacts root (or its "
+            "dataset/ folder): then the newest complete dataset in it is used."
+        ),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Write the Hugging Face dataset folder here (default with --push-to-hub: a temporary one)."),
+    ] = None,
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option(
+            "--push-to-hub", metavar="REPO", help="Upload it to this Hub dataset repository (needs `hf auth login`)."
+        ),
+    ] = None,
+    *,
+    private: Annotated[bool, typer.Option(help="Create the Hub repository as private.")] = False,
+    license: Annotated[
+        str | None,
+        typer.Option(help="The card's license (default: the problems' source license; 'other' when unknown)."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace data/ and README.md of an existing --out folder.")] = False,
+) -> None:
+    """Export a dataset as a Hugging Face dataset (train/validation splits, chat columns, dataset card); optionally push it to the Hub.
+
+    `datasets.load_dataset(OUT)` loads it; `messages` holds the scaffolded chat (signal tokens before each step), `messages_plain` the plain one, `steps` the labeled steps.
+    """
+    import tempfile
+
+    from rscaffold.export import ExportError, export_dataset
+    from rscaffold.export import push_to_hub as push
+
+    if out is None and push_to_hub is None:
+        err.print("[bold red]error[/]: give --out DIR, --push-to-hub REPO, or both")
+        raise typer.Exit(2)
+    with tempfile.TemporaryDirectory(prefix="rscaffold-export-") as tmp:
+        try:
+            result = export_dataset(dataset_dir, out or Path(tmp), license=license, overwrite=overwrite)
+            if result.dataset_dir != dataset_dir.expanduser().resolve():
+                console.print(f"newest dataset under {dataset_dir}: {result.dataset_dir}")
+            splits = ", ".join(f"{k} {v}" for k, v in result.splits.items())
+            if out is not None:
+                console.print(f"exported to {result.out_dir} ({splits}); card: {result.card}")
+            if push_to_hub:
+                url = push(result.out_dir, push_to_hub, private=private)
+                console.print(f"pushed to {url} ({splits})")
+        except ExportError as e:
+            err.print(f"[bold red]error[/]: {e}")
+            raise typer.Exit(2) from None
+
+
 @models_app.command("fetch")
 def models_fetch(
     out: Annotated[Path | None, typer.Option(help="Target directory (default: the model cache).")] = None,
