@@ -376,6 +376,91 @@ class LoraSettings(_Section):
     )
 
 
+LrScheduler = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+]
+
+# The trainer arguments (TRL's SFTConfig / transformers' TrainingArguments) that rscaffold sets
+# itself, and where a config sets them instead ("" when the pipeline decides: the data is
+# tokenized, masked and truncated by rscaffold, checkpoints exist to resume, ...). training.args
+# refuses them.
+TRAINER_ARGS_SET_BY_RSCAFFOLD: dict[str, str] = {
+    "output_dir": "",
+    "resume_from_checkpoint": "",
+    "save_strategy": "",
+    "dataset_kwargs": "",
+    "dataset_text_field": "",
+    "remove_unused_columns": "",
+    "packing": "",
+    "completion_only_loss": "",
+    "assistant_only_loss": "",
+    "model_init_kwargs": "training.student_dtype, training.attn_implementation, training.load_in_4bit",
+    "max_steps": "training.max_steps",
+    "num_train_epochs": "training.epochs",
+    "per_device_train_batch_size": "training.per_device_batch_size",
+    "per_device_eval_batch_size": "training.per_device_batch_size",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+    "learning_rate": "training.learning_rate",
+    "lr_scheduler_type": "training.lr_scheduler",
+    "warmup_ratio": "training.warmup_ratio",
+    "warmup_steps": "training.warmup_steps, training.warmup_ratio",
+    "weight_decay": "training.weight_decay",
+    "logging_steps": "training.logging_steps",
+    "save_steps": "training.save_steps",
+    "seed": "training.seed",
+    "data_seed": "training.seed",
+    "bf16": "training.bf16",
+    "gradient_checkpointing": "training.gradient_checkpointing",
+    "activation_checkpointing": "training.gradient_checkpointing",
+    "report_to": "training.report_to",
+    "padding_free": "training.padding_free",
+    "max_length": "training.max_length",
+}
+# Trainer arguments in training.args that change how training runs (logging, progress bars, data
+# loading workers, the experiment tracker's names, hub pushes of checkpoints) but not the trained
+# weights: left out of the training fingerprint, like the EXECUTION fields.
+EXECUTION_TRAINER_ARGS: tuple[str, ...] = (
+    "disable_tqdm",
+    "run_name",
+    "project",
+    "trackio_space_id",
+    "trackio_bucket_id",
+    "trackio_static_space_id",
+    "log_level",
+    "log_level_replica",
+    "log_on_each_node",
+    "logging_first_step",
+    "logging_nan_inf_filter",
+    "logging_strategy",
+    "include_num_input_tokens_seen",
+    "skip_memory_metrics",
+    "dataloader_num_workers",
+    "dataloader_pin_memory",
+    "dataloader_persistent_workers",
+    "dataloader_prefetch_factor",
+    "dataloader_multiprocessing_context",
+    "ddp_timeout",
+    "save_total_limit",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_strategy",
+    "hub_token",
+    "hub_private_repo",
+    "hub_always_push",
+    "hub_revision",
+)
+
+
 class TrainingConfig(_Section):
     student: str = Field(
         default_factory=lambda: str(default_model_dir()),
@@ -399,14 +484,29 @@ class TrainingConfig(_Section):
     train_baseline: bool = Field(
         default=True, description="Also train the CoT-SFT baseline (no signals, lambda = 0) on the same rows."
     )
-    max_steps: int = Field(default=20, ge=1, description="Optimizer steps per student.")
+    max_steps: int | None = Field(
+        default=20, ge=1, description="Optimizer steps per student. null: train for 'epochs' instead."
+    )
+    epochs: float | None = Field(
+        default=None,
+        gt=0,
+        description="Train for this many epochs instead of max_steps (setting it alone makes max_steps null).",
+    )
     learning_rate: float = Field(default=5e-5, gt=0, description="Peak learning rate.")
+    lr_scheduler: LrScheduler = Field(
+        default="linear",
+        description="Learning-rate schedule after the warm-up (transformers' lr_scheduler_type; its options "
+        "go in args.lr_scheduler_kwargs).",
+    )
     per_device_batch_size: int = Field(default=4, ge=1, description="Examples per device per micro-batch.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
     max_length: int = Field(
         default=512, ge=16, description="Longest training sequence in tokens (prompt kept whole, completion truncated)."
     )
-    warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="Share of max_steps with linear warm-up.")
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="Share of the training steps with linear warm-up.")
+    warmup_steps: int | None = Field(
+        default=None, ge=1, description="Linear warm-up over this many steps (instead of warmup_ratio)."
+    )
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
     logging_steps: int = Field(
         default=5, ge=1, description="Log the losses every this many steps.", json_schema_extra=EXECUTION
@@ -429,12 +529,70 @@ class TrainingConfig(_Section):
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in the backward pass (less memory, slower)."
     )
+    student_dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        default="float32",
+        description="dtype the student's weights are loaded (and trained) in; 'auto': the checkpoint's own. "
+        "bfloat16 halves the memory of weights and optimizer state; bf16 mixed precision is 'bf16'.",
+    )
+    attn_implementation: str | None = Field(
+        default=None,
+        description="The student's attention kernel: 'sdpa', 'eager', 'flash_attention_2', a hub kernel such as "
+        "'kernels-community/flash-attn2', ... (default: transformers' choice).",
+    )
+    load_in_4bit: bool = Field(
+        default=False,
+        description="QLoRA: load the student's base weights in 4 bit (bitsandbytes NF4, bf16 compute) and train "
+        "LoRA adapters on them; needs 'lora', a CUDA GPU and pip install bitsandbytes.",
+    )
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Experiment trackers that receive the training logs: wandb, trackio, tensorboard, mlflow, "
+        "... (each must be installed; [] for none).",
+        json_schema_extra=EXECUTION,
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other argument of TRL's SFTConfig / transformers' TrainingArguments (optim, max_grad_norm, "
+        "lr_scheduler_kwargs, torch_compile, neftune_noise_alpha, ...), passed through as given. Keys rscaffold "
+        "sets itself are refused (set their training.* field). Part of the training fingerprint, except "
+        "logging, progress-bar, data-loader-worker and tracker keys (disable_tqdm, run_name, ...).",
+        json_schema_extra={"execution_keys": EXECUTION_TRAINER_ARGS},
+    )
     padding_free: bool = Field(
         default=False, description="Pack each batch into one row without padding (flash-attention varlen kernels)."
     )
     lora: LoraSettings | None = Field(
         default=None, description="Train LoRA adapters (peft) instead of all weights; the saved student is merged."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_max_steps(cls, data: Any) -> Any:
+        # `epochs` given without `max_steps`: train by epochs (max_steps' default would win otherwise).
+        if isinstance(data, dict) and data.get("epochs") is not None and "max_steps" not in data:
+            data = {**data, "max_steps": None}
+        return data
+
+    @model_validator(mode="after")
+    def _check_training(self) -> TrainingConfig:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of training.max_steps and training.epochs (the other null)")
+        if self.warmup_steps is not None and self.warmup_ratio:
+            raise ValueError("set training.warmup_steps or training.warmup_ratio, not both")
+        if self.load_in_4bit and self.lora is None:
+            raise ValueError("training.load_in_4bit (QLoRA) trains LoRA adapters on the 4-bit base: set training.lora")
+        if self.load_in_4bit and self.tiny is not None:
+            raise ValueError("training.load_in_4bit needs a real student, not training.tiny")
+        refused = {k: TRAINER_ARGS_SET_BY_RSCAFFOLD[k] for k in self.args if k in TRAINER_ARGS_SET_BY_RSCAFFOLD}
+        if refused:
+            raise ValueError(
+                "; ".join(
+                    f"training.args.{k} is set by rscaffold itself"
+                    + (f" from {where}: set it there" if where else " (the pipeline decides it)")
+                    for k, where in refused.items()
+                )
+            )
+        return self
 
 
 class GuidedInferenceConfig(_Section):
@@ -831,6 +989,8 @@ def fingerprint_view(section: BaseModel) -> dict[str, Any]:
         if extra.get("execution"):
             continue
         value = getattr(section, name)
+        if isinstance(value, dict) and extra.get("execution_keys"):
+            value = {k: v for k, v in value.items() if k not in extra["execution_keys"]}
         if isinstance(value, BaseModel):
             out[name] = fingerprint_view(value)
         elif isinstance(value, list):

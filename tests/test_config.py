@@ -169,3 +169,25 @@ def test_assignments_are_typed_nested_and_validated(tmp_path, monkeypatch):
         parse_assignments(["training=1", "training.max_steps=2"])
     with pytest.raises(ConfigError, match=r"training\.max_steps: Input should be a valid integer"):
         load_config(None, parse_assignments(["training.max_steps=many"]))
+
+
+def test_training_args_refuse_what_rscaffold_sets_and_execution_keys_leave_the_fingerprint():
+    from rscaffold.config import TrainingConfig, fingerprint_view
+
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"training": {"args": {"max_steps": 5, "output_dir": "x"}}})
+    msg = str(e.value)
+    assert "training.args.max_steps is set by rscaffold itself from training.max_steps: set it there" in msg
+    assert "training.args.output_dir is set by rscaffold itself (the pipeline decides it)" in msg
+    base = fingerprint_view(TrainingConfig())
+    assert fingerprint_view(TrainingConfig(args={"disable_tqdm": False, "run_name": "x"}, report_to=["wandb"])) == base
+    assert fingerprint_view(TrainingConfig(args={"optim": "adafactor"})) != base
+    # epochs instead of max_steps, and what cannot go together
+    assert TrainingConfig(epochs=3).max_steps is None
+    for bad, match in (
+        ({"epochs": 3, "max_steps": 5}, "exactly one of training.max_steps and training.epochs"),
+        ({"warmup_steps": 5, "warmup_ratio": 0.1}, "warmup_steps or training.warmup_ratio"),
+        ({"load_in_4bit": True}, "set training.lora"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            TrainingConfig(**bad)

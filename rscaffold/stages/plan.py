@@ -76,6 +76,14 @@ def preflight(cfg: PipelineConfig) -> dict[str, str]:
         load_taxonomy(cfg.labeling.taxonomy)
     except TaxonomyError as err:
         raise ConfigError(f"labeling.taxonomy: {err}") from None
+    t = cfg.training
+    if t.args or t.report_to or t.load_in_4bit:  # checked against the installed trainer (imports it)
+        from rscaffold.training.trainer import check_training_settings
+
+        try:
+            check_training_settings(t)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     try:
         return plan_fingerprints(cfg)
     except (OSError, ValueError) as err:

@@ -86,3 +86,29 @@ def test_version():
 
     out = runner.invoke(app, ["--version"])
     assert out.exit_code == 0 and out.output.strip() == f"rscaffold {rscaffold.__version__}"
+
+
+def test_training_args_are_checked_before_any_stage(tmp_path):
+    out = runner.invoke(app, ["show-config", "--set", "training.args.learning_rate=0.1"])
+    assert out.exit_code == 2
+    assert "training.args.learning_rate is set by rscaffold itself from training.learning_rate" in " ".join(
+        out.output.split()
+    )
+    out = runner.invoke(app, ["fingerprints", "--artifacts-dir", str(tmp_path), "--set", "training.args.optimm=x"])
+    assert out.exit_code == 2 and "training.args.optimm: not an argument of TRL's SFTConfig" in " ".join(
+        out.output.split()
+    )
+    out = runner.invoke(
+        app,
+        [
+            "show-config",
+            "--set",
+            "training.max_steps=null",
+            "--set",
+            "training.epochs=2",
+            "--set",
+            "training.args={optim: adafactor}",
+        ],
+    )
+    shown = yaml.safe_load(out.output)["training"]
+    assert shown["max_steps"] is None and shown["epochs"] == 2 and shown["args"] == {"optim": "adafactor"}
