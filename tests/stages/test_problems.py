@@ -70,3 +70,14 @@ def test_custom_spec_enters_the_fingerprints(tmp_path: Path) -> None:
     a = plan_fingerprints(config_from_dict(_custom_config(tmp_path, "number"), base=tmp_path))
     b = plan_fingerprints(config_from_dict(_custom_config(tmp_path, "math"), base=tmp_path))
     assert a["problems"] != b["problems"] and a["teacher"] != b["teacher"]
+
+
+def test_the_custom_example_config_loads(tmp_path: Path) -> None:
+    from rscaffold.config import load_config
+    from rscaffold.evalsets.loaders import load_problems
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "data" / "examples" / "custom_problems.yaml")
+    bench = benchmark_for(cfg.problems.format, cfg.problems.custom)
+    train = load_problems(cfg.problems.train, bench, split="train")
+    assert len(train) == 8 and train[0].problem_id == "wordmath-wm-001" and train[4].gold_answer == "900"
+    assert len(load_problems(cfg.problems.eval, bench)) == 4
