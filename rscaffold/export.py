@@ -449,9 +449,13 @@ def _card_body(dsd, prov: Provenance, taxonomy: Taxonomy, *, name: str, license:
         "",
         "## License",
         "",
-        f"`{license}`: the license of the problems' source"
-        + (" (set with `rscaffold export --license`)" if license == "other" else "")
-        + ". The reasoning traces were written by the teacher model; their use may also be subject to that "
+        (
+            f"`{license}`: the license of the problems' source is not known to rscaffold (a custom set); "
+            "set it with `rscaffold export --license`."
+            if license == "other"
+            else f"`{license}`: the license of the problems' source."
+        )
+        + " The reasoning traces were written by the teacher model; their use may also be subject to that "
         "model's terms.",
         "",
     ]
