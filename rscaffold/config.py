@@ -791,7 +791,11 @@ def _resolve(value: Any, base: Path) -> Any:
         return str(p)
     candidate = base / p
     # A bare hub id such as "HuggingFaceTB/SmolLM2-135M-Instruct" has no local counterpart; keep it.
-    if value.startswith((".", "~")) or candidate.exists() or value.endswith((".jsonl", ".yaml", ".json", ".csv", ".parquet")):
+    if (
+        value.startswith((".", "~"))
+        or candidate.exists()
+        or value.endswith((".jsonl", ".yaml", ".json", ".csv", ".parquet"))
+    ):
         return str(candidate.resolve())
     return value
 
