@@ -15,8 +15,10 @@ from rich.table import Table
 from rscaffold.config import (
     ConfigError,
     PipelineConfig,
+    deep_merge,
     explain_config,
     load_config,
+    parse_assignments,
 )
 from rscaffold.stages.plan import preflight
 from rscaffold.vocabulary import STAGES
@@ -24,6 +26,26 @@ from rscaffold.vocabulary import STAGES
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Reasoning Scaffolding pipeline (teacher -> signals -> student)."
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import rscaffold
+
+        typer.echo(f"rscaffold {rscaffold.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Reasoning Scaffolding pipeline (teacher -> signals -> student)."""
+
+
 models_app = typer.Typer(no_args_is_help=True, help="Prepare local models.")
 app.add_typer(models_app, name="models")
 # Piped output (logs, CI) gets a width that fits the tables instead of rich's 80 columns.
@@ -50,6 +72,17 @@ NoWaitOpt = Annotated[
         "directory (default: wait for it, then reuse its output).",
     ),
 ]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help="Override one config key, e.g. --set training.max_steps=200 --set teacher.sampling.temperature=0.6. "
+        "The value is read as YAML (numbers, true/false, null, [lists], {maps}) and validated like the file; "
+        "relative paths are relative to the working directory. Repeatable; applied after the file.",
+    ),
+]
 RefreshRequestsOpt = Annotated[
     bool,
     typer.Option(
@@ -69,15 +102,27 @@ def _run_overrides(no_wait: bool, refresh_requests: bool) -> dict:
     return run
 
 
-def _load(config: Path | None, artifacts_dir: Path | None, run: dict | None = None) -> PipelineConfig:
-    """The validated config (``run``: overrides of its ``run`` section from command-line flags)."""
+def _load(
+    config: Path | None,
+    artifacts_dir: Path | None,
+    run: dict | None = None,
+    *,
+    assignments: list[str] | None = None,
+    check: bool = True,
+) -> PipelineConfig:
+    """The validated config: the file, then the ``--set`` ``assignments``, then ``run`` (overrides
+    of its ``run`` section from command-line flags); ``check``: also the preflight (inputs exist,
+    fingerprints can be planned)."""
     run = dict(run or {})
     if artifacts_dir:
         run["artifacts_dir"] = str(artifacts_dir.resolve())
-    overrides = {"run": run} if run else None
     try:
-        cfg = load_config(config, overrides)
-        preflight(cfg)
+        overrides = parse_assignments(assignments or [], base=Path.cwd())
+        if run:
+            overrides = deep_merge(overrides, {"run": run})
+        cfg = load_config(config, overrides or None)
+        if check:
+            preflight(cfg)
     except ConfigError as e:
         err.print(f"[bold red]config error[/]: {e}")
         raise typer.Exit(2) from None
@@ -129,6 +174,7 @@ def run(
         ),
     ] = None,
     *,
+    set_: SetOpt = None,
     artifacts_dir: ArtifactsOpt = None,
     fresh: FreshOpt = False,
     no_wait: NoWaitOpt = False,
@@ -140,7 +186,7 @@ def run(
     (`prefect server start`). Every stage is cached on its config and inputs: a second run with
     nothing changed recomputes nothing.
     """
-    cfg = _load(config, artifacts_dir, _run_overrides(no_wait, refresh_requests))
+    cfg = _load(config, artifacts_dir, _run_overrides(no_wait, refresh_requests), assignments=set_)
     bad = [s for s in (refresh or []) if s not in STAGES]
     if bad:
         err.print(f"[bold red]error[/]: unknown stage(s) {bad}; stages are {list(STAGES)}")
@@ -159,6 +205,7 @@ def stage(
     config: ConfigOpt = None,
     downstream: Annotated[bool, typer.Option(help="Also recompute every stage after it.")] = False,
     *,
+    set_: SetOpt = None,
     artifacts_dir: ArtifactsOpt = None,
     fresh: FreshOpt = False,
     no_wait: NoWaitOpt = False,
@@ -172,7 +219,7 @@ def stage(
     if name not in STAGES:
         err.print(f"[bold red]error[/]: unknown stage {name!r}; stages are {list(STAGES)}")
         raise typer.Exit(2) from None
-    cfg = _load(config, artifacts_dir, _run_overrides(no_wait, refresh_requests))
+    cfg = _load(config, artifacts_dir, _run_overrides(no_wait, refresh_requests), assignments=set_)
     from rscaffold_flows.ephemeral_server import prefect_api
     from rscaffold_flows.pipeline import rscaffold_stage
 
@@ -191,6 +238,7 @@ def serve_command(
     timezone: Annotated[str, typer.Option(help="IANA time zone of the cron schedule.")] = "UTC",
     *,
     limit: Annotated[int, typer.Option(min=1, help="Flow runs executed at the same time.")] = 1,
+    set_: SetOpt = None,
     artifacts_dir: ArtifactsOpt = None,
 ) -> None:
     """Serve the pipeline (on a cron schedule) and the stage flow from this process, no work pool needed.
@@ -199,7 +247,7 @@ def serve_command(
 
     Needs a Prefect server: `prefect server start` and PREFECT_API_URL.
     """
-    cfg = _load(config, artifacts_dir)
+    cfg = _load(config, artifacts_dir, assignments=set_)
     from rscaffold_flows.serve import (
         DEFAULT_CRON,
         ServeError,
@@ -227,24 +275,22 @@ def show_config(
     explain: Annotated[
         bool, typer.Option("--explain", help="Put each key's meaning above it, as a YAML comment.")
     ] = False,
+    *,
+    set_: SetOpt = None,
 ) -> None:
-    """Print the fully resolved config (defaults filled in) as YAML."""
-    try:
-        cfg = load_config(config)
-    except ConfigError as e:
-        err.print(f"[bold red]config error[/]: {e}")
-        raise typer.Exit(2) from None
+    """Print the fully resolved config (defaults filled in, --set overrides applied) as YAML."""
+    cfg = _load(config, None, assignments=set_, check=False)
     text = explain_config(cfg) if explain else yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     console.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
-def fingerprints(config: ConfigOpt = None, artifacts_dir: ArtifactsOpt = None) -> None:
+def fingerprints(config: ConfigOpt = None, artifacts_dir: ArtifactsOpt = None, *, set_: SetOpt = None) -> None:
     """Print each stage's fingerprint and whether its output is complete."""
     from rscaffold.stages.plan import plan_fingerprints
     from rscaffold.store import StageDir
 
-    cfg = _load(config, artifacts_dir)
+    cfg = _load(config, artifacts_dir, assignments=set_)
     for stage_name, fp in plan_fingerprints(cfg).items():
         sd = StageDir(cfg.run.artifacts_dir, stage_name, fp)
         console.print(f"{stage_name:<11} {fp}  {'complete' if sd.is_complete() else 'missing '}  {sd.path}")
@@ -273,6 +319,61 @@ def report_command(
     report, chart = write_report(eval_dir)
     console.print(f"report: {report}")
     console.print(f"chart:  {chart}")
+
+
+@app.command("export")
+def export_command(
+    dataset_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="A dataset stage directory (artifacts/dataset/<fingerprint>), or the artifacts root (or its "
+            "dataset/ folder): then the newest complete dataset in it is used."
+        ),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Write the Hugging Face dataset folder here (default with --push-to-hub: a temporary one)."),
+    ] = None,
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option(
+            "--push-to-hub", metavar="REPO", help="Upload it to this Hub dataset repository (needs `hf auth login`)."
+        ),
+    ] = None,
+    *,
+    private: Annotated[bool, typer.Option(help="Create the Hub repository as private.")] = False,
+    license: Annotated[
+        str | None,
+        typer.Option(help="The card's license (default: the problems' source license; 'other' when unknown)."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace data/ and README.md of an existing --out folder.")] = False,
+) -> None:
+    """Export a dataset as a Hugging Face dataset (train/validation splits, chat columns, dataset card); optionally push it to the Hub.
+
+    `datasets.load_dataset(OUT)` loads it; `messages` holds the scaffolded chat (signal tokens before each step), `messages_plain` the plain one, `steps` the labeled steps.
+    """
+    import tempfile
+
+    from rscaffold.export import ExportError, export_dataset
+    from rscaffold.export import push_to_hub as push
+
+    if out is None and push_to_hub is None:
+        err.print("[bold red]error[/]: give --out DIR, --push-to-hub REPO, or both")
+        raise typer.Exit(2)
+    with tempfile.TemporaryDirectory(prefix="rscaffold-export-") as tmp:
+        try:
+            result = export_dataset(dataset_dir, out or Path(tmp), license=license, overwrite=overwrite)
+            if result.dataset_dir != dataset_dir.expanduser().resolve():
+                console.print(f"newest dataset under {dataset_dir}: {result.dataset_dir}")
+            splits = ", ".join(f"{k} {v}" for k, v in result.splits.items())
+            if out is not None:
+                console.print(f"exported to {result.out_dir} ({splits}); card: {result.card}")
+            if push_to_hub:
+                url = push(result.out_dir, push_to_hub, private=private)
+                console.print(f"pushed to {url} ({splits})")
+        except ExportError as e:
+            err.print(f"[bold red]error[/]: {e}")
+            raise typer.Exit(2) from None
 
 
 @models_app.command("fetch")

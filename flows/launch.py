@@ -34,6 +34,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, type=Path, help="pipeline config YAML (as for `rscaffold run`)")
     p.add_argument("--artifacts-dir", type=Path, default=None, help="override run.artifacts_dir")
     p.add_argument(
+        "--set",
+        dest="assignments",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, as for `rscaffold run --set` (give the same ones, or the fingerprints differ)",
+    )
+    p.add_argument(
         "--variant",
         choices=("scaffolded", "cot_sft", "both"),
         default="both",
@@ -45,17 +53,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def launch(
-    config: Path, artifacts_dir: Path | None = None, variant: str = "both", *, force: bool = False, fresh: bool = False
+    config: Path,
+    artifacts_dir: Path | None = None,
+    variant: str = "both",
+    *,
+    assignments: Sequence[str] = (),
+    force: bool = False,
+    fresh: bool = False,
 ):
     """Train (all processes) and finish the training stage (main process). Returns the main
-    process's ``StageRef`` when the stage is complete, else None."""
-    from rscaffold.config import load_config
+    process's ``StageRef`` when the stage is complete, else None. ``assignments``: ``--set``
+    overrides (``training.max_steps=200``)."""
+    from rscaffold.config import deep_merge, load_config, parse_assignments
     from rscaffold.stages.plan import plan_fingerprints
     from rscaffold.stages.training import run_training, training_variants
     from rscaffold.store import StageDir
 
-    overrides = {"run": {"artifacts_dir": str(Path(artifacts_dir).resolve())}} if artifacts_dir else None
-    cfg = load_config(config, overrides)
+    overrides = parse_assignments(list(assignments), base=Path.cwd())
+    if artifacts_dir:
+        overrides = deep_merge(overrides, {"run": {"artifacts_dir": str(Path(artifacts_dir).resolve())}})
+    cfg = load_config(config, overrides or None)
     fps = plan_fingerprints(cfg)
     ds = StageDir(cfg.run.artifacts_dir, "dataset", fps["dataset"])
     if not ds.is_complete():
@@ -73,11 +90,20 @@ def launch(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from rscaffold.config import ConfigError
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        ref = launch(args.config, args.artifacts_dir, args.variant, force=args.force, fresh=args.fresh)
-    except LaunchError as err:
+        ref = launch(
+            args.config,
+            args.artifacts_dir,
+            args.variant,
+            assignments=args.assignments,
+            force=args.force,
+            fresh=args.fresh,
+        )
+    except (LaunchError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if ref is not None:

@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from rscaffold.paths import data_dir, default_model_dir
-from rscaffold.vocabulary import STUDENTS, BenchmarkName, StudentName
+from rscaffold.vocabulary import BENCHMARK_NAMES, CUSTOM_FORMAT, STUDENTS, BenchmarkName, StudentName
 
 BackendName = Literal["transformers", "openai", "vllm"]
 
@@ -153,16 +153,86 @@ class SamplingConfig(_Section):
     )
 
 
+CustomAnswerType = Literal["number", "math", "yesno", "choice", "text"]
+
+
+class FieldMapping(_Section):
+    """Which field of a row holds what (a key of a JSON object, a CSV column, a Parquet or hub column;
+    ``a.b`` reaches a nested object's field)."""
+
+    question: str = Field(default="question", description="The field holding the question text.")
+    answer: str = Field(
+        default="answer",
+        description="The field holding the gold final answer (number: a number; yesno: true/false or yes/no; "
+        "choice: the option's letter, its text, or a 0-based index; math, text: the answer text).",
+    )
+    solution: str | None = Field(
+        default=None, description="The field holding a worked solution, if any (kept as gold_solution)."
+    )
+    options: str | list[str] | None = Field(
+        default=None,
+        description="choice only: one field holding the list of options, or a list of fields with one option each "
+        "(e.g. [A, B, C, D] columns of a CSV).",
+    )
+    id: str | None = Field(
+        default=None,
+        description="The field holding a stable id (problem ids become '<name>-<id>'); default: the row's position.",
+    )
+
+
+class CustomFormat(_Section):
+    """A user's own problem set: field mapping and answer type (``format: custom``).
+
+    The answer type selects the prompt and the answer checker: ``number`` (a numeric final answer,
+    GSM8K-style prompt), ``math`` (an expression, checked with math-verify, MATH-style prompt),
+    ``yesno``, ``choice`` (options listed as ``A. ...`` lines, answered by letter) and ``text`` (a
+    short free-text answer, compared after lower-casing and removing punctuation and articles).
+    """
+
+    name: str = Field(
+        default="custom",
+        pattern=r"^[a-z0-9][a-z0-9_-]*$",
+        description="What the problem set is called: the prefix of its problem ids and the benchmark's name in reports.",
+    )
+    answer_type: CustomAnswerType = Field(
+        description="number, math (an expression), yesno, choice or text: selects the prompt and the answer checker."
+    )
+    fields: FieldMapping = Field(default_factory=FieldMapping, description="Which field holds what.")
+
+    @model_validator(mode="after")
+    def _check(self) -> CustomFormat:
+        if self.name in BENCHMARK_NAMES:
+            raise ValueError(f"name {self.name!r} is a built-in benchmark; use that format, or another name")
+        if self.answer_type == "choice" and not self.fields.options:
+            raise ValueError("answer_type 'choice' needs fields.options (the field(s) holding the options)")
+        if self.answer_type != "choice" and self.fields.options:
+            raise ValueError(f"fields.options is only for answer_type 'choice' (got {self.answer_type!r})")
+        return self
+
+
+def _check_custom(fmt: str, custom: CustomFormat | None, what: str) -> None:
+    if fmt == CUSTOM_FORMAT and custom is None:
+        raise ValueError(f"{what} 'custom' needs a 'custom' section (answer_type and fields)")
+    if fmt != CUSTOM_FORMAT and custom is not None:
+        raise ValueError(f"a 'custom' section needs {what} 'custom' (got {fmt!r})")
+
+
 class ProblemsConfig(_Section):
     """Where the training and evaluation problems come from.
 
     ``train`` / ``eval`` are a local file (GSM8K-format JSONL: ``question`` and ``answer`` ending in
     ``#### <final>``) or ``hub:<dataset id>[:<split>]`` (for example ``hub:openai/gsm8k:test``),
-    which needs network access to the Hugging Face hub.
+    which needs network access to the Hugging Face hub. ``format: custom`` reads your own problems
+    (JSONL, JSON array, CSV, Parquet or a hub dataset) through the ``custom`` field mapping.
     """
 
-    format: BenchmarkName = Field(
-        default="gsm8k", description="The benchmark family of the problems: its file format, answer checker and prompt."
+    format: BenchmarkName | Literal["custom"] = Field(
+        default="gsm8k",
+        description="The benchmark family of the problems (its file format, answer checker and prompt), or 'custom': "
+        "your own file with the field mapping and answer type of 'custom'.",
+    )
+    custom: CustomFormat | None = Field(
+        default=None, description="format 'custom': the problem set's name, answer type and field mapping."
     )
     train: str = Field(
         default_factory=lambda: str(data_dir() / "problems" / "train.jsonl"),
@@ -179,6 +249,11 @@ class ProblemsConfig(_Section):
         default=None, ge=1, description="Use a seeded subsample of this many evaluation problems."
     )
     seed: int = Field(default=0, description="Seed of the subsamples.")
+
+    @model_validator(mode="after")
+    def _check_format(self) -> ProblemsConfig:
+        _check_custom(self.format, self.custom, "format")
+        return self
 
 
 # The answer-format instruction comes from the benchmark family's prompt template.
@@ -301,6 +376,91 @@ class LoraSettings(_Section):
     )
 
 
+LrScheduler = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+]
+
+# The trainer arguments (TRL's SFTConfig / transformers' TrainingArguments) that rscaffold sets
+# itself, and where a config sets them instead ("" when the pipeline decides: the data is
+# tokenized, masked and truncated by rscaffold, checkpoints exist to resume, ...). training.args
+# refuses them.
+TRAINER_ARGS_SET_BY_RSCAFFOLD: dict[str, str] = {
+    "output_dir": "",
+    "resume_from_checkpoint": "",
+    "save_strategy": "",
+    "dataset_kwargs": "",
+    "dataset_text_field": "",
+    "remove_unused_columns": "",
+    "packing": "",
+    "completion_only_loss": "",
+    "assistant_only_loss": "",
+    "model_init_kwargs": "training.student_dtype, training.attn_implementation, training.load_in_4bit",
+    "max_steps": "training.max_steps",
+    "num_train_epochs": "training.epochs",
+    "per_device_train_batch_size": "training.per_device_batch_size",
+    "per_device_eval_batch_size": "training.per_device_batch_size",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+    "learning_rate": "training.learning_rate",
+    "lr_scheduler_type": "training.lr_scheduler",
+    "warmup_ratio": "training.warmup_ratio",
+    "warmup_steps": "training.warmup_steps, training.warmup_ratio",
+    "weight_decay": "training.weight_decay",
+    "logging_steps": "training.logging_steps",
+    "save_steps": "training.save_steps",
+    "seed": "training.seed",
+    "data_seed": "training.seed",
+    "bf16": "training.bf16",
+    "gradient_checkpointing": "training.gradient_checkpointing",
+    "activation_checkpointing": "training.gradient_checkpointing",
+    "report_to": "training.report_to",
+    "padding_free": "training.padding_free",
+    "max_length": "training.max_length",
+}
+# Trainer arguments in training.args that change how training runs (logging, progress bars, data
+# loading workers, the experiment tracker's names, hub pushes of checkpoints) but not the trained
+# weights: left out of the training fingerprint, like the EXECUTION fields.
+EXECUTION_TRAINER_ARGS: tuple[str, ...] = (
+    "disable_tqdm",
+    "run_name",
+    "project",
+    "trackio_space_id",
+    "trackio_bucket_id",
+    "trackio_static_space_id",
+    "log_level",
+    "log_level_replica",
+    "log_on_each_node",
+    "logging_first_step",
+    "logging_nan_inf_filter",
+    "logging_strategy",
+    "include_num_input_tokens_seen",
+    "skip_memory_metrics",
+    "dataloader_num_workers",
+    "dataloader_pin_memory",
+    "dataloader_persistent_workers",
+    "dataloader_prefetch_factor",
+    "dataloader_multiprocessing_context",
+    "ddp_timeout",
+    "save_total_limit",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_strategy",
+    "hub_token",
+    "hub_private_repo",
+    "hub_always_push",
+    "hub_revision",
+)
+
+
 class TrainingConfig(_Section):
     student: str = Field(
         default_factory=lambda: str(default_model_dir()),
@@ -324,14 +484,29 @@ class TrainingConfig(_Section):
     train_baseline: bool = Field(
         default=True, description="Also train the CoT-SFT baseline (no signals, lambda = 0) on the same rows."
     )
-    max_steps: int = Field(default=20, ge=1, description="Optimizer steps per student.")
+    max_steps: int | None = Field(
+        default=20, ge=1, description="Optimizer steps per student. null: train for 'epochs' instead."
+    )
+    epochs: float | None = Field(
+        default=None,
+        gt=0,
+        description="Train for this many epochs instead of max_steps (setting it alone makes max_steps null).",
+    )
     learning_rate: float = Field(default=5e-5, gt=0, description="Peak learning rate.")
+    lr_scheduler: LrScheduler = Field(
+        default="linear",
+        description="Learning-rate schedule after the warm-up (transformers' lr_scheduler_type; its options "
+        "go in args.lr_scheduler_kwargs).",
+    )
     per_device_batch_size: int = Field(default=4, ge=1, description="Examples per device per micro-batch.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
     max_length: int = Field(
         default=512, ge=16, description="Longest training sequence in tokens (prompt kept whole, completion truncated)."
     )
-    warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="Share of max_steps with linear warm-up.")
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="Share of the training steps with linear warm-up.")
+    warmup_steps: int | None = Field(
+        default=None, ge=1, description="Linear warm-up over this many steps (instead of warmup_ratio)."
+    )
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
     logging_steps: int = Field(
         default=5, ge=1, description="Log the losses every this many steps.", json_schema_extra=EXECUTION
@@ -353,6 +528,35 @@ class TrainingConfig(_Section):
     )
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in the backward pass (less memory, slower)."
+    )
+    student_dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        default="float32",
+        description="dtype the student's weights are loaded (and trained) in; 'auto': the checkpoint's own. "
+        "bfloat16 halves the memory of weights and optimizer state; bf16 mixed precision is 'bf16'.",
+    )
+    attn_implementation: str | None = Field(
+        default=None,
+        description="The student's attention kernel: 'sdpa', 'eager', 'flash_attention_2', a hub kernel such as "
+        "'kernels-community/flash-attn2', ... (default: transformers' choice).",
+    )
+    load_in_4bit: bool = Field(
+        default=False,
+        description="QLoRA: load the student's base weights in 4 bit (bitsandbytes NF4, bf16 compute) and train "
+        "LoRA adapters on them; needs 'lora', a CUDA GPU and pip install bitsandbytes.",
+    )
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Experiment trackers that receive the training logs: wandb, trackio, tensorboard, mlflow, "
+        "... (each must be installed; [] for none).",
+        json_schema_extra=EXECUTION,
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other argument of TRL's SFTConfig / transformers' TrainingArguments (optim, max_grad_norm, "
+        "lr_scheduler_kwargs, torch_compile, neftune_noise_alpha, ...), passed through as given. Keys rscaffold "
+        "sets itself are refused (set their training.* field). Part of the training fingerprint, except "
+        "logging, progress-bar, data-loader-worker and tracker keys (disable_tqdm, run_name, ...).",
+        json_schema_extra={"execution_keys": EXECUTION_TRAINER_ARGS},
     )
     padding_free: bool = Field(
         default=False, description="Pack each batch into one row without padding (flash-attention varlen kernels)."
@@ -379,6 +583,35 @@ class TrainingConfig(_Section):
         "None: plain data parallelism (DDP) over num_processes.",
         json_schema_extra=EXECUTION,
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_max_steps(cls, data: Any) -> Any:
+        # `epochs` given without `max_steps`: train by epochs (max_steps' default would win otherwise).
+        if isinstance(data, dict) and data.get("epochs") is not None and "max_steps" not in data:
+            data = {**data, "max_steps": None}
+        return data
+
+    @model_validator(mode="after")
+    def _check_training(self) -> TrainingConfig:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of training.max_steps and training.epochs (the other null)")
+        if self.warmup_steps is not None and self.warmup_ratio:
+            raise ValueError("set training.warmup_steps or training.warmup_ratio, not both")
+        if self.load_in_4bit and self.lora is None:
+            raise ValueError("training.load_in_4bit (QLoRA) trains LoRA adapters on the 4-bit base: set training.lora")
+        if self.load_in_4bit and self.tiny is not None:
+            raise ValueError("training.load_in_4bit needs a real student, not training.tiny")
+        refused = {k: TRAINER_ARGS_SET_BY_RSCAFFOLD[k] for k in self.args if k in TRAINER_ARGS_SET_BY_RSCAFFOLD}
+        if refused:
+            raise ValueError(
+                "; ".join(
+                    f"training.args.{k} is set by rscaffold itself"
+                    + (f" from {where}: set it there" if where else " (the pipeline decides it)")
+                    for k, where in refused.items()
+                )
+            )
+        return self
 
 
 class GuidedInferenceConfig(_Section):
@@ -408,7 +641,10 @@ class BenchmarkSource(_Section):
     published file is its train split), ``train`` the rest, ``all`` everything.
     """
 
-    name: BenchmarkName = Field(description="Which benchmark: its file layout, answer checker and prompt.")
+    name: BenchmarkName | Literal["custom"] = Field(
+        description="Which benchmark: its file layout, answer checker and prompt; 'custom': your own problems "
+        "(with 'custom')."
+    )
     source: str = Field(
         description="The published file, a directory holding it (directly or under <name>/), or "
         "hub:<dataset id>[@<config>][:<split>]."
@@ -424,6 +660,19 @@ class BenchmarkSource(_Section):
     heldout_fraction: float = Field(
         default=0.2, gt=0, lt=1, description="Share held out for part 'heldout' (by a seeded hash of the problem id)."
     )
+    custom: CustomFormat | None = Field(
+        default=None, description="name 'custom': the problem set's name, answer type and field mapping."
+    )
+
+    @model_validator(mode="after")
+    def _check_format(self) -> BenchmarkSource:
+        _check_custom(self.name, self.custom, "name")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The benchmark's name in reports: the built-in name, or the custom set's name."""
+        return self.custom.name if self.custom is not None else self.name
 
 
 class EvaluationConfig(_Section):
@@ -470,7 +719,7 @@ class EvaluationConfig(_Section):
     @field_validator("benchmarks")
     @classmethod
     def _unique_benchmarks(cls, v: list[BenchmarkSource]) -> list[BenchmarkSource]:
-        names = [b.name for b in v]
+        names = [b.label for b in v]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"each benchmark may be listed once; repeated: {dup}")
@@ -591,7 +840,11 @@ def _resolve(value: Any, base: Path) -> Any:
         return str(p)
     candidate = base / p
     # A bare hub id such as "HuggingFaceTB/SmolLM2-135M-Instruct" has no local counterpart; keep it.
-    if value.startswith((".", "~")) or candidate.exists() or value.endswith((".jsonl", ".yaml", ".json", ".csv")):
+    if (
+        value.startswith((".", "~"))
+        or candidate.exists()
+        or value.endswith((".jsonl", ".yaml", ".json", ".csv", ".parquet"))
+    ):
         return str(candidate.resolve())
     return value
 
@@ -668,6 +921,38 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if overrides:
         raw = deep_merge(raw, overrides)
     return config_from_dict(raw, base=path.parent.resolve(), source=str(path))
+
+
+def parse_assignments(assignments: list[str] | tuple[str, ...], base: Path | None = None) -> dict[str, Any]:
+    """``["training.max_steps=200", "teacher.sampling.temperature=0.6"]`` as a nested override dict.
+
+    Each value is read as YAML (``200`` an int, ``0.6`` a float, ``null``, ``[a, b]``, ``{r: 8}``,
+    anything else a string), so it is typed and then validated exactly like the same key in a
+    config file. Relative paths in it are resolved against ``base`` (the working directory of a
+    command line), not against the config file's directory. Raises :class:`ConfigError` for an
+    assignment that is not ``dotted.key=value``.
+    """
+    out: dict[str, Any] = {}
+    for item in assignments:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        parts = key.split(".")
+        if not eq or not key or any(not p.strip() for p in parts):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. training.max_steps=200")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: the value is not valid YAML: {err}") from None
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is also set to a value")
+            node = child
+        if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
+            raise ConfigError(f"--set {key}: keys below it are set too")
+        node[parts[-1]] = deep_merge(node[parts[-1]], value) if isinstance(node.get(parts[-1]), dict) else value
+    return _resolve_paths(out, base) if base is not None else out
 
 
 def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -757,6 +1042,8 @@ def fingerprint_view(section: BaseModel) -> dict[str, Any]:
         if extra.get("execution"):
             continue
         value = getattr(section, name)
+        if isinstance(value, dict) and extra.get("execution_keys"):
+            value = {k: v for k, v in value.items() if k not in extra["execution_keys"]}
         if isinstance(value, BaseModel):
             out[name] = fingerprint_view(value)
         elif isinstance(value, list):

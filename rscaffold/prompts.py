@@ -2,7 +2,7 @@
 
 Benchmark-family prompt templates (the user message that asks for a step-by-step answer in the
 family's answer format): :data:`PROMPT_MATH`, :data:`PROMPT_MATH_LATEX`, :data:`PROMPT_YESNO`,
-:data:`PROMPT_CHOICE`.
+:data:`PROMPT_CHOICE`, :data:`PROMPT_TEXT` (a user's own problems with short free-text answers).
 
 The student's text format: how a question and its labelled steps become (prompt, completion).
 
@@ -102,4 +102,8 @@ PROMPT_CHOICE = (
     "{question}\n\nThink step by step, with a blank line between steps. "
     "Put the final answer on the last line as 'The answer is X.', where X is the letter of the "
     "correct option."
+)
+PROMPT_TEXT = (
+    "{question}\n\nThink step by step, with a blank line between steps. "
+    "Put the final answer on the last line as 'The answer is X.', where X is the short answer (a few words)."
 )

@@ -132,6 +132,20 @@ def write_records(path: str | Path, records: Iterable[Record], record_type: type
     return _atomic_write(Path(path), lambda f: pq.write_table(table, f))
 
 
+def write_table(path: str | Path, table: Any, record_type: type[R]) -> Path:
+    """Write a columnar table (pyarrow, or anything with ``to_arrow()`` such as a polars frame) of
+    one record type to Parquet, atomically: its columns in the record's order, cast to the
+    record's schema (a missing column, or one that does not cast, is an error)."""
+    schema = arrow_schema(record_type)
+    if not isinstance(table, pa.Table):
+        table = table.to_arrow()
+    missing = [n for n in schema.names if n not in table.column_names]
+    if missing:
+        raise ValueError(f"{record_type.__name__} table lacks column(s) {missing}")
+    table = table.select(schema.names).cast(schema)
+    return _atomic_write(Path(path), lambda f: pq.write_table(table, f))
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write a text file atomically (temp file + rename)."""
     return _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))

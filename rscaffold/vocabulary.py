@@ -17,6 +17,10 @@ BenchmarkName = Literal["gsm8k", "math500", "strategyqa", "commonsenseqa", "trut
 BENCHMARK_NAMES: tuple[str, ...] = get_args(BenchmarkName)
 """The five evaluation benchmarks, in the order reports list them."""
 
+CUSTOM_FORMAT = "custom"
+"""The format of a user's own problems: a file (JSONL, JSON, CSV, Parquet) or hub dataset with a
+field mapping and an answer type (``problems.custom``, ``evaluation.benchmarks[].custom``)."""
+
 StudentName = Literal["base", "cot_sft", "scaffolded"]
 STUDENTS: tuple[str, ...] = get_args(StudentName)
 """The models the evaluation compares: the untrained student, the CoT-SFT baseline and the

@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, int]] = [
     ("rscaffold.student", 4),
     ("rscaffold.labeling", 4),
     ("rscaffold.dataset", 4),
+    ("rscaffold.export", 5),  # the dataset stage's output as a Hugging Face dataset
     ("rscaffold.training", 4),
     ("rscaffold.inference", 5),
     ("rscaffold.evaluation", 5),

@@ -142,3 +142,52 @@ def test_benchmark_sources_config(tmp_path):
         )
     with pytest.raises(ValueError):
         BenchmarkSource(name="mmlu", source="a")
+
+
+def test_assignments_are_typed_nested_and_validated(tmp_path, monkeypatch):
+    from rscaffold.config import parse_assignments
+
+    over = parse_assignments(
+        ["training.max_steps=200", "teacher.sampling.temperature=0.6", "training.lora={r: 8}", "teacher.keep=correct"]
+    )
+    assert over == {
+        "training": {"max_steps": 200, "lora": {"r": 8}},
+        "teacher": {"sampling": {"temperature": 0.6}, "keep": "correct"},
+    }
+    cfg = load_config(None, over)
+    assert cfg.training.max_steps == 200 and cfg.teacher.sampling.temperature == 0.6 and cfg.training.lora.r == 8
+    # relative paths are the command line's (the working directory), not the config file's
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.jsonl").write_text("")
+    assert parse_assignments(["problems.train=mine.jsonl"], base=tmp_path)["problems"]["train"] == str(
+        (tmp_path / "mine.jsonl").resolve()
+    )
+    for bad in ("training.max_steps", "=3", "training..x=1"):
+        with pytest.raises(ConfigError, match="KEY=VALUE"):
+            parse_assignments([bad])
+    with pytest.raises(ConfigError, match="also set"):
+        parse_assignments(["training=1", "training.max_steps=2"])
+    with pytest.raises(ConfigError, match=r"training\.max_steps: Input should be a valid integer"):
+        load_config(None, parse_assignments(["training.max_steps=many"]))
+
+
+def test_training_args_refuse_what_rscaffold_sets_and_execution_keys_leave_the_fingerprint():
+    from rscaffold.config import TrainingConfig, fingerprint_view
+
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"training": {"args": {"max_steps": 5, "output_dir": "x"}}})
+    msg = str(e.value)
+    assert "training.args.max_steps is set by rscaffold itself from training.max_steps: set it there" in msg
+    assert "training.args.output_dir is set by rscaffold itself (the pipeline decides it)" in msg
+    base = fingerprint_view(TrainingConfig())
+    assert fingerprint_view(TrainingConfig(args={"disable_tqdm": False, "run_name": "x"}, report_to=["wandb"])) == base
+    assert fingerprint_view(TrainingConfig(args={"optim": "adafactor"})) != base
+    # epochs instead of max_steps, and what cannot go together
+    assert TrainingConfig(epochs=3).max_steps is None
+    for bad, match in (
+        ({"epochs": 3, "max_steps": 5}, "exactly one of training.max_steps and training.epochs"),
+        ({"warmup_steps": 5, "warmup_ratio": 0.1}, "warmup_steps or training.warmup_ratio"),
+        ({"load_in_4bit": True}, "set training.lora"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            TrainingConfig(**bad)

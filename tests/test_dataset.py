@@ -1,11 +1,18 @@
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
 from rscaffold.config import DatasetConfig
-from rscaffold.dataset import assemble_examples, dataset_stats
-from rscaffold.records import LabeledStepRecord, TraceRecord
+from rscaffold.dataset import assemble_examples, dataset_stats, validation_problems
+from rscaffold.records import ExampleRecord, LabeledStepRecord, TraceRecord, arrow_schema
+from rscaffold.store import read_records, write_records, write_table
 
 SIG = ["Reasoning and Analysis", "Conclusion and Summary", "Contrast and Concession"]
 
 
-def trace(pid: str, sample: int = 0, status: str = "ok", correct: bool = True) -> TraceRecord:
+def trace(pid: str, sample: int = 0, status: str = "ok", correct: bool | None = True) -> TraceRecord:
     return TraceRecord(
         trace_id=f"{pid}#{sample}",
         problem_id=pid,
@@ -13,7 +20,7 @@ def trace(pid: str, sample: int = 0, status: str = "ok", correct: bool = True) -
         question=f"Q {pid}",
         gold_answer="4",
         text="2 + 2 = 4\n\nThe answer is 4.",
-        predicted_answer="4" if correct else "5",
+        predicted_answer=None if correct is None else ("4" if correct else "5"),
         correct=correct,
         status=status,
     )
@@ -28,42 +35,83 @@ def steps_for(t: TraceRecord, signals=("Reasoning and Analysis", "Conclusion and
     ]
 
 
-def test_assembly_joins_orders_and_splits_by_problem():
+def assemble(tmp_path: Path, traces, steps, cfg: DatasetConfig, keep: str = "all"):
+    tp, sp = tmp_path / "traces.parquet", tmp_path / "labeled_steps.parquet"
+    write_records(tp, traces, TraceRecord)
+    write_records(sp, steps, LabeledStepRecord)
+    return assemble_examples(tp, sp, cfg, keep=keep)
+
+
+def test_assembly_joins_orders_and_splits_by_problem(tmp_path):
     traces = [trace(f"p{i}", s) for i in range(10) for s in range(2)]
     steps = [st for t in traces for st in reversed(steps_for(t))]  # out of order on purpose
-    ex, dropped = assemble_examples(traces, steps, DatasetConfig(validation_fraction=0.2, seed=3))
-    assert len(ex) == 20 and dropped == {}
-    assert all([s.index for s in e.steps] == [0, 1] for e in ex)
-    assert all(e.signals == ["Reasoning and Analysis", "Conclusion and Summary"] for e in ex)
-    val_problems = {e.problem_id for e in ex if e.split == "validation"}
-    train_problems = {e.problem_id for e in ex if e.split == "train"}
-    assert len(val_problems) == 2 and not (val_problems & train_problems)
-    # deterministic
-    ex2, _ = assemble_examples(traces, steps, DatasetConfig(validation_fraction=0.2, seed=3))
-    assert [e.split for e in ex] == [e.split for e in ex2]
-
-
-def test_filters_are_counted():
-    good, failed, wrong, nosteps = trace("a"), trace("b", status="failed"), trace("c", correct=False), trace("d")
-    steps = steps_for(good) + steps_for(failed) + steps_for(wrong)
-    ex, dropped = assemble_examples(
-        [good, failed, wrong, nosteps], steps, DatasetConfig(only_correct=True, validation_fraction=0)
+    ex, dropped = assemble(tmp_path, traces, steps, DatasetConfig(validation_fraction=0.2, seed=3))
+    assert ex.height == 20 and dropped == {}
+    rows = ex.to_dicts()
+    assert all([s["index"] for s in r["steps"]] == [0, 1] for r in rows)
+    assert all(r["signals"] == ["Reasoning and Analysis", "Conclusion and Summary"] for r in rows)
+    val = {r["problem_id"] for r in rows if r["split"] == "validation"}
+    train = {r["problem_id"] for r in rows if r["split"] == "train"}
+    assert len(val) == 2 and not (val & train)
+    assert val == validation_problems([f"p{i}" for i in range(10)], 0.2, seed=3)
+    assert [(r["split"], r["problem_id"], r["trace_id"]) for r in rows] == sorted(
+        (r["split"], r["problem_id"], r["trace_id"]) for r in rows
     )
-    assert [e.problem_id for e in ex] == ["a"]
-    assert dropped == {"failed": 1, "incorrect": 1, "too_few_steps": 1}
+    # deterministic, and another seed holds out other problems
+    again, _ = assemble(tmp_path, traces, steps, DatasetConfig(validation_fraction=0.2, seed=3))
+    assert again.equals(ex)
+    other, _ = assemble(tmp_path, traces, steps, DatasetConfig(validation_fraction=0.2, seed=4))
+    assert set(other.filter(pl.col("split") == "validation")["problem_id"]) != val
 
 
-def test_stats_count_signals_and_steps():
+def test_written_examples_have_the_record_schema(tmp_path):
+    traces = [trace("a"), trace("b", correct=None)]
+    ex, _ = assemble(tmp_path, traces, [s for t in traces for s in steps_for(t)], DatasetConfig(validation_fraction=0))
+    path = write_table(tmp_path / "examples.parquet", ex, ExampleRecord)
+    assert pq.read_schema(path) == arrow_schema(ExampleRecord)
+    assert pq.read_schema(path).metadata[b"rscaffold.record"] == b"ExampleRecord"
+    a, b = read_records(path, ExampleRecord)
+    assert a.teacher_answer == "4" and b.teacher_answer is None and b.correct is None
+    assert a.steps[1].signal == "Conclusion and Summary" and a.n_steps == 2 and a.split == "train"
+    with pytest.raises(ValueError, match="lacks column"):
+        write_table(tmp_path / "x.parquet", ex.drop("signals"), ExampleRecord)
+
+
+def test_filters_are_counted(tmp_path):
+    good, failed, wrong, nosteps = trace("a"), trace("b", status="failed"), trace("c", correct=False), trace("d")
+    noanswer = trace("e", correct=None)
+    steps = steps_for(good) + steps_for(failed) + steps_for(wrong) + steps_for(noanswer)
+    traces = [good, failed, wrong, nosteps, noanswer]
+    ex, dropped = assemble(tmp_path, traces, steps, DatasetConfig(only_correct=True, validation_fraction=0))
+    assert ex["problem_id"].to_list() == ["a"]
+    assert dropped == {"failed": 1, "incorrect": 2, "too_few_steps": 1}
+    ex, dropped = assemble(tmp_path, traces, steps, DatasetConfig(validation_fraction=0), keep="correct")
+    assert ex["problem_id"].to_list() == ["a"]
+    assert dropped == {"failed": 1, "incorrect": 1, "no_answer": 1, "too_few_steps": 1}
+    ex, dropped = assemble(tmp_path, traces, steps, DatasetConfig(validation_fraction=0, min_steps=3))
+    assert ex.height == 0 and dropped == {"failed": 1, "too_few_steps": 4}
+
+
+def test_stats_count_signals_and_steps(tmp_path):
     ts = [trace("a"), trace("b")]
     steps = steps_for(ts[0]) + steps_for(
         ts[1], ("Contrast and Concession", "Reasoning and Analysis", "Conclusion and Summary")
     )
-    ex, _ = assemble_examples(ts, steps, DatasetConfig(validation_fraction=0))
+    ex, _ = assemble(tmp_path, ts, steps, DatasetConfig(validation_fraction=0))
     st = dataset_stats(ex, SIG)
-    assert st["rows"] == 2 and st["mean_steps"] == 2.5
+    assert st["rows"] == 2 and st["mean_steps"] == 2.5 and st["problems"] == 2 and st["teacher_accuracy"] == 1.0
     assert st["signal_counts"] == {
         "Reasoning and Analysis": 2,
         "Conclusion and Summary": 2,
         "Contrast and Concession": 1,
     }
     assert st["splits"] == {"train": 2} and st["label_sources"] == {"llm": 5}
+
+
+def test_validation_problems():
+    ids = [f"p{i}" for i in range(100)]
+    val = validation_problems(ids, 0.1, seed=0)
+    assert len(val) == 10 and val == validation_problems(reversed(ids), 0.1, seed=0)
+    assert validation_problems(ids, 0.1, seed=1) != val
+    assert validation_problems(["a", "b"], 0.1) and not validation_problems(["a"], 0.1)
+    assert validation_problems(ids, 0.0) == set()

@@ -8,6 +8,9 @@ Three answer types cover the five benchmarks:
            and ``1/2`` agree, with fast exact paths for plain numbers and a numeric fallback.
 ``yesno``  (StrategyQA): ``"yes"`` / ``"no"``.
 ``choice`` (CommonsenseQA, TruthfulQA MC): an option letter ``"A"``, ``"B"``, ...
+``text``   (a user's own problems with short free-text answers): the text after "The answer is"
+           (else in the last ``\boxed{}``, else the last line), compared after lower-casing and
+           removing punctuation, articles and extra spaces (SQuAD's exact-match normalisation).
 
 math_verify runs in a helper process (:mod:`rscaffold.evalsets.verify_worker`), so a slow or
 hanging comparison is bounded and safe from any thread.
@@ -27,7 +30,7 @@ from rscaffold.evalsets import verify_worker
 
 logger = logging.getLogger(__name__)
 
-AnswerType = Literal["math", "yesno", "choice"]
+AnswerType = Literal["math", "yesno", "choice", "text"]
 ANSWER_TYPES: tuple[str, ...] = get_args(AnswerType)
 
 DEFAULT_VERIFY_TIMEOUT_S = 5.0
@@ -301,6 +304,33 @@ def _extract_choice(text: str, options: Sequence[str] | None) -> str | None:
 
 
 # =============================================================================================
+# extraction: free text
+
+_TEXT_ANCHOR = re.compile(r"\banswer\b\s*(?:is\b|:|=)\s*:?[ \t]*(?P<ans>[^\n]+)", re.IGNORECASE)
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def _extract_text(text: str) -> str | None:
+    text = _strip_markdown(text)
+    boxed = find_boxed(text)
+    if boxed:
+        answer = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", boxed[-1])
+    else:
+        hits = list(_TEXT_ANCHOR.finditer(text))
+        answer = hits[-1].group("ans") if hits else _last_line(text)
+        answer = _SENTENCE_END.split(answer, maxsplit=1)[0]
+    answer = answer.strip().strip("\"'“”‘’`.,;:!").strip()
+    return answer or None
+
+
+def normalize_text(value: str) -> str:
+    """Lower case, without punctuation, articles and extra spaces (SQuAD's exact-match normalisation)."""
+    v = _PUNCT.sub(" ", value.lower())
+    return " ".join(_ARTICLES.sub(" ", v).split())
+
+
+# =============================================================================================
 # public extraction API
 
 
@@ -310,6 +340,7 @@ def extract_answer(text: str | None, answer_type: str, options: Sequence[str] | 
     ``math``: a number or LaTeX expression (``"18"``, ``"\\frac{1}{2}"``). ``yesno``: ``"yes"`` /
     ``"no"``. ``choice``: an upper-case letter; pass the option texts (A first) so that an answer
     given as an option's text is recognised, and letters outside the options are ignored.
+    ``text``: the short answer as written (compare with :func:`normalize_text`).
     """
     _check_type(answer_type)
     if not text or not text.strip():
@@ -318,6 +349,8 @@ def extract_answer(text: str | None, answer_type: str, options: Sequence[str] | 
         return _extract_math(text)
     if answer_type == "yesno":
         return _extract_yesno(text)
+    if answer_type == "text":
+        return _extract_text(text)
     return _extract_choice(text, options)
 
 
@@ -418,6 +451,9 @@ def is_correct(
     if answer_type == "choice":
         p = normalize_choice(predicted)
         return p is not None and p == normalize_choice(gold)
+    if answer_type == "text":
+        p = normalize_text(predicted)
+        return bool(p) and p == normalize_text(gold)
 
     # math
     if _normalize_math_string(predicted) == _normalize_math_string(gold):

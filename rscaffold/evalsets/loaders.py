@@ -12,6 +12,12 @@ commonsenseqa  choice    ``dev_rand_split.jsonl``          ``tau/commonsense_qa`
 truthfulqa     choice    ``TruthfulQA.csv``                ``truthfulqa/truthful_qa`` (``generation``)
 ============== ========= ================================= =====================================
 
+``custom`` (:func:`custom_benchmark`, ``problems.format: custom``): a user's own problems in a JSONL,
+JSON-array, CSV or Parquet file, or a hub dataset, read through a field mapping (question, answer,
+optional solution, options and id) with an answer type (number, math, yesno, choice, text) that
+selects the prompt and the answer checker. It is not in :data:`BENCHMARKS` (which holds the five
+published benchmarks); :func:`benchmark_for` resolves a format name and its custom spec to either.
+
 Row conventions:
 
 * ``problem_id`` is stable: the benchmark's own id where it has one (``math500-test-precalculus-807``,
@@ -45,18 +51,23 @@ import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from rscaffold.evalsets.answers import AnswerType, find_boxed, format_choice_question
 from rscaffold.prompts import (
     PROMPT_CHOICE,
     PROMPT_MATH,
     PROMPT_MATH_LATEX,
+    PROMPT_TEXT,
     PROMPT_YESNO,
 )
 from rscaffold.records import ProblemRecord
-from rscaffold.vocabulary import BENCHMARK_NAMES
+from rscaffold.vocabulary import BENCHMARK_NAMES, CUSTOM_FORMAT
+
+if TYPE_CHECKING:
+    from rscaffold.config import CustomFormat
 
 HUB_PREFIX = "hub:"
 Part = Literal["all", "train", "heldout"]
@@ -566,6 +577,235 @@ BENCHMARKS: dict[str, Benchmark] = {
 assert tuple(BENCHMARKS) == BENCHMARK_NAMES, tuple(BENCHMARKS)
 
 
+# =============================================================================================
+# a user's own problems: the generic, field-mapped format
+
+
+# custom answer type -> (answer checker type, prompt template)
+CUSTOM_ANSWER_TYPES: dict[str, tuple[AnswerType, str]] = {
+    "number": ("math", PROMPT_MATH),
+    "math": ("math", PROMPT_MATH_LATEX),
+    "yesno": ("yesno", PROMPT_YESNO),
+    "choice": ("choice", PROMPT_CHOICE),
+    "text": ("text", PROMPT_TEXT),
+}
+CUSTOM_FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_MISSING = object()
+
+
+def read_parquet_records(path: Path) -> Iterator[RawRow]:
+    """The rows of a Parquet file, as dicts, with their 1-based row number for error messages."""
+    import pyarrow.parquet as pq
+
+    index = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            yield RawRow(row, f"{path}: row {index + 1}", index)
+            index += 1
+
+
+def read_custom_file(path: Path) -> Iterator[RawRow]:
+    """JSON lines, a JSON array, CSV or Parquet, by the file's suffix."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return read_json_records(path)
+    if suffix == ".csv":
+        return read_csv_records(path)
+    if suffix == ".parquet":
+        return read_parquet_records(path)
+    raise BenchmarkFormatError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(CUSTOM_FILE_TYPES)}")
+
+
+def _at(row: RawRow) -> str:
+    """Where a row is: ``file:line (row N)``, ``file: row N`` or the hub row."""
+    return row.where if "row" in row.where else f"{row.where} (row {row.index + 1})"
+
+
+def _lookup(data: Mapping[str, Any], name: str) -> Any:
+    """A row's field by name, or a nested field by ``a.b`` (the plain name wins)."""
+    if name in data:
+        return data[name]
+    if "." in name:
+        node: Any = data
+        for part in name.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return _MISSING
+            node = node[part]
+        return node
+    return _MISSING
+
+
+def _custom_field(row: RawRow, name: str, role: str, *, required: bool = True) -> Any:
+    value = _lookup(row.data, name)
+    if value is _MISSING or value is None or (isinstance(value, str) and not value.strip()):
+        if not required:
+            return None
+        what = "missing field" if value is _MISSING else "empty field"
+        keys = ", ".join(repr(k) for k in list(row.data)[:20])
+        raise BenchmarkFormatError(f"{_at(row)}: {what} {name!r} (fields.{role}); the row has {keys}")
+    return value
+
+
+def _custom_text(row: RawRow, name: str, role: str, *, required: bool = True) -> str | None:
+    value = _custom_field(row, name, role, required=required)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise BenchmarkFormatError(
+            f"{_at(row)}: field {name!r} (fields.{role}) should be text, got {type(value).__name__}"
+        )
+    return str(value).strip()
+
+
+def _number_answer(row: RawRow, name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        raise BenchmarkFormatError(f"{_at(row)}: field {name!r} (fields.answer) should be a number, got a boolean")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    text = str(value).strip()
+    plain = text.replace(",", "").replace("$", "").removesuffix("%").strip()
+    try:
+        Fraction(plain)
+    except (ValueError, ZeroDivisionError):
+        raise BenchmarkFormatError(
+            f"{_at(row)}: field {name!r} (fields.answer) should be a number for answer_type 'number', got {text!r}"
+        ) from None
+    return plain
+
+
+def _choice_options(row: RawRow, spec: CustomFormat) -> list[str]:
+    fields = spec.fields.options
+    if isinstance(fields, list):  # one field per option; empty trailing ones are dropped
+        values = [_lookup(row.data, f) for f in fields]
+        for f, v in zip(fields, values):
+            if v is _MISSING:
+                raise BenchmarkFormatError(f"{_at(row)}: missing option field {f!r} (fields.options)")
+        options = [("" if v is None else " ".join(str(v).split())) for v in values]
+        while options and not options[-1]:
+            options.pop()
+        if "" in options:
+            empty = fields[options.index("")]
+            raise BenchmarkFormatError(f"{_at(row)}: option field {empty!r} is empty but a later option is not")
+    else:
+        assert fields is not None  # CustomFormat requires options for 'choice'
+        value = _custom_field(row, fields, "options")
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        if isinstance(value, Mapping) and isinstance(value.get("text"), list):  # {"label": [...], "text": [...]}
+            value = value["text"]
+        if not isinstance(value, list):
+            raise BenchmarkFormatError(
+                f"{_at(row)}: field {fields!r} (fields.options) should be a list of options, got {type(value).__name__}"
+            )
+        options = [" ".join(str(v).split()) for v in value]
+    if len(options) < 2 or not all(options):
+        raise BenchmarkFormatError(f"{_at(row)}: a multiple-choice question needs at least two non-empty options")
+    if len(options) > len(_LETTERS):
+        raise BenchmarkFormatError(f"{_at(row)}: at most {len(_LETTERS)} options are supported, got {len(options)}")
+    return options
+
+
+def _choice_answer(row: RawRow, name: str, value: Any, *, options: list[str]) -> str:
+    letters = _LETTERS[: len(options)]
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value < len(options):
+            return letters[value]
+        raise BenchmarkFormatError(
+            f"{_at(row)}: field {name!r} (fields.answer) is index {value}, but there are {len(options)} options"
+        )
+    text = " ".join(str(value).split())
+    if len(text) == 1 and text.upper() in letters:
+        return text.upper()
+    lowered = [o.lower() for o in options]
+    if text.lower() in lowered:
+        return letters[lowered.index(text.lower())]
+    raise BenchmarkFormatError(
+        f"{_at(row)}: field {name!r} (fields.answer) = {text!r} is neither an option letter ({letters[0]}-{letters[-1]}), "
+        "the text of an option, nor a 0-based index"
+    )
+
+
+def _convert_custom(spec: CustomFormat, row: RawRow, ctx: _Context) -> ProblemRecord:
+    f = spec.fields
+    question = _custom_text(row, f.question, "question")
+    raw = _custom_field(row, f.answer, "answer")
+    kind = spec.answer_type
+    if kind == "number":
+        gold = _number_answer(row, f.answer, raw)
+    elif kind == "yesno":
+        word = ("yes" if raw else "no") if isinstance(raw, (bool, int)) else _BOOL_WORDS.get(str(raw).strip().lower())
+        if word is None:
+            raise BenchmarkFormatError(
+                f"{_at(row)}: field {f.answer!r} (fields.answer) should be yes/no or true/false, got {raw!r}"
+            )
+        gold = word
+    elif kind == "choice":
+        options = _choice_options(row, spec)
+        gold = _choice_answer(row, f.answer, raw, options=options)
+        question = format_choice_question(question, options)
+    else:  # math, text
+        gold = _custom_text(row, f.answer, "answer")
+    solution = _custom_text(row, f.solution, "solution", required=False) if f.solution else None
+    if f.id:
+        pid = f"{ctx.benchmark}-{_slug(_custom_text(row, f.id, 'id'))}"
+    else:
+        pid = f"{ctx.benchmark}-{_slug(ctx.tag)}-{row.index:05d}"
+    return ProblemRecord(
+        problem_id=pid,
+        split=ctx.split,
+        source=ctx.benchmark,
+        question=question,
+        gold_answer=gold,
+        gold_solution=solution,
+    )
+
+
+@dataclass(frozen=True)
+class CustomBenchmark(Benchmark):
+    """A user's own problem set (``format: custom``): one file (or hub dataset) read through a field mapping."""
+
+    def resolve_path(self, source: str | Path) -> Path:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            raise BenchmarkNotFoundError(
+                f"{self.name}: {path} is a directory; give the problem file ({', '.join(CUSTOM_FILE_TYPES)})"
+            )
+        if not path.is_file():
+            raise BenchmarkNotFoundError(f"{self.name}: problem file not found: {path}")
+        return path
+
+
+def custom_benchmark(spec: CustomFormat) -> Benchmark:
+    """The :class:`Benchmark` of a user's own problems (``problems.custom`` / ``evaluation.benchmarks[].custom``)."""
+    answer_type, template = CUSTOM_ANSWER_TYPES[spec.answer_type]
+    return CustomBenchmark(
+        name=spec.name,
+        answer_type=answer_type,
+        default_file="",
+        hub_id="",
+        hub_splits={"train": "train", "eval": "test"},
+        prompt_template=template,
+        description=f"your own problems ({spec.answer_type} answers)",
+        convert=lambda row, ctx: _convert_custom(spec, row, ctx),
+        read_file=read_custom_file,
+    )
+
+
+def benchmark_for(fmt: str, custom: CustomFormat | None = None) -> Benchmark:
+    """The benchmark of a format name: one of :data:`BENCHMARKS`, or ``"custom"`` with its spec."""
+    if fmt == CUSTOM_FORMAT:
+        if custom is None:
+            raise ValueError("format 'custom' needs its spec (answer_type and fields)")
+        return custom_benchmark(custom)
+    return get_benchmark(fmt)
+
+
 def get_benchmark(name: str) -> Benchmark:
     try:
         return BENCHMARKS[name]
@@ -619,7 +859,7 @@ def subsample(records: list[ProblemRecord], limit: int | None, seed: int = 0) ->
 
 def load_problems(
     source: str | Path,
-    benchmark: str = "gsm8k",
+    benchmark: str | Benchmark = "gsm8k",
     split: str = "eval",
     *,
     limit: int | None = None,
@@ -632,7 +872,9 @@ def load_problems(
 
     ``split`` is the role recorded on every row (``"train"`` / ``"eval"``); for a hub source without
     an explicit split it also picks the hub split (e.g. GSM8K: train -> ``train``, eval -> ``test``).
+    ``benchmark``: a name of :data:`BENCHMARKS`, or a :class:`Benchmark` (e.g. :func:`custom_benchmark`).
     Raises :class:`BenchmarkNotFoundError` for a missing file and :class:`BenchmarkFormatError`
     (``path:line: ...``) for a malformed record.
     """
-    return get_benchmark(benchmark).load(source, split, limit, seed=seed, part=part, heldout_fraction=heldout_fraction)
+    bench = benchmark if isinstance(benchmark, Benchmark) else get_benchmark(benchmark)
+    return bench.load(source, split, limit, seed=seed, part=part, heldout_fraction=heldout_fraction)

@@ -26,19 +26,20 @@ class EvalSuite:
         return [self.prompt_template.replace("{question}", p.question) for p in self.problems]
 
 
-def evaluation_suites(ecfg, default_benchmark: str, default_problems: Sequence[ProblemRecord]) -> list[EvalSuite]:
+def evaluation_suites(ecfg, default_benchmark, default_problems: Sequence[ProblemRecord]) -> list[EvalSuite]:
     """What the evaluation stage answers: ``ecfg.benchmarks`` (an :class:`EvaluationConfig`), or
     when it is empty the problems stage's eval split (``default_problems``, the first
-    ``ecfg.limit`` of them) as ``default_benchmark``."""
-    from rscaffold.evalsets.loaders import get_benchmark
+    ``ecfg.limit`` of them) as ``default_benchmark`` (a benchmark name, or a
+    :class:`~rscaffold.evalsets.loaders.Benchmark` such as a custom format's)."""
+    from rscaffold.evalsets.loaders import Benchmark, benchmark_for, get_benchmark
 
     if not ecfg.benchmarks:
-        bench = get_benchmark(default_benchmark)
+        bench = default_benchmark if isinstance(default_benchmark, Benchmark) else get_benchmark(default_benchmark)
         rows = list(default_problems)[: ecfg.limit] if ecfg.limit else list(default_problems)
         return [EvalSuite(bench.name, bench.answer_type, bench.prompt_template, rows)]
     suites = []
     for b in ecfg.benchmarks:
-        bench = get_benchmark(b.name)
+        bench = benchmark_for(b.name, b.custom)
         rows = bench.load(
             b.source,
             "eval",
@@ -55,9 +56,9 @@ def benchmark_source_digest(source) -> str:
     """What identifies a :class:`~rscaffold.config.BenchmarkSource`'s data in a fingerprint: the
     content digest of the resolved local file, or the hub string. A missing file raises
     :class:`~rscaffold.evalsets.loaders.BenchmarkNotFoundError`."""
-    from rscaffold.evalsets.loaders import get_benchmark, is_hub_source
+    from rscaffold.evalsets.loaders import benchmark_for, is_hub_source
     from rscaffold.store import file_digest
 
     if is_hub_source(source.source):
         return source.source
-    return file_digest(get_benchmark(source.name).resolve_path(source.source))
+    return file_digest(benchmark_for(source.name, source.custom).resolve_path(source.source))

@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 
 from rscaffold.config import PipelineConfig
-from rscaffold.records import ExampleRecord, LabeledStepRecord, TraceRecord
+from rscaffold.records import ExampleRecord
 from rscaffold.stages.common import (
     open_stage,
     stage_code_version,
     stage_inputs,
     write_json,
 )
-from rscaffold.store import StageRef, read_records, write_records
+from rscaffold.store import StageRef, write_table
 
 
 def run_dataset(
@@ -25,24 +25,24 @@ def run_dataset(
     fresh: bool = False,
 ) -> StageRef:
     """Join the kept traces with their labeled steps, filter, split by problem, write ``examples.parquet``."""
-    from rscaffold.dataset import assemble_examples, dataset_stats, select_traces
+    from rscaffold.dataset import assemble_examples, dataset_stats
     from rscaffold.labeling.taxonomy import load_taxonomy
 
     with open_stage(cfg, "dataset", fps, force=force, fresh=fresh) as (sd, done):
         if done:
             return done
         started = time.time()
-        traces, _ = select_traces(read_records(teacher.output("traces"), TraceRecord), cfg.teacher.keep)
-        steps = read_records(labeling.output("labeled_steps"), LabeledStepRecord)
-        examples, dropped = assemble_examples(traces, steps, cfg.dataset)
-        if not any(e.split == "train" for e in examples):
+        examples, dropped = assemble_examples(
+            teacher.output("traces"), labeling.output("labeled_steps"), cfg.dataset, keep=cfg.teacher.keep
+        )
+        if not (examples.get_column("split") == "train").any():
             raise RuntimeError(
-                f"the dataset has no training rows ({len(traces)} traces, dropped: {dropped}); "
+                f"the dataset has no training rows ({examples.height} kept traces, dropped: {dropped}); "
                 "check the teacher output and dataset.only_correct/min_steps"
             )
         tax = load_taxonomy(labeling.output("taxonomy"))  # the labels' own taxonomy
         tax.save(sd.work / "taxonomy.yaml")
-        write_records(sd.work / "examples.parquet", examples, ExampleRecord)
+        write_table(sd.work / "examples.parquet", examples, ExampleRecord)
         stats = dataset_stats(examples, tax.names)
         stats["dropped"] = dropped
         stats["taxonomy_digest"] = tax.digest()

@@ -37,6 +37,7 @@ def run_evaluation(
     ``labeling`` (optional): its ``quality.json`` holds the teacher's signal transitions that the
     generated signals are compared with; without it those metrics are empty.
     """
+    from rscaffold.evalsets.loaders import benchmark_for
     from rscaffold.evaluation.metrics import (
         compute_metrics,
         metrics_table,
@@ -58,7 +59,8 @@ def run_evaluation(
             return done
         started = time.time()
         ecfg = cfg.evaluation
-        suites = evaluation_suites(ecfg, cfg.problems.format, read_problems(problems, "eval"))
+        problems_format = benchmark_for(cfg.problems.format, cfg.problems.custom)
+        suites = evaluation_suites(ecfg, problems_format, read_problems(problems, "eval"))
         teacher = None
         if labeling is not None and "quality" in labeling.outputs:
             teacher = read_json(labeling.output("quality"), None)

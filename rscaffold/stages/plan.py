@@ -28,8 +28,9 @@ def plan_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     """The fingerprint of every stage, in stage order."""
     p = cfg.problems
     problems_code = stage_code_version("problems")
-    train_part = fingerprint("problems:train", p.format, source_digest(p.train), p.limit_train, p.seed, problems_code)
-    eval_part = fingerprint("problems:eval", p.format, source_digest(p.eval), p.limit_eval, p.seed, problems_code)
+    fmt = [p.format, p.custom]  # custom: its field mapping and answer type
+    train_part = fingerprint("problems:train", *fmt, source_digest(p.train), p.limit_train, p.seed, problems_code)
+    eval_part = fingerprint("problems:eval", *fmt, source_digest(p.eval), p.limit_eval, p.seed, problems_code)
     teacher = fingerprint_view(cfg.teacher)
     keep = teacher.pop("keep")
     labeling = fingerprint_view(cfg.labeling)
@@ -75,6 +76,14 @@ def preflight(cfg: PipelineConfig) -> dict[str, str]:
         load_taxonomy(cfg.labeling.taxonomy)
     except TaxonomyError as err:
         raise ConfigError(f"labeling.taxonomy: {err}") from None
+    t = cfg.training
+    if t.args or t.report_to or t.load_in_4bit:  # checked against the installed trainer (imports it)
+        from rscaffold.training.trainer import check_training_settings
+
+        try:
+            check_training_settings(t)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     try:
         return plan_fingerprints(cfg)
     except (OSError, ValueError) as err:

@@ -16,15 +16,16 @@ from rscaffold.store import StageRef, read_records, write_records
 
 def run_problems(cfg: PipelineConfig, fps: dict[str, str], *, force: bool = False, fresh: bool = False) -> StageRef:
     """Load the train and eval problems (``problems.*``) into ``problems.parquet``."""
-    from rscaffold.evalsets.loaders import load_problems
+    from rscaffold.evalsets.loaders import benchmark_for, load_problems
 
     with open_stage(cfg, "problems", fps, force=force, fresh=fresh) as (sd, done):
         if done:
             return done
         started = time.time()
         p = cfg.problems
-        train = load_problems(p.train, benchmark=p.format, split="train", limit=p.limit_train, seed=p.seed)
-        evl = load_problems(p.eval, benchmark=p.format, split="eval", limit=p.limit_eval, seed=p.seed)
+        bench = benchmark_for(p.format, p.custom)
+        train = load_problems(p.train, benchmark=bench, split="train", limit=p.limit_train, seed=p.seed)
+        evl = load_problems(p.eval, benchmark=bench, split="eval", limit=p.limit_eval, seed=p.seed)
         train = [r.model_copy(update={"split": "train"}) for r in train]
         evl = [r.model_copy(update={"split": "eval"}) for r in evl]
         write_records(sd.work / "problems.parquet", train + evl, ProblemRecord)

@@ -372,18 +372,19 @@ class _TransportBreaker:
 
 def teacher_prompt_config(cfg: PipelineConfig) -> TeacherConfig:
     """The teacher config with its prompt template filled in from the benchmark family if unset."""
-    from rscaffold.evalsets.loaders import BENCHMARKS
+    from rscaffold.evalsets.loaders import benchmark_for
 
     if cfg.teacher.prompt_template is not None:
         return cfg.teacher
-    return cfg.teacher.model_copy(update={"prompt_template": BENCHMARKS[cfg.problems.format].prompt_template})
+    template = benchmark_for(cfg.problems.format, cfg.problems.custom).prompt_template
+    return cfg.teacher.model_copy(update={"prompt_template": template})
 
 
 def _answer_fns(cfg: PipelineConfig) -> tuple[AnswerFn, CheckFn]:
     from rscaffold.evalsets.answers import extract_answer, is_correct
-    from rscaffold.evalsets.loaders import BENCHMARKS
+    from rscaffold.evalsets.loaders import benchmark_for
 
-    answer_type = BENCHMARKS[cfg.problems.format].answer_type
+    answer_type = benchmark_for(cfg.problems.format, cfg.problems.custom).answer_type
     return (
         lambda text: extract_answer(text, answer_type),
         lambda pred, gold: pred is not None and is_correct(pred, gold, answer_type),

@@ -21,10 +21,12 @@ to TRL's plain SFT loss (tested numerically).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from trl import SFTConfig, SFTTrainer
 
-from rscaffold.config import LoraSettings, TrainingConfig
+from rscaffold.config import TRAINER_ARGS_SET_BY_RSCAFFOLD, LoraSettings, TrainingConfig
 from rscaffold.prompts import STUDENT_SYSTEM_PROMPT
 from rscaffold.records import ExampleRecord
 from rscaffold.student import (
@@ -54,6 +56,7 @@ __all__ = [
     "ScaffoldTrainer",
     "TrainResult",
     "build_trainer",
+    "check_training_settings",
     "evaluate_signal_accuracy",
     "load_student_base",
     "make_sft_config",
@@ -221,28 +224,43 @@ def use_bf16(setting: Any) -> bool:
     return bool(setting)
 
 
+def progress_bars() -> bool:
+    """Whether training shows progress bars: when a terminal is attached (``training.args.disable_tqdm``
+    decides otherwise)."""
+    return sys.stderr is not None and sys.stderr.isatty()
+
+
 def make_sft_config(cfg: TrainingConfig, checkpoint_dir: Path, **overrides: Any) -> SFTConfig:
-    """The ``SFTConfig`` for a pre-tokenized dataset with extra (signal) columns."""
-    kwargs: dict[str, Any] = dict(
+    """The ``SFTConfig`` for a pre-tokenized dataset with extra (signal) columns.
+
+    Built from the ``training`` fields (the arguments rscaffold sets itself, listed in
+    :data:`rscaffold.config.TRAINER_ARGS_SET_BY_RSCAFFOLD`), a few defaults that ``training.args``
+    may change (progress bars, data-loader workers, fp16, ...), then ``training.args`` passed
+    through as given, then ``overrides`` (tests, benchmarks).
+    """
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    unknown = sorted(set(cfg.args) - names)
+    if unknown:
+        raise ValueError(
+            "; ".join(f"training.args.{k}: not an argument of TRL's SFTConfig / TrainingArguments" for k in unknown)
+        )
+    owned: dict[str, Any] = dict(
         output_dir=str(checkpoint_dir),
-        max_steps=cfg.max_steps,
+        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
+        num_train_epochs=cfg.epochs if cfg.epochs is not None else 1.0,
         per_device_train_batch_size=cfg.per_device_batch_size,
         per_device_eval_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
         weight_decay=cfg.weight_decay,
-        logging_strategy="steps",
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
-        save_total_limit=SAVE_TOTAL_LIMIT,
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=use_bf16(cfg.bf16),
-        fp16=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        report_to="none",
-        disable_tqdm=True,
+        report_to=list(cfg.report_to) or "none",
         # The dataset is tokenized by rscaffold (prompt masking, signal positions, truncation that
         # keeps the prompt), so TRL's preparation is skipped and the extra columns are kept for
         # the collator.
@@ -252,31 +270,110 @@ def make_sft_config(cfg: TrainingConfig, checkpoint_dir: Path, **overrides: Any)
         packing=False,
         # TRL's own padding_free refuses a custom collator; ScaffoldCollator implements it.
         padding_free=False,
-        dataloader_num_workers=0,
     )
+    # transformers 5 dropped warmup_ratio: a float warmup_steps in [0, 1) is a ratio of the steps.
+    if cfg.warmup_steps is not None:
+        owned["warmup_steps"] = cfg.warmup_steps
+    else:
+        owned["warmup_ratio" if "warmup_ratio" in names else "warmup_steps"] = cfg.warmup_ratio
     # SFTConfig defaults to gradient checkpointing on; ours is off unless asked. transformers 5
     # renamed the argument (the old name still works, with a FutureWarning).
-    names = {f.name for f in dataclasses.fields(SFTConfig)}
-    # transformers 5 dropped warmup_ratio: a float warmup_steps in [0, 1) is a ratio of max_steps.
-    kwargs["warmup_ratio" if "warmup_ratio" in names else "warmup_steps"] = cfg.warmup_ratio
     ckpt_arg = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    kwargs[ckpt_arg] = cfg.gradient_checkpointing
-    kwargs.update(overrides)
-    return SFTConfig(**kwargs)
+    owned[ckpt_arg] = cfg.gradient_checkpointing
+    assert set(owned) <= set(TRAINER_ARGS_SET_BY_RSCAFFOLD), sorted(set(owned) - set(TRAINER_ARGS_SET_BY_RSCAFFOLD))
+    defaults: dict[str, Any] = dict(
+        logging_strategy="steps",
+        save_total_limit=SAVE_TOTAL_LIMIT,
+        fp16=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=not progress_bars(),
+    )
+    refused = sorted(set(cfg.args) & set(owned))  # also refused by the config; kept for direct callers
+    if refused:
+        raise ValueError(f"training.args sets {refused}, which rscaffold sets itself from the training section")
+    return SFTConfig(**{**defaults, **cfg.args, **owned, **overrides})
+
+
+class QLoRAUnavailableError(RuntimeError):
+    """``training.load_in_4bit`` on a machine without bitsandbytes."""
+
+
+def _require_bitsandbytes() -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QLoRAUnavailableError(
+            "training.load_in_4bit (QLoRA) needs bitsandbytes, which is not installed: pip install bitsandbytes "
+            "(and train on a CUDA GPU), or set training.load_in_4bit: false"
+        )
+
+
+def check_training_settings(cfg: TrainingConfig) -> None:
+    """What training would refuse, checked before any stage starts: every ``training.args`` key is
+    an SFTConfig argument, every ``training.report_to`` tracker is known and installed, and
+    QLoRA's bitsandbytes is installed. Raises ``ValueError`` naming the key."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    problems = []
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    problems += [
+        f"training.args.{k}: not an argument of TRL's SFTConfig / TrainingArguments" for k in cfg.args if k not in names
+    ]
+    installed = set(get_available_reporting_integrations())
+    for tracker in cfg.report_to:
+        if tracker in ("all", "none"):
+            continue
+        if tracker not in INTEGRATION_TO_CALLBACK:
+            problems.append(
+                f"training.report_to: unknown tracker {tracker!r} (known: {', '.join(sorted(INTEGRATION_TO_CALLBACK))})"
+            )
+        elif tracker not in installed:
+            problems.append(f"training.report_to: {tracker} is not installed (pip install {tracker})")
+    if cfg.load_in_4bit:
+        try:
+            _require_bitsandbytes()
+        except QLoRAUnavailableError as err:
+            problems.append(str(err))
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_student_base(cfg: TrainingConfig):
-    """The untrained student (model in fp32, tokenizer with a pad token) named by ``cfg``."""
+    """The untrained student named by ``cfg`` (weights in ``training.student_dtype``, fp32 by default;
+    ``attn_implementation``; 4-bit base weights with ``load_in_4bit``), and its tokenizer with a pad token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rscaffold.models import build_tiny_model, plain_from_quantized
 
+    dtype = _DTYPES.get(cfg.student_dtype, "auto")
     if cfg.tiny is not None:
         model, tokenizer = build_tiny_model(cfg.tokenizer or cfg.student, cfg.tiny)
+        if dtype != "auto":
+            model = model.to(dtype)
+        if cfg.attn_implementation:
+            model.set_attn_implementation(cfg.attn_implementation)
     else:
         gguf = {"gguf_file": cfg.student_gguf_file} if cfg.student_gguf_file else {}
+        loading: dict[str, Any] = {"dtype": dtype, **gguf}
+        if cfg.attn_implementation:
+            loading["attn_implementation"] = cfg.attn_implementation
+        if cfg.load_in_4bit:  # QLoRA: NF4 base weights, bf16 compute (Dettmers et al., 2023)
+            _require_bitsandbytes()
+            from transformers import BitsAndBytesConfig
+
+            loading["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.student, **({} if cfg.tokenizer else gguf))
-        model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(cfg.student, **loading)
         if gguf:
             model = plain_from_quantized(model)
     if tokenizer.pad_token is None:
@@ -613,14 +710,32 @@ def _write_model_dir(
     tmp.rename(model_dir)
 
 
+def _hub_id(name: str) -> str | None:
+    """``name`` if it reads as a Hugging Face hub id (``owner/model``), not a local directory."""
+    if name.startswith(("/", ".", "~", "tiny:")) or Path(name).expanduser().exists():
+        return None
+    return name if name.count("/") == 1 else None
+
+
 def _model_card(meta: dict[str, Any], cfg: TrainingConfig) -> str:
+    """The model card (README.md): a YAML header (``base_model`` when the student came from the hub,
+    library, pipeline, tags) and what the student was trained on and how (the dataset fingerprint,
+    the taxonomy with its tokens, every training setting, the training metrics)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     m = meta["metrics"]
+    info = meta["model_card_info"]
     kind = "Reasoning-Scaffolding student (signals + steps)" if meta["scaffolded"] else "CoT-SFT baseline"
+    base = meta["base_model"]
+    data = ModelCardData(
+        base_model=_hub_id(base),
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["rscaffold", "reasoning-scaffolding", "sft", "trl"] + (["lora"] if cfg.lora else []),
+    )
+    steps = f"max_steps {cfg.max_steps}" if cfg.max_steps is not None else f"{cfg.epochs} epochs"
+    warmup = f"{cfg.warmup_steps} steps" if cfg.warmup_steps is not None else f"ratio {cfg.warmup_ratio}"
     lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [rscaffold, reasoning-scaffolding, sft]",
-        "---",
         f"# rscaffold student: {kind}",
         "",
         "Distilled with rscaffold (Reasoning Scaffolding, arXiv 2509.23619).",
@@ -629,9 +744,9 @@ def _model_card(meta: dict[str, Any], cfg: TrainingConfig) -> str:
         "",
         "| key | value |",
         "|---|---|",
-        f"| base model | `{meta['base_model']}` |",
+        f"| base model | `{base if _hub_id(base) else Path(base.removeprefix('tiny:')).name + ' (local)'}` |",
     ]
-    for k, v in sorted(meta["model_card_info"].items()):
+    for k, v in sorted(info.items()):
         lines.append(f"| {k} | `{v}` |")
     lines += [
         "",
@@ -640,12 +755,28 @@ def _model_card(meta: dict[str, Any], cfg: TrainingConfig) -> str:
         f"- scaffolded: {meta['scaffolded']}",
         f"- signal objective: {meta['signal_objective']}",
         f"- lambda (signal loss weight): {meta['signal_loss_weight']}",
-        f"- signals: {', '.join(meta['signal_names']) or '(none)'}",
         "",
+    ]
+    if meta["signal_names"]:
+        lines += ["## Taxonomy", "", "| signal | token | token id |", "|---|---|---|"]
+        lines += [
+            f"| {n} | `{t}` | {i} |"
+            for n, t, i in zip(meta["signal_names"], meta["signal_tokens"], meta["signal_token_ids"])
+        ]
+        lines.append("")
+    lines += [
         "## Training",
         "",
-        f"- max_steps {cfg.max_steps}, lr {cfg.learning_rate}, batch {cfg.per_device_batch_size} x accumulation "
-        f"{cfg.gradient_accumulation_steps}, max_length {cfg.max_length}, LoRA {'yes' if cfg.lora else 'no'}",
+        f"- {steps}, lr {cfg.learning_rate} ({cfg.lr_scheduler}, warm-up {warmup}), weight decay {cfg.weight_decay}, "
+        f"batch {cfg.per_device_batch_size} x accumulation {cfg.gradient_accumulation_steps}, "
+        f"max_length {cfg.max_length}, seed {cfg.seed}",
+        f"- weights {cfg.student_dtype}, bf16 mixed precision {cfg.bf16}, attention {cfg.attn_implementation or 'default'}, "
+        f"gradient checkpointing {cfg.gradient_checkpointing}, "
+        f"LoRA {cfg.lora.model_dump() if cfg.lora else 'no'}{' on a 4-bit base (QLoRA)' if cfg.load_in_4bit else ''}",
+    ]
+    if cfg.args:
+        lines.append(f"- other trainer arguments: `{json.dumps(cfg.args, sort_keys=True, default=str)}`")
+    lines += [
         "",
         "## Metrics",
         "",
@@ -668,7 +799,7 @@ def _model_card(meta: dict[str, Any], cfg: TrainingConfig) -> str:
         "```",
         "",
     ]
-    return "\n".join(lines)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 @torch.no_grad()

@@ -241,3 +241,25 @@ def test_unknown_answer_type() -> None:
         extract_answer("18", "number")
     with pytest.raises(ValueError, match="unknown answer type"):
         is_correct("18", "18", "number")
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        ("Paris is the capital.\n\nThe answer is Paris.", "Paris"),
+        ('So... the answer is "The Eiffel Tower", because it is tall.', "The Eiffel Tower"),
+        ("It is big.\n\n**Answer:** blue whale", "blue whale"),
+        ("Whales are large. \\boxed{\\text{blue whale}}", "blue whale"),
+        ("Thinking...\n\nMount Everest", "Mount Everest"),
+        ("   ", None),
+    ],
+)
+def test_extract_text(output: str, expected: str | None) -> None:
+    assert extract_answer(output, "text") == expected
+
+
+def test_is_correct_text() -> None:
+    assert is_correct("The Eiffel Tower", "eiffel tower", "text")
+    assert is_correct("Eiffel-Tower!", "the eiffel tower", "text")
+    assert not is_correct("Eiffel", "eiffel tower", "text")
+    assert not is_correct(None, "x", "text") and not is_correct("the", "a", "text")

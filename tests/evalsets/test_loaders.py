@@ -374,3 +374,145 @@ def test_registry_specs() -> None:
         assert bench.prompt_template.format(question="Q?") == bench.render_prompt("Q?")
         assert "The answer is" in bench.prompt_template
         assert bench.hub_id and bench.default_file
+
+
+# ---------------------------------------------------------------------------------------------
+# a user's own problems (format: custom)
+
+
+def _custom(answer_type: str, **fields: object):
+    from rscaffold.config import CustomFormat
+
+    return CustomFormat(name="wordmath", answer_type=answer_type, fields=fields)
+
+
+# A math word-problem set published as a JSON array with its own field names.
+WORDMATH = [
+    {
+        "uid": "wm-1",
+        "body": "Ann has 1,200 stamps and buys 34 more. How many now?",
+        "result": "1,234",
+        "worked": "1200+34",
+    },
+    {"uid": "wm-2", "body": "Half of 7?", "result": 3.5},
+    {"uid": "wm-3", "body": "Twice 21?", "result": 42, "worked": None},
+]
+
+
+def test_custom_json_array_with_its_own_field_names(tmp_path: Path) -> None:
+    from rscaffold.evalsets.loaders import custom_benchmark
+
+    path = tmp_path / "wordmath.json"
+    path.write_text(json.dumps(WORDMATH, indent=2))
+    bench = custom_benchmark(_custom("number", question="body", answer="result", solution="worked", id="uid"))
+    records = load_problems(str(path), bench, split="train")
+    assert [r.problem_id for r in records] == ["wordmath-wm-1", "wordmath-wm-2", "wordmath-wm-3"]
+    assert [r.gold_answer for r in records] == ["1234", "3.5", "42"]
+    assert [r.gold_solution for r in records] == ["1200+34", None, None]
+    assert {r.source for r in records} == {"wordmath"} and {r.split for r in records} == {"train"}
+    # the number answer type: the GSM8K prompt and the math checker
+    assert bench.answer_type == "math" and "The answer is N." in bench.render_prompt("Q")
+    assert is_correct(extract_answer("So he has 1234 stamps.\n\nThe answer is 1,234.", "math"), "1234", "math")
+
+
+def test_custom_csv_parquet_jsonl_and_answer_types(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rscaffold.evalsets.loaders import custom_benchmark
+
+    csv_path = _write(tmp_path / "mc.csv", ["q,A,B,C,D,key", "Pick red?,blue,red,green,,B", "Pick two?,1,2,,,2"])
+    mc = load_problems(
+        csv_path, custom_benchmark(_custom("choice", question="q", answer="key", options=["A", "B", "C", "D"]))
+    )
+    assert [r.gold_answer for r in mc] == ["B", "B"]  # a letter; an option's text
+    assert choice_options(mc[0].question) == ["blue", "red", "green"] and choice_options(mc[1].question) == ["1", "2"]
+    assert mc[0].problem_id == "wordmath-mc-00000"
+
+    pq_path = tmp_path / "yn.parquet"
+    pq.write_table(pa.table({"text": ["Is ice cold?", "Is fire cold?"], "label": [True, False]}), pq_path)
+    yn = load_problems(str(pq_path), custom_benchmark(_custom("yesno", question="text", answer="label")))
+    assert [r.gold_answer for r in yn] == ["yes", "no"]
+
+    nested = [{"q": {"text": "Capital of France?"}, "a": "Paris", "opts": {"label": ["A"], "text": ["x"]}}]
+    jl = _write(tmp_path / "t.jsonl", [json.dumps(r) for r in nested])
+    bench = custom_benchmark(_custom("text", question="q.text", answer="a"))
+    (row,) = load_problems(jl, bench)
+    assert row.question == "Capital of France?" and row.gold_answer == "Paris"
+    assert bench.answer_type == "text" and "short answer" in bench.prompt_template
+    idx = _write(tmp_path / "idx.jsonl", [json.dumps({"question": "Q?", "choices": ["no", "yes"], "answer": 1})])
+    (row,) = load_problems(idx, custom_benchmark(_custom("choice", options="choices")))
+    assert row.gold_answer == "B"  # a 0-based index
+    (row,) = load_problems(
+        _write(tmp_path / "m.jsonl", [json.dumps({"question": "Simplify 2/4", "answer": "\\frac{1}{2}"})]),
+        custom_benchmark(_custom("math")),
+    )
+    assert row.gold_answer == "\\frac{1}{2}" and is_correct("0.5", row.gold_answer, "math")
+
+
+def test_custom_errors_name_file_row_and_field(tmp_path: Path) -> None:
+    from rscaffold.evalsets.loaders import custom_benchmark
+
+    path = tmp_path / "wordmath.json"
+    rows = [*WORDMATH[:2], {"uid": "wm-3", "text": "Twice 21?", "result": 42}]
+    path.write_text(json.dumps(rows, indent=2))
+    bench = custom_benchmark(_custom("number", question="body", answer="result", id="uid"))
+    with pytest.raises(BenchmarkFormatError) as err:
+        load_problems(str(path), bench)
+    assert str(err.value).startswith(f"{path}:13 (row 3): missing field 'body' (fields.question)")
+    assert "the row has 'uid', 'text', 'result'" in str(err.value)
+    rows[2] = {"uid": "wm-3", "body": "Twice 21?", "result": "forty-two"}
+    path.write_text(json.dumps(rows, indent=2))
+    with pytest.raises(
+        BenchmarkFormatError, match=r":13 \(row 3\): field 'result' \(fields.answer\) should be a number"
+    ):
+        load_problems(str(path), bench)
+
+    pq_path = tmp_path / "mc.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        pa.table({"question": ["Q1?", "Q2?"], "options": [["a", "b"], ["c", "d"]], "answer": ["a", "e"]}), pq_path
+    )
+    with pytest.raises(BenchmarkFormatError) as err:
+        load_problems(str(pq_path), custom_benchmark(_custom("choice", options="options")))
+    assert str(err.value).startswith(
+        f"{pq_path}: row 2: field 'answer' (fields.answer) = 'e' is neither an option letter (A-B)"
+    )
+    with pytest.raises(BenchmarkFormatError, match=r"unsupported file type '.txt'"):
+        load_problems(_write(tmp_path / "p.txt", ["x"]), custom_benchmark(_custom("text")))
+    with pytest.raises(BenchmarkNotFoundError, match="is a directory"):
+        load_problems(str(tmp_path), custom_benchmark(_custom("text")))
+
+
+def test_custom_hub_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub path of the custom format, with datasets.load_dataset replaced by in-memory rows (no network)."""
+    import datasets
+
+    from rscaffold.evalsets.loaders import custom_benchmark
+
+    calls = []
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda path, name=None, split=None: calls.append((path, name, split)) or WORDMATH
+    )
+    records = load_problems(
+        "hub:me/wordmath", custom_benchmark(_custom("number", question="body", answer="result")), "train"
+    )
+    assert calls == [("me/wordmath", None, "train")]
+    assert [r.problem_id for r in records] == ["wordmath-train-00000", "wordmath-train-00001", "wordmath-train-00002"]
+
+
+def test_custom_format_config() -> None:
+    from rscaffold.config import ProblemsConfig
+
+    with pytest.raises(ValueError, match="'custom' needs a 'custom' section"):
+        ProblemsConfig(format="custom")
+    with pytest.raises(ValueError, match="a 'custom' section needs format 'custom'"):
+        ProblemsConfig(custom={"answer_type": "number"})
+    with pytest.raises(ValueError, match="'choice' needs fields.options"):
+        _custom("choice")
+    with pytest.raises(ValueError, match="only for answer_type 'choice'"):
+        _custom("number", options="opts")
+    with pytest.raises(ValueError, match="is a built-in benchmark"):
+        ProblemsConfig(format="custom", custom={"name": "gsm8k", "answer_type": "number"})

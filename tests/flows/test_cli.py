@@ -4,6 +4,8 @@ import yaml
 from rscaffold_flows.cli import app
 from typer.testing import CliRunner
 
+from rscaffold.vocabulary import STAGES
+
 runner = CliRunner()
 
 
@@ -51,3 +53,62 @@ def test_show_config_and_fingerprints(tmp_path):
         stage in out.output for stage in ("problems", "teacher", "labeling", "dataset", "training", "evaluation")
     )
     assert "missing" in out.output
+
+
+def test_set_overrides_show_in_show_config_and_are_validated():
+    out = runner.invoke(
+        app, ["show-config", "--set", "training.max_steps=200", "--set", "teacher.sampling.temperature=0.6"]
+    )
+    assert out.exit_code == 0, out.output
+    shown = yaml.safe_load(out.output)
+    assert shown["training"]["max_steps"] == 200 and shown["teacher"]["sampling"]["temperature"] == 0.6
+    out = runner.invoke(app, ["show-config", "--set", "training.max_stepz=3"])
+    assert out.exit_code == 2 and "training.max_stepz" in out.output and "unknown key" in out.output
+    out = runner.invoke(app, ["fingerprints", "--set", "training.max_steps=many"])
+    assert out.exit_code == 2 and "training.max_steps" in out.output
+
+
+def test_set_changes_the_fingerprints(tmp_path):
+    plain = runner.invoke(app, ["fingerprints", "--artifacts-dir", str(tmp_path)])
+    changed = runner.invoke(app, ["fingerprints", "--artifacts-dir", str(tmp_path), "--set", "training.max_steps=7"])
+    assert plain.exit_code == changed.exit_code == 0
+
+    def table(output: str) -> dict[str, str]:
+        return {w[0]: w[1] for w in map(str.split, output.splitlines()) if len(w) > 1 and w[0] in STAGES}
+
+    fp, fp2 = table(plain.output), table(changed.output)
+    assert len(fp) == len(STAGES)
+    assert fp["dataset"] == fp2["dataset"] and fp["training"] != fp2["training"]
+
+
+def test_version():
+    import rscaffold
+
+    out = runner.invoke(app, ["--version"])
+    assert out.exit_code == 0 and out.output.strip() == f"rscaffold {rscaffold.__version__}"
+
+
+def test_training_args_are_checked_before_any_stage(tmp_path):
+    out = runner.invoke(app, ["show-config", "--set", "training.args.learning_rate=0.1"])
+    assert out.exit_code == 2
+    assert "training.args.learning_rate is set by rscaffold itself from training.learning_rate" in " ".join(
+        out.output.split()
+    )
+    out = runner.invoke(app, ["fingerprints", "--artifacts-dir", str(tmp_path), "--set", "training.args.optimm=x"])
+    assert out.exit_code == 2 and "training.args.optimm: not an argument of TRL's SFTConfig" in " ".join(
+        out.output.split()
+    )
+    out = runner.invoke(
+        app,
+        [
+            "show-config",
+            "--set",
+            "training.max_steps=null",
+            "--set",
+            "training.epochs=2",
+            "--set",
+            "training.args={optim: adafactor}",
+        ],
+    )
+    shown = yaml.safe_load(out.output)["training"]
+    assert shown["max_steps"] is None and shown["epochs"] == 2 and shown["args"] == {"optim": "adafactor"}

@@ -311,3 +311,107 @@ def test_resume_from_checkpoint(tmp_path):
     state = json.loads((tmp_path / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
     logged_steps = [e["step"] for e in state["log_history"] if "step_loss" in e]
     assert logged_steps == [1, 2, 3, 4, 5, 6]  # history carried over; only steps 5 and 6 are new
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer's knobs: pass-through arguments, epochs, loading, QLoRA, trackers, progress bars, model card
+
+
+def test_training_args_pass_through_to_the_sft_config(tmp_path, monkeypatch):
+    from rscaffold.training.trainer import make_sft_config
+
+    c = training_config(
+        lr_scheduler="cosine",
+        warmup_steps=3,
+        args={"optim": "adafactor", "max_grad_norm": 0.5, "lr_scheduler_kwargs": {"num_cycles": 0.25}},
+    )
+    sft = make_sft_config(c, tmp_path)
+    assert sft.optim == "adafactor" and sft.max_grad_norm == 0.5 and sft.lr_scheduler_kwargs == {"num_cycles": 0.25}
+    assert sft.lr_scheduler_type == "cosine" and sft.warmup_steps == 3 and sft.max_steps == 4
+    by_epochs = make_sft_config(training_config(max_steps=None, epochs=2.5), tmp_path)
+    assert by_epochs.max_steps == -1 and by_epochs.num_train_epochs == 2.5
+    with pytest.raises(ValueError, match=r"training.args.no_such_arg: not an argument of TRL's SFTConfig"):
+        make_sft_config(training_config(args={"no_such_arg": 1}), tmp_path)
+    # progress bars where a terminal is attached, unless training.args says otherwise
+    monkeypatch.setattr("sys.stderr", type("Tty", (), {"isatty": lambda self: True, "write": lambda self, s: None})())
+    assert make_sft_config(c, tmp_path).disable_tqdm is False
+    assert make_sft_config(training_config(args={"disable_tqdm": True}), tmp_path).disable_tqdm is True
+    monkeypatch.undo()
+    assert make_sft_config(c, tmp_path).disable_tqdm is True  # pytest captures stderr: no terminal
+
+
+def test_epochs_bf16_weights_eager_attention_and_the_model_card(tmp_path):
+    import yaml
+
+    from rscaffold.training.trainer import load_student_base
+
+    c = training_config(
+        max_steps=None, epochs=1, student_dtype="bfloat16", attn_implementation="eager", args={"max_grad_norm": 0.5}
+    )
+    model, _ = load_student_base(c)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.config._attn_implementation == "eager"
+    result = train_student(
+        synthetic_examples(8),
+        c,
+        STUDENT_SIGNALS,
+        signal_tokens=STUDENT_SIGNAL_TOKENS,
+        output_dir=tmp_path,
+        scaffolded=True,
+        model_card_info={"dataset_fingerprint": "0123abcd", "taxonomy_digest": "feed"},
+    )
+    assert result.steps == 2  # one epoch of 8 rows in batches of 4
+    card = (result.model_dir / "README.md").read_text()
+    header = yaml.safe_load(card.split("---\n", 2)[1])
+    assert header["library_name"] == "transformers" and header["pipeline_tag"] == "text-generation"
+    assert "base_model" not in header  # a tiny random-init student has no hub base
+    for expected in (
+        "| dataset_fingerprint | `0123abcd` |",
+        "| setup | `<sig:setup>` |",
+        "1.0 epochs",
+        "weights bfloat16",
+        "attention eager",
+        '"max_grad_norm": 0.5',
+        "| steps | 2 |",
+    ):
+        assert expected in card, expected
+
+
+def test_model_card_names_a_hub_base_model():
+    import yaml
+
+    from rscaffold.training.trainer import _model_card
+
+    meta = {
+        "scaffolded": False,
+        "signal_objective": None,
+        "signal_loss_weight": 0.0,
+        "signal_names": [],
+        "signal_tokens": [],
+        "signal_token_ids": [],
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "model_card_info": {"dataset_fingerprint": "0123abcd"},
+        "metrics": {"steps": 3},
+    }
+    card = _model_card(meta, training_config(student="HuggingFaceTB/SmolLM2-135M-Instruct", tiny=None))
+    assert yaml.safe_load(card.split("---\n", 2)[1])["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_qlora_and_trackers_are_refused_clearly_when_missing():
+    import importlib.util
+
+    from rscaffold.training.trainer import QLoRAUnavailableError, check_training_settings, load_student_base
+
+    c = training_config(tiny=None, lora=LoraSettings(r=4), load_in_4bit=True)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(QLoRAUnavailableError, match="needs bitsandbytes, which is not installed: pip install"):
+            load_student_base(c)
+        with pytest.raises(ValueError, match="needs bitsandbytes"):
+            check_training_settings(c)
+    with pytest.raises(ValueError, match="unknown tracker 'tensorbored'"):
+        check_training_settings(training_config(report_to=["tensorbored"]))
+    missing = [t for t in ("wandb", "mlflow", "trackio", "tensorboard") if importlib.util.find_spec(t) is None]
+    if missing:
+        with pytest.raises(ValueError, match=f"training.report_to: {missing[0]} is not installed"):
+            check_training_settings(training_config(report_to=[missing[0]]))
+    check_training_settings(training_config(args={"optim": "adafactor"}))  # a valid pass-through passes
