@@ -363,16 +363,17 @@ class EvaluationConfig(_Section):
 
     ``benchmarks`` empty (the default): the problems stage's eval split, in ``problems.format``.
     Otherwise each listed benchmark is loaded and answered (its name must be unique).
-    ``prompt``: ``benchmark`` wraps each question in the benchmark's answer-format instruction
-    (:attr:`rscaffold.evalsets.loaders.Benchmark.prompt_template`, e.g. "... 'The answer is
-    yes.' or 'The answer is no.'"); ``question`` sends the bare question, as in training. The
-    system prompt is always the student's own (the one it was trained with).
+    ``prompt``: ``benchmark`` sends each question through its benchmark family's prompt
+    (:func:`rscaffold.prompts.benchmark_prompt`), the builder the teacher and the students'
+    training data use, so a student is asked what it was trained on; ``question`` sends the bare
+    question (an ablation). The system prompt is always the student's own.
     ``limit``: the first N eval problems (default source), or the per-benchmark default limit.
+    Every model gets the same token budget ``max_new_tokens``, plain or guided decoding.
     """
 
-    models: list[StudentName] = Field(
-        default_factory=lambda: list(STUDENTS),
-        description="Which models answer: the untrained base student, the CoT-SFT baseline, the scaffolded student.",
+    models: list[EvalModelName] = Field(
+        default_factory=lambda: list(EVAL_MODELS),
+        description="Which models answer, side by side: 'base' (the untrained student), the trained students of training.students ('short_cot', 'cot_sft', 'scaffolded'), and the scaffolded student's ablations 'scaffolded-nogate' (no adaptive gating: every predicted signal committed) and 'scaffolded-noprune' (no pruning of non-essential signals).",
     )
     benchmarks: list[BenchmarkSource] = Field(
         default_factory=list,
@@ -380,7 +381,7 @@ class EvaluationConfig(_Section):
     )
     prompt: Literal["benchmark", "question"] = Field(
         default="benchmark",
-        description="'benchmark': the question wrapped in the benchmark's answer-format instruction; 'question': the bare question, as in training.",
+        description="'benchmark': the benchmark family's prompt (rscaffold.prompts.benchmark_prompt), the same builder the teacher and the students' training data use; 'question': the bare question (an ablation: not what the students were trained on).",
     )
     limit: int | None = Field(
         default=None,

@@ -49,12 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rscaffold.evalsets.answers import AnswerType, find_boxed, format_choice_question
-from rscaffold.prompts import (
-    PROMPT_CHOICE,
-    PROMPT_MATH,
-    PROMPT_MATH_LATEX,
-    PROMPT_YESNO,
-)
+from rscaffold.prompts import benchmark_prompt, benchmark_template
 from rscaffold.records import ProblemRecord
 from rscaffold.vocabulary import BENCHMARK_NAMES
 
@@ -422,16 +417,21 @@ class Benchmark:
     default_file: str  # file name of the published release
     hub_id: str
     hub_splits: Mapping[str, str]  # role ("train" / "eval") -> hub split
-    prompt_template: str  # contains "{question}" and no other braces
     description: str
     convert: Callable[[RawRow, _Context], ProblemRecord] = field(repr=False)
     read_file: Callable[[Path], Iterator[RawRow]] = field(default=read_json_records, repr=False)
     hub_config: str | None = None
+    numeric_answer: bool = False  # the answer is a number: extraction accepts only numbers
 
     # -- prompts ---------------------------------------------------------------------------
+    @property
+    def prompt_template(self) -> str:
+        """The benchmark family's prompt template (:func:`rscaffold.prompts.benchmark_template`)."""
+        return benchmark_template(self.name)
+
     def render_prompt(self, question: str) -> str:
-        """The prompt for one question (the template with the question filled in)."""
-        return self.prompt_template.replace("{question}", question)
+        """The prompt for one question (:func:`rscaffold.prompts.benchmark_prompt`)."""
+        return benchmark_prompt(self.name, question)
 
     # -- local files -----------------------------------------------------------------------
     def resolve_path(self, source: str | Path) -> Path:
@@ -512,9 +512,9 @@ BENCHMARKS: dict[str, Benchmark] = {
             hub_id="openai/gsm8k",
             hub_config="main",
             hub_splits={"train": "train", "eval": "test"},
-            prompt_template=PROMPT_MATH,
             description="GSM8K grade-school math word problems (Cobbe et al., 2021)",
             convert=_gsm8k,
+            numeric_answer=True,
         ),
         Benchmark(
             name="math500",
@@ -522,7 +522,6 @@ BENCHMARKS: dict[str, Benchmark] = {
             default_file="test.jsonl",
             hub_id="HuggingFaceH4/MATH-500",
             hub_splits={"eval": "test"},
-            prompt_template=PROMPT_MATH_LATEX,
             description="MATH-500, the 500-problem MATH test subset of PRM800K (Lightman et al., 2023)",
             convert=_math500,
         ),
@@ -532,7 +531,6 @@ BENCHMARKS: dict[str, Benchmark] = {
             default_file="strategyqa_train.json",
             hub_id="ChilleD/StrategyQA",
             hub_splits={"train": "train", "eval": "test"},
-            prompt_template=PROMPT_YESNO,
             description="StrategyQA implicit multi-hop yes/no questions (Geva et al., 2021)",
             convert=_strategyqa,
         ),
@@ -542,7 +540,6 @@ BENCHMARKS: dict[str, Benchmark] = {
             default_file="dev_rand_split.jsonl",
             hub_id="tau/commonsense_qa",
             hub_splits={"train": "train", "eval": "validation"},
-            prompt_template=PROMPT_CHOICE,
             description="CommonsenseQA five-way multiple choice (Talmor et al., 2019)",
             convert=_commonsenseqa,
         ),
@@ -553,7 +550,6 @@ BENCHMARKS: dict[str, Benchmark] = {
             hub_id="truthfulqa/truthful_qa",
             hub_config="generation",
             hub_splits={"eval": "validation"},
-            prompt_template=PROMPT_CHOICE,
             description="TruthfulQA as multiple choice: best answer against the incorrect answers (Lin et al., 2022)",
             convert=_truthfulqa,
             read_file=_read_truthfulqa_csv,

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from rscaffold.config import PipelineConfig, TeacherConfig
 from rscaffold.llm.base import ChatRequest, Completion, LLMBackend
 from rscaffold.llm.parsing import EMPTY_OUTPUT, clean_text, describe_error
+from rscaffold.prompts import QUESTION_FIELD, fill_prompt
 from rscaffold.records import ProblemRecord, TraceRecord
 from rscaffold.stages.common import (
     Progress,
@@ -97,8 +98,10 @@ def build_messages(problem: ProblemRecord, cfg: TeacherConfig) -> list[dict[str,
     messages = []
     if cfg.system_prompt.strip():
         messages.append({"role": "system", "content": cfg.system_prompt})
-    template = cfg.prompt_template or "{question}"  # the pipeline fills in the benchmark's template
-    messages.append({"role": "user", "content": template.format(question=problem.question)})
+    # The pipeline fills in the benchmark family's template (teacher_prompt_config); filled by
+    # plain replacement of '{question}', so other braces (\boxed{}) are literal.
+    template = cfg.prompt_template or QUESTION_FIELD
+    messages.append({"role": "user", "content": fill_prompt(template, problem.question)})
     return messages
 
 
@@ -344,6 +347,7 @@ def run_teacher(
         return done
     started = time.time()
     answer_type = BENCHMARKS[cfg.problems.format].answer_type
+    numeric = BENCHMARKS[cfg.problems.format].numeric_answer
     teacher_cfg = teacher_prompt_config(cfg)
     train = read_problems(problems, "train")
     backend = create_backend(cfg.teacher.llm)
@@ -353,7 +357,7 @@ def run_teacher(
             backend,
             teacher_cfg,
             stage=sd,
-            answer_fn=lambda text: extract_answer(text, answer_type),
+            answer_fn=lambda text: extract_answer(text, answer_type, numeric=numeric),
             check_fn=lambda pred, gold: pred is not None and is_correct(pred, gold, answer_type),
             progress=progress,
         )
