@@ -190,7 +190,11 @@ class SegmentationConfig(_Section):
     )
     min_chars: int = Field(default=8, ge=0, description="Merge a piece shorter than this into its neighbour.")
     max_chars: int = Field(default=1200, ge=50, description="Split a step longer than this at sentence ends.")
-    max_steps: int = Field(default=64, ge=1, description="Most steps per trace; the tail is joined into the last step.")
+    max_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most steps per trace (None: no cap, as in the paper); the tail is joined into the last step, its paragraphs by single line breaks (a step never holds a blank line, the step boundary).",
+    )
 
 
 class LabelingConfig(_Section):
