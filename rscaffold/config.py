@@ -242,7 +242,21 @@ class DatasetConfig(_Section):
 
 
 class TinyModelConfig(_Section):
-    """A random-init Llama-style model built from a config (tests, smoke runs)."""
+    """A random-init model built from a config (tests, smoke runs): a Llama with tied embeddings
+    (SmolLM2's shape) or a Qwen2 with untied embeddings and a padded vocabulary (Qwen2.5-7B/14B's
+    shape), at any size."""
+
+    architecture: Literal["llama", "qwen2"] = Field(
+        default="llama", description="'llama' (LlamaForCausalLM) or 'qwen2' (Qwen2ForCausalLM)."
+    )
+    tie_word_embeddings: bool = Field(
+        default=True, description="One matrix for input embeddings and LM head (False: two, as in Qwen2.5-7B/14B)."
+    )
+    vocab_padding: int = Field(
+        default=0,
+        ge=0,
+        description="Embedding rows beyond the tokenizer's entries (Qwen2.5 pads its vocabulary; new tokens then land in padding rows).",
+    )
 
     hidden_size: int = Field(default=64, description="Hidden size of the tiny model.")
     intermediate_size: int = Field(default=128, description="MLP size.")
