@@ -230,6 +230,30 @@ class LabelingConfig(_Section):
         le=1,
         description="With method 'llm': fail the stage (after saving the labels) when a larger share of traces fell back to keyword labels.",
     )
+    degenerate_kappa: float = Field(
+        default=0.2,
+        ge=-1,
+        le=1,
+        description="Quality gate: the LLM labels are reported as degenerate (console, quality.md, Prefect artifact) when their Cohen's kappa against the keyword pre-labels is below this.",
+    )
+    degenerate_index_lambda: float = Field(
+        default=0.8,
+        ge=0,
+        le=1,
+        description="Quality gate: the LLM labels are reported as degenerate when the step index predicts them this well (Goodman-Kruskal lambda of label given step index; 1: every position has one label, as when labels collapse to the taxonomy's order).",
+    )
+    min_kappa: float | None = Field(
+        default=None,
+        ge=-1,
+        le=1,
+        description="Fail the stage (labels and quality report saved) when the kappa against the keyword pre-labels is below this. None: report only.",
+    )
+    max_index_lambda: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Fail the stage (labels and quality report saved) when the step-index lambda is above this. None: report only.",
+    )
 
 
 class DatasetConfig(_Section):

@@ -11,6 +11,7 @@ from rscaffold.config import PipelineConfig
 from rscaffold.records import LabeledStepRecord, TraceRecord
 from rscaffold.stages.common import (
     Progress,
+    log,
     open_stage,
     read_json,
     stage_code_version,
@@ -34,7 +35,7 @@ def run_labeling(
 ) -> StageRef:
     """Segment and label the kept traces; write ``labeled_steps.parquet`` and the quality report."""
     from rscaffold.labeling.labeler import label_traces
-    from rscaffold.labeling.quality import label_quality_report
+    from rscaffold.labeling.quality import label_quality_report, quality_gate
     from rscaffold.labeling.report import (
         plot_transition_heatmap,
         render_quality_markdown,
@@ -107,9 +108,20 @@ def run_labeling(
             )
     write_records(sd.path / "labeled_steps.parquet", steps, LabeledStepRecord)
     report = label_quality_report(steps, tax)
+    report["quality_gate"] = gate = quality_gate(report, cfg.labeling)
     write_json(sd.path / "quality.json", report)
     (sd.path / "quality.md").write_text(render_quality_markdown(report, tax))
     plot_transition_heatmap(report, tax, sd.path / "transitions.png")
+    if gate["degenerate"]:
+        log.warning(
+            "LABELING LOOKS DEGENERATE (%s): %s. The labels are well formed but do not describe the steps; "
+            "use a stronger labeler (labeling.llm) or set labeling.min_kappa / labeling.max_index_lambda to fail here.",
+            sd.path / "quality.md",
+            "; ".join(gate["reasons"]),
+        )
+    if gate["failed"]:
+        # The labels and the quality report are saved; the stage stays incomplete.
+        raise LabelingFailureError("labeling quality gate: " + "; ".join(gate["failed"]))
     # The taxonomy travels with the labels: the stages after this one read it from here.
     tax.save(sd.path / "taxonomy.yaml")
     summary = {
@@ -120,6 +132,9 @@ def run_labeling(
         "label_sources": dict(Counter(s.source for s in steps)),
         "this_run": dict(stats),
         "taxonomy_digest": tax.digest(),
+        "prelabel_kappa": report["prelabel_kappa"],
+        "index_lambda": report["index_lambda"],
+        "degenerate_labeling": gate["reasons"],
     }
     return sd.finish(
         outputs={
