@@ -285,7 +285,25 @@ def load_student_base(cfg: TrainingConfig):
     return model, tokenizer
 
 
-def _lora_config(settings: LoraSettings, signal_token_ids: list[int], with_head: bool):
+def signal_token_modules(model) -> list[str]:
+    """The modules whose signal-token rows must be trainable, by the name peft matches: the input
+    embeddings, and the output embeddings (LM head) when they are not tied to them.
+
+    With tied embeddings one matrix serves both (peft then follows the tie on its own). With
+    untied ones (Qwen2.5-7B/14B, ...) the LM head's signal rows are what L_signal scores under the
+    ``token`` objective: frozen, they would stay the identical mean rows, every signal would get
+    the same logit, L_signal would have no gradient and the gate would always pick one signal.
+    """
+    lm = causal_lm_of(model)
+    inp, out = lm.get_input_embeddings(), lm.get_output_embeddings()
+    names = {id(m): n for n, m in lm.named_modules()}
+    modules = [names[id(inp)].rsplit(".", 1)[-1]]
+    if out is not None and out.weight.data_ptr() != inp.weight.data_ptr():
+        modules.append(names[id(out)].rsplit(".", 1)[-1])
+    return modules
+
+
+def _lora_config(settings: LoraSettings, signal_token_ids: list[int], *, with_head: bool, token_modules: list[str]):
     from peft import LoraConfig
 
     kwargs: dict[str, Any] = dict(
@@ -297,8 +315,9 @@ def _lora_config(settings: LoraSettings, signal_token_ids: list[int], with_head:
     )
     if signal_token_ids:
         # The new rows start as copies of the mean embedding; frozen, every signal would stay the
-        # same vector (indistinguishable as input, equal logits as output). Train just those rows.
-        kwargs["trainable_token_indices"] = {"embed_tokens": list(signal_token_ids)}
+        # same vector (indistinguishable as input, equal logits as output). Train just those rows,
+        # in the input embeddings and (untied) in the LM head.
+        kwargs["trainable_token_indices"] = {m: list(signal_token_ids) for m in token_modules}
     if with_head:
         kwargs["modules_to_save"] = ["signal_head"]
     return LoraConfig(**kwargs)
@@ -336,7 +355,11 @@ def build_trainer(
         raise ValueError("no training rows")
     args = make_sft_config(cfg, checkpoint_dir, **config_overrides)
     with_head = signal_objective == "head" and bool(signal_token_ids)
-    peft_config = _lora_config(cfg.lora, signal_token_ids, with_head) if cfg.lora is not None else None
+    peft_config = (
+        _lora_config(cfg.lora, signal_token_ids, with_head=with_head, token_modules=signal_token_modules(model))
+        if cfg.lora is not None
+        else None
+    )
     return ScaffoldTrainer(
         model=model,
         args=args,
