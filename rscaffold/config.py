@@ -351,23 +351,64 @@ class TrainingConfig(_Section):
         default=False, description="Pack each batch into one row without padding (flash-attention varlen kernels)."
     )
     lora: LoraSettings | None = Field(
-        default=None, description="Train LoRA adapters (peft) instead of all weights; the saved student is merged."
+        default=None,
+        description="Train LoRA adapters (peft) instead of all weights; the signal-token rows of the input embeddings and (untied) of the LM head are trained too; the saved student is merged.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _train_baseline(cls, data: Any) -> Any:
+        # The old switch 'train_baseline: false' (only the scaffolded student) still reads.
+        if isinstance(data, dict) and "train_baseline" in data:
+            data = dict(data)
+            if not data.pop("train_baseline") and "students" not in data:
+                data["students"] = ["scaffolded"]
+        return data
+
+    @field_validator("students")
+    @classmethod
+    def _unique_students(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("train at least one student")
+        if len(set(v)) != len(v):
+            raise ValueError(f"each student may be listed once: {v}")
+        return v
 
 
 class GuidedInferenceConfig(_Section):
-    """Signal-guided decoding of the scaffolded student (see :mod:`rscaffold.inference`)."""
+    """Signal-guided decoding of the scaffolded student (see :mod:`rscaffold.inference`).
 
-    confidence_threshold: float = Field(
-        default=0.0,
+    Gating and pruning (the paper's adaptive gating and pruning of non-essential steps) are on by
+    default; the ablation rows ``scaffolded-nogate`` / ``scaffolded-noprune`` of
+    ``evaluation.models`` switch one of them off. The token budget is ``evaluation.max_new_tokens``,
+    the same as plain decoding.
+    """
+
+    confidence_threshold: float | None = Field(
+        default=None,
         ge=0,
         le=1,
-        description="Adaptive gating: commit the predicted signal when its probability is at least this; else decode the step freely.",
+        description="Adaptive gating: commit the predicted signal when its probability is at least this, else decode the step freely. None: calibrated on the dataset's validation split (the threshold that maximises the number of correct minus calibration_precision x the number of committed teacher-forced next-signal predictions); 0: no gating (always commit).",
     )
-    max_steps: int = Field(default=8, ge=1, description="Most steps per answer.")
-    max_step_tokens: int = Field(default=64, ge=1, description="Most tokens per step.")
-    prune_signals: list[str] = Field(
-        default_factory=list, description="Signals never committed (their steps are not started)."
+    calibration_precision: float = Field(
+        default=0.5,
+        gt=0,
+        lt=1,
+        description="Calibration target: the gate commits where the student's predicted signal was right at least this often on the validation boundaries (0.5: more often right than wrong). Also the threshold when there is no validation data.",
+    )
+    prune_signals: list[str] | None = Field(
+        default=None,
+        description="Pruning: signals never committed (their steps are not started, their tokens suppressed). None: the taxonomy's non-essential signals (essential: false); []: no pruning.",
+    )
+    max_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most steps per answer; None: no bound but the token budget (evaluation.max_new_tokens).",
+    )
+    max_step_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Per-step safety cap in tokens (a step cut there is closed and the next one begins). None: the longest step of the student's training data (recorded in the evaluation manifest).",
     )
 
 
@@ -430,10 +471,15 @@ class EvaluationConfig(_Section):
         ge=1,
         description="At most this many problems per benchmark (the first N of the eval split, or each benchmark's default limit).",
     )
-    max_new_tokens: int = Field(default=160, ge=1, description="Most output tokens per answer.")
+    max_new_tokens: int = Field(
+        default=160,
+        ge=1,
+        description="Most output tokens per answer, the same for every model: plain decoding and signal-guided decoding (signal tokens included) share this budget.",
+    )
     batch_size: int = Field(default=8, ge=1, description="Questions decoded together (plain and guided).")
     guided: GuidedInferenceConfig = Field(
-        default_factory=GuidedInferenceConfig, description="Signal-guided decoding of the scaffolded student."
+        default_factory=GuidedInferenceConfig,
+        description="Signal-guided decoding of the scaffolded student (adaptive gating, pruning, step cap).",
     )
     bootstrap_samples: int = Field(
         default=1000, ge=0, description="Resamples of the 95% percentile bootstrap interval of accuracy (0: none)."

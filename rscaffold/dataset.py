@@ -58,6 +58,7 @@ def assemble_examples(
             steps=[Step(index=s.step_index, signal=s.signal, text=s.text, source=s.source) for s in ts],
             signals=[s.signal for s in ts],
             n_steps=len(ts),
+            answer_text=t.text.strip() or None,
         )
         for t, ts in rows
     ]

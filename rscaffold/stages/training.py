@@ -1,5 +1,6 @@
-"""Stage 5, training: the scaffolded student and the CoT-SFT baseline, trained on the same rows
-(see :mod:`rscaffold.training`)."""
+"""Stage 5, training: the students of ``training.students`` (the scaffolded student and the
+short-CoT and long-thinking CoT-SFT baselines), trained on the same rows (see
+:mod:`rscaffold.training`)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,17 @@ from rscaffold.stages.common import (
     stage_inputs,
     write_json,
 )
-from rscaffold.store import StageDir, StageRef, read_records
+from rscaffold.store import StageDir, StageRef, read_records, write_records
+from rscaffold.vocabulary import TRAINED_STUDENTS
 
 
 def training_variants(cfg: PipelineConfig) -> list[tuple[str, bool]]:
     """The students the config trains, ``(name, scaffolded)``, in training order."""
-    return [("scaffolded", True)] + ([("cot_sft", False)] if cfg.training.train_baseline else [])
+    return [(name, name == "scaffolded") for name in TRAINED_STUDENTS if name in cfg.training.students]
+
+
+# What each trained student's completion holds (see rscaffold.training.collator.completion_steps).
+_TARGETS = {"scaffolded": "trace", "cot_sft": "trace", "short_cot": "answer"}
 
 
 def run_training(
@@ -36,7 +42,11 @@ def run_training(
     force: bool = False,
     only: str | None = None,
 ) -> StageRef | None:
-    """Train the scaffolded student and (``train_baseline``) the CoT-SFT baseline on the train rows.
+    """Train the students of ``training.students`` on the train rows; keep the validation rows
+    (``validation.parquet``, the evaluation calibrates the gate on them).
+
+    Every student gets its user messages from the problems' benchmark family prompt
+    (:func:`rscaffold.prompts.benchmark_prompt`), the builder the teacher and the evaluation use.
 
     Runs as one process (the pipeline) or as each of N processes started by ``accelerate launch``
     (:mod:`rscaffold_flows.launch`): every process trains (the Trainer does DDP/FSDP/DeepSpeed),
@@ -68,6 +78,7 @@ def run_training(
     tax = load_taxonomy(dataset.output("taxonomy"))  # the taxonomy the dataset was labeled with
     examples = read_records(dataset.output("examples"), ExampleRecord)
     train_rows = [e for e in examples if e.split == "train"]
+    validation_rows = [e for e in examples if e.split == "validation"]
     tcfg = cfg.training
     if tcfg.tiny is not None:
         # The untrained starting point is saved so that "base" is evaluated on exactly the
@@ -110,6 +121,9 @@ def run_training(
             output_dir=sd.path / name,
             scaffolded=scaffolded,
             model_card_info=card,
+            target=_TARGETS[name],
+            prompt_benchmark=cfg.problems.format,
+            signal_essential=[s.essential for s in tax.signals],
         )
         procs.wait()
         results[name] = as_dict(res)
@@ -126,13 +140,16 @@ def run_training(
         else:
             write_json(sd.path / "train_metrics.json", results)
             outputs["metrics"] = "train_metrics.json"
-            summary_keys = ("train_loss", "step_loss", "signal_loss", "steps", "runtime_s")
+            write_records(sd.path / "validation.parquet", validation_rows, ExampleRecord)
+            outputs["validation"] = "validation.parquet"
+            summary_keys = ("train_loss", "step_loss", "signal_loss", "steps", "runtime_s", "longest_step_tokens")
             ref = sd.finish(
                 outputs=outputs,
                 config=cfg.training,
                 inputs=stage_inputs(dataset),
                 summary={
                     "train_rows": len(train_rows),
+                    "validation_rows": len(validation_rows),
                     **{k: {m: v.get(m) for m in summary_keys} for k, v in results.items()},
                 },
                 started=started,

@@ -45,7 +45,13 @@ from rscaffold.student import (
     causal_lm_of,
     signal_logits,
 )
-from rscaffold.training.collator import IGNORE_INDEX, ScaffoldCollator, encode_examples
+from rscaffold.training.collator import (
+    IGNORE_INDEX,
+    CompletionTarget,
+    ScaffoldCollator,
+    encode_examples,
+    longest_step_tokens,
+)
 from rscaffold.training.signal_tokens import add_signal_tokens
 
 log = logging.getLogger(__name__)
@@ -388,6 +394,8 @@ class TrainResult:
     training; None when nothing was logged, or for the baseline's signal fields).
     ``tokens_per_s``: non-padding tokens processed in this call per second of training.
     ``eval_metrics``: Trainer.evaluate on the rows with ``split == "validation"`` (if any).
+    ``longest_step_tokens``: the longest step of the scaffolded training rows in tokens (the
+    guided decoder's default per-step cap; None for the baselines).
     """
 
     model_dir: Path
@@ -401,6 +409,7 @@ class TrainResult:
     scaffolded: bool = True
     resumed_from: str | None = None
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    longest_step_tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -417,11 +426,20 @@ def train_student(
     output_dir: Path,
     scaffolded: bool = True,
     model_card_info: dict[str, Any] | None = None,
+    target: CompletionTarget = "trace",
+    prompt_benchmark: str | None = None,
+    signal_essential: list[bool] | None = None,
 ) -> TrainResult:
-    """Train the scaffolded student (or, ``scaffolded=False``, the CoT-SFT baseline) on ``examples``.
+    """Train the scaffolded student (or, ``scaffolded=False``, a plain CoT-SFT baseline) on ``examples``.
 
     Rows with ``split == "validation"`` are held out for a final evaluation; all others train.
-    The baseline uses the same rows without signal tokens and with lambda = 0.
+    The baselines use the same rows without signal tokens and with lambda = 0; ``target``
+    chooses their completion: ``trace`` the whole teacher trace (long-thinking distillation,
+    ``cot_sft``), ``answer`` the teacher's final answer text (CoT distillation, ``short_cot``).
+    ``prompt_benchmark``: the user message is that benchmark family's prompt (the same builder
+    the teacher and the evaluation use); None: the bare question. ``signal_essential``: per
+    signal, whether the taxonomy marks it essential (kept with the student: guided decoding
+    prunes the others by default).
 
     Checkpoints go to ``output_dir/checkpoints`` every ``cfg.save_steps``; if that folder already
     holds one, training resumes from the last (so a killed run continues, and a larger
@@ -435,6 +453,10 @@ def train_student(
     if scaffolded:
         if len(signal_names) != len(signal_tokens) or not signal_names:
             raise ValueError("signal_names and signal_tokens must be non-empty and of the same length")
+        if target != "trace":
+            raise ValueError("the scaffolded student is trained on the whole trace (target='trace')")
+    if signal_essential is not None and len(signal_essential) != len(signal_names):
+        raise ValueError("signal_essential must have one flag per signal")
     train_examples = [e for e in examples if e.split != "validation"]
     eval_examples = [e for e in examples if e.split == "validation"]
     if not train_examples:
@@ -451,14 +473,11 @@ def train_student(
     else:
         token_ids, token_map, weight, objective = [], None, 0.0, cfg.signal_objective
 
-    train_rows = encode_examples(
-        train_examples, tokenizer, token_map, signal_token_ids=token_ids, max_length=cfg.max_length
-    )
-    eval_rows = (
-        encode_examples(eval_examples, tokenizer, token_map, signal_token_ids=token_ids, max_length=cfg.max_length)
-        if eval_examples
-        else None
-    )
+    encode = dict(signal_token_ids=token_ids, max_length=cfg.max_length, benchmark=prompt_benchmark, target=target)
+    train_rows = encode_examples(train_examples, tokenizer, token_map, **encode)
+    if not train_rows:
+        raise ValueError(f"no training rows for target {target!r} (e.g. no teacher answer text)")
+    eval_rows = encode_examples(eval_examples, tokenizer, token_map, **encode) if eval_examples else None
     checkpoint_dir = output_dir / CHECKPOINTS_DIRNAME
     trainer = build_trainer(
         model,
@@ -500,10 +519,16 @@ def train_student(
         scaffolded=scaffolded,
         resumed_from=last,
         eval_metrics=eval_metrics,
+        longest_step_tokens=longest_step_tokens(train_rows) if scaffolded else None,
     )
     meta = {
         "format_version": 1,
         "scaffolded": scaffolded,
+        "target": target,
+        "prompt_benchmark": prompt_benchmark,
+        "signal_essential": (list(signal_essential) if signal_essential is not None else None) if scaffolded else None,
+        "longest_step_tokens": result.longest_step_tokens,
+        "max_length": cfg.max_length,
         "signal_objective": objective if scaffolded else None,
         "signal_loss_weight": weight,
         "signal_names": list(signal_names) if scaffolded else [],
@@ -625,7 +650,13 @@ def _write_model_dir(
 
 def _model_card(meta: dict[str, Any], cfg: TrainingConfig) -> str:
     m = meta["metrics"]
-    kind = "Reasoning-Scaffolding student (signals + steps)" if meta["scaffolded"] else "CoT-SFT baseline"
+    kind = (
+        "Reasoning-Scaffolding student (signals + steps)"
+        if meta["scaffolded"]
+        else {"answer": "short-CoT baseline (the teacher's final answer text)"}.get(
+            meta.get("target"), "long-thinking CoT-SFT baseline (the whole teacher trace)"
+        )
+    )
     lines = [
         "---",
         "library_name: transformers",
@@ -695,6 +726,7 @@ def evaluate_signal_accuracy(
         dict(zip(student.signal_names, student.signal_tokens)),
         signal_token_ids=student.signal_token_ids,
         max_length=max_length,
+        benchmark=student.prompt_benchmark,
     )
     collate = ScaffoldCollator(pad_token_id=tok.pad_token_id)
     correct = total = 0

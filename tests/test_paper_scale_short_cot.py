@@ -1,0 +1,67 @@
+"""Issue 11, point 6: the paper's baselines. Besides long-thinking distillation (``cot_sft``, SFT on
+the whole teacher trace), a short-CoT student (``short_cot``) is trained on the teacher's final
+answer text, what follows its reasoning block; the set of students is configuration. The stage
+level (all students trained and evaluated side by side) is in ``test_paper_scale_stages``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from rscaffold.config import DatasetConfig, PipelineConfig, TrainingConfig
+from rscaffold.dataset import assemble_examples
+from rscaffold.records import LabeledStepRecord, TraceRecord
+from rscaffold.stages.training import training_variants
+from rscaffold.vocabulary import EVAL_MODELS, STUDENTS, TRAINED_STUDENTS
+
+REASONING = "Tom has 3 boxes.\n\nEach box holds 4 apples.\n\nWait, 3 * 4 = 12."
+ANSWER = "3 boxes of 4 apples make 12 apples.\n\nThe answer is 12."
+
+
+def test_the_dataset_keeps_the_teachers_final_answer_text():
+    trace = TraceRecord(
+        trace_id="t0#0", problem_id="t0", sample_index=0, question="q", gold_answer="12", text=ANSWER,
+        reasoning=REASONING,
+    )  # fmt: skip
+    steps = [
+        LabeledStepRecord(trace_id="t0#0", problem_id="t0", step_index=k, text=t, signal="s", source="llm")
+        for k, t in enumerate(REASONING.split("\n\n") + ANSWER.split("\n\n"))
+    ]
+    (example,), _ = assemble_examples([trace], steps, DatasetConfig(validation_fraction=0))
+    assert example.answer_text == ANSWER and example.n_steps == 5
+
+
+def test_short_cot_trains_on_the_answer_text_and_cot_sft_on_the_whole_trace():
+    pytest.importorskip("torch")
+    from paper_scale_shapes import examples, tiny_llama
+
+    from rscaffold.training.collator import completion_steps, encode_examples
+
+    _, tok = tiny_llama()
+    (ex,) = examples(1, answer_text=True)
+    assert [t for _, t in completion_steps(ex, "answer")] == ex.answer_text.split("\n\n")
+
+    def completion(target):
+        (row,) = encode_examples([ex], tok, None, target=target, benchmark="gsm8k")
+        return tok.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100])
+
+    assert completion("answer") == ex.answer_text + tok.eos_token
+    assert completion("trace") == "\n\n".join(s.text for s in ex.steps) + tok.eos_token
+    # a row without answer text (a teacher cut off inside its reasoning) is left out
+    (bare,) = examples(1)
+    assert encode_examples([bare], tok, None, target="answer") == []
+
+
+def test_the_students_are_configuration():
+    assert TRAINED_STUDENTS == ("short_cot", "cot_sft", "scaffolded")
+    assert STUDENTS == ("base", *TRAINED_STUDENTS)
+    assert TrainingConfig().students == list(TRAINED_STUDENTS)
+    cfg = PipelineConfig.model_validate({"training": {"students": ["scaffolded", "short_cot"]}})
+    assert training_variants(cfg) == [("short_cot", False), ("scaffolded", True)]
+    assert training_variants(PipelineConfig.model_validate({"training": {"train_baseline": False}})) == [
+        ("scaffolded", True)
+    ]
+    assert list(EVAL_MODELS[:4]) == ["base", "short_cot", "cot_sft", "scaffolded"]
+    assert PipelineConfig().evaluation.models == list(EVAL_MODELS)
+    with pytest.raises(ValueError):
+        TrainingConfig(students=[])
