@@ -26,7 +26,13 @@ from pydantic import (
 )
 
 from rscaffold.paths import data_dir, default_model_dir
-from rscaffold.vocabulary import STUDENTS, BenchmarkName, StudentName
+from rscaffold.vocabulary import (
+    EVAL_MODELS,
+    TRAINED_STUDENTS,
+    BenchmarkName,
+    EvalModelName,
+    TrainedStudentName,
+)
 
 BackendName = Literal["transformers", "openai", "vllm"]
 
@@ -320,8 +326,9 @@ class TrainingConfig(_Section):
         description="'token': L_signal is the LM head restricted to the signal tokens (no extra parameters); 'head': a linear head on the hidden state at step boundaries.",
     )
     signal_loss_weight: float = Field(default=1.0, ge=0, description="lambda in L = L_step + lambda * L_signal")
-    train_baseline: bool = Field(
-        default=True, description="Also train the CoT-SFT baseline (no signals, lambda = 0) on the same rows."
+    students: list[TrainedStudentName] = Field(
+        default_factory=lambda: list(TRAINED_STUDENTS),
+        description="The students to train on the same rows: 'scaffolded' (signals + steps, the method), 'short_cot' (CoT distillation: plain SFT on the teacher's final answer text, what follows its reasoning block) and 'cot_sft' (long-thinking distillation: plain SFT on the whole trace).",
     )
     max_steps: int = Field(default=20, ge=1, description="Optimizer steps per student.")
     learning_rate: float = Field(default=5e-5, gt=0, description="Peak learning rate.")
