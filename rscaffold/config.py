@@ -248,6 +248,12 @@ class LabelingConfig(_Section):
         le=1,
         description="Quality gate: the LLM labels are reported as degenerate when the step index predicts them this well (Goodman-Kruskal lambda of label given step index; 1: every position has one label, as when labels collapse to the taxonomy's order).",
     )
+    degenerate_order_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Quality gate: the LLM labels are reported as degenerate when at least this share of them is the taxonomy's signal at the step's position (step 1 the first signal, step 2 the second, ...), the collapse of a labeler that ignores the text.",
+    )
     min_kappa: float | None = Field(
         default=None,
         ge=-1,
@@ -259,6 +265,12 @@ class LabelingConfig(_Section):
         ge=0,
         le=1,
         description="Fail the stage (labels and quality report saved) when the step-index lambda is above this. None: report only.",
+    )
+    max_order_share: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Fail the stage (labels and quality report saved) when the share of labels in the taxonomy's order is above this. None: report only.",
     )
 
 
@@ -365,10 +377,10 @@ class TrainingConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _train_baseline(cls, data: Any) -> Any:
-        # The old switch 'train_baseline: false' (only the scaffolded student) still reads.
+        # The old switch 'train_baseline: false' (no baseline: only the scaffolded student) still reads.
         if isinstance(data, dict) and "train_baseline" in data:
             data = dict(data)
-            if not data.pop("train_baseline") and "students" not in data:
+            if not data.pop("train_baseline"):
                 data["students"] = ["scaffolded"]
         return data
 
@@ -379,7 +391,7 @@ class TrainingConfig(_Section):
             raise ValueError("train at least one student")
         if len(set(v)) != len(v):
             raise ValueError(f"each student may be listed once: {v}")
-        return v
+        return [s for s in TRAINED_STUDENTS if s in v]  # one order (training order), one fingerprint
 
 
 class GuidedInferenceConfig(_Section):

@@ -17,9 +17,10 @@ under it. For each step
    token first, that signal is kept);
 4. the step is generated greedily until it ends where training taught it to end: the next signal
    token, eos, or the step boundary (a blank line, :data:`rscaffold.vocabulary.STEP_BOUNDARY`,
-   the segmenter's rule). A per-step safety cap (default: the longest step of the student's
-   training data, kept with the student) closes a step that runs past every training step; the
-   cap never cuts a step shorter than the training data's.
+   the segmenter's rule) after the step's text (a step is never empty, as in training). A
+   per-step safety cap (default: the longest step of the student's training data, kept with the
+   student) closes a step that runs past every training step; the cap never cuts a step shorter
+   than the training data's.
 
 **Budget.** Guided decoding has the same total token budget as plain decoding: decoding stops at
 eos or when ``max_new_tokens`` output tokens (committed signal tokens included) are used. The
@@ -43,6 +44,7 @@ the context without reusing the KV cache (a simplicity choice that costs speed, 
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -387,14 +389,28 @@ class _GuidedSetup:
     pruned_ids: list[int]
 
 
+# The end of a step: text, then a step boundary. Whitespace before a step's first text is not an
+# end (no training step is empty), so a step cannot be closed before it has begun.
+_STEP_END = re.compile(r"\S[^\S\n]*" + STEP_BOUNDARY.pattern)
+
+
+def step_text(decoded: str) -> str:
+    """The text of a generated step body: leading whitespace dropped, cut at its end (text, then a
+    step boundary), stripped."""
+    return STEP_BOUNDARY.split(decoded.lstrip(), maxsplit=1)[0].strip()
+
+
 class StepBoundaryStop:
     """A ``generate`` stopping criterion: a row stops once its generated text (the tokens after
-    position ``start``) holds a step boundary (:data:`~rscaffold.vocabulary.STEP_BOUNDARY`).
+    position ``start``) ends a step: some text, then a step boundary
+    (:data:`~rscaffold.vocabulary.STEP_BOUNDARY`). Whitespace before the step's first text does not
+    end it, as no training step is empty (otherwise a student that answers a forced signal with a
+    blank line would spend its budget on empty steps).
 
-    Only the last ``window`` generated tokens are decoded at each check (a boundary is a few
-    whitespace characters, and a row stops at its first one), so a check costs the same at any
-    step length. It is a pure function of the sequence, so where a row stopped can be found again
-    by applying it to each prefix.
+    Only the last ``window`` generated tokens are decoded at each check (a step end is a character
+    and a few whitespace characters, and a row stops at its first one), so a check costs the same
+    at any step length. It is a pure function of the sequence, so where a row stopped can be found
+    again by applying it to each prefix.
     """
 
     window = 8
@@ -406,7 +422,7 @@ class StepBoundaryStop:
     def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
         lo = max(self.start, input_ids.shape[1] - self.window)
         tails = self.tokenizer.batch_decode(input_ids[:, lo:].tolist(), skip_special_tokens=True)
-        return torch.tensor([bool(STEP_BOUNDARY.search(t)) for t in tails], device=input_ids.device)
+        return torch.tensor([bool(_STEP_END.search(t)) for t in tails], device=input_ids.device)
 
 
 @torch.no_grad()
@@ -489,7 +505,7 @@ def _guided_round(model, rows: list[_GuidedRow], su: _GuidedSetup, *, dev) -> No
     for b, r in enumerate(live):
         body, stop, _ = results[b]
         r.produced += len(body) + (1 if stop == "eos" else 0)
-        text = STEP_BOUNDARY.split(tok.decode(body, skip_special_tokens=True), maxsplit=1)[0].strip()
+        text = step_text(tok.decode(body, skip_special_tokens=True))
         r.steps.append(text)
         r.step_signals.append(signals[b])
         r.confidences.append(confs[b])
@@ -565,7 +581,7 @@ def _generate_steps(
         else:
             body = row[: budgets[b]]
         if body is not None:
-            stop = "separator" if STEP_BOUNDARY.search(tok.decode(body, skip_special_tokens=True)) else "length"
+            stop = "separator" if _STEP_END.search(tok.decode(body, skip_special_tokens=True)) else "length"
             results[b] = (body, stop, None)
     return results
 

@@ -17,9 +17,10 @@ BenchmarkName = Literal["gsm8k", "math500", "strategyqa", "commonsenseqa", "trut
 BENCHMARK_NAMES: tuple[str, ...] = get_args(BenchmarkName)
 """The five evaluation benchmarks, in the order reports list them."""
 
-TrainedStudentName = Literal["short_cot", "cot_sft", "scaffolded"]
+TrainedStudentName = Literal["scaffolded", "cot_sft", "short_cot"]
 TRAINED_STUDENTS: tuple[str, ...] = get_args(TrainedStudentName)
-"""The students the training stage can train (``training.students``), in training order:
+"""The students the training stage can train (``training.students``), in training order (the
+method's student first, so an interrupted run has it):
 
 * ``short_cot``: CoT distillation, plain SFT on the teacher's final answer text (what follows its
   reasoning block);

@@ -27,6 +27,7 @@ from rscaffold.stages.problems import run_problems
 from rscaffold.stages.teacher import run_teacher
 from rscaffold.store import StageDir
 from rscaffold.student import STUDENT_META
+from rscaffold.vocabulary import TRAINED_STUDENTS
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCEL = ROOT / "deployments" / "accelerate"
@@ -162,12 +163,12 @@ def _check_trained(cfg, fps) -> dict:
     sd = StageDir(cfg.run.artifacts_dir, "training", fps["training"])
     assert sd.is_complete(), f"no manifest in {sd.path}"
     manifest = sd.read_manifest()
-    for name in ("scaffolded", "cot_sft"):
+    for name in TRAINED_STUDENTS:
         model = sd.path / manifest["outputs"][name]
         assert (model / "config.json").exists() and (model / STUDENT_META).exists()
         assert not (sd.path / name / "checkpoints").exists()  # keep_checkpoints is false
         assert json.loads((model / STUDENT_META).read_text())["metrics"]["steps"] == cfg.training.max_steps
-    assert set(json.loads((sd.path / "train_metrics.json").read_text())) == {"scaffolded", "cot_sft"}
+    assert set(json.loads((sd.path / "train_metrics.json").read_text())) == set(TRAINED_STUDENTS)
     return manifest
 
 

@@ -90,12 +90,12 @@ def test_labels_in_taxonomy_order_are_flagged_and_text_following_labels_pass():
     bad = label_quality_report(labeled_steps(in_taxonomy_order), TAX)
     assert bad["prelabel_kappa"] < 0.2 and bad["index_lambda"] == 1.0 and bad["taxonomy_order_share"] == 1.0
     verdict = quality_gate(bad, cfg)
-    assert verdict["degenerate"] and len(verdict["reasons"]) == 2 and not verdict["failed"]
+    assert verdict["degenerate"] and len(verdict["reasons"]) == 3 and not verdict["failed"]
     good = label_quality_report(labeled_steps(cue_signal), TAX)
-    assert good["prelabel_kappa"] == 1.0 and good["index_lambda"] < 0.5
+    assert good["prelabel_kappa"] == 1.0 and good["index_lambda"] < 0.5 and good["taxonomy_order_share"] < 0.2
     assert not quality_gate(good, cfg)["degenerate"]
-    strict = config_from_dict({"labeling": {"min_kappa": 0.5, "max_index_lambda": 0.9}}).labeling
-    assert len(quality_gate(bad, strict)["failed"]) == 2 and not quality_gate(good, strict)["failed"]
+    strict = config_from_dict({"labeling": {"min_kappa": 0.5, "max_order_share": 0.4, "max_index_lambda": 0.9}})
+    assert len(quality_gate(bad, strict.labeling)["failed"]) == 3 and not quality_gate(good, strict.labeling)["failed"]
 
 
 @pytest.fixture
@@ -129,7 +129,7 @@ def test_the_stage_says_loudly_that_the_labeling_is_degenerate(tmp_path, teacher
     with caplog.at_level(logging.WARNING):
         _, ref = run(tmp_path, teacher_ref, monkeypatch, in_taxonomy_order)
     assert ref.summary["label_sources"] == {"llm": N_TRACES * N_STEPS}  # no fallback: valid answers
-    assert len(ref.summary["degenerate_labeling"]) == 2
+    assert len(ref.summary["degenerate_labeling"]) == 3
     assert "LABELING LOOKS DEGENERATE" in caplog.text
     md = ref.output("quality_report").read_text()
     assert "WARNING: the labeling looks degenerate" in md and md.index("WARNING") < md.index("## Summary")
@@ -146,6 +146,8 @@ def test_min_kappa_fails_the_stage_after_saving_labels_and_report(tmp_path, teac
 
 def test_a_labeler_that_follows_the_text_passes_the_gate(tmp_path, teacher_ref, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
-        _, ref = run(tmp_path, teacher_ref, monkeypatch, cue_signal, min_kappa=0.3, max_index_lambda=0.9)
+        _, ref = run(
+            tmp_path, teacher_ref, monkeypatch, cue_signal, min_kappa=0.3, max_order_share=0.4, max_index_lambda=0.9
+        )
     assert ref.summary["degenerate_labeling"] == [] and "DEGENERATE" not in caplog.text
     assert "WARNING" not in ref.output("quality_report").read_text()

@@ -53,14 +53,13 @@ def test_short_cot_trains_on_the_answer_text_and_cot_sft_on_the_whole_trace():
 
 
 def test_the_students_are_configuration():
-    assert TRAINED_STUDENTS == ("short_cot", "cot_sft", "scaffolded")
-    assert STUDENTS == ("base", *TRAINED_STUDENTS)
+    assert TRAINED_STUDENTS == ("scaffolded", "cot_sft", "short_cot")  # training order: the method first
+    assert STUDENTS == ("base", "short_cot", "cot_sft", "scaffolded")  # report order
     assert TrainingConfig().students == list(TRAINED_STUDENTS)
-    cfg = PipelineConfig.model_validate({"training": {"students": ["scaffolded", "short_cot"]}})
-    assert training_variants(cfg) == [("short_cot", False), ("scaffolded", True)]
-    assert training_variants(PipelineConfig.model_validate({"training": {"train_baseline": False}})) == [
-        ("scaffolded", True)
-    ]
+    cfg = PipelineConfig.model_validate({"training": {"students": ["short_cot", "scaffolded"]}})
+    assert training_variants(cfg) == [("scaffolded", True), ("short_cot", False)]
+    for old in ({"train_baseline": False}, {"train_baseline": False, "students": ["cot_sft", "scaffolded"]}):
+        assert training_variants(PipelineConfig.model_validate({"training": old})) == [("scaffolded", True)]
     assert list(EVAL_MODELS[:4]) == ["base", "short_cot", "cot_sft", "scaffolded"]
     assert PipelineConfig().evaluation.models == list(EVAL_MODELS)
     with pytest.raises(ValueError):

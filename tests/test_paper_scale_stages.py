@@ -85,6 +85,9 @@ def test_all_students_are_trained_on_the_same_rows_with_the_family_prompt(finish
         meta = _meta(training, name)
         assert meta["prompt_benchmark"] == "gsm8k"
         assert meta["target"] == ("answer" if name == "short_cot" else "trace")
+    # the tiny teacher writes no reasoning block: its answer text is its whole trace, so the
+    # short-CoT student is the long-thinking one (copied, not trained twice)
+    assert _meta(training, "short_cot")["identical_to"] == "cot_sft"
     assert read_records(training.output("validation"), ExampleRecord)  # kept for the gate's calibration
     assert _meta(training, "scaffolded")["longest_step_tokens"] > 0
 

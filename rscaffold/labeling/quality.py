@@ -8,12 +8,14 @@ the second, ...) while the fallback rate says 0%. Two symptoms are measured on t
 
 * ``prelabel_kappa``: Cohen's kappa of the LLM labels against the keyword pre-labels on the steps
   that have one (the paper reports ~87% agreement; a labeler that ignores the text is near 0);
-* ``index_lambda``: Goodman-Kruskal's lambda of the label given the step index, i.e. how much
-  knowing a step's position reduces the error of guessing its label beyond always guessing the
-  most common label (1: each position has one label; real traces: far lower). Only positions
-  with at least :data:`MIN_STEPS_PER_POSITION` LLM-labeled steps count.
+* labels that follow the step index: ``taxonomy_order_share``, the share of labels that are the
+  taxonomy's signal at the step's position (step 1 the first signal, step 2 the second, ...; by
+  chance about one in seven), and ``index_lambda``, Goodman-Kruskal's lambda of the label given
+  the step index, i.e. how much knowing a step's position reduces the error of guessing its label
+  beyond always guessing the most common label (1: each position has one label). Only positions
+  with at least :data:`MIN_STEPS_PER_POSITION` LLM-labeled steps count for lambda.
 
-Neither is judged on fewer than :data:`MIN_STEPS_FOR_VERDICT` steps.
+None is judged on fewer than :data:`MIN_STEPS_FOR_VERDICT` steps.
 """
 
 from __future__ import annotations
@@ -138,9 +140,10 @@ def quality_gate(report: dict[str, Any], cfg: LabelingConfig) -> dict[str, Any]:
     """The verdict on a quality report (see the module docstring), as a JSON-able dict.
 
     ``degenerate``: a symptom passed its reporting threshold (``cfg.degenerate_kappa``,
-    ``cfg.degenerate_index_lambda``); ``reasons``: one sentence per symptom; ``failed``: the
-    sentences for the thresholds that fail the stage (``cfg.min_kappa``,
-    ``cfg.max_index_lambda``), empty when those are unset or met. Too little data gives no
+    ``cfg.degenerate_order_share``, ``cfg.degenerate_index_lambda``); ``reasons``: one sentence
+    per symptom; ``failed``: the sentences for the thresholds that fail the stage
+    (``cfg.min_kappa``, ``cfg.max_order_share``, ``cfg.max_index_lambda``), empty when those are
+    unset or met. Too little data gives no
     verdict on a symptom (``judged`` says which were judged).
     """
     reasons: list[str] = []
@@ -154,13 +157,21 @@ def quality_gate(report: dict[str, Any], cfg: LabelingConfig) -> dict[str, Any]:
             reasons.append(f"{text} (below {cfg.degenerate_kappa}): the labels barely follow the steps' text")
         if cfg.min_kappa is not None and kappa < cfg.min_kappa:
             failed.append(f"{text}, below labeling.min_kappa={cfg.min_kappa}")
+    order, n_llm = report.get("taxonomy_order_share"), int(report.get("llm_steps") or 0)
+    if order is not None and n_llm >= MIN_STEPS_FOR_VERDICT:
+        judged.append("taxonomy_order_share")
+        text = f"{order:.0%} of the {n_llm} LLM labels are the taxonomy's signal at the step's position"
+        if order >= cfg.degenerate_order_share:
+            reasons.append(
+                f"{text} (at least {cfg.degenerate_order_share:.0%}; by chance about {1 / len(report['names']):.0%}): "
+                "the labels follow the taxonomy's order, not the steps"
+            )
+        if cfg.max_order_share is not None and order > cfg.max_order_share:
+            failed.append(f"{text}, above labeling.max_order_share={cfg.max_order_share}")
     lam, lam_n = report.get("index_lambda"), int(report.get("index_lambda_steps") or 0)
     if lam is not None and lam_n >= MIN_STEPS_FOR_VERDICT:
         judged.append("index_lambda")
-        order = report.get("taxonomy_order_share")
-        text = f"the step index predicts the LLM labels with lambda {lam:.2f} on {lam_n} steps" + (
-            f" ({order:.0%} of the labels are the taxonomy's signal at that position)" if order is not None else ""
-        )
+        text = f"the step index predicts the LLM labels with lambda {lam:.2f} on {lam_n} steps"
         if lam >= cfg.degenerate_index_lambda:
             reasons.append(f"{text} (at least {cfg.degenerate_index_lambda}): the labels follow the step index")
         if cfg.max_index_lambda is not None and lam > cfg.max_index_lambda:

@@ -94,8 +94,8 @@ def render_quality_markdown(report: dict[str, Any], tax: Taxonomy) -> str:
             *[f"> - {cell(r)}" for r in gate.get("reasons", [])],
             ">",
             "> A student trained on these signals learns the labeler's pattern, not the teacher's flow of "
-            "thought. Use a stronger labeler (`labeling.llm`), or set `labeling.min_kappa` / "
-            "`labeling.max_index_lambda` to fail the stage instead.",
+            "thought. Use a stronger labeler (`labeling.llm`), or set `labeling.min_kappa`, "
+            "`labeling.max_order_share` or `labeling.max_index_lambda` to fail the stage instead.",
             "",
         ]
     digest = report.get("taxonomy_digest")

@@ -115,7 +115,7 @@ def run_labeling(
     if gate["degenerate"]:
         log.warning(
             "LABELING LOOKS DEGENERATE (%s): %s. The labels are well formed but do not describe the steps; "
-            "use a stronger labeler (labeling.llm) or set labeling.min_kappa / labeling.max_index_lambda to fail here.",
+            "use a stronger labeler (labeling.llm) or set labeling.min_kappa / max_order_share / max_index_lambda to fail here.",
             sd.path / "quality.md",
             "; ".join(gate["reasons"]),
         )
@@ -133,6 +133,7 @@ def run_labeling(
         "this_run": dict(stats),
         "taxonomy_digest": tax.digest(),
         "prelabel_kappa": report["prelabel_kappa"],
+        "taxonomy_order_share": report["taxonomy_order_share"],
         "index_lambda": report["index_lambda"],
         "degenerate_labeling": gate["reasons"],
     }

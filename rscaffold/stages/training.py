@@ -111,6 +111,17 @@ def run_training(
             continue
         if only is not None and name != only:
             continue
+        twin = _identical_twin(name, results, train_rows + validation_rows)
+        if twin is not None:
+            # The same completions as a baseline already trained (a teacher without a reasoning
+            # block writes only answer text): the same training, so the same model.
+            if procs.is_main:
+                log.info("training: %s has the same training text as %s; copying that student", name, twin)
+                _copy_student(sd.path / twin / MODEL_DIRNAME, sd.path / name / MODEL_DIRNAME, name=name, twin=twin)
+            procs.wait()
+            results[name] = {**results[twin], "identical_to": twin}
+            outputs[name] = os.path.join(name, MODEL_DIRNAME)
+            continue
         if procs.is_main:
             log.info("training: %s on %d process(es)", name, procs.num)
         res = train_student(
@@ -157,6 +168,41 @@ def run_training(
             )
     procs.wait()
     return ref
+
+
+def _identical_twin(name: str, trained: dict[str, Any], examples: list[ExampleRecord]) -> str | None:
+    """A plain student already trained whose completions are, for every example, the ones
+    ``name`` would be trained on (the short-CoT and long-thinking students of a teacher that wrote
+    no reasoning block); None when there is none."""
+    from rscaffold.training.collator import completion_steps
+
+    if name == "scaffolded":
+        return None
+
+    def texts(target: str) -> list[list[str]]:
+        return [[t for _, t in completion_steps(e, target)] for e in examples]
+
+    mine = texts(_TARGETS[name])
+    for other in trained:
+        if other not in ("scaffolded", name) and _TARGETS[other] != _TARGETS[name] and texts(_TARGETS[other]) == mine:
+            return other
+    return None
+
+
+def _copy_student(src: Path, dst: Path, *, name: str, twin: str) -> None:
+    """Copy a student directory (atomically) as the student ``name``, noting it in its metadata."""
+    from rscaffold.student import STUDENT_META
+
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    meta = json.loads((tmp / STUDENT_META).read_text())
+    meta.update(target=_TARGETS[name], identical_to=twin)
+    (tmp / STUDENT_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    note = f"\n\nThis `{name}` student is the `{twin}` student: both were trained on the same completions.\n"
+    (tmp / "README.md").write_text((tmp / "README.md").read_text() + note)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
 
 
 def model_path(ref: StageRef, name: str) -> str:
