@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rscaffold.config import PipelineConfig
+from rscaffold.config import PipelineConfig, SegmentationConfig
 from rscaffold.records import ExampleRecord
 from rscaffold.stages.common import (
     as_dict,
@@ -111,7 +111,7 @@ def run_training(
             continue
         if only is not None and name != only:
             continue
-        twin = _identical_twin(name, results, train_rows + validation_rows)
+        twin = _identical_twin(name, results, train_rows + validation_rows, segmentation=cfg.labeling.segmentation)
         if twin is not None:
             # The same completions as a baseline already trained (a teacher without a reasoning
             # block writes only answer text): the same training, so the same model.
@@ -135,6 +135,7 @@ def run_training(
             target=_TARGETS[name],
             prompt_benchmark=cfg.problems.format,
             signal_essential=[s.essential for s in tax.signals],
+            segmentation=cfg.labeling.segmentation,
         )
         procs.wait()
         results[name] = as_dict(res)
@@ -170,7 +171,9 @@ def run_training(
     return ref
 
 
-def _identical_twin(name: str, trained: dict[str, Any], examples: list[ExampleRecord]) -> str | None:
+def _identical_twin(
+    name: str, trained: dict[str, Any], examples: list[ExampleRecord], *, segmentation: SegmentationConfig
+) -> str | None:
     """A plain student already trained whose completions are, for every example, the ones
     ``name`` would be trained on (the short-CoT and long-thinking students of a teacher that wrote
     no reasoning block); None when there is none."""
@@ -180,7 +183,7 @@ def _identical_twin(name: str, trained: dict[str, Any], examples: list[ExampleRe
         return None
 
     def texts(target: str) -> list[list[str]]:
-        return [[t for _, t in completion_steps(e, target)] for e in examples]
+        return [[t for _, t in completion_steps(e, target, segmentation)] for e in examples]
 
     mine = texts(_TARGETS[name])
     for other in trained:

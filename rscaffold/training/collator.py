@@ -23,9 +23,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from rscaffold.config import SegmentationConfig
 from rscaffold.prompts import render_example
 from rscaffold.records import ExampleRecord
-from rscaffold.segment import split_at_step_boundaries
+from rscaffold.segment import split_steps
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +75,22 @@ def encode_example(
 CompletionTarget = Literal["trace", "answer"]
 
 
-def completion_steps(example: ExampleRecord, target: CompletionTarget = "trace") -> list[tuple[str, str]]:
+def completion_steps(
+    example: ExampleRecord, target: CompletionTarget = "trace", segmentation: SegmentationConfig | None = None
+) -> list[tuple[str, str]]:
     """The ``(signal, text)`` steps a student is trained to write for ``example``.
 
     ``trace``: the labeled steps of the whole teacher trace (scaffolded and long-thinking
     students). ``answer``: the teacher's final answer text (what follows its reasoning block),
-    cut at the same step boundaries (the short-CoT student; no signals). A teacher without a
-    separate reasoning block wrote only answer text, so both targets hold the same words.
+    split into steps by the segmenter the trace went through (``segmentation``, the labeling
+    stage's; the short-CoT student; no signals). A teacher without a separate reasoning block wrote
+    only answer text, so there both targets are the same steps.
     """
     if target == "trace":
         return [(s.signal, s.text) for s in example.steps]
     if target != "answer":
         raise ValueError(f"target must be 'trace' or 'answer', got {target!r}")
-    return [("", text) for text in split_at_step_boundaries(example.answer_text or "")]
+    return [("", text) for text in split_steps(example.answer_text or "", segmentation)]
 
 
 def encode_examples(
@@ -98,18 +102,19 @@ def encode_examples(
     max_length: int | None = None,
     benchmark: str | None = None,
     target: CompletionTarget = "trace",
+    segmentation: SegmentationConfig | None = None,
 ) -> list[dict[str, list[int]]]:
     """Render and tokenize dataset rows (``signal_tokens=None``: the plain baseline form).
 
     ``benchmark``: the user message is that benchmark family's prompt
     (:func:`rscaffold.prompts.benchmark_prompt`, as at evaluation); None: the bare question.
-    ``target``: what the completion holds (:func:`completion_steps`). Rows without any loss
+    ``target``: what the completion holds (:func:`completion_steps`, with ``segmentation``). Rows without any loss
     target after truncation (or, for ``answer``, without answer text) are dropped, with a warning.
     """
     rows = []
     dropped = 0
     for ex in examples:
-        steps = completion_steps(ex, target)
+        steps = completion_steps(ex, target, segmentation)
         if not steps:
             dropped += 1
             continue

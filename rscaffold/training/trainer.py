@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from trl import SFTConfig, SFTTrainer
 
-from rscaffold.config import LoraSettings, TrainingConfig
+from rscaffold.config import LoraSettings, SegmentationConfig, TrainingConfig
 from rscaffold.prompts import STUDENT_SYSTEM_PROMPT
 from rscaffold.records import ExampleRecord
 from rscaffold.student import (
@@ -429,6 +429,7 @@ def train_student(
     target: CompletionTarget = "trace",
     prompt_benchmark: str | None = None,
     signal_essential: list[bool] | None = None,
+    segmentation: SegmentationConfig | None = None,
 ) -> TrainResult:
     """Train the scaffolded student (or, ``scaffolded=False``, a plain CoT-SFT baseline) on ``examples``.
 
@@ -439,7 +440,8 @@ def train_student(
     ``prompt_benchmark``: the user message is that benchmark family's prompt (the same builder
     the teacher and the evaluation use); None: the bare question. ``signal_essential``: per
     signal, whether the taxonomy marks it essential (kept with the student: guided decoding
-    prunes the others by default).
+    prunes the others by default). ``segmentation``: how the ``answer`` target's text is split into
+    steps (the labeling stage's segmenter, which split the traces).
 
     Checkpoints go to ``output_dir/checkpoints`` every ``cfg.save_steps``; if that folder already
     holds one, training resumes from the last (so a killed run continues, and a larger
@@ -473,7 +475,13 @@ def train_student(
     else:
         token_ids, token_map, weight, objective = [], None, 0.0, cfg.signal_objective
 
-    encode = dict(signal_token_ids=token_ids, max_length=cfg.max_length, benchmark=prompt_benchmark, target=target)
+    encode = dict(
+        signal_token_ids=token_ids,
+        max_length=cfg.max_length,
+        benchmark=prompt_benchmark,
+        target=target,
+        segmentation=segmentation,
+    )
     train_rows = encode_examples(train_examples, tokenizer, token_map, **encode)
     if not train_rows:
         raise ValueError(f"no training rows for target {target!r} (e.g. no teacher answer text)")
