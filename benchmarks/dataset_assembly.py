@@ -149,6 +149,7 @@ def rows_stage(traces_path: Path, steps_path: Path, out: Path, *, cfg, keep: str
             steps=[Step(index=s.step_index, signal=s.signal, text=s.text, source=s.source) for s in ts],
             signals=[s.signal for s in ts],
             n_steps=len(ts),
+            answer_text=t.text.strip() or None,
         )
         for t, ts in rows
     ]

@@ -19,6 +19,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from rscaffold.vocabulary import TRAINED_STUDENTS
+
 log = logging.getLogger("rscaffold.flows.launch")
 
 
@@ -42,10 +44,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="override a config key, as for `rscaffold run --set` (give the same ones, or the fingerprints differ)",
     )
     p.add_argument(
-        "--variant",
-        choices=("scaffolded", "cot_sft", "both"),
-        default="both",
-        help="which student(s) to train; the stage is finished (manifest written) once all the config asks for exist",
+        "--student",
+        "--variant",  # the name before short_cot existed
+        dest="variant",
+        choices=(*TRAINED_STUDENTS, "all", "both"),
+        default="all",
+        help="which student to train (default all of training.students; 'both' is the old name of 'all'); "
+        "the stage is finished (manifest written) once all the config asks for exist",
     )
     p.add_argument("--force", action="store_true", help="recompute the stage even if it is complete (a refresh)")
     p.add_argument("--fresh", action="store_true", help="discard the stage's partial work (checkpoints) first")
@@ -55,7 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def launch(
     config: Path,
     artifacts_dir: Path | None = None,
-    variant: str = "both",
+    variant: str = "all",
     *,
     assignments: Sequence[str] = (),
     force: bool = False,
@@ -81,9 +86,12 @@ def launch(
             f"Produce it first: `rscaffold stage dataset --config {config}` (or `rscaffold run --config {config}`), "
             "with the same config and artifacts dir."
         )
-    if variant != "both" and variant not in {n for n, _ in training_variants(cfg)}:
-        raise LaunchError(f"--variant {variant}: this config does not train it (training.train_baseline is false)")
-    ref = run_training(cfg, fps, ds.ref(), force=force, fresh=fresh, only=None if variant == "both" else variant)
+    every = variant in ("all", "both")
+    if not every and variant not in {n for n, _ in training_variants(cfg)}:
+        raise LaunchError(
+            f"--student {variant}: this config does not train it (training.students: {cfg.training.students})"
+        )
+    ref = run_training(cfg, fps, ds.ref(), force=force, fresh=fresh, only=None if every else variant)
     if ref is not None:
         log.info("training: complete at %s", ref.path)
     return ref

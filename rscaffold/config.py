@@ -26,7 +26,16 @@ from pydantic import (
 )
 
 from rscaffold.paths import data_dir, default_model_dir
-from rscaffold.vocabulary import BENCHMARK_NAMES, CUSTOM_FORMAT, STUDENTS, BenchmarkName, StudentName
+from rscaffold.vocabulary import (
+    BENCHMARK_NAMES,
+    CUSTOM_FORMAT,
+    EVAL_MODELS,
+    TRAINED_STUDENTS,
+    BenchmarkName,
+    EvalModelName,
+    TrainedStudentName,
+    student_of,
+)
 
 BackendName = Literal["transformers", "openai", "vllm"]
 
@@ -270,7 +279,7 @@ class TeacherConfig(_Section):
     prompt_template: str | None = Field(
         default=None,
         description="User prompt with '{question}'; None: the template of the problems' benchmark family "
-        "(math: 'The answer is N.', yes/no, multiple-choice letter).",
+        "(math: 'The answer is' + the number, yes/no, multiple-choice letter).",
     )
     keep: Literal["correct", "all"] = Field(
         default="all",
@@ -304,7 +313,11 @@ class SegmentationConfig(_Section):
     )
     min_chars: int = Field(default=8, ge=0, description="Merge a piece shorter than this into its neighbour.")
     max_chars: int = Field(default=1200, ge=50, description="Split a step longer than this at sentence ends.")
-    max_steps: int = Field(default=64, ge=1, description="Most steps per trace; the tail is joined into the last step.")
+    max_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most steps per trace (None: no cap, as in the paper); the tail is joined into the last step, its paragraphs by single line breaks (a step never holds a blank line, the step boundary).",
+    )
 
 
 class LabelingConfig(_Section):
@@ -344,6 +357,42 @@ class LabelingConfig(_Section):
         description="With method 'llm': fail the stage (after saving the labels) when a larger share of traces fell back to keyword labels.",
         json_schema_extra=EXECUTION,
     )
+    degenerate_kappa: float = Field(
+        default=0.2,
+        ge=-1,
+        le=1,
+        description="Quality gate: the LLM labels are reported as degenerate (console, quality.md, Prefect artifact) when their Cohen's kappa against the keyword pre-labels is below this.",
+    )
+    degenerate_index_lambda: float = Field(
+        default=0.8,
+        ge=0,
+        le=1,
+        description="Quality gate: the LLM labels are reported as degenerate when the step index predicts them this well (Goodman-Kruskal lambda of label given step index; 1: every position has one label, as when labels collapse to the taxonomy's order).",
+    )
+    degenerate_order_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Quality gate: the LLM labels are reported as degenerate when at least this share of them is the taxonomy's signal at the step's position (step 1 the first signal, step 2 the second, ...), the collapse of a labeler that ignores the text.",
+    )
+    min_kappa: float | None = Field(
+        default=None,
+        ge=-1,
+        le=1,
+        description="Fail the stage (labels and quality report saved) when the kappa against the keyword pre-labels is below this. None: report only.",
+    )
+    max_index_lambda: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Fail the stage (labels and quality report saved) when the step-index lambda is above this. None: report only.",
+    )
+    max_order_share: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Fail the stage (labels and quality report saved) when the share of labels in the taxonomy's order is above this. None: report only.",
+    )
 
 
 class DatasetConfig(_Section):
@@ -356,7 +405,21 @@ class DatasetConfig(_Section):
 
 
 class TinyModelConfig(_Section):
-    """A random-init Llama-style model built from a config (tests, smoke runs)."""
+    """A random-init model built from a config (tests, smoke runs): a Llama with tied embeddings
+    (SmolLM2's shape) or a Qwen2 with untied embeddings and a padded vocabulary (Qwen2.5-7B/14B's
+    shape), at any size."""
+
+    architecture: Literal["llama", "qwen2"] = Field(
+        default="llama", description="'llama' (LlamaForCausalLM) or 'qwen2' (Qwen2ForCausalLM)."
+    )
+    tie_word_embeddings: bool = Field(
+        default=True, description="One matrix for input embeddings and LM head (False: two, as in Qwen2.5-7B/14B)."
+    )
+    vocab_padding: int = Field(
+        default=0,
+        ge=0,
+        description="Embedding rows beyond the tokenizer's entries (Qwen2.5 pads its vocabulary; new tokens then land in padding rows).",
+    )
 
     hidden_size: int = Field(default=64, description="Hidden size of the tiny model.")
     intermediate_size: int = Field(default=128, description="MLP size.")
@@ -481,8 +544,9 @@ class TrainingConfig(_Section):
         description="'token': L_signal is the LM head restricted to the signal tokens (no extra parameters); 'head': a linear head on the hidden state at step boundaries.",
     )
     signal_loss_weight: float = Field(default=1.0, ge=0, description="lambda in L = L_step + lambda * L_signal")
-    train_baseline: bool = Field(
-        default=True, description="Also train the CoT-SFT baseline (no signals, lambda = 0) on the same rows."
+    students: list[TrainedStudentName] = Field(
+        default_factory=lambda: list(TRAINED_STUDENTS),
+        description="The students to train on the same rows: 'scaffolded' (signals + steps, the method), 'short_cot' (CoT distillation: plain SFT on the teacher's final answer text, what follows its reasoning block) and 'cot_sft' (long-thinking distillation: plain SFT on the whole trace).",
     )
     max_steps: int | None = Field(
         default=20, ge=1, description="Optimizer steps per student. null: train for 'epochs' instead."
@@ -562,7 +626,8 @@ class TrainingConfig(_Section):
         default=False, description="Pack each batch into one row without padding (flash-attention varlen kernels)."
     )
     lora: LoraSettings | None = Field(
-        default=None, description="Train LoRA adapters (peft) instead of all weights; the saved student is merged."
+        default=None,
+        description="Train LoRA adapters (peft) instead of all weights; the signal-token rows of the input embeddings and (untied) of the LM head are trained too; the saved student is merged.",
     )
     num_processes: int = Field(
         default=1,
@@ -613,20 +678,60 @@ class TrainingConfig(_Section):
             )
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _train_baseline(cls, data: Any) -> Any:
+        # The old switch 'train_baseline: false' (no baseline: only the scaffolded student) still reads.
+        if isinstance(data, dict) and "train_baseline" in data:
+            data = dict(data)
+            if not data.pop("train_baseline"):
+                data["students"] = ["scaffolded"]
+        return data
+
+    @field_validator("students")
+    @classmethod
+    def _unique_students(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("train at least one student")
+        if len(set(v)) != len(v):
+            raise ValueError(f"each student may be listed once: {v}")
+        return [s for s in TRAINED_STUDENTS if s in v]  # one order (training order), one fingerprint
+
 
 class GuidedInferenceConfig(_Section):
-    """Signal-guided decoding of the scaffolded student (see :mod:`rscaffold.inference`)."""
+    """Signal-guided decoding of the scaffolded student (see :mod:`rscaffold.inference`).
 
-    confidence_threshold: float = Field(
-        default=0.0,
+    Gating and pruning (the paper's adaptive gating and pruning of non-essential steps) are on by
+    default; the ablation rows ``scaffolded-nogate`` / ``scaffolded-noprune`` of
+    ``evaluation.models`` switch one of them off. The token budget is ``evaluation.max_new_tokens``,
+    the same as plain decoding.
+    """
+
+    confidence_threshold: float | None = Field(
+        default=None,
         ge=0,
         le=1,
-        description="Adaptive gating: commit the predicted signal when its probability is at least this; else decode the step freely.",
+        description="Adaptive gating: commit the predicted signal when its probability is at least this, else decode the step freely. None: calibrated on the dataset's validation split (the threshold that maximises the number of correct minus calibration_precision x the number of committed teacher-forced next-signal predictions); 0: no gating (always commit).",
     )
-    max_steps: int = Field(default=8, ge=1, description="Most steps per answer.")
-    max_step_tokens: int = Field(default=64, ge=1, description="Most tokens per step.")
-    prune_signals: list[str] = Field(
-        default_factory=list, description="Signals never committed (their steps are not started)."
+    calibration_precision: float = Field(
+        default=0.5,
+        gt=0,
+        lt=1,
+        description="Calibration target: the gate commits where the student's predicted signal was right at least this often on the validation boundaries (0.5: more often right than wrong). Also the threshold when there is no validation data.",
+    )
+    prune_signals: list[str] | None = Field(
+        default=None,
+        description="Pruning: signals never committed (their steps are not started, their tokens suppressed). None: the taxonomy's non-essential signals (essential: false); []: no pruning.",
+    )
+    max_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most steps per answer; None: no bound but the token budget (evaluation.max_new_tokens).",
+    )
+    max_step_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Per-step safety cap in tokens (a step cut there is closed and the next one begins). None: the longest step of the student's training data (recorded in the evaluation manifest).",
     )
 
 
@@ -680,16 +785,17 @@ class EvaluationConfig(_Section):
 
     ``benchmarks`` empty (the default): the problems stage's eval split, in ``problems.format``.
     Otherwise each listed benchmark is loaded and answered (its name must be unique).
-    ``prompt``: ``benchmark`` wraps each question in the benchmark's answer-format instruction
-    (:attr:`rscaffold.evalsets.loaders.Benchmark.prompt_template`, e.g. "... 'The answer is
-    yes.' or 'The answer is no.'"); ``question`` sends the bare question, as in training. The
-    system prompt is always the student's own (the one it was trained with).
+    ``prompt``: ``benchmark`` sends each question through its benchmark family's prompt
+    (:func:`rscaffold.prompts.benchmark_prompt`), the builder the teacher and the students'
+    training data use, so a student is asked what it was trained on; ``question`` sends the bare
+    question (an ablation). The system prompt is always the student's own.
     ``limit``: the first N eval problems (default source), or the per-benchmark default limit.
+    Every model gets the same token budget ``max_new_tokens``, plain or guided decoding.
     """
 
-    models: list[StudentName] = Field(
-        default_factory=lambda: list(STUDENTS),
-        description="Which models answer: the untrained base student, the CoT-SFT baseline, the scaffolded student.",
+    models: list[EvalModelName] = Field(
+        default_factory=lambda: list(EVAL_MODELS),
+        description="Which models answer, side by side (default: all that training.students gives): 'base' (the untrained student), the trained students of training.students ('short_cot', 'cot_sft', 'scaffolded'), and the scaffolded student's ablations 'scaffolded-nogate' (no adaptive gating: every predicted signal committed) and 'scaffolded-noprune' (no pruning of non-essential signals).",
     )
     benchmarks: list[BenchmarkSource] = Field(
         default_factory=list,
@@ -697,19 +803,24 @@ class EvaluationConfig(_Section):
     )
     prompt: Literal["benchmark", "question"] = Field(
         default="benchmark",
-        description="'benchmark': the question wrapped in the benchmark's answer-format instruction; 'question': the bare question, as in training.",
+        description="'benchmark': the benchmark family's prompt (rscaffold.prompts.benchmark_prompt), the same builder the teacher and the students' training data use; 'question': the bare question (an ablation: not what the students were trained on).",
     )
     limit: int | None = Field(
         default=None,
         ge=1,
         description="At most this many problems per benchmark (the first N of the eval split, or each benchmark's default limit).",
     )
-    max_new_tokens: int = Field(default=160, ge=1, description="Most output tokens per answer.")
+    max_new_tokens: int = Field(
+        default=160,
+        ge=1,
+        description="Most output tokens per answer, the same for every model: plain decoding and signal-guided decoding (signal tokens included) share this budget.",
+    )
     batch_size: int = Field(
         default=8, ge=1, description="Questions decoded together (plain and guided).", json_schema_extra=EXECUTION
     )
     guided: GuidedInferenceConfig = Field(
-        default_factory=GuidedInferenceConfig, description="Signal-guided decoding of the scaffolded student."
+        default_factory=GuidedInferenceConfig,
+        description="Signal-guided decoding of the scaffolded student (adaptive gating, pruning, step cap).",
     )
     bootstrap_samples: int = Field(
         default=1000, ge=0, description="Resamples of the 95% percentile bootstrap interval of accuracy (0: none)."
@@ -807,12 +918,17 @@ class PipelineConfig(_Section):
     @model_validator(mode="after")
     def _check_across_sections(self) -> PipelineConfig:
         """What one section asks of another, checked before any stage starts."""
-        trained = {"base", "scaffolded"} | ({"cot_sft"} if self.training.train_baseline else set())
-        missing = [m for m in self.evaluation.models if m not in trained]
+        trained = {"base", *self.training.students}
+        if "models" not in self.evaluation.model_fields_set:
+            # the default compares every model the trained students give: no error for a user who
+            # only narrowed training.students
+            self.evaluation.models = [m for m in EVAL_MODELS if student_of(m) in trained]
+        missing = sorted({student_of(m) for m in self.evaluation.models} - trained)
         if missing:
             raise ValueError(
-                f"evaluation.models asks for {missing}, which training does not produce "
-                "(training.train_baseline is false); drop them from evaluation.models or train the baseline"
+                f"evaluation.models needs the students {missing}, which training does not produce "
+                f"(training.students: {self.training.students}); drop those models from evaluation.models "
+                "or add the students to training.students"
             )
         return self
 

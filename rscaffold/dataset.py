@@ -32,6 +32,7 @@ _EXAMPLE_COLUMNS = (
     "steps",
     "signals",
     "n_steps",
+    "answer_text",
 )
 
 
@@ -84,7 +85,15 @@ def assemble_examples(
         .otherwise(pl.lit(None, dtype=pl.String))
     )
     traces = pl.scan_parquet(traces_path).select(
-        "trace_id", "problem_id", "question", "gold_answer", "predicted_answer", "correct", "status"
+        "trace_id",
+        "problem_id",
+        "question",
+        "gold_answer",
+        "predicted_answer",
+        "correct",
+        "status",
+        # the teacher's visible final answer text (what the short-CoT student learns), null when blank
+        pl.col("text").str.strip_chars().replace("", None).alias("answer_text"),
     )
     by_step = pl.col("step_index")
     steps = (

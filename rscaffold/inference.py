@@ -8,25 +8,32 @@ under it. For each step
 
 1. the next-signal distribution is computed at the last position (token objective: softmax over
    the K signal-token logits; head objective: the signal head on the last hidden state);
-2. *pruning*: signals listed in ``guided.prune_signals`` are masked out (the distribution is
-   renormalised over the others) and their tokens are suppressed during free decoding, so a
-   pruned kind of step is never started;
-3. *adaptive gating*: if the top probability is at least ``guided.confidence_threshold`` that
-   signal token is committed; otherwise the step is decoded freely (no signal forced; if the
-   model itself emits a signal token first, that signal is kept);
-4. the step is generated greedily until the blank line that ends a step, a signal token, eos, or
-   ``guided.max_step_tokens`` (a step cut there is closed with a blank line).
+2. *pruning*: the pruned signals (default: the taxonomy's non-essential ones, kept with the
+   student) are masked out (the distribution is renormalised over the others) and their tokens
+   are suppressed during free decoding, so a pruned kind of step is never started;
+3. *adaptive gating*: if the top probability is at least the confidence threshold (default:
+   calibrated on the validation split, :func:`calibrate_gate`) that signal token is committed;
+   otherwise the step is decoded freely (no signal forced; if the model itself emits a signal
+   token first, that signal is kept);
+4. the step is generated greedily until it ends where training taught it to end: the next signal
+   token, eos, or the step boundary (a blank line, :data:`rscaffold.vocabulary.STEP_BOUNDARY`,
+   the segmenter's rule) after the step's text (a step is never empty, as in training). A
+   per-step safety cap (default: the longest step of the student's training data, kept with the
+   student) closes a step that runs past every training step; the cap never cuts a step shorter
+   than the training data's.
 
-Decoding stops at eos, after ``guided.max_steps`` steps, or when ``max_new_tokens`` output tokens
-(committed signal tokens included) are used. The running completion is kept as text in the
-training format (``<sig>step\\n\\n<sig>step...``) and re-tokenized at each step, so the context
-the student sees is tokenized exactly as in training.
+**Budget.** Guided decoding has the same total token budget as plain decoding: decoding stops at
+eos or when ``max_new_tokens`` output tokens (committed signal tokens included) are used. The
+number of steps is bounded by that budget only (``guided.max_steps`` is an optional extra
+bound, off by default). The running completion is kept as text in the training format
+(``<sig>step\\n\\n<sig>step...``) and re-tokenized at each step, so the context the student
+sees is tokenized exactly as in training.
 
 Guided decoding is batched like plain decoding: up to ``batch_size`` questions are decoded
 together, each with its own state (completion so far, steps, token budget). Every round does one
 step for every active question: one forward pass over the left-padded contexts scores the next
 signal of all of them, then one batched ``generate`` call decodes all their step bodies, each row
-stopping on its own (eos, signal token, blank line, its own token budget). A question that
+stopping on its own (eos, signal token, step boundary, its own token budget). A question that
 finishes leaves the batch and the next waiting question takes its place (continuous batching),
 so short answers do not wait for long ones. Where each row stopped is recomputed from its tokens
 with the same stopping rules ``generate`` applies (the rows of a finished sequence are padded),
@@ -37,6 +44,7 @@ the context without reusing the KV cache (a simplicity choice that costs speed, 
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -47,8 +55,9 @@ import torch
 
 from rscaffold.config import GuidedInferenceConfig
 from rscaffold.prompts import STUDENT_SYSTEM_PROMPT, render_prompt
+from rscaffold.segment import split_at_step_boundaries
 from rscaffold.student import Student, backbone_of, signal_logits
-from rscaffold.vocabulary import STEP_SEPARATOR
+from rscaffold.vocabulary import STEP_BOUNDARY, STEP_SEPARATOR
 
 
 @dataclass
@@ -75,6 +84,73 @@ class Generated:
     confidences: list[float | None] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class GuidedSettings:
+    """Signal-guided decoding as it runs, every switch resolved (see :func:`resolve_guided`).
+
+    ``confidence_threshold``: the gate commits a signal whose probability is at least this (0:
+    always, i.e. no gating). ``prune_signals``: never committed, their tokens suppressed.
+    ``max_step_tokens``: the per-step safety cap (None: none; the budget still bounds a step).
+    ``max_steps``: an optional bound on the number of steps (None: the token budget bounds it).
+    """
+
+    confidence_threshold: float = 0.0
+    prune_signals: tuple[str, ...] = ()
+    max_step_tokens: int | None = None
+    max_steps: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "confidence_threshold": self.confidence_threshold,
+            "prune_signals": list(self.prune_signals),
+            "max_step_tokens": self.max_step_tokens,
+            "max_steps": self.max_steps,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GuidedSettings:
+        return cls(
+            confidence_threshold=float(d["confidence_threshold"]),
+            prune_signals=tuple(d.get("prune_signals") or ()),
+            max_step_tokens=d.get("max_step_tokens"),
+            max_steps=d.get("max_steps"),
+        )
+
+
+def resolve_guided(
+    cfg: GuidedInferenceConfig | None,
+    student: Student,
+    *,
+    threshold: float | None = None,
+    gate: bool = True,
+    prune: bool = True,
+) -> GuidedSettings:
+    """The settings guided decoding of ``student`` runs with, from the config and the student.
+
+    * threshold: ``cfg.confidence_threshold`` when set; else ``threshold`` (a calibrated value,
+      :func:`calibrate_gate`); else ``cfg.calibration_precision`` (no validation data: the
+      student's probabilities taken at face value). ``gate=False``: 0 (every signal committed).
+    * pruned signals: ``cfg.prune_signals`` when set; else the student's non-essential signals
+      (the taxonomy's ``essential: false``, saved with the student). ``prune=False``: none.
+    * per-step cap: ``cfg.max_step_tokens`` when set; else the longest step of the student's
+      training data (saved with the student; None for a student saved without it).
+    """
+    cfg = cfg or GuidedInferenceConfig()
+    if not gate:
+        thr = 0.0
+    elif cfg.confidence_threshold is not None:
+        thr = float(cfg.confidence_threshold)
+    elif threshold is not None:
+        thr = float(threshold)
+    else:
+        thr = float(cfg.calibration_precision)
+    pruned = (cfg.prune_signals if cfg.prune_signals is not None else student.nonessential_signals) if prune else []
+    cap = cfg.max_step_tokens if cfg.max_step_tokens is not None else student.longest_step_tokens
+    return GuidedSettings(
+        confidence_threshold=thr, prune_signals=tuple(pruned), max_step_tokens=cap, max_steps=cfg.max_steps
+    )
+
+
 def generate(
     student: Student,
     questions: Sequence[str],
@@ -82,12 +158,14 @@ def generate(
     mode: Literal["plain", "guided"] = "plain",
     max_new_tokens: int = 256,
     batch_size: int = 8,
-    guided: GuidedInferenceConfig | None = None,
+    guided: GuidedInferenceConfig | GuidedSettings | None = None,
 ) -> list[Generated]:
     """Answers of ``student`` to ``questions`` (the user messages), one :class:`Generated` each.
 
-    ``mode="guided"`` needs a scaffolded student (signal names and token ids). ``batch_size``:
-    questions decoded together, in both modes (outputs do not depend on it).
+    ``mode="guided"`` needs a scaffolded student (signal names and token ids); ``guided`` is a
+    config (resolved against the student by :func:`resolve_guided`) or resolved settings. Both
+    modes share the total budget ``max_new_tokens``. ``batch_size``: questions decoded together,
+    in both modes (outputs do not depend on it).
     """
     if mode not in ("plain", "guided"):
         raise ValueError(f"mode must be 'plain' or 'guided', got {mode!r}")
@@ -116,15 +194,15 @@ def generate(
             )
         if not signal_token_ids:
             raise ValueError("guided decoding needs a scaffolded student (signal names and token ids)")
-        guided = guided or GuidedInferenceConfig()
-        unknown = sorted(set(guided.prune_signals) - set(signal_names))
+        settings = guided if isinstance(guided, GuidedSettings) else resolve_guided(guided, student)
+        unknown = sorted(set(settings.prune_signals) - set(signal_names))
         if unknown:
             raise ValueError(f"prune_signals {unknown} are not signals of this student ({signal_names})")
-        pruned_idx = [k for k, n in enumerate(signal_names) if n in set(guided.prune_signals)]
+        pruned_idx = [k for k, n in enumerate(signal_names) if n in set(settings.prune_signals)]
         setup = _GuidedSetup(
             tokenizer=tokenizer,
             max_new_tokens=max_new_tokens,
-            guided=guided,
+            guided=settings,
             signal_names=signal_names,
             signal_token_ids=signal_token_ids,
             head=student.head,
@@ -132,7 +210,6 @@ def generate(
             token_of={n: tokenizer.convert_ids_to_tokens(i) for n, i in zip(signal_names, signal_token_ids)},
             pruned_idx=pruned_idx,
             pruned_ids=[signal_token_ids[k] for k in pruned_idx],
-            stop_criteria=_step_stop_criteria(tokenizer),
         )
         return _generate_guided(model, questions, setup=setup, batch_size=batch_size, system_prompt=system_prompt)
     finally:
@@ -152,16 +229,18 @@ def _greedy_kwargs(tokenizer) -> dict[str, Any]:
 
 
 def split_output(ids: Sequence[int], tokenizer, signal_of: dict[int, str]) -> tuple[list[str], list[str | None]]:
-    """Split generated ids (no eos/padding) into step texts and the signal that opens each step."""
+    """Split generated ids (no eos/padding) into step texts and the signal that opens each step.
+
+    The decoder's step rule: a step starts at a signal token and ends at the next signal token or
+    at a step boundary (:func:`~rscaffold.segment.split_at_step_boundaries`, the segmenter's rule).
+    """
     steps: list[str] = []
     step_signals: list[str | None] = []
     segment: list[int] = []
     current: str | None = None
 
     def flush():
-        text = tokenizer.decode(segment, skip_special_tokens=True)
-        parts = [p.strip() for p in text.split(STEP_SEPARATOR)]
-        parts = [p for p in parts if p]
+        parts = split_at_step_boundaries(tokenizer.decode(segment, skip_special_tokens=True))
         for j, p in enumerate(parts):
             steps.append(p)
             step_signals.append(current if j == 0 else None)
@@ -300,7 +379,7 @@ class _GuidedRow:
 class _GuidedSetup:
     tokenizer: Any
     max_new_tokens: int
-    guided: GuidedInferenceConfig
+    guided: GuidedSettings
     signal_names: list[str]
     signal_token_ids: list[int]
     head: Any
@@ -308,15 +387,42 @@ class _GuidedSetup:
     token_of: dict[str, str]
     pruned_idx: list[int]
     pruned_ids: list[int]
-    stop_criteria: Any
 
 
-def _step_stop_criteria(tokenizer):
-    """What ``generate()`` builds for ``stop_strings=[STEP_SEPARATOR]``, built once: passed to
-    ``generate`` and reused to find where each row stopped."""
-    from transformers import StopStringCriteria
+# The end of a step: text, then a step boundary. Whitespace before a step's first text is not an
+# end (no training step is empty), so a step cannot be closed before it has begun.
+_STEP_END = re.compile(r"\S[^\S\n]*" + STEP_BOUNDARY.pattern)
 
-    return StopStringCriteria(tokenizer=tokenizer, stop_strings=[STEP_SEPARATOR])
+
+def step_text(decoded: str) -> str:
+    """The text of a generated step body: leading whitespace dropped, cut at its end (text, then a
+    step boundary), stripped."""
+    return STEP_BOUNDARY.split(decoded.lstrip(), maxsplit=1)[0].strip()
+
+
+class StepBoundaryStop:
+    """A ``generate`` stopping criterion: a row stops once its generated text (the tokens after
+    position ``start``) ends a step: some text, then a step boundary
+    (:data:`~rscaffold.vocabulary.STEP_BOUNDARY`). Whitespace before the step's first text does not
+    end it, as no training step is empty (otherwise a student that answers a forced signal with a
+    blank line would spend its budget on empty steps).
+
+    Only the last ``window`` generated tokens are decoded at each check (a step end is a character
+    and a few whitespace characters, and a row stops at its first one), so a check costs the same
+    at any step length. It is a pure function of the sequence, so where a row stopped can be found
+    again by applying it to each prefix.
+    """
+
+    window = 8
+
+    def __init__(self, tokenizer, start: int):
+        self.tokenizer = tokenizer
+        self.start = start
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        lo = max(self.start, input_ids.shape[1] - self.window)
+        tails = self.tokenizer.batch_decode(input_ids[:, lo:].tolist(), skip_special_tokens=True)
+        return torch.tensor([bool(_STEP_END.search(t)) for t in tails], device=input_ids.device)
 
 
 @torch.no_grad()
@@ -342,6 +448,14 @@ def _generate_guided(model, questions, *, setup: _GuidedSetup, batch_size: int, 
                 out[row.index] = row.result()
         active = [r for r in active if not r.done]
     return [g for g in out if g is not None]
+
+
+def _step_budget(su: _GuidedSetup, row: _GuidedRow) -> int:
+    """Tokens the next step body of ``row`` may take: what is left of the total budget, and at
+    most the per-step safety cap."""
+    left = su.max_new_tokens - row.produced
+    cap = su.guided.max_step_tokens
+    return left if cap is None else min(cap, left)
 
 
 def _guided_round(model, rows: list[_GuidedRow], su: _GuidedSetup, *, dev) -> None:
@@ -372,8 +486,7 @@ def _guided_round(model, rows: list[_GuidedRow], su: _GuidedSetup, *, dev) -> No
                 r.completion += su.token_of[signals[b]]
                 ctxs[b].append(su.signal_token_ids[k])
                 r.produced += 1
-    budgets = [min(guided.max_step_tokens, su.max_new_tokens - r.produced) for r in live]
-    results = _generate_steps(model, ctxs, budgets, su=su, dev=dev)
+    results = _generate_steps(model, ctxs, [_step_budget(su, r) for r in live], su=su, dev=dev)
     # Free decoding that opened the step with a signal of the model's own choosing: keep that
     # signal and generate the step under it.
     again = [b for b, (body, stop, _) in enumerate(results) if signals[b] is None and stop == "signal" and not body]
@@ -385,21 +498,14 @@ def _guided_round(model, rows: list[_GuidedRow], su: _GuidedSetup, *, dev) -> No
         live[b].produced += 1
     if again:
         redone = _generate_steps(
-            model,
-            [ctxs[b] for b in again],
-            [min(guided.max_step_tokens, su.max_new_tokens - live[b].produced) for b in again],
-            su=su,
-            dev=dev,
+            model, [ctxs[b] for b in again], [_step_budget(su, live[b]) for b in again], su=su, dev=dev
         )
         for b, res in zip(again, redone):
             results[b] = res
     for b, r in enumerate(live):
         body, stop, _ = results[b]
         r.produced += len(body) + (1 if stop == "eos" else 0)
-        text = tok.decode(body, skip_special_tokens=True)
-        if STEP_SEPARATOR in text:
-            text = text.split(STEP_SEPARATOR, 1)[0]
-        text = text.strip()
+        text = step_text(tok.decode(body, skip_special_tokens=True))
         r.steps.append(text)
         r.step_signals.append(signals[b])
         r.confidences.append(confs[b])
@@ -409,7 +515,7 @@ def _guided_round(model, rows: list[_GuidedRow], su: _GuidedSetup, *, dev) -> No
             continue
         if text or signals[b] is not None:
             r.completion += text + STEP_SEPARATOR
-        if stop == "budget" or r.rounds >= guided.max_steps:
+        if stop == "budget" or (guided.max_steps is not None and r.rounds >= guided.max_steps):
             r.done = True
 
 
@@ -420,13 +526,13 @@ def _generate_steps(
 
     Returns per row (body ids, why it stopped, stop token). Why: ``"eos"``, ``"signal"`` (a signal
     token began the next step; it is not in the body and is returned as the stop token),
-    ``"separator"`` (the blank line that ends a step), ``"length"`` (the row's token budget, or a
-    stop string that did not decode to a blank line), ``"budget"`` (no tokens left).
+    ``"separator"`` (the step boundary that ends a step), ``"length"`` (the row's token budget:
+    the rest of the total budget or the per-step cap), ``"budget"`` (no tokens left).
 
     ``generate`` runs to the largest budget and pads rows that finished; each row's own stop is
     found again by applying, token by token, the rules ``generate`` applied (eos/signal ids, the
-    blank-line stop string over the whole sequence, the row's budget), so a row's result does not
-    depend on the other rows.
+    step boundary in the generated text, the row's budget), so a row's result does not depend on
+    the other rows.
     """
     from transformers import StoppingCriteriaList
 
@@ -439,22 +545,22 @@ def _generate_steps(
     input_ids, mask = _left_pad([ctxs[b] for b in todo], tok.pad_token_id, dev)
     width = input_ids.shape[1]
     longest = max(budgets[b] for b in todo)
+    boundary = StepBoundaryStop(tok, start=width)
     gen = model.generate(
         input_ids=input_ids,
         attention_mask=mask,
         max_new_tokens=longest,
         eos_token_id=[eos, *su.signal_token_ids],
-        # stop_strings=[STEP_SEPARATOR], with the criterion built once instead of on every call
-        stopping_criteria=StoppingCriteriaList([su.stop_criteria]),
+        stopping_criteria=StoppingCriteriaList([boundary]),
         suppress_tokens=list(su.pruned_ids) or None,
         **_greedy_kwargs(tok),
     )
     new = gen[:, width:].tolist()
     n_new = gen.shape[1] - width
-    # fired[b][t]: the stop string ends at new token t of row b (checked over the whole sequence)
+    # fired[b][t]: the generated text of row b holds a step boundary once new token t is in
     fired = [[False] * n_new for _ in todo]
     for t in range(n_new):
-        hit = su.stop_criteria(gen[:, : width + t + 1], None).tolist()
+        hit = boundary(gen[:, : width + t + 1]).tolist()
         for j in range(len(todo)):
             fired[j][t] = bool(hit[j])
     sig = set(su.signal_token_ids)
@@ -475,6 +581,218 @@ def _generate_steps(
         else:
             body = row[: budgets[b]]
         if body is not None:
-            stop = "separator" if STEP_SEPARATOR in tok.decode(body, skip_special_tokens=True) else "length"
+            stop = "separator" if _STEP_END.search(tok.decode(body, skip_special_tokens=True)) else "length"
             results[b] = (body, stop, None)
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration of the gate on validation data
+
+
+@torch.no_grad()
+def boundary_signal_logits(
+    student: Student,
+    examples: Sequence[Any],
+    *,
+    benchmark: str | None = None,
+    max_length: int | None = None,
+    batch_size: int = 8,
+) -> tuple[torch.Tensor, list[int]]:
+    """Teacher-forced next-signal logits at every gold step boundary of ``examples``
+    (ExampleRecords, rendered in the training format): ``(N, K)`` float32 logits and the N gold
+    signal indices."""
+    from rscaffold.training.collator import IGNORE_INDEX, ScaffoldCollator, encode_examples
+
+    if not student.scaffolded or not student.signal_token_ids:
+        raise ValueError("boundary signal logits need a scaffolded student")
+    tok = student.tokenizer
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    rows = encode_examples(
+        examples,
+        tok,
+        dict(zip(student.signal_names, student.signal_tokens)),
+        signal_token_ids=student.signal_token_ids,
+        max_length=max_length,
+        benchmark=benchmark,
+    )
+    collate = ScaffoldCollator(pad_token_id=tok.pad_token_id)
+    model, dev = student.model, student.device
+    logits: list[torch.Tensor] = []
+    gold: list[int] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(rows), batch_size):
+            batch = collate(rows[i : i + batch_size])
+            hidden = backbone_of(model)(
+                input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)
+            ).last_hidden_state
+            lab = batch["signal_labels"].to(dev)
+            valid = lab != IGNORE_INDEX
+            rows_idx = torch.arange(lab.shape[0], device=dev)[:, None].expand_as(lab)[valid]
+            h = hidden[rows_idx, batch["signal_positions"].to(dev)[valid]]
+            logits.append(signal_logits(model, h, student.signal_token_ids, head=student.head).cpu())
+            gold.extend(int(x) for x in lab[valid].tolist())
+    finally:
+        model.train(was_training)
+    k = len(student.signal_token_ids)
+    return (torch.cat(logits) if logits else torch.zeros((0, k))), gold
+
+
+def choose_threshold(confidences: Sequence[float], correct: Sequence[bool], precision: float) -> float:
+    """The gate threshold that maximises ``#correct - precision * #committed`` over the given
+    predictions when those with confidence at least the threshold are committed.
+
+    Equivalently: commit a prediction where, among validation predictions at least as
+    confident, the share of right ones is at least ``precision``. Returns the lowest confidence
+    still committed; 1.0 when no committed set does better than committing nothing.
+    """
+    if len(confidences) != len(correct):
+        raise ValueError("confidences and correct differ in length")
+    order = sorted(range(len(confidences)), key=lambda i: -confidences[i])
+    best, best_threshold, total = 0.0, 1.0, 0.0
+    for pos, i in enumerate(order):
+        total += float(bool(correct[i])) - precision
+        last_of_tie = pos + 1 == len(order) or confidences[order[pos + 1]] < confidences[i]
+        if last_of_tie and total > best:
+            best, best_threshold = total, float(confidences[i])
+    return best_threshold
+
+
+@dataclass
+class GateCalibration:
+    """The calibrated gate of one decoding variant: its threshold and what it does on the
+    validation boundaries it was chosen on (``boundaries``: scored boundaries, those whose gold
+    signal is pruned left out; ``committed``: those the threshold commits; accuracies of the
+    argmax signal over all of them and over the committed ones)."""
+
+    threshold: float
+    precision: float
+    boundaries: int
+    committed: int
+    accuracy: float | None
+    committed_accuracy: float | None
+    pruned_signals: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold,
+            "precision": self.precision,
+            "boundaries": self.boundaries,
+            "committed": self.committed,
+            "accuracy": self.accuracy,
+            "committed_accuracy": self.committed_accuracy,
+            "pruned_signals": list(self.pruned_signals),
+        }
+
+
+def calibrate_gate(
+    student: Student,
+    examples: Sequence[Any],
+    *,
+    prune_signals: Sequence[str] = (),
+    precision: float = 0.5,
+    benchmark: str | None = None,
+    max_length: int | None = None,
+    batch_size: int = 8,
+) -> GateCalibration | None:
+    """Calibrate the confidence threshold on validation examples (teacher-forced).
+
+    At every gold step boundary the student's next-signal distribution is computed exactly as
+    the decoder computes it (the ``prune_signals`` masked out, renormalised); its top probability
+    is the confidence and the prediction is right when its argmax is the gold signal. Boundaries
+    whose gold signal is pruned are left out (the decoder never produces it). The threshold is
+    :func:`choose_threshold` over these. Returns None when there is no boundary to calibrate on.
+    """
+    logits, gold = boundary_signal_logits(
+        student, examples, benchmark=benchmark, max_length=max_length, batch_size=batch_size
+    )
+    pruned_idx = [k for k, n in enumerate(student.signal_names) if n in set(prune_signals)]
+    keep = [i for i, g in enumerate(gold) if g not in set(pruned_idx)]
+    if not keep or len(pruned_idx) == len(student.signal_names):
+        return None
+    logits = logits[keep].clone()
+    gold_kept = torch.as_tensor([gold[i] for i in keep])
+    if pruned_idx:
+        logits[:, pruned_idx] = float("-inf")
+    top, arg = torch.softmax(logits, dim=-1).max(dim=-1)
+    right = (arg == gold_kept).tolist()
+    conf = top.tolist()
+    threshold = choose_threshold(conf, right, precision)
+    committed = [r for c, r in zip(conf, right) if c >= threshold]
+    return GateCalibration(
+        threshold=threshold,
+        precision=precision,
+        boundaries=len(conf),
+        committed=len(committed),
+        accuracy=sum(right) / len(right),
+        committed_accuracy=(sum(committed) / len(committed)) if committed else None,
+        pruned_signals=[student.signal_names[k] for k in pruned_idx],
+    )
+
+
+def plan_guided_decoding(
+    cfg: GuidedInferenceConfig,
+    student: Student,
+    validation: Sequence[Any],
+    *,
+    gate: bool = True,
+    prune: bool = True,
+) -> tuple[GuidedSettings, dict[str, Any]]:
+    """How one guided-decoding variant runs, and where each setting came from.
+
+    ``gate`` / ``prune`` False: the ablation without adaptive gating / without pruning. With the
+    gate on and no ``cfg.confidence_threshold``, the threshold is calibrated on ``validation``
+    (ExampleRecords; :func:`calibrate_gate`, under this variant's pruning) or, without any
+    validation boundary, is ``cfg.calibration_precision``. Returns the settings and a JSON-able
+    record: the settings, ``threshold_source`` (``config`` / ``calibrated`` / ``no validation
+    data`` / ``no gate``), the calibration, ``prune_source`` and ``max_step_tokens_source``.
+    """
+    pruned = (cfg.prune_signals if cfg.prune_signals is not None else student.nonessential_signals) if prune else []
+    calibration = None
+    if not gate:
+        threshold_source = "no gate"
+    elif cfg.confidence_threshold is not None:
+        threshold_source = "config"
+    else:
+        calibration = (
+            calibrate_gate(
+                student,
+                validation,
+                prune_signals=pruned,
+                precision=cfg.calibration_precision,
+                benchmark=student.prompt_benchmark,
+                max_length=student.meta.get("max_length"),
+            )
+            if validation
+            else None
+        )
+        threshold_source = "calibrated" if calibration is not None else "no validation data"
+    settings = resolve_guided(
+        cfg,
+        student,
+        threshold=calibration.threshold if calibration is not None else None,
+        gate=gate,
+        prune=prune,
+    )
+    if not prune:
+        prune_source = "no pruning"
+    elif cfg.prune_signals is not None:
+        prune_source = "config"
+    else:
+        prune_source = "taxonomy (essential: false)"
+    if cfg.max_step_tokens is not None:
+        cap_source = "config"
+    elif settings.max_step_tokens is not None:
+        cap_source = "longest training step"
+    else:
+        cap_source = "none (not recorded with the student)"
+    return settings, {
+        "settings": settings.to_dict(),
+        "threshold_source": threshold_source,
+        "calibration": calibration.to_dict() if calibration is not None else None,
+        "prune_source": prune_source,
+        "max_step_tokens_source": cap_source,
+    }

@@ -130,13 +130,17 @@ def prepare_smollm2(
 
 
 def build_tiny_model(tokenizer_source: str, cfg: TinyModelConfig):
-    """A random-init Llama-style causal LM sized by ``cfg``, with the tokenizer's vocabulary."""
+    """A random-init causal LM sized by ``cfg``, with the tokenizer's vocabulary (plus
+    ``cfg.vocab_padding`` padding rows): a Llama or a Qwen2, tied or untied embeddings."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    config_cls, model_cls = (
+        (Qwen2Config, Qwen2ForCausalLM) if cfg.architecture == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    )
+    config = config_cls(
+        vocab_size=len(tokenizer) + cfg.vocab_padding,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers,
@@ -146,10 +150,10 @@ def build_tiny_model(tokenizer_source: str, cfg: TinyModelConfig):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.tie_word_embeddings,
     )
     torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(config)
+    model = model_cls(config)
     return model, tokenizer
 
 

@@ -90,12 +90,14 @@ class ExampleRecord(Record):
     steps: list[Step]
     signals: list[str]
     n_steps: int
+    # added with the short-CoT baseline (nullable: absent in older files)
+    answer_text: str | None = None  # the teacher's visible final answer text (after its reasoning block)
 
 
 class PredictionRecord(Record):
     """One model's answer to one evaluation problem."""
 
-    model: str  # "base" | "cot_sft" | "scaffolded"
+    model: str  # an evaluation model name (rscaffold.vocabulary.EVAL_MODELS): "base", "scaffolded", ...
     benchmark: str
     problem_id: str
     question: str

@@ -1,10 +1,17 @@
 """Split a teacher trace into reasoning steps A_1..A_n.
 
-As in the paper, steps are the paragraphs of the trace (separated by blank lines). Optional
-refinements, all in :class:`~rscaffold.config.SegmentationConfig`: split a paragraph before
-discourse turns ("Wait,", "But", ...), merge fragments shorter than ``min_chars``, split steps
-longer than ``max_chars`` at sentence boundaries, cap the number of steps at ``max_steps``
-(the tail is joined into the last step, so no text is lost).
+As in the paper, steps are the paragraphs of the trace, separated by blank lines: the one
+step-boundary rule :data:`rscaffold.vocabulary.STEP_BOUNDARY`, which the training format and the
+decoder share (:func:`split_at_step_boundaries`). Optional refinements, all in
+:class:`~rscaffold.config.SegmentationConfig`: split a paragraph before discourse turns ("Wait,",
+"But", ...), merge fragments shorter than ``min_chars``, split steps longer than ``max_chars`` at
+sentence boundaries, cap the number of steps at ``max_steps`` (off by default; the tail is joined
+into the last step, so no text is lost).
+
+Invariant: no step contains a step boundary. Where pieces that were separate paragraphs are
+joined into one step (a merged short fragment, the capped tail), they are joined with a single
+line break (:data:`IN_STEP_JOINER`), never with a blank line, so the decoder, which ends a step at
+the first blank line, parses the training text back into exactly these steps.
 
 Everything here is a pure function of its arguments.
 """
@@ -15,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 from rscaffold.config import SegmentationConfig
-from rscaffold.vocabulary import STEP_SEPARATOR, THINK_TAG
+from rscaffold.vocabulary import STEP_BOUNDARY, STEP_SEPARATOR, THINK_TAG
 
 # Sentence openers before which a paragraph is split when ``split_on_discourse_turns`` is on.
 DISCOURSE_TURNS: tuple[str, ...] = (
@@ -29,9 +36,8 @@ DISCOURSE_TURNS: tuple[str, ...] = (
 )
 
 SENTENCE_SEP = " "
-
-# A blank line: a newline, optional horizontal whitespace, another newline (and any whitespace after).
-_BLANK_LINE = re.compile(r"\n[^\S\n]*\n\s*")
+IN_STEP_JOINER = "\n"
+"""Joins two paragraphs that end up in one step (a single line break: not a step boundary)."""
 # End of a sentence: terminal punctuation (plus closing quotes/brackets) followed by whitespace,
 # or a single line break.
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)|\n")
@@ -63,10 +69,21 @@ def split_steps(text: str, cfg: SegmentationConfig | None = None) -> list[str]:
     return [p.text for p in pieces]
 
 
+def split_at_step_boundaries(text: str) -> list[str]:
+    """``text`` cut at every step boundary (:data:`~rscaffold.vocabulary.STEP_BOUNDARY`, a blank
+    line), pieces stripped, empty ones dropped: the one rule of the segmenter and the decoder."""
+    return [p.strip() for p in STEP_BOUNDARY.split(text) if p.strip()]
+
+
 def paragraphs(text: str) -> list[str]:
     """Blank-line separated paragraphs, ``<think>`` tags removed (their content kept, in order)."""
     text = THINK_TAG.sub(STEP_SEPARATOR, text.replace("\r\n", "\n").replace("\r", "\n"))
-    return [p.strip() for p in _BLANK_LINE.split(text) if p.strip()]
+    return split_at_step_boundaries(text)
+
+
+def _joiner(sep: str) -> str:
+    """What joins a piece to the previous one inside one step."""
+    return IN_STEP_JOINER if sep == STEP_SEPARATOR else sep
 
 
 def _turn_pattern(turns: tuple[str, ...]) -> re.Pattern[str]:
@@ -125,11 +142,11 @@ def _merge_short(pieces: list[_Piece], min_chars: int) -> list[_Piece]:
     carry: _Piece | None = None  # short leading piece waiting for a successor
     for p in pieces:
         if carry is not None:
-            p = _Piece(carry.text + p.sep + p.text, carry.sep)
+            p = _Piece(carry.text + _joiner(p.sep) + p.text, carry.sep)
             carry = None
         if len(p.text) < min_chars:
             if out:
-                out[-1] = _Piece(out[-1].text + p.sep + p.text, out[-1].sep)
+                out[-1] = _Piece(out[-1].text + _joiner(p.sep) + p.text, out[-1].sep)
             else:
                 carry = p
             continue
@@ -139,10 +156,10 @@ def _merge_short(pieces: list[_Piece], min_chars: int) -> list[_Piece]:
     return out
 
 
-def _cap(pieces: list[_Piece], max_steps: int) -> list[_Piece]:
-    if len(pieces) <= max_steps:
+def _cap(pieces: list[_Piece], max_steps: int | None) -> list[_Piece]:
+    if max_steps is None or len(pieces) <= max_steps:
         return pieces
     head = pieces[: max_steps - 1]
     tail = pieces[max_steps - 1 :]
-    joined = tail[0].text + "".join(p.sep + p.text for p in tail[1:])
+    joined = tail[0].text + "".join(_joiner(p.sep) + p.text for p in tail[1:])
     return [*head, _Piece(joined, tail[0].sep)]

@@ -3,8 +3,9 @@
 Kept apart from :mod:`rscaffold.training` so that inference and evaluation do not import TRL. A student directory holds
 
 * the model and tokenizer (``save_pretrained``), with the signal tokens in the tokenizer;
-* ``rscaffold_student.json``: signal names/tokens (taxonomy order = class index), objective,
-  scaffolded flag, the system prompt;
+* ``rscaffold_student.json``: signal names/tokens (taxonomy order = class index) and which are
+  essential, objective, scaffolded flag, the system prompt and the benchmark whose family prompt
+  it was trained with, the longest training step in tokens (the guided decoder's step cap);
 * ``signal_head.pt`` + ``signal_head.json`` for the ``head`` objective;
 * ``README.md``: the model card.
 
@@ -110,6 +111,24 @@ class Student:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def nonessential_signals(self) -> list[str]:
+        """The signals the taxonomy marks non-essential (``essential: false``): pruned by default."""
+        flags = self.meta.get("signal_essential") or [True] * len(self.signal_names)
+        return [n for n, essential in zip(self.signal_names, flags) if not essential]
+
+    @property
+    def longest_step_tokens(self) -> int | None:
+        """Tokens of the longest step in the student's training data (signal token excluded, the
+        step's end, blank line or eos, included); None when not recorded."""
+        value = self.meta.get("longest_step_tokens")
+        return int(value) if value else None
+
+    @property
+    def prompt_benchmark(self) -> str | None:
+        """The benchmark whose family prompt the student was trained with (None: bare questions)."""
+        return self.meta.get("prompt_benchmark")
 
 
 def load_student(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> Student:

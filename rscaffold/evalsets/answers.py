@@ -176,11 +176,19 @@ def clean_math_answer(ans: str) -> str:
     return _clean_number(s)
 
 
-def _extract_math(text: str) -> str | None:
+def _is_number(ans: str) -> bool:
+    """Whether a cleaned math answer is a number (integer, decimal, fraction; signs and LaTeX
+    fractions allowed): what a numeric benchmark (GSM8K) accepts as an answer."""
+    return _plain_number(ans) is not None
+
+
+def _extract_math(text: str, numeric: bool = False) -> str | None:
     text = _strip_markdown(text)
     boxed = [b for b in find_boxed(text) if b]
     if boxed:
-        return clean_math_answer(boxed[-1]) or None
+        ans = clean_math_answer(boxed[-1]) or None
+        if ans is not None and (not numeric or _is_number(ans)):
+            return ans
     anchors = list(_MATH_ANCHOR.finditer(text))
     for m in reversed(anchors):
         raw = m.group("ans").strip()
@@ -191,8 +199,10 @@ def _extract_math(text: str) -> str | None:
             if cut:
                 body = raw[: cut.start()]
         ans = clean_math_answer(body)
-        if ans:
+        if ans and (not numeric or _is_number(ans)):
             return ans
+    # No anchor (or, for a numeric benchmark, no anchor that states a number, such as a copied
+    # placeholder "The answer is N."): the last number in the text.
     numbers = _LAST_NUMBER.findall(text)
     for num in reversed(numbers):
         num = num.rstrip(",")
@@ -220,6 +230,11 @@ def _last_line(text: str) -> str:
     return ""
 
 
+# A bare verdict: yes/no/true/false not followed by a word ("No, because ...", "so, yes.",
+# "The claim is false."), so that a determiner ("There is no evidence ...", "no one") is not one.
+_YESNO_VERDICT = re.compile(rf"\b{_YESNO_WORD}\b(?![ \t]*[\w'’-])", re.IGNORECASE)
+
+
 def _extract_yesno(text: str) -> str | None:
     text = _strip_markdown(text)
     boxed = find_boxed(text)
@@ -230,10 +245,10 @@ def _extract_yesno(text: str) -> str | None:
     anchors = _YESNO_ANCHOR.findall(text)
     if anchors:
         return _YESNO_MAP[anchors[-1].lower()]
-    words = _YESNO_ANY.findall(_last_line(text))
+    words = _YESNO_VERDICT.findall(_last_line(text))
     if words:
         return _YESNO_MAP[words[-1].lower()]
-    m = re.match(rf"\s*{_YESNO_WORD}\b", text, re.IGNORECASE)  # "Yes. Because ..."
+    m = re.match(rf"\s*{_YESNO_WORD}\b(?![ \t]*[\w'’-])", text, re.IGNORECASE)  # "Yes. Because ..."
     if m:
         return _YESNO_MAP[m.group(1).lower()]
     return None
@@ -334,19 +349,25 @@ def normalize_text(value: str) -> str:
 # public extraction API
 
 
-def extract_answer(text: str | None, answer_type: str, options: Sequence[str] | None = None) -> str | None:
+def extract_answer(
+    text: str | None, answer_type: str, options: Sequence[str] | None = None, *, numeric: bool = False
+) -> str | None:
     """The final answer in a model output, normalised; ``None`` when none can be found.
 
-    ``math``: a number or LaTeX expression (``"18"``, ``"\\frac{1}{2}"``). ``yesno``: ``"yes"`` /
-    ``"no"``. ``choice``: an upper-case letter; pass the option texts (A first) so that an answer
-    given as an option's text is recognised, and letters outside the options are ignored.
+    ``math``: a number or LaTeX expression (``"18"``, ``"\\frac{1}{2}"``); with ``numeric`` (a
+    benchmark whose answers are numbers, GSM8K) a boxed or anchored answer that is not a number
+    (a copied placeholder: "The answer is N.") does not count, and the last number in the text
+    is taken instead, for every model alike. ``yesno``: ``"yes"`` / ``"no"`` (outside an anchor
+    only a bare verdict counts: "There is no evidence" is not "no"). ``choice``: an upper-case
+    letter; pass the option texts (A first) so that an answer given as an option's text is
+    recognised, and letters outside the options are ignored.
     ``text``: the short answer as written (compare with :func:`normalize_text`).
     """
     _check_type(answer_type)
     if not text or not text.strip():
         return None
     if answer_type == "math":
-        return _extract_math(text)
+        return _extract_math(text, numeric)
     if answer_type == "yesno":
         return _extract_yesno(text)
     if answer_type == "text":
@@ -487,9 +508,10 @@ def check_answer(
     *,
     options: Sequence[str] | None = None,
     timeout_s: float = DEFAULT_VERIFY_TIMEOUT_S,
+    numeric: bool = False,
 ) -> AnswerCheck:
     """Extract the answer from a model output and check it: ``AnswerCheck(predicted, correct)``."""
-    predicted = extract_answer(text, answer_type, options=options)
+    predicted = extract_answer(text, answer_type, options=options, numeric=numeric)
     return AnswerCheck(predicted, is_correct(predicted, gold, answer_type, timeout_s=timeout_s))
 
 

@@ -56,13 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from rscaffold.evalsets.answers import AnswerType, find_boxed, format_choice_question
-from rscaffold.prompts import (
-    PROMPT_CHOICE,
-    PROMPT_MATH,
-    PROMPT_MATH_LATEX,
-    PROMPT_TEXT,
-    PROMPT_YESNO,
-)
+from rscaffold.prompts import benchmark_prompt, benchmark_template
 from rscaffold.records import ProblemRecord
 from rscaffold.vocabulary import BENCHMARK_NAMES, CUSTOM_FORMAT
 
@@ -433,16 +427,28 @@ class Benchmark:
     default_file: str  # file name of the published release
     hub_id: str
     hub_splits: Mapping[str, str]  # role ("train" / "eval") -> hub split
-    prompt_template: str  # contains "{question}" and no other braces
     description: str
     convert: Callable[[RawRow, _Context], ProblemRecord] = field(repr=False)
     read_file: Callable[[Path], Iterator[RawRow]] = field(default=read_json_records, repr=False)
     hub_config: str | None = None
+    numeric_answer: bool = False  # the answer is a number: extraction accepts only numbers
+    family: str = ""  # the prompt family when it is not the benchmark's own (a user's problems)
 
     # -- prompts ---------------------------------------------------------------------------
+    @property
+    def prompt_family(self) -> str:
+        """What picks the prompt (:func:`rscaffold.prompts.benchmark_template`): the family of a
+        user's own problems, else the benchmark's name."""
+        return self.family or self.name
+
+    @property
+    def prompt_template(self) -> str:
+        """The benchmark family's prompt template (:func:`rscaffold.prompts.benchmark_template`)."""
+        return benchmark_template(self.prompt_family)
+
     def render_prompt(self, question: str) -> str:
-        """The prompt for one question (the template with the question filled in)."""
-        return self.prompt_template.replace("{question}", question)
+        """The prompt for one question (:func:`rscaffold.prompts.benchmark_prompt`)."""
+        return benchmark_prompt(self.prompt_family, question)
 
     # -- local files -----------------------------------------------------------------------
     def resolve_path(self, source: str | Path) -> Path:
@@ -523,9 +529,9 @@ BENCHMARKS: dict[str, Benchmark] = {
             hub_id="openai/gsm8k",
             hub_config="main",
             hub_splits={"train": "train", "eval": "test"},
-            prompt_template=PROMPT_MATH,
             description="GSM8K grade-school math word problems (Cobbe et al., 2021)",
             convert=_gsm8k,
+            numeric_answer=True,
         ),
         Benchmark(
             name="math500",
@@ -533,7 +539,6 @@ BENCHMARKS: dict[str, Benchmark] = {
             default_file="test.jsonl",
             hub_id="HuggingFaceH4/MATH-500",
             hub_splits={"eval": "test"},
-            prompt_template=PROMPT_MATH_LATEX,
             description="MATH-500, the 500-problem MATH test subset of PRM800K (Lightman et al., 2023)",
             convert=_math500,
         ),
@@ -543,7 +548,6 @@ BENCHMARKS: dict[str, Benchmark] = {
             default_file="strategyqa_train.json",
             hub_id="ChilleD/StrategyQA",
             hub_splits={"train": "train", "eval": "test"},
-            prompt_template=PROMPT_YESNO,
             description="StrategyQA implicit multi-hop yes/no questions (Geva et al., 2021)",
             convert=_strategyqa,
         ),
@@ -553,7 +557,6 @@ BENCHMARKS: dict[str, Benchmark] = {
             default_file="dev_rand_split.jsonl",
             hub_id="tau/commonsense_qa",
             hub_splits={"train": "train", "eval": "validation"},
-            prompt_template=PROMPT_CHOICE,
             description="CommonsenseQA five-way multiple choice (Talmor et al., 2019)",
             convert=_commonsenseqa,
         ),
@@ -564,7 +567,6 @@ BENCHMARKS: dict[str, Benchmark] = {
             hub_id="truthfulqa/truthful_qa",
             hub_config="generation",
             hub_splits={"eval": "validation"},
-            prompt_template=PROMPT_CHOICE,
             description="TruthfulQA as multiple choice: best answer against the incorrect answers (Lin et al., 2022)",
             convert=_truthfulqa,
             read_file=_read_truthfulqa_csv,
@@ -581,13 +583,13 @@ assert tuple(BENCHMARKS) == BENCHMARK_NAMES, tuple(BENCHMARKS)
 # a user's own problems: the generic, field-mapped format
 
 
-# custom answer type -> (answer checker type, prompt template)
+# custom answer type -> (answer checker type, prompt family: rscaffold.prompts.FAMILY_TEMPLATES)
 CUSTOM_ANSWER_TYPES: dict[str, tuple[AnswerType, str]] = {
-    "number": ("math", PROMPT_MATH),
-    "math": ("math", PROMPT_MATH_LATEX),
-    "yesno": ("yesno", PROMPT_YESNO),
-    "choice": ("choice", PROMPT_CHOICE),
-    "text": ("text", PROMPT_TEXT),
+    "number": ("math", "math"),
+    "math": ("math", "math_latex"),
+    "yesno": ("yesno", "yesno"),
+    "choice": ("choice", "choice"),
+    "text": ("text", "text"),
 }
 CUSTOM_FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -783,14 +785,15 @@ class CustomBenchmark(Benchmark):
 
 def custom_benchmark(spec: CustomFormat) -> Benchmark:
     """The :class:`Benchmark` of a user's own problems (``problems.custom`` / ``evaluation.benchmarks[].custom``)."""
-    answer_type, template = CUSTOM_ANSWER_TYPES[spec.answer_type]
+    answer_type, family = CUSTOM_ANSWER_TYPES[spec.answer_type]
     return CustomBenchmark(
         name=spec.name,
         answer_type=answer_type,
         default_file="",
         hub_id="",
         hub_splits={"train": "train", "eval": "test"},
-        prompt_template=template,
+        family=family,
+        numeric_answer=spec.answer_type == "number",
         description=f"your own problems ({spec.answer_type} answers)",
         convert=lambda row, ctx: _convert_custom(spec, row, ctx),
         read_file=read_custom_file,

@@ -21,7 +21,8 @@ from rscaffold.evalsets.answers import choice_options, extract_answer, is_correc
 from rscaffold.evaluation.consistency import check_consistency
 from rscaffold.evaluation.signals import signal_agreement
 from rscaffold.records import MetricRecord, PredictionRecord, ProblemRecord
-from rscaffold.vocabulary import STEP_SEPARATOR, STUDENTS
+from rscaffold.segment import split_at_step_boundaries
+from rscaffold.vocabulary import EVAL_MODELS
 
 
 def score_output(
@@ -37,14 +38,16 @@ def score_output(
     options: Sequence[str] | None = None,
     decoding: str | None = None,
     n_steps: int | None = None,
+    numeric: bool = False,
 ) -> PredictionRecord:
     """Extract the answer from one output, check it against the gold answer and for consistency.
 
-    Multiple choice: ``options`` default to the ``"A. ..."`` lines of the question.
+    Multiple choice: ``options`` default to the ``"A. ..."`` lines of the question. ``numeric``:
+    the benchmark's answers are numbers (see :func:`rscaffold.evalsets.answers.extract_answer`).
     """
     if options is None and answer_type == "choice":
         options = choice_options(problem.question) or None
-    predicted = extract_answer(output, answer_type, options=options)
+    predicted = extract_answer(output, answer_type, options=options, numeric=numeric)
     cons = check_consistency(output, predicted, answer_type)
     return PredictionRecord(
         model=model,
@@ -60,7 +63,7 @@ def score_output(
         signals=list(signals),
         latency_s=latency_s,
         decoding=decoding,
-        n_steps=n_steps if n_steps is not None else len([s for s in output.split(STEP_SEPARATOR) if s.strip()]),
+        n_steps=n_steps if n_steps is not None else len(split_at_step_boundaries(output)),
         consistent=cons.consistent,
         consistency_check=cons.check,
         consistency_evidence=cons.evidence,
@@ -131,7 +134,7 @@ def compute_metrics(
 
 
 def _model_rank(model: str) -> int:
-    return STUDENTS.index(model) if model in STUDENTS else len(STUDENTS)
+    return EVAL_MODELS.index(model) if model in EVAL_MODELS else len(EVAL_MODELS)
 
 
 def _pct(x: float | None) -> float | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from rscaffold.markdown import number, percent
 from rscaffold.markdown import table as md_table
 from rscaffold.records import MetricRecord, PredictionRecord
-from rscaffold.vocabulary import BENCHMARK_NAMES, STUDENTS
+from rscaffold.vocabulary import BENCHMARK_NAMES, EVAL_MODELS
 
 REPORT_FILE = "report.md"
 CHART_FILE = "accuracy.png"
@@ -29,7 +29,7 @@ def _rank(value: str, order: Sequence[str]) -> tuple[int, str]:
 
 
 def models_of(metrics: Sequence[MetricRecord]) -> list[str]:
-    return sorted({m.model for m in metrics}, key=lambda x: _rank(x, STUDENTS))
+    return sorted({m.model for m in metrics}, key=lambda x: _rank(x, EVAL_MODELS))
 
 
 def benchmarks_of(metrics: Sequence[MetricRecord]) -> list[str]:

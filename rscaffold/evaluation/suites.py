@@ -7,23 +7,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from rscaffold.prompts import benchmark_prompt
 from rscaffold.records import ProblemRecord
 
 
 @dataclass
 class EvalSuite:
-    """The problems of one benchmark, and how its answers look."""
+    """The problems of one benchmark, and how its answers look (``numeric``: the answer is a
+    number, so extraction only accepts numbers)."""
 
     name: str
     answer_type: str
     prompt_template: str
     problems: list[ProblemRecord]
+    numeric: bool = False
 
     def prompts(self, style: str = "benchmark") -> list[str]:
-        """The user messages: the benchmark's answer-format prompt, or the bare question."""
+        """The user messages: the benchmark family's prompt (the builder the teacher and the
+        students' training data use), or the bare question."""
         if style == "question":
             return [p.question for p in self.problems]
-        return [self.prompt_template.replace("{question}", p.question) for p in self.problems]
+        return [benchmark_prompt(self.name, p.question, self.prompt_template) for p in self.problems]
 
 
 def evaluation_suites(ecfg, default_benchmark, default_problems: Sequence[ProblemRecord]) -> list[EvalSuite]:
@@ -36,7 +40,7 @@ def evaluation_suites(ecfg, default_benchmark, default_problems: Sequence[Proble
     if not ecfg.benchmarks:
         bench = default_benchmark if isinstance(default_benchmark, Benchmark) else get_benchmark(default_benchmark)
         rows = list(default_problems)[: ecfg.limit] if ecfg.limit else list(default_problems)
-        return [EvalSuite(bench.name, bench.answer_type, bench.prompt_template, rows)]
+        return [EvalSuite(bench.name, bench.answer_type, bench.prompt_template, rows, bench.numeric_answer)]
     suites = []
     for b in ecfg.benchmarks:
         bench = benchmark_for(b.name, b.custom)
@@ -48,7 +52,7 @@ def evaluation_suites(ecfg, default_benchmark, default_problems: Sequence[Proble
             part=b.part,
             heldout_fraction=b.heldout_fraction,
         )
-        suites.append(EvalSuite(bench.name, bench.answer_type, bench.prompt_template, rows))
+        suites.append(EvalSuite(bench.name, bench.answer_type, bench.prompt_template, rows, bench.numeric_answer))
     return suites
 
 

@@ -85,6 +85,19 @@ def render_quality_markdown(report: dict[str, Any], tax: Taxonomy) -> str:
     kappa = report.get("prelabel_kappa")
 
     lines: list[str] = ["# Labeling quality", ""]
+    gate = report.get("quality_gate") or {}
+    if gate.get("degenerate"):
+        lines += [
+            "> **WARNING: the labeling looks degenerate.** The labels are well formed (the fallback rate "
+            "does not show this) but do not describe the steps:",
+            ">",
+            *[f"> - {cell(r)}" for r in gate.get("reasons", [])],
+            ">",
+            "> A student trained on these signals learns the labeler's pattern, not the teacher's flow of "
+            "thought. Use a stronger labeler (`labeling.llm`), or set `labeling.min_kappa`, "
+            "`labeling.max_order_share` or `labeling.max_index_lambda` to fail the stage instead.",
+            "",
+        ]
     digest = report.get("taxonomy_digest")
     if digest and digest != tax.digest():
         lines += [
@@ -139,6 +152,28 @@ def render_quality_markdown(report: dict[str, Any], tax: Taxonomy) -> str:
         )
     else:
         lines.append("No LLM-labeled step had a keyword pre-label: agreement and Cohen's kappa are n/a.")
+    lines.append("")
+
+    lines += ["## Quality gate", ""]
+    order = report.get("taxonomy_order_share")
+    lines += _table(
+        ["metric", "value"],
+        [
+            ["LLM-labeled steps", int(report.get("llm_steps") or 0)],
+            ["Cohen's kappa vs keyword pre-labels", _number(kappa)],
+            [
+                "step-index lambda (label predicted from the step's position)",
+                f"{_number(report.get('index_lambda'))} ({int(report.get('index_lambda_steps') or 0)} steps)",
+            ],
+            ["labels equal to the taxonomy's signal at that position", _percent(order)],
+            [
+                "verdict",
+                "degenerate"
+                if gate.get("degenerate")
+                else ("ok" if gate.get("judged") else "not judged (too few steps)"),
+            ],
+        ],
+    )
     lines.append("")
 
     lines += ["## Signal distribution", ""]

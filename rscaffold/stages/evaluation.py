@@ -1,11 +1,21 @@
-"""Stage 6, evaluation: every model answers every benchmark; scoring, metrics and the report."""
+"""Stage 6, evaluation: every model answers every benchmark; scoring, metrics and the report.
+
+The work is one shard per (model, benchmark), persisted as ``predictions-<model>-<benchmark>``
+as soon as it is made; a re-run resumes from them. With ``run.task_runner: ray`` each shard is
+its own task (:func:`run_evaluation_shard`); :func:`run_evaluation` then finds them done and
+assembles.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 from rscaffold.config import PipelineConfig
-from rscaffold.records import MetricRecord, PredictionRecord
+from rscaffold.records import ExampleRecord, MetricRecord, PredictionRecord
 from rscaffold.stages.common import (
     Progress,
     open_stage,
@@ -16,9 +26,143 @@ from rscaffold.stages.common import (
 )
 from rscaffold.stages.problems import read_problems
 from rscaffold.stages.training import model_path
-from rscaffold.store import StageRef, write_records
+from rscaffold.store import StageDir, StageRef, read_records, write_records
+from rscaffold.vocabulary import student_of
 
 SHARD = "predictions"  # one shard per model and benchmark, key <model>-<benchmark>
+
+
+def _suites(cfg: PipelineConfig, problems: StageRef) -> list[Any]:
+    from rscaffold.evalsets.loaders import benchmark_for
+    from rscaffold.evaluation.suites import evaluation_suites
+
+    default = benchmark_for(cfg.problems.format, cfg.problems.custom)
+    return evaluation_suites(cfg.evaluation, default, read_problems(problems, "eval"))
+
+
+def evaluation_shards(cfg: PipelineConfig, problems: StageRef) -> list[str]:
+    """The keys of the evaluation's shards, ``<model>-<benchmark>``, in order."""
+    return [f"{name}-{suite.name}" for name in cfg.evaluation.models for suite in _suites(cfg, problems)]
+
+
+@dataclass
+class _Decoder:
+    """What answering needs across shards: the loaded student (one at a time) and how each model
+    decodes (plain, or guided with its gate calibrated on the validation rows, persisted per model
+    as ``decoding-<model>.json`` so every shard and every re-run uses the same settings)."""
+
+    cfg: PipelineConfig
+    sd: StageDir
+    training: StageRef
+    validation: list[ExampleRecord]
+    student: Any = None
+    loaded: str | None = None
+    decoding: dict[str, dict] = field(default_factory=dict)
+
+    def settings(self, name: str) -> tuple[str, Any]:
+        from rscaffold.inference import GuidedSettings, plan_guided_decoding
+
+        ecfg = self.cfg.evaluation
+        mode = "guided" if student_of(name) == "scaffolded" else "plain"
+        if mode == "plain":
+            self.decoding[name] = {"mode": "plain", "max_new_tokens": ecfg.max_new_tokens}
+            return mode, None
+        settings_file = self.sd.shards / f"decoding-{name}.json"
+        if settings_file.exists():
+            self.decoding[name] = read_json(settings_file, {})
+            return mode, GuidedSettings.from_dict(self.decoding[name]["settings"])
+        settings, provenance = plan_guided_decoding(
+            ecfg.guided,
+            self.load(student_of(name)),
+            self.validation,
+            gate=not name.endswith("-nogate"),
+            prune=not name.endswith("-noprune"),
+        )
+        self.decoding[name] = {"mode": "guided", "max_new_tokens": ecfg.max_new_tokens, **provenance}
+        write_json(settings_file, self.decoding[name])
+        return mode, settings
+
+    def load(self, student_name: str) -> Any:
+        from rscaffold.models import free_accelerator_memory
+        from rscaffold.student import load_student
+
+        if self.loaded != student_name:
+            self.student = None
+            free_accelerator_memory()
+            self.student, self.loaded = load_student(model_path(self.training, student_name)), student_name
+        return self.student
+
+    def predict(self, name: str, suite: Any) -> list[PredictionRecord]:
+        """Answer ``suite`` with model ``name``; persist and return the predictions."""
+        from rscaffold.evaluation.metrics import score_output
+        from rscaffold.inference import generate
+
+        mode, settings = self.settings(name)
+        ecfg = self.cfg.evaluation
+        outs = generate(
+            self.load(student_of(name)),
+            questions=suite.prompts(ecfg.prompt),
+            mode=mode,
+            max_new_tokens=ecfg.max_new_tokens,
+            batch_size=ecfg.batch_size,
+            guided=settings,
+        )
+        preds = [
+            score_output(
+                name,
+                suite.name,
+                p,
+                output=o.text,
+                answer_type=suite.answer_type,
+                numeric=suite.numeric,
+                output_tokens=o.output_tokens,
+                signals=o.signals,
+                latency_s=o.latency_s,
+                decoding=mode,
+                n_steps=len([s for s in o.steps if s]),
+            )
+            for p, o in zip(suite.problems, outs)
+        ]
+        self.sd.write_shard(SHARD, preds, PredictionRecord, key=f"{name}-{suite.name}")
+        return preds
+
+    def close(self) -> None:
+        from rscaffold.models import free_accelerator_memory
+
+        self.student = None
+        free_accelerator_memory()
+
+
+def _decoder(cfg: PipelineConfig, sd: StageDir, training: StageRef) -> _Decoder:
+    validation = read_records(training.output("validation"), ExampleRecord) if "validation" in training.outputs else []
+    missing = sorted({student_of(m) for m in cfg.evaluation.models} - {"base"} - set(training.outputs))
+    if missing:
+        raise ValueError(
+            f"evaluation.models needs the students {missing}, which the training stage did not train "
+            f"(training.students: {cfg.training.students})"
+        )
+    return _Decoder(cfg, sd, training, validation)
+
+
+def run_evaluation_shard(
+    cfg: PipelineConfig, fps: dict[str, str], *, problems: StageRef, training: StageRef, key: str
+) -> dict[str, Any]:
+    """Answer one (model, benchmark) shard into the stage's work directory (one task of a
+    fanned-out stage; :func:`run_evaluation` then assembles and reports)."""
+    sd = StageDir(cfg.run.artifacts_dir, "evaluation", fps["evaluation"])
+    sd.prepare()
+    out: dict[str, Any] = {"key": key, "pid": os.getpid(), "host": socket.gethostname(), "answered": 0}
+    suites = {s.name: s for s in _suites(cfg, problems)}
+    name = next(m for m in cfg.evaluation.models if key.startswith(f"{m}-") and key[len(m) + 1 :] in suites)
+    with sd.shard_lock(SHARD, key):
+        if key in sd.read_shard_map(SHARD, PredictionRecord):
+            return out
+        decoder = _decoder(cfg, sd, training)
+        try:
+            out["answered"] = len(decoder.predict(name, suites[key[len(name) + 1 :]]))
+        finally:
+            decoder.close()
+    return out
 
 
 def run_evaluation(
@@ -34,81 +178,47 @@ def run_evaluation(
 ) -> StageRef:
     """Answer every evaluation benchmark with every model; score, aggregate, report.
 
+    Every model gets the same token budget (``evaluation.max_new_tokens``). The scaffolded
+    student and its ablations decode signal-guided, with the gate calibrated on the training
+    stage's validation rows; how each model decoded (budget, threshold and its calibration,
+    pruned signals, per-step cap and where each came from) is recorded in the manifest's summary
+    (``decoding``).
+
     ``labeling`` (optional): its ``quality.json`` holds the teacher's signal transitions that the
     generated signals are compared with; without it those metrics are empty.
     """
-    from rscaffold.evalsets.loaders import benchmark_for
-    from rscaffold.evaluation.metrics import (
-        compute_metrics,
-        metrics_table,
-        score_output,
-    )
-    from rscaffold.evaluation.report import (
-        CHART_FILE,
-        REPORT_FILE,
-        accuracy_table,
-        write_report,
-    )
+    from rscaffold.evaluation.metrics import compute_metrics, metrics_table
+    from rscaffold.evaluation.report import CHART_FILE, REPORT_FILE, accuracy_table, write_report
     from rscaffold.evaluation.signals import signal_agreement, signal_distribution
-    from rscaffold.evaluation.suites import evaluation_suites
-    from rscaffold.inference import generate
-    from rscaffold.student import load_student
 
     with open_stage(cfg, "evaluation", fps, force=force, fresh=fresh) as (sd, done):
         if done:
             return done
         started = time.time()
         ecfg = cfg.evaluation
-        problems_format = benchmark_for(cfg.problems.format, cfg.problems.custom)
-        suites = evaluation_suites(ecfg, problems_format, read_problems(problems, "eval"))
+        suites = _suites(cfg, problems)
         teacher = None
         if labeling is not None and "quality" in labeling.outputs:
             teacher = read_json(labeling.output("quality"), None)
 
-        # Predictions are persisted per model and benchmark as soon as they are made (resume).
+        decoder = _decoder(cfg, sd, training)
         finished_shards = sd.read_shard_map(SHARD, PredictionRecord)
         predictions: list[PredictionRecord] = []
         total, finished = len(ecfg.models) * len(suites), 0
-        for name in ecfg.models:
-            mode = "guided" if name == "scaffolded" else "plain"
-            student = None
-            for suite in suites:
-                key = f"{name}-{suite.name}"
-                done_rows = finished_shards.get(key)
-                if done_rows is not None:
-                    predictions.extend(done_rows)
-                else:
-                    if student is None:
-                        student = load_student(model_path(training, name))
-                    outs = generate(
-                        student,
-                        questions=suite.prompts(ecfg.prompt),
-                        mode=mode,
-                        max_new_tokens=ecfg.max_new_tokens,
-                        batch_size=ecfg.batch_size,
-                        guided=ecfg.guided,
-                    )
-                    preds = [
-                        score_output(
-                            name,
-                            suite.name,
-                            p,
-                            output=o.text,
-                            answer_type=suite.answer_type,
-                            output_tokens=o.output_tokens,
-                            signals=o.signals,
-                            latency_s=o.latency_s,
-                            decoding=mode,
-                            n_steps=len([s for s in o.steps if s]),
-                        )
-                        for p, o in zip(suite.problems, outs)
-                    ]
-                    sd.write_shard(SHARD, preds, PredictionRecord, key=key)
-                    predictions.extend(preds)
-                finished += 1
-                if progress:
-                    progress(finished, total)
-            del student
+        try:
+            for name in ecfg.models:
+                for suite in suites:
+                    key = f"{name}-{suite.name}"
+                    if key in finished_shards:
+                        predictions.extend(finished_shards[key])
+                        decoder.settings(name)  # what it decoded with (from its settings file)
+                    else:
+                        predictions.extend(decoder.predict(name, suite))
+                    finished += 1
+                    if progress:
+                        progress(finished, total)
+        finally:
+            decoder.close()
 
         metrics = compute_metrics(predictions, ecfg.bootstrap_samples, ecfg.seed, teacher=teacher)
         write_records(sd.work / "predictions.parquet", predictions, PredictionRecord)
@@ -139,6 +249,7 @@ def run_evaluation(
                 "table": metrics_table(metrics),
                 "accuracy_table": accuracy_table(metrics),
                 "benchmarks": {s.name: len(s.problems) for s in suites},
+                "decoding": decoder.decoding,
             },
             started=started,
             code=stage_code_version("evaluation"),

@@ -14,6 +14,7 @@ from rscaffold.config import PipelineConfig
 from rscaffold.records import LabeledStepRecord, TraceRecord
 from rscaffold.stages.common import (
     Progress,
+    log,
     open_stage,
     read_json,
     stage_code_version,
@@ -147,7 +148,7 @@ def run_labeling(
     each labeled with one batched request round and persisted at once; traces already labeled in
     a shard are not sent again.
     """
-    from rscaffold.labeling.quality import label_quality_report
+    from rscaffold.labeling.quality import label_quality_report, quality_gate
     from rscaffold.labeling.report import plot_transition_heatmap, render_quality_markdown
     from rscaffold.labeling.taxonomy import load_taxonomy
     from rscaffold.llm import create_backend
@@ -197,9 +198,23 @@ def run_labeling(
                 )
         write_records(sd.work / "labeled_steps.parquet", steps, LabeledStepRecord)
         report = label_quality_report(steps, tax)
+        report["quality_gate"] = gate = quality_gate(report, cfg.labeling)
         write_json(sd.work / "quality.json", report)
         write_text(sd.work / "quality.md", render_quality_markdown(report, tax))
         plot_transition_heatmap(report, tax, sd.work / "transitions.png")
+        if gate["degenerate"]:
+            log.warning(
+                "LABELING LOOKS DEGENERATE (%s): %s. The labels are well formed but do not describe the steps; "
+                "use a stronger labeler (labeling.llm) or set labeling.min_kappa / max_order_share / "
+                "max_index_lambda to fail here.",
+                sd.work / "quality.md",
+                "; ".join(gate["reasons"]),
+            )
+        if gate["failed"]:
+            # The labels and the quality report are saved; the stage stays incomplete.
+            raise LabelingFailureError(
+                "labeling quality gate: " + "; ".join(gate["failed"]) + f" (report: {sd.work / 'quality.md'})"
+            )
         # The taxonomy travels with the labels: the stages after this one read it from here.
         tax.save(sd.work / "taxonomy.yaml")
         summary = {
@@ -212,6 +227,10 @@ def run_labeling(
             "label_sources": dict(Counter(s.source for s in steps)),
             "this_run": dict(stats),
             "taxonomy_digest": tax.digest(),
+            "prelabel_kappa": report["prelabel_kappa"],
+            "taxonomy_order_share": report["taxonomy_order_share"],
+            "index_lambda": report["index_lambda"],
+            "degenerate_labeling": gate["reasons"],
             "requests": request_summary(backend, cfg.labeler_llm()),
         }
         return sd.finish(

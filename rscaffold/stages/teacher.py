@@ -43,6 +43,7 @@ from tqdm import tqdm
 from rscaffold.config import PipelineConfig, TeacherConfig
 from rscaffold.llm.base import ChatRequest, Completion, LLMBackend
 from rscaffold.llm.parsing import EMPTY_OUTPUT, clean_text, derive_seed, describe_error
+from rscaffold.prompts import QUESTION_FIELD, fill_prompt
 from rscaffold.records import ProblemRecord, TraceRecord
 from rscaffold.stages.common import Progress, open_stage, stage_code_version, stage_inputs
 from rscaffold.stages.problems import read_problems
@@ -96,8 +97,10 @@ def build_messages(problem: ProblemRecord, cfg: TeacherConfig) -> list[dict[str,
     messages = []
     if cfg.system_prompt.strip():
         messages.append({"role": "system", "content": cfg.system_prompt})
-    template = cfg.prompt_template or "{question}"  # the pipeline fills in the benchmark's template
-    messages.append({"role": "user", "content": template.format(question=problem.question)})
+    # The pipeline fills in the benchmark family's template (teacher_prompt_config); filled by
+    # plain replacement of '{question}', so other braces (\boxed{}) are literal.
+    template = cfg.prompt_template or QUESTION_FIELD
+    messages.append({"role": "user", "content": fill_prompt(template, problem.question)})
     return messages
 
 
@@ -384,9 +387,10 @@ def _answer_fns(cfg: PipelineConfig) -> tuple[AnswerFn, CheckFn]:
     from rscaffold.evalsets.answers import extract_answer, is_correct
     from rscaffold.evalsets.loaders import benchmark_for
 
-    answer_type = benchmark_for(cfg.problems.format, cfg.problems.custom).answer_type
+    bench = benchmark_for(cfg.problems.format, cfg.problems.custom)
+    answer_type, numeric = bench.answer_type, bench.numeric_answer
     return (
-        lambda text: extract_answer(text, answer_type),
+        lambda text: extract_answer(text, answer_type, numeric=numeric),
         lambda pred, gold: pred is not None and is_correct(pred, gold, answer_type),
     )
 

@@ -1,5 +1,6 @@
-"""Stage 5, training: the scaffolded student and the CoT-SFT baseline, trained on the same rows
-(see :mod:`rscaffold.training`)."""
+"""Stage 5, training: the students of ``training.students`` (the scaffolded student and the
+short-CoT and long-thinking CoT-SFT baselines), trained on the same rows (see
+:mod:`rscaffold.training`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rscaffold.config import PipelineConfig
+from rscaffold.config import PipelineConfig, SegmentationConfig
 from rscaffold.records import ExampleRecord
 from rscaffold.stages.common import (
     as_dict,
@@ -21,12 +22,17 @@ from rscaffold.stages.common import (
     stage_inputs,
     write_json,
 )
-from rscaffold.store import StageDir, StageRef, read_records
+from rscaffold.store import StageDir, StageRef, read_records, write_records
+from rscaffold.vocabulary import TRAINED_STUDENTS
 
 
 def training_variants(cfg: PipelineConfig) -> list[tuple[str, bool]]:
     """The students the config trains, ``(name, scaffolded)``, in training order."""
-    return [("scaffolded", True)] + ([("cot_sft", False)] if cfg.training.train_baseline else [])
+    return [(name, name == "scaffolded") for name in TRAINED_STUDENTS if name in cfg.training.students]
+
+
+# What each trained student's completion holds (see rscaffold.training.collator.completion_steps).
+_TARGETS = {"scaffolded": "trace", "cot_sft": "trace", "short_cot": "answer"}
 
 
 def run_training(
@@ -38,7 +44,11 @@ def run_training(
     fresh: bool = False,
     only: str | None = None,
 ) -> StageRef | None:
-    """Train the scaffolded student and (``train_baseline``) the CoT-SFT baseline on the train rows.
+    """Train the students of ``training.students`` on the train rows; keep the validation rows
+    (``validation.parquet``, the evaluation calibrates the gate on them).
+
+    Every student gets its user messages from the problems' benchmark family prompt
+    (:func:`rscaffold.prompts.benchmark_prompt`), the builder the teacher and the evaluation use.
 
     Runs as one process (the pipeline) or as each of N processes started by ``accelerate launch``
     (:mod:`rscaffold_flows.launch`): every process trains (the Trainer does DDP/FSDP/DeepSpeed),
@@ -64,6 +74,7 @@ def run_training(
 
 
 def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, only: str | None) -> StageRef | None:
+    from rscaffold.evalsets.loaders import benchmark_for
     from rscaffold.labeling.taxonomy import load_taxonomy
     from rscaffold.models import save_tiny_model
     from rscaffold.student import STUDENT_META
@@ -73,6 +84,7 @@ def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, 
     tax = load_taxonomy(dataset.output("taxonomy"))  # the taxonomy the dataset was labeled with
     examples = read_records(dataset.output("examples"), ExampleRecord)
     train_rows = [e for e in examples if e.split == "train"]
+    validation_rows = [e for e in examples if e.split == "validation"]
     tcfg = cfg.training
     if tcfg.tiny is not None:
         # The untrained starting point is saved so that "base" is evaluated on exactly the
@@ -105,6 +117,17 @@ def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, 
             continue
         if only is not None and name != only:
             continue
+        twin = _identical_twin(name, results, train_rows + validation_rows, segmentation=cfg.labeling.segmentation)
+        if twin is not None:
+            # The same completions as a baseline already trained (a teacher without a reasoning
+            # block writes only answer text): the same training, so the same model.
+            if procs.is_main:
+                log.info("training: %s has the same training text as %s; copying that student", name, twin)
+                _copy_student(sd.work / twin / MODEL_DIRNAME, sd.work / name / MODEL_DIRNAME, name=name, twin=twin)
+            procs.wait()
+            results[name] = {**results[twin], "identical_to": twin}
+            outputs[name] = os.path.join(name, MODEL_DIRNAME)
+            continue
         if procs.is_main:
             log.info("training: %s on %d process(es)", name, procs.num)
         res = train_student(
@@ -115,6 +138,10 @@ def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, 
             output_dir=sd.work / name,
             scaffolded=scaffolded,
             model_card_info=card,
+            target=_TARGETS[name],
+            prompt_benchmark=benchmark_for(cfg.problems.format, cfg.problems.custom).prompt_family,
+            signal_essential=[s.essential for s in tax.signals],
+            segmentation=cfg.labeling.segmentation,
         )
         procs.wait()
         results[name] = {**as_dict(res), "model_dir": os.path.join(name, MODEL_DIRNAME)}
@@ -131,13 +158,16 @@ def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, 
         else:
             write_json(sd.work / "train_metrics.json", results)
             outputs["metrics"] = "train_metrics.json"
-            summary_keys = ("train_loss", "step_loss", "signal_loss", "steps", "runtime_s")
+            write_records(sd.work / "validation.parquet", validation_rows, ExampleRecord)
+            outputs["validation"] = "validation.parquet"
+            summary_keys = ("train_loss", "step_loss", "signal_loss", "steps", "runtime_s", "longest_step_tokens")
             ref = sd.finish(
                 outputs=outputs,
                 config=cfg.training,
                 inputs=stage_inputs(dataset),
                 summary={
                     "train_rows": len(train_rows),
+                    "validation_rows": len(validation_rows),
                     **{k: {m: v.get(m) for m in summary_keys} for k, v in results.items()},
                 },
                 started=started,
@@ -145,6 +175,43 @@ def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, 
             )
     procs.wait()
     return ref
+
+
+def _identical_twin(
+    name: str, trained: dict[str, Any], examples: list[ExampleRecord], *, segmentation: SegmentationConfig
+) -> str | None:
+    """A plain student already trained whose completions are, for every example, the ones
+    ``name`` would be trained on (the short-CoT and long-thinking students of a teacher that wrote
+    no reasoning block); None when there is none."""
+    from rscaffold.training.collator import completion_steps
+
+    if name == "scaffolded":
+        return None
+
+    def texts(target: str) -> list[list[str]]:
+        return [[t for _, t in completion_steps(e, target, segmentation)] for e in examples]
+
+    mine = texts(_TARGETS[name])
+    for other in trained:
+        if other not in ("scaffolded", name) and _TARGETS[other] != _TARGETS[name] and texts(_TARGETS[other]) == mine:
+            return other
+    return None
+
+
+def _copy_student(src: Path, dst: Path, *, name: str, twin: str) -> None:
+    """Copy a student directory (atomically) as the student ``name``, noting it in its metadata."""
+    from rscaffold.student import STUDENT_META
+
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    meta = json.loads((tmp / STUDENT_META).read_text())
+    meta.update(target=_TARGETS[name], identical_to=twin)
+    (tmp / STUDENT_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    note = f"\n\nThis `{name}` student is the `{twin}` student: both were trained on the same completions.\n"
+    (tmp / "README.md").write_text((tmp / "README.md").read_text() + note)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
 
 
 def model_path(ref: StageRef, name: str) -> str:

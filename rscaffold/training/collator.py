@@ -21,10 +21,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+from rscaffold.config import SegmentationConfig
 from rscaffold.prompts import render_example
 from rscaffold.records import ExampleRecord
+from rscaffold.segment import split_steps
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,27 @@ def encode_example(
     }
 
 
+CompletionTarget = Literal["trace", "answer"]
+
+
+def completion_steps(
+    example: ExampleRecord, target: CompletionTarget = "trace", segmentation: SegmentationConfig | None = None
+) -> list[tuple[str, str]]:
+    """The ``(signal, text)`` steps a student is trained to write for ``example``.
+
+    ``trace``: the labeled steps of the whole teacher trace (scaffolded and long-thinking
+    students). ``answer``: the teacher's final answer text (what follows its reasoning block),
+    split into steps by the segmenter the trace went through (``segmentation``, the labeling
+    stage's; the short-CoT student; no signals). A teacher without a separate reasoning block wrote
+    only answer text, so there both targets are the same steps.
+    """
+    if target == "trace":
+        return [(s.signal, s.text) for s in example.steps]
+    if target != "answer":
+        raise ValueError(f"target must be 'trace' or 'answer', got {target!r}")
+    return [("", text) for text in split_steps(example.answer_text or "", segmentation)]
+
+
 def encode_examples(
     examples: Sequence[ExampleRecord],
     tokenizer,
@@ -77,16 +100,27 @@ def encode_examples(
     *,
     signal_token_ids: Sequence[int] = (),
     max_length: int | None = None,
+    benchmark: str | None = None,
+    target: CompletionTarget = "trace",
+    segmentation: SegmentationConfig | None = None,
 ) -> list[dict[str, list[int]]]:
     """Render and tokenize dataset rows (``signal_tokens=None``: the plain baseline form).
 
-    Rows without any loss target after truncation are dropped, with a warning.
+    ``benchmark``: the user message is that benchmark family's prompt
+    (:func:`rscaffold.prompts.benchmark_prompt`, as at evaluation); None: the bare question.
+    ``target``: what the completion holds (:func:`completion_steps`, with ``segmentation``). Rows without any loss
+    target after truncation (or, for ``answer``, without answer text) are dropped, with a warning.
     """
     rows = []
     dropped = 0
     for ex in examples:
-        steps = [(s.signal, s.text) for s in ex.steps]
-        prompt, completion = render_example(ex.question, steps, tokenizer, signal_tokens=signal_tokens)
+        steps = completion_steps(ex, target, segmentation)
+        if not steps:
+            dropped += 1
+            continue
+        prompt, completion = render_example(
+            ex.question, steps, tokenizer, signal_tokens=signal_tokens, benchmark=benchmark
+        )
         enc = encode_example(
             prompt,
             completion,
@@ -100,12 +134,27 @@ def encode_examples(
         rows.append(enc)
     if dropped:
         log.warning(
-            "dropped %d of %d examples whose prompt leaves no room under max_length=%s",
+            "dropped %d of %d examples with no completion (target %s) or whose prompt leaves no room under max_length=%s",
             dropped,
             len(examples),
+            target,
             max_length,
         )
     return rows
+
+
+def longest_step_tokens(rows: Sequence[Mapping[str, Sequence[int]]]) -> int | None:
+    """Tokens of the longest step in encoded scaffolded rows: from a signal token (excluded) to
+    the next signal token (excluded) or the end of the row, i.e. the step text with its ending
+    (the blank line, or eos for the last step). None when no row has a signal."""
+    longest = 0
+    for r in rows:
+        ids = r["input_ids"]
+        starts = [p + 1 for p in r["signal_positions"]]  # index of each signal token
+        for i, start in enumerate(starts):
+            end = starts[i + 1] if i + 1 < len(starts) else len(ids)
+            longest = max(longest, end - start - 1)
+    return longest or None
 
 
 @dataclass

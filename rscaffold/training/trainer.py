@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from trl import SFTConfig, SFTTrainer
 
-from rscaffold.config import TRAINER_ARGS_SET_BY_RSCAFFOLD, LoraSettings, TrainingConfig
+from rscaffold.config import TRAINER_ARGS_SET_BY_RSCAFFOLD, LoraSettings, SegmentationConfig, TrainingConfig
 from rscaffold.prompts import STUDENT_SYSTEM_PROMPT
 from rscaffold.records import ExampleRecord
 from rscaffold.student import (
@@ -47,7 +47,13 @@ from rscaffold.student import (
     causal_lm_of,
     signal_logits,
 )
-from rscaffold.training.collator import IGNORE_INDEX, ScaffoldCollator, encode_examples
+from rscaffold.training.collator import (
+    IGNORE_INDEX,
+    CompletionTarget,
+    ScaffoldCollator,
+    encode_examples,
+    longest_step_tokens,
+)
 from rscaffold.training.signal_tokens import add_signal_tokens
 
 log = logging.getLogger(__name__)
@@ -382,7 +388,25 @@ def load_student_base(cfg: TrainingConfig):
     return model, tokenizer
 
 
-def _lora_config(settings: LoraSettings, signal_token_ids: list[int], with_head: bool):
+def signal_token_modules(model) -> list[str]:
+    """The modules whose signal-token rows must be trainable, by the name peft matches: the input
+    embeddings, and the output embeddings (LM head) when they are not tied to them.
+
+    With tied embeddings one matrix serves both (peft then follows the tie on its own). With
+    untied ones (Qwen2.5-7B/14B, ...) the LM head's signal rows are what L_signal scores under the
+    ``token`` objective: frozen, they would stay the identical mean rows, every signal would get
+    the same logit, L_signal would have no gradient and the gate would always pick one signal.
+    """
+    lm = causal_lm_of(model)
+    inp, out = lm.get_input_embeddings(), lm.get_output_embeddings()
+    names = {id(m): n for n, m in lm.named_modules()}
+    modules = [names[id(inp)].rsplit(".", 1)[-1]]
+    if out is not None and out.weight.data_ptr() != inp.weight.data_ptr():
+        modules.append(names[id(out)].rsplit(".", 1)[-1])
+    return modules
+
+
+def _lora_config(settings: LoraSettings, signal_token_ids: list[int], *, with_head: bool, token_modules: list[str]):
     from peft import LoraConfig
 
     kwargs: dict[str, Any] = dict(
@@ -394,8 +418,9 @@ def _lora_config(settings: LoraSettings, signal_token_ids: list[int], with_head:
     )
     if signal_token_ids:
         # The new rows start as copies of the mean embedding; frozen, every signal would stay the
-        # same vector (indistinguishable as input, equal logits as output). Train just those rows.
-        kwargs["trainable_token_indices"] = {"embed_tokens": list(signal_token_ids)}
+        # same vector (indistinguishable as input, equal logits as output). Train just those rows,
+        # in the input embeddings and (untied) in the LM head.
+        kwargs["trainable_token_indices"] = {m: list(signal_token_ids) for m in token_modules}
     if with_head:
         kwargs["modules_to_save"] = ["signal_head"]
     return LoraConfig(**kwargs)
@@ -433,7 +458,11 @@ def build_trainer(
         raise ValueError("no training rows")
     args = make_sft_config(cfg, checkpoint_dir, **config_overrides)
     with_head = signal_objective == "head" and bool(signal_token_ids)
-    peft_config = _lora_config(cfg.lora, signal_token_ids, with_head) if cfg.lora is not None else None
+    peft_config = (
+        _lora_config(cfg.lora, signal_token_ids, with_head=with_head, token_modules=signal_token_modules(model))
+        if cfg.lora is not None
+        else None
+    )
     return ScaffoldTrainer(
         model=model,
         args=args,
@@ -462,6 +491,8 @@ class TrainResult:
     training; None when nothing was logged, or for the baseline's signal fields).
     ``tokens_per_s``: non-padding tokens processed in this call per second of training.
     ``eval_metrics``: Trainer.evaluate on the rows with ``split == "validation"`` (if any).
+    ``longest_step_tokens``: the longest step of the scaffolded training rows in tokens (the
+    guided decoder's default per-step cap; None for the baselines).
     """
 
     model_dir: Path
@@ -475,6 +506,7 @@ class TrainResult:
     scaffolded: bool = True
     resumed_from: str | None = None
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    longest_step_tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -491,11 +523,22 @@ def train_student(
     output_dir: Path,
     scaffolded: bool = True,
     model_card_info: dict[str, Any] | None = None,
+    target: CompletionTarget = "trace",
+    prompt_benchmark: str | None = None,
+    signal_essential: list[bool] | None = None,
+    segmentation: SegmentationConfig | None = None,
 ) -> TrainResult:
-    """Train the scaffolded student (or, ``scaffolded=False``, the CoT-SFT baseline) on ``examples``.
+    """Train the scaffolded student (or, ``scaffolded=False``, a plain CoT-SFT baseline) on ``examples``.
 
     Rows with ``split == "validation"`` are held out for a final evaluation; all others train.
-    The baseline uses the same rows without signal tokens and with lambda = 0.
+    The baselines use the same rows without signal tokens and with lambda = 0; ``target``
+    chooses their completion: ``trace`` the whole teacher trace (long-thinking distillation,
+    ``cot_sft``), ``answer`` the teacher's final answer text (CoT distillation, ``short_cot``).
+    ``prompt_benchmark``: the user message is that benchmark family's prompt (the same builder
+    the teacher and the evaluation use); None: the bare question. ``signal_essential``: per
+    signal, whether the taxonomy marks it essential (kept with the student: guided decoding
+    prunes the others by default). ``segmentation``: how the ``answer`` target's text is split into
+    steps (the labeling stage's segmenter, which split the traces).
 
     Checkpoints go to ``output_dir/checkpoints`` every ``cfg.save_steps``; if that folder already
     holds one, training resumes from the last (so a killed run continues, and a larger
@@ -509,6 +552,10 @@ def train_student(
     if scaffolded:
         if len(signal_names) != len(signal_tokens) or not signal_names:
             raise ValueError("signal_names and signal_tokens must be non-empty and of the same length")
+        if target != "trace":
+            raise ValueError("the scaffolded student is trained on the whole trace (target='trace')")
+    if signal_essential is not None and len(signal_essential) != len(signal_names):
+        raise ValueError("signal_essential must have one flag per signal")
     train_examples = [e for e in examples if e.split != "validation"]
     eval_examples = [e for e in examples if e.split == "validation"]
     if not train_examples:
@@ -525,14 +572,17 @@ def train_student(
     else:
         token_ids, token_map, weight, objective = [], None, 0.0, cfg.signal_objective
 
-    train_rows = encode_examples(
-        train_examples, tokenizer, token_map, signal_token_ids=token_ids, max_length=cfg.max_length
+    encode = dict(
+        signal_token_ids=token_ids,
+        max_length=cfg.max_length,
+        benchmark=prompt_benchmark,
+        target=target,
+        segmentation=segmentation,
     )
-    eval_rows = (
-        encode_examples(eval_examples, tokenizer, token_map, signal_token_ids=token_ids, max_length=cfg.max_length)
-        if eval_examples
-        else None
-    )
+    train_rows = encode_examples(train_examples, tokenizer, token_map, **encode)
+    if not train_rows:
+        raise ValueError(f"no training rows for target {target!r} (e.g. no teacher answer text)")
+    eval_rows = encode_examples(eval_examples, tokenizer, token_map, **encode) if eval_examples else None
     checkpoint_dir = output_dir / CHECKPOINTS_DIRNAME
     trainer = build_trainer(
         model,
@@ -574,10 +624,16 @@ def train_student(
         scaffolded=scaffolded,
         resumed_from=last,
         eval_metrics=eval_metrics,
+        longest_step_tokens=longest_step_tokens(train_rows) if scaffolded else None,
     )
     meta = {
         "format_version": 1,
         "scaffolded": scaffolded,
+        "target": target,
+        "prompt_benchmark": prompt_benchmark,
+        "signal_essential": (list(signal_essential) if signal_essential is not None else None) if scaffolded else None,
+        "longest_step_tokens": result.longest_step_tokens,
+        "max_length": cfg.max_length,
         "signal_objective": objective if scaffolded else None,
         "signal_loss_weight": weight,
         "signal_names": list(signal_names) if scaffolded else [],
@@ -725,7 +781,13 @@ def _model_card(meta: dict[str, Any], cfg: TrainingConfig) -> str:
 
     m = meta["metrics"]
     info = meta["model_card_info"]
-    kind = "Reasoning-Scaffolding student (signals + steps)" if meta["scaffolded"] else "CoT-SFT baseline"
+    kind = (
+        "Reasoning-Scaffolding student (signals + steps)"
+        if meta["scaffolded"]
+        else {"answer": "short-CoT baseline (the teacher's final answer text)"}.get(
+            meta.get("target"), "long-thinking CoT-SFT baseline (the whole teacher trace)"
+        )
+    )
     base = meta["base_model"]
     data = ModelCardData(
         base_model=_hub_id(base),
@@ -816,6 +878,7 @@ def evaluate_signal_accuracy(
         dict(zip(student.signal_names, student.signal_tokens)),
         signal_token_ids=student.signal_token_ids,
         max_length=max_length,
+        benchmark=student.prompt_benchmark,
     )
     collate = ScaffoldCollator(pad_token_id=tok.pad_token_id)
     correct = total = 0

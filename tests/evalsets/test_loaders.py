@@ -411,7 +411,7 @@ def test_custom_json_array_with_its_own_field_names(tmp_path: Path) -> None:
     assert [r.gold_solution for r in records] == ["1200+34", None, None]
     assert {r.source for r in records} == {"wordmath"} and {r.split for r in records} == {"train"}
     # the number answer type: the GSM8K prompt and the math checker
-    assert bench.answer_type == "math" and "The answer is N." in bench.render_prompt("Q")
+    assert bench.answer_type == "math" and "'The answer is' followed by the final number" in bench.render_prompt("Q")
     assert is_correct(extract_answer("So he has 1234 stamps.\n\nThe answer is 1,234.", "math"), "1234", "math")
 
 

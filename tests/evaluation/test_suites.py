@@ -18,5 +18,5 @@ def test_default_evaluation_is_the_problems_eval_split():
     assert suite.prompts("question") == ["q0", "q1", "q2"]
     assert (
         suite.prompts()[0].startswith("q0\n\nSolve the problem step by step")
-        and "The answer is N." in suite.prompts()[0]
+        and "'The answer is' followed by the final number" in suite.prompts()[0]
     )

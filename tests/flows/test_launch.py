@@ -25,6 +25,7 @@ from rscaffold.config import load_config
 from rscaffold.stages.plan import plan_fingerprints
 from rscaffold.store import StageDir
 from rscaffold.student import STUDENT_META
+from rscaffold.vocabulary import TRAINED_STUDENTS
 
 ACCEL = REPO / "deployments" / "accelerate"
 CONFIGS = sorted(ACCEL.glob("*.yaml"))
@@ -138,12 +139,12 @@ def _check_trained(cfg, fps) -> dict:
     sd = StageDir(cfg.run.artifacts_dir, "training", fps["training"])
     assert sd.is_complete(), f"no manifest in {sd.path}"
     manifest = sd.read_manifest()
-    for name in ("scaffolded", "cot_sft"):
+    for name in TRAINED_STUDENTS:
         model = sd.path / manifest["outputs"][name]
         assert (model / "config.json").exists() and (model / STUDENT_META).exists()
         assert not (sd.path / name / "checkpoints").exists()  # keep_checkpoints is false
         assert json.loads((model / STUDENT_META).read_text())["metrics"]["steps"] == cfg.training.max_steps
-    assert set(json.loads((sd.path / "train_metrics.json").read_text())) == {"scaffolded", "cot_sft"}
+    assert set(json.loads((sd.path / "train_metrics.json").read_text())) == set(TRAINED_STUDENTS)
     return manifest
 
 

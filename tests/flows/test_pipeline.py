@@ -20,7 +20,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from rscaffold.stages.plan import plan_fingerprints
 from rscaffold.store import StageDir
-from rscaffold.vocabulary import STAGES
+from rscaffold.vocabulary import EVAL_MODELS, STAGES, TRAINED_STUDENTS
 
 pytestmark = pytest.mark.slow
 
@@ -70,10 +70,10 @@ def test_pipeline_end_to_end(harness, tiny_model_dir, smollm2_dir, tmp_path, mon
     assert examples.num_rows > 0 and set(examples.column("split").to_pylist()) <= {"train", "validation"}
     assert min(examples.column("n_steps").to_pylist()) >= 1
     preds = pl.read_parquet(Path(refs["evaluation"]["path"]) / "predictions.parquet")
-    assert preds.height == 3 * 4 and set(preds["model"].unique()) == {"base", "cot_sft", "scaffolded"}
+    assert preds.height == len(EVAL_MODELS) * 4 and set(preds["model"].unique()) == set(EVAL_MODELS)
     metrics = pl.read_parquet(Path(refs["evaluation"]["path"]) / "metrics.parquet")
-    assert metrics.height == 3 and metrics["accuracy"].is_between(0, 1).all()
-    for model in ("scaffolded", "cot_sft"):
+    assert metrics.height == len(EVAL_MODELS) and metrics["accuracy"].is_between(0, 1).all()
+    for model in TRAINED_STUDENTS:
         assert (Path(refs["training"]["path"]) / refs["training"]["outputs"][model] / "config.json").exists()
 
     # second run, nothing changed: Prefect cache hit for every stage, nothing recomputed
@@ -103,7 +103,7 @@ def test_training_failure_keeps_upstream_and_resumes(harness, tiny_model_dir, sm
     original = trainer_mod.train_student
     trained: list[bool] = []
 
-    def failing_after_scaffolded(rows, tcfg, names, *, signal_tokens, output_dir, scaffolded, model_card_info):
+    def failing_after_scaffolded(rows, tcfg, names, *, signal_tokens, output_dir, scaffolded, model_card_info, **kw):
         # Injected failure: the scaffolded student trains, then the baseline's training crashes.
         if not scaffolded:
             raise RuntimeError("injected failure in training")
@@ -116,6 +116,7 @@ def test_training_failure_keeps_upstream_and_resumes(harness, tiny_model_dir, sm
             output_dir=output_dir,
             scaffolded=scaffolded,
             model_card_info=model_card_info,
+            **kw,
         )
 
     monkeypatch.setattr(trainer_mod, "train_student", failing_after_scaffolded)
@@ -131,7 +132,7 @@ def test_training_failure_keeps_upstream_and_resumes(harness, tiny_model_dir, sm
 
     retrained: list[bool] = []
 
-    def counting(rows, tcfg, names, *, signal_tokens, output_dir, scaffolded, model_card_info):
+    def counting(rows, tcfg, names, *, signal_tokens, output_dir, scaffolded, model_card_info, **kw):
         retrained.append(scaffolded)
         return original(
             rows,
@@ -141,6 +142,7 @@ def test_training_failure_keeps_upstream_and_resumes(harness, tiny_model_dir, sm
             output_dir=output_dir,
             scaffolded=scaffolded,
             model_card_info=model_card_info,
+            **kw,
         )
 
     monkeypatch.setattr(trainer_mod, "train_student", counting)
@@ -150,4 +152,4 @@ def test_training_failure_keeps_upstream_and_resumes(harness, tiny_model_dir, sm
     assert counter.calls == Counter({"training": 1, "evaluation": 1})
     assert retrained == [False]
     assert (Path(refs["training"]["path"]) / "manifest.json").exists()
-    assert pq.read_table(Path(refs["evaluation"]["path"]) / "metrics.parquet").num_rows == 3
+    assert pq.read_table(Path(refs["evaluation"]["path"]) / "metrics.parquet").num_rows == len(EVAL_MODELS)

@@ -98,7 +98,7 @@ def test_teacher_prompt_defaults_to_the_benchmark_family():
     user = build_request(p, yesno).messages[-1]["content"]
     assert user.startswith("Is water wet?") and "'The answer is yes.' or 'The answer is no.'" in user
     math = teacher_prompt_config(PipelineConfig())
-    assert "The answer is N." in build_request(p, math).messages[-1]["content"]
+    assert "'The answer is' followed by the final number" in build_request(p, math).messages[-1]["content"]
     own = teacher_prompt_config(PipelineConfig.model_validate({"teacher": {"prompt_template": "Q: {question}"}}))
     assert build_request(p, own).messages[-1]["content"] == "Q: Is water wet?"
 
