@@ -1,4 +1,6 @@
-"""Evaluation decoding throughput: problems per second at batch size 1 vs 8 vs 32, plain and guided.
+"""Evaluation decoding throughput: problems per second at batch size 1 vs 8 vs 32, plain and guided;
+and tokens per second of guided vs plain decoding at long outputs, for the KV-cached guided decoder
+and the re-encoding reference decoder.
 
 The student is a tiny random-init Llama (``rscaffold.models.build_tiny_model``) with the SmolLM2
 tokenizer and the taxonomy's signal tokens. A tied random-init model greedily emits nothing but
@@ -13,7 +15,16 @@ each mode is warmed up first. The printed ratio is problems/s relative to batch 
 the same mode; ``identical`` says whether every output equals the batch-size-1 output (greedy
 decoding: it must).
 
+**Long outputs** (``--lengths 256 1024 2048``): a variant of the student whose eos row is scaled
+down, so that every answer uses its whole budget, decodes ``--length-questions`` questions at
+batch size ``--length-batch`` with exactly N output tokens: plain decoding, guided decoding on the
+KV cache and guided decoding re-encoding the context at each step (the reference; skipped above
+``--reference-max`` tokens, where its quadratic cost would dominate the run). Printed: output
+tokens/s of each, and guided/plain for each guided decoder (the goal: >= 0.7 at 2048 tokens with
+the cache); ``same`` says whether both guided decoders gave identical outputs.
+
     .venv/bin/python benchmarks/eval_throughput.py [--questions 32] [--max-new-tokens 64] [--repeats 1]
+        [--lengths 256 1024 2048] [--skip-batches]
 """
 
 from __future__ import annotations
@@ -35,18 +46,26 @@ from rscaffold.student import Student
 from rscaffold.training.signal_tokens import add_signal_tokens
 
 
-def tiny_student(tokenizer_dir: str, tied: bool, device: str) -> Student:
+def tiny_student(
+    tokenizer_dir: str,
+    tied: bool,
+    device: str,
+    *,
+    eos_scale: float = 2.5,
+    newline_scale: float = 3.0,
+    signal_scale: float = 2.5,
+) -> Student:
     tax = load_taxonomy(data_dir() / "signals.yaml")
-    model, tok = build_tiny_model(tokenizer_dir, TinyModelConfig(seed=0))
+    model, tok = build_tiny_model(tokenizer_dir, TinyModelConfig(seed=0, max_position_embeddings=4096))
     ids = add_signal_tokens(tok, model, tax.tokens)
     if not tied:
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             vocab, hidden = model.get_input_embeddings().weight.shape
             w = torch.randn(vocab, hidden, generator=g)
-            w[ids] *= 2.5
-            w[tok.convert_tokens_to_ids(["Ċ", "ĊĊ"])] *= 3.0  # "\n", "\n\n"
-            w[tok.eos_token_id] *= 2.5
+            w[ids] *= signal_scale
+            w[tok.convert_tokens_to_ids(["Ċ", "ĊĊ"])] *= newline_scale  # "\n", "\n\n"
+            w[tok.eos_token_id] *= eos_scale
             model.lm_head.weight = torch.nn.Parameter(w)
             model.config.tie_word_embeddings = False
     model.to(device).eval()
@@ -83,10 +102,63 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=str(default_model_dir()))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tied", action="store_true", help="keep the tied random-init output layer")
+    ap.add_argument("--lengths", type=int, nargs="*", default=[256, 1024, 2048], help="output tokens (long outputs)")
+    ap.add_argument("--length-questions", type=int, default=8)
+    ap.add_argument("--length-batch", type=int, default=8)
+    ap.add_argument("--reference-max", type=int, default=2048, help="longest output the reference decoder runs")
+    ap.add_argument("--newline-scale", type=float, default=2.2, help="long outputs: how often steps end (about 35 tokens a step)")
+    ap.add_argument("--skip-batches", action="store_true", help="only the long-output measurements")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
     torch.manual_seed(0)
+    if not args.skip_batches:
+        batch_sizes(args, device)
+    if args.lengths:
+        long_outputs(args, device)
+
+
+def long_outputs(args, device: str) -> None:
+    # steps of some tens of tokens, as a real student writes them
+    student = tiny_student(args.tokenizer, False, device, eos_scale=0.0, newline_scale=args.newline_scale, signal_scale=1.0)
+    qs = questions(args.length_questions)
+    guided = GuidedInferenceConfig(confidence_threshold=0.5, max_step_tokens=64)
+    print(
+        f"\nlong outputs: device {device}, {len(qs)} questions at batch size {args.length_batch}, "
+        "every answer runs to its budget; tokens/s = output tokens / wall time"
+    )
+    print(
+        f"{'tokens':>6} {'plain tok/s':>12} {'guided kv':>10} {'kv/plain':>9} {'guided ref':>11} {'ref/plain':>10}"
+        f" {'steps/answer':>13}  same"
+    )
+
+    def timed(**kw):
+        t0 = time.perf_counter()
+        out = generate(student, questions=qs, batch_size=args.length_batch, guided=guided, **kw)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out, sum(g.output_tokens for g in out) / (time.perf_counter() - t0)
+
+    generate(student, questions=qs[:2], mode="guided", max_new_tokens=32, batch_size=2, guided=guided)  # warm-up
+    for n in args.lengths:
+        _, plain = timed(mode="plain", max_new_tokens=n)
+        kv_out, kv = timed(mode="guided", max_new_tokens=n, kv_cache=True)
+        steps = sum(len(g.steps) for g in kv_out) / len(kv_out)
+        if n <= args.reference_max:
+            ref_out, ref = timed(mode="guided", max_new_tokens=n, kv_cache=False)
+            same = (
+                "yes"
+                if [(g.text, g.signals, g.output_tokens) for g in ref_out]
+                == [(g.text, g.signals, g.output_tokens) for g in kv_out]
+                else "NO"
+            )
+            ref_cols = f"{ref:>11.1f} {ref / plain:>9.2f}x"
+        else:
+            same, ref_cols = "-", f"{'skipped':>11} {'':>10}"
+        print(f"{n:>6} {plain:>12.1f} {kv:>10.1f} {kv / plain:>8.2f}x {ref_cols} {steps:>13.1f}  {same}", flush=True)
+
+
+def batch_sizes(args, device: str) -> None:
     student = tiny_student(args.tokenizer, args.tied, device)
     qs = questions(args.questions)
     guided = GuidedInferenceConfig(

@@ -818,6 +818,19 @@ class EvaluationConfig(_Section):
     batch_size: int = Field(
         default=8, ge=1, description="Questions decoded together (plain and guided).", json_schema_extra=EXECUTION
     )
+    kv_cache: bool = Field(
+        default=True,
+        description="Guided decoding keeps each question's KV cache across signal prediction, step generation "
+        "and rounds (the same outputs under greedy decoding); false: re-encode the context at every step.",
+        json_schema_extra=EXECUTION,
+    )
+    shard_size: int = Field(
+        default=256,
+        ge=1,
+        description="Problems per persisted shard of one model's answers to one benchmark (the unit of resume, "
+        "and of fan-out with run.task_runner: ray); best a multiple of batch_size.",
+        json_schema_extra=EXECUTION,
+    )
     guided: GuidedInferenceConfig = Field(
         default_factory=GuidedInferenceConfig,
         description="Signal-guided decoding of the scaffolded student (adaptive gating, pruning, step cap).",

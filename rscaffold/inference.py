@@ -38,8 +38,18 @@ finishes leaves the batch and the next waiting question takes its place (continu
 so short answers do not wait for long ones. Where each row stopped is recomputed from its tokens
 with the same stopping rules ``generate`` applies (the rows of a finished sequence are padded),
 so under greedy decoding every question gets exactly what it gets when decoded alone
-(``batch_size=1``), up to floating-point differences from padding. Each step still re-encodes
-the context without reusing the KV cache (a simplicity choice that costs speed, not quality).
+(``batch_size=1``), up to floating-point differences from padding.
+
+**KV cache.** The reference decoder (``kv_cache=False``) re-encodes each question's whole context
+at every step, so its cost grows with the square of the output length. The default keeps each
+question's keys and values in a :class:`~rscaffold.kv_cache.RowCache`: the re-tokenized context
+is compared with what the cache holds and only the tokens after their common prefix are encoded
+(usually the last step's few tokens: re-tokenizing the step's text can differ from the generated
+ids near its end, and the cache follows the text, as the reference does), which also yields the
+next-signal distribution; the step body is then decoded one token per forward pass with the
+same stopping rules. Under greedy decoding both give the same outputs (tested on tiny models
+with every stopping path and hundreds of output tokens); only models whose every layer attends
+to the full context use the cache (others fall back to re-encoding).
 """
 
 from __future__ import annotations
@@ -54,9 +64,10 @@ from typing import Any, Literal
 import torch
 
 from rscaffold.config import GuidedInferenceConfig
+from rscaffold.kv_cache import RowCache, supports_row_cache
 from rscaffold.prompts import STUDENT_SYSTEM_PROMPT, render_prompt
 from rscaffold.segment import split_at_step_boundaries
-from rscaffold.student import Student, backbone_of, signal_logits
+from rscaffold.student import Student, backbone_of, causal_lm_of, signal_logits
 from rscaffold.vocabulary import STEP_BOUNDARY, STEP_SEPARATOR
 
 
@@ -159,13 +170,17 @@ def generate(
     max_new_tokens: int = 256,
     batch_size: int = 8,
     guided: GuidedInferenceConfig | GuidedSettings | None = None,
+    kv_cache: bool = True,
 ) -> list[Generated]:
     """Answers of ``student`` to ``questions`` (the user messages), one :class:`Generated` each.
 
     ``mode="guided"`` needs a scaffolded student (signal names and token ids); ``guided`` is a
     config (resolved against the student by :func:`resolve_guided`) or resolved settings. Both
     modes share the total budget ``max_new_tokens``. ``batch_size``: questions decoded together,
-    in both modes (outputs do not depend on it).
+    in both modes (outputs do not depend on it). ``kv_cache``: guided decoding keeps each
+    question's KV cache across signal prediction, step generation and rounds (models whose
+    attention is not full fall back to re-encoding); False re-encodes the whole context at every
+    step (the reference decoder: the same outputs under greedy decoding, quadratic cost).
     """
     if mode not in ("plain", "guided"):
         raise ValueError(f"mode must be 'plain' or 'guided', got {mode!r}")
@@ -211,6 +226,10 @@ def generate(
             pruned_idx=pruned_idx,
             pruned_ids=[signal_token_ids[k] for k in pruned_idx],
         )
+        if kv_cache and supports_row_cache(model):
+            return _generate_guided_cached(
+                model, questions, setup=setup, batch_size=batch_size, system_prompt=system_prompt
+            )
         return _generate_guided(model, questions, setup=setup, batch_size=batch_size, system_prompt=system_prompt)
     finally:
         model.train(was_training)
@@ -327,6 +346,12 @@ def next_signal_distributions(
     hidden = backbone_of(model)(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state[
         :, -1
     ]
+    return _signal_probs(model, hidden, signal_token_ids, head=head, pruned=pruned)
+
+
+def _signal_probs(model, hidden: torch.Tensor, signal_token_ids, *, head, pruned: Sequence[int]) -> torch.Tensor | None:
+    """The next-signal distribution ``(B, K)`` from last hidden states ``(B, H)``; pruned
+    signals get 0; None when every signal is pruned."""
     logits = signal_logits(model, hidden, list(signal_token_ids), head=head)
     if pruned:
         logits[:, list(pruned)] = float("-inf")
@@ -584,6 +609,181 @@ def _generate_steps(
             stop = "separator" if _STEP_END.search(tok.decode(body, skip_special_tokens=True)) else "length"
             results[b] = (body, stop, None)
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# guided decoding on a KV cache: the same algorithm as _generate_guided / _guided_round /
+# _generate_steps, one token per forward pass on a RowCache instead of re-encoding the context
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class _StepState:
+    """One row's step body being decoded on the cache."""
+
+    budget: int
+    body: list[int] = field(default_factory=list)
+    stop: str | None = None  # set when the step ended: eos / signal / separator / length / budget
+    pending: int | None = None  # the token to feed next (the committed signal, or the last chosen token)
+
+
+@torch.no_grad()
+def _generate_guided_cached(
+    model, questions, *, setup: _GuidedSetup, batch_size: int, system_prompt: str
+) -> list[Generated]:
+    tokenizer = setup.tokenizer
+    dev = _device(model)
+    cache = RowCache(dev)
+    backbone = backbone_of(model)
+    lm_head = causal_lm_of(model).get_output_embeddings()
+    waiting = deque(range(len(questions)))
+    active: list[_GuidedRow] = []
+    out: list[Generated | None] = [None] * len(questions)
+    while waiting or active:
+        joined = 0
+        while waiting and len(active) < batch_size:
+            i = waiting.popleft()
+            prompt = render_prompt(questions[i], tokenizer, system_prompt)
+            active.append(_GuidedRow(index=i, prompt_ids=tokenizer(prompt, add_special_tokens=False)["input_ids"]))
+            joined += 1
+        cache.add_rows(joined)
+        t0 = time.perf_counter()
+        _guided_round_cached(model, active, setup, cache=cache, backbone=backbone, lm_head=lm_head)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        share = (time.perf_counter() - t0) / len(active)
+        for row in active:
+            row.latency_s += share
+            if row.done:
+                out[row.index] = row.result()
+        keep = [b for b, r in enumerate(active) if not r.done]
+        if len(keep) < len(active):
+            cache.keep_rows(keep)
+            active = [active[b] for b in keep]
+        if cache.holes() * 2 > cache.rows * cache.width:
+            cache.compact()
+    return [g for g in out if g is not None]
+
+
+def _guided_round_cached(
+    model, rows: list[_GuidedRow], su: _GuidedSetup, *, cache: RowCache, backbone, lm_head
+) -> None:
+    """:func:`_guided_round` on the cache: each row's cache is brought to its context (the
+    completion re-tokenized, as the reference decoder sees it: only the tokens after the longest
+    common prefix with what the cache holds are encoded), which also scores its next signal; then
+    the step bodies are decoded one token per forward pass."""
+    tok, guided = su.tokenizer, su.guided
+    for r in rows:
+        if su.max_new_tokens - r.produced <= 0:
+            r.done = True
+    live = [b for b, r in enumerate(rows) if not r.done]
+    if not live:
+        return
+    new: list[list[int]] = [[] for _ in rows]
+    for b in live:
+        r = rows[b]
+        ctx = list(r.prompt_ids) + (tok(r.completion, add_special_tokens=False)["input_ids"] if r.completion else [])
+        # keep at least the last token out, to have its hidden state
+        n = min(_common_prefix(cache.tokens[b], ctx), len(ctx) - 1)
+        cache.truncate(b, n)
+        new[b] = ctx[n:]
+    hidden = cache.extend(backbone, new)
+    live_hidden = hidden[live]
+    probs = _signal_probs(model, live_hidden, su.signal_token_ids, head=su.head, pruned=su.pruned_idx)
+    signals: dict[int, str | None] = dict.fromkeys(live)
+    confs: dict[int, float | None] = dict.fromkeys(live)
+    state: dict[int, _StepState] = {}
+    logits: dict[int, torch.Tensor] = {}
+    if probs is not None:
+        top, arg = probs.max(dim=-1)
+    for j, b in enumerate(live):
+        r = rows[b]
+        if probs is not None:
+            confs[b] = float(top[j])
+            if confs[b] >= guided.confidence_threshold:
+                k = int(arg[j])
+                signals[b] = su.signal_names[k]
+                r.completion += su.token_of[signals[b]]
+                r.produced += 1
+                state[b] = _StepState(budget=_step_budget(su, r), pending=su.signal_token_ids[k])
+                if state[b].budget <= 0:
+                    state[b].stop, state[b].pending = "budget", None
+                continue
+        state[b] = _StepState(budget=_step_budget(su, r))
+        if state[b].budget <= 0:
+            state[b].stop = "budget"
+        else:
+            logits[b] = lm_head(live_hidden[j : j + 1])[0]
+    suppress = list(su.pruned_ids)
+    eos = tok.eos_token_id
+    signal_ids = set(su.signal_token_ids)
+    while True:
+        feeding = {b: st.pending for b, st in state.items() if st.pending is not None}
+        if feeding:
+            h = cache.extend(backbone, [[feeding[b]] if b in feeding else [] for b in range(len(rows))])
+            sel = list(feeding)
+            step_logits = lm_head(h[sel])
+            for j, b in enumerate(sel):
+                logits[b] = step_logits[j]
+                state[b].pending = None
+        if not logits:
+            break
+        for b, lg in logits.items():
+            st = state[b]
+            lg = lg.float()
+            if suppress:
+                lg[suppress] = float("-inf")
+            t = int(torch.argmax(lg))
+            if t == eos:
+                st.stop = "eos"
+            elif t in signal_ids:
+                if signals[b] is None and not st.body:
+                    # free decoding opened the step with a signal of the model's own choosing
+                    r = rows[b]
+                    signals[b] = su.signal_of[t]
+                    r.completion += su.token_of[signals[b]]
+                    r.produced += 1
+                    st.budget = _step_budget(su, r)
+                    if st.budget <= 0:
+                        st.stop = "budget"
+                    else:
+                        st.pending = t
+                else:
+                    st.stop = "signal"
+            else:
+                st.body.append(t)
+                tail = tok.decode(st.body[-StepBoundaryStop.window :], skip_special_tokens=True)
+                if _STEP_END.search(tail) or len(st.body) >= st.budget:
+                    st.stop = (
+                        "separator" if _STEP_END.search(tok.decode(st.body, skip_special_tokens=True)) else "length"
+                    )
+                else:
+                    st.pending = t
+        logits = {}
+    for b in live:
+        r, st = rows[b], state[b]
+        body, stop = st.body, st.stop
+        r.produced += len(body) + (1 if stop == "eos" else 0)
+        text = step_text(tok.decode(body, skip_special_tokens=True))
+        r.steps.append(text)
+        r.step_signals.append(signals[b])
+        r.confidences.append(confs[b])
+        r.rounds += 1
+        if stop == "eos":
+            r.done = True
+            continue
+        if text or signals[b] is not None:
+            r.completion += text + STEP_SEPARATOR
+        if stop == "budget" or (guided.max_steps is not None and r.rounds >= guided.max_steps):
+            r.done = True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """One Prefect task per shard of the data-parallel stages (``run.task_runner: ray``).
 
-Each task generates one shard of the teacher's traces or of the labels into the stage's work
-directory (``rscaffold.stages.<stage>.run_<stage>_shard``), with its own retries and cache key;
+Each task generates one shard of the teacher's traces, of the labels or of one model's answers
+to a benchmark into the stage's work directory (``rscaffold.stages.<stage>.run_<stage>_shard``), with its own retries and cache key;
 the stage's own task then finds every shard done, assembles them in their fixed order and
 publishes the output, which is therefore the same as a sequential run's. A task returns where it
 ran (process id, host) and what it did.
@@ -17,6 +17,7 @@ from prefect import task
 from prefect.context import TaskRunContext
 
 from rscaffold.config import PipelineConfig
+from rscaffold.stages import evaluation as evaluation_stage
 from rscaffold.stages import labeling as labeling_stage
 from rscaffold.stages import teacher as teacher_stage
 from rscaffold.store import StageRef
@@ -51,11 +52,35 @@ def labeling_shard_task(config: PipelineConfig, fps: dict[str, str], teacher: di
     return labeling_stage.run_labeling_shard(config, fps, StageRef.from_dict(teacher), key=key)
 
 
-SHARD_TASKS = {"teacher": teacher_shard_task, "labeling": labeling_shard_task}
+@task(
+    name="evaluation-shard",
+    task_run_name="evaluation[{key}]",
+    cache_key_fn=shard_cache_key("evaluation"),
+    persist_result=True,
+)
+def evaluation_shard_task(
+    config: PipelineConfig,
+    fps: dict[str, str],
+    *,
+    problems: dict,
+    training: dict,
+    labeling: dict | None = None,
+    key: str,
+) -> dict:
+    """Answer one shard of one benchmark with one model (``labeling`` is not needed here: the
+    stage's own task compares the signals with the teacher's)."""
+    return evaluation_stage.run_evaluation_shard(
+        config, fps, problems=StageRef.from_dict(problems), training=StageRef.from_dict(training), key=key
+    )
+
+
+SHARD_TASKS = {"teacher": teacher_shard_task, "labeling": labeling_shard_task, "evaluation": evaluation_shard_task}
 
 
 def shard_keys(stage: str, config: PipelineConfig, upstream: dict[str, dict]) -> list[str]:
     """The keys of ``stage``'s shards, from its upstream references."""
     if stage == "teacher":
         return teacher_stage.teacher_shards(config, StageRef.from_dict(upstream["problems"]))
+    if stage == "evaluation":
+        return evaluation_stage.evaluation_shards(config, StageRef.from_dict(upstream["problems"]))
     return labeling_stage.labeling_shards(config, StageRef.from_dict(upstream["teacher"]))

@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, int]] = [
     ("rscaffold.prompts", 3),
     ("rscaffold.segment", 3),
     ("rscaffold.models", 3),
+    ("rscaffold.kv_cache", 3),
     ("rscaffold.llm", 3),
     ("rscaffold.evalsets", 3),
     ("rscaffold.student", 4),

@@ -28,7 +28,7 @@ README = REPO / "README.md"
 
 # Top-level Parquet files that are partial work rather than documented outputs (README, "Caching,
 # re-runs and failures": evaluation predictions are persisted per model).
-PARTIAL_WORK = {"evaluation": re.compile(r"predictions-[a-z_]+\.parquet")}
+PARTIAL_WORK = {"evaluation": re.compile(r"predictions-[a-z_-]+-\d{6}-\d{6}\.parquet")}
 
 # Runs in a fresh interpreter (-I: no cwd, no PYTHONPATH) and must not import rscaffold.
 READER = r"""

@@ -1,9 +1,10 @@
 """Stage 6, evaluation: every model answers every benchmark; scoring, metrics and the report.
 
-The work is one shard per (model, benchmark), persisted as ``predictions-<model>-<benchmark>``
-as soon as it is made; a re-run resumes from them. With ``run.task_runner: ray`` each shard is
+The work is cut into shards: one model's answers to up to ``evaluation.shard_size`` consecutive
+problems of one benchmark, persisted as ``predictions-<model>-<benchmark>-<first>-<last>`` as
+soon as they are made; a re-run resumes from them. With ``run.task_runner: ray`` each shard is
 its own task (:func:`run_evaluation_shard`); :func:`run_evaluation` then finds them done and
-assembles.
+assembles them in their fixed order (model, benchmark, problem).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from rscaffold.stages.training import model_path
 from rscaffold.store import StageDir, StageRef, read_records, write_records
 from rscaffold.vocabulary import student_of
 
-SHARD = "predictions"  # one shard per model and benchmark, key <model>-<benchmark>
+SHARD = "predictions"  # key <model>-<benchmark>-<first>-<last> (problem indexes in the benchmark)
 
 
 def _suites(cfg: PipelineConfig, problems: StageRef) -> list[Any]:
@@ -40,9 +41,31 @@ def _suites(cfg: PipelineConfig, problems: StageRef) -> list[Any]:
     return evaluation_suites(cfg.evaluation, default, read_problems(problems, "eval"))
 
 
+@dataclass(frozen=True)
+class _Shard:
+    """One unit of the evaluation's work: ``model`` answers problems ``lo..hi-1`` of ``suite``."""
+
+    key: str
+    model: str
+    suite: Any
+    lo: int
+    hi: int
+
+
+def _shards(cfg: PipelineConfig, suites: list[Any]) -> list[_Shard]:
+    size = cfg.evaluation.shard_size
+    return [
+        _Shard(f"{name}-{suite.name}-{lo:06d}-{min(lo + size, len(suite.problems)) - 1:06d}", name, suite, lo, hi)
+        for name in cfg.evaluation.models
+        for suite in suites
+        for lo in range(0, len(suite.problems), size)
+        for hi in [min(lo + size, len(suite.problems))]
+    ]
+
+
 def evaluation_shards(cfg: PipelineConfig, problems: StageRef) -> list[str]:
-    """The keys of the evaluation's shards, ``<model>-<benchmark>``, in order."""
-    return [f"{name}-{suite.name}" for name in cfg.evaluation.models for suite in _suites(cfg, problems)]
+    """The keys of the evaluation's shards, in the order the stage assembles them."""
+    return [sh.key for sh in _shards(cfg, _suites(cfg, problems))]
 
 
 @dataclass
@@ -68,18 +91,20 @@ class _Decoder:
             self.decoding[name] = {"mode": "plain", "max_new_tokens": ecfg.max_new_tokens}
             return mode, None
         settings_file = self.sd.shards / f"decoding-{name}.json"
-        if settings_file.exists():
-            self.decoding[name] = read_json(settings_file, {})
-            return mode, GuidedSettings.from_dict(self.decoding[name]["settings"])
-        settings, provenance = plan_guided_decoding(
-            ecfg.guided,
-            self.load(student_of(name)),
-            self.validation,
-            gate=not name.endswith("-nogate"),
-            prune=not name.endswith("-noprune"),
-        )
-        self.decoding[name] = {"mode": "guided", "max_new_tokens": ecfg.max_new_tokens, **provenance}
-        write_json(settings_file, self.decoding[name])
+        # One calibration per model: the workers of a fanned-out stage wait for the first one.
+        with self.sd.shard_lock("decoding", name):
+            if settings_file.exists():
+                self.decoding[name] = read_json(settings_file, {})
+                return mode, GuidedSettings.from_dict(self.decoding[name]["settings"])
+            settings, provenance = plan_guided_decoding(
+                ecfg.guided,
+                self.load(student_of(name)),
+                self.validation,
+                gate=not name.endswith("-nogate"),
+                prune=not name.endswith("-noprune"),
+            )
+            self.decoding[name] = {"mode": "guided", "max_new_tokens": ecfg.max_new_tokens, **provenance}
+            write_json(settings_file, self.decoding[name])
         return mode, settings
 
     def load(self, student_name: str) -> Any:
@@ -92,20 +117,22 @@ class _Decoder:
             self.student, self.loaded = load_student(model_path(self.training, student_name)), student_name
         return self.student
 
-    def predict(self, name: str, suite: Any) -> list[PredictionRecord]:
-        """Answer ``suite`` with model ``name``; persist and return the predictions."""
+    def predict(self, shard: _Shard) -> list[PredictionRecord]:
+        """Answer one shard; persist and return its predictions."""
         from rscaffold.evaluation.metrics import score_output
         from rscaffold.inference import generate
 
+        name, suite = shard.model, shard.suite
         mode, settings = self.settings(name)
         ecfg = self.cfg.evaluation
         outs = generate(
             self.load(student_of(name)),
-            questions=suite.prompts(ecfg.prompt),
+            questions=suite.prompts(ecfg.prompt)[shard.lo : shard.hi],
             mode=mode,
             max_new_tokens=ecfg.max_new_tokens,
             batch_size=ecfg.batch_size,
             guided=settings,
+            kv_cache=ecfg.kv_cache,
         )
         preds = [
             score_output(
@@ -121,9 +148,9 @@ class _Decoder:
                 decoding=mode,
                 n_steps=len([s for s in o.steps if s]),
             )
-            for p, o in zip(suite.problems, outs)
+            for p, o in zip(suite.problems[shard.lo : shard.hi], outs, strict=True)
         ]
-        self.sd.write_shard(SHARD, preds, PredictionRecord, key=f"{name}-{suite.name}")
+        self.sd.write_shard(SHARD, preds, PredictionRecord, key=shard.key)
         return preds
 
     def close(self) -> None:
@@ -152,14 +179,15 @@ def run_evaluation_shard(
     sd = StageDir(cfg.run.artifacts_dir, "evaluation", fps["evaluation"])
     sd.prepare()
     out: dict[str, Any] = {"key": key, "pid": os.getpid(), "host": socket.gethostname(), "answered": 0}
-    suites = {s.name: s for s in _suites(cfg, problems)}
-    name = next(m for m in cfg.evaluation.models if key.startswith(f"{m}-") and key[len(m) + 1 :] in suites)
+    shards = {sh.key: sh for sh in _shards(cfg, _suites(cfg, problems))}
+    if key not in shards:
+        raise ValueError(f"no evaluation shard {key!r} in this config (shards: {list(shards)[:5]}...)")
     with sd.shard_lock(SHARD, key):
-        if key in sd.read_shard_map(SHARD, PredictionRecord):
+        if sd.shard_path(SHARD, key).exists():
             return out
         decoder = _decoder(cfg, sd, training)
         try:
-            out["answered"] = len(decoder.predict(name, suites[key[len(name) + 1 :]]))
+            out["answered"] = len(decoder.predict(shards[key]))
         finally:
             decoder.close()
     return out
@@ -204,19 +232,20 @@ def run_evaluation(
         decoder = _decoder(cfg, sd, training)
         finished_shards = sd.read_shard_map(SHARD, PredictionRecord)
         predictions: list[PredictionRecord] = []
-        total, finished = len(ecfg.models) * len(suites), 0
+        shards = _shards(cfg, suites)
         try:
-            for name in ecfg.models:
-                for suite in suites:
-                    key = f"{name}-{suite.name}"
-                    if key in finished_shards:
-                        predictions.extend(finished_shards[key])
-                        decoder.settings(name)  # what it decoded with (from its settings file)
+            for k, shard in enumerate(shards):
+                with sd.shard_lock(SHARD, shard.key):
+                    if shard.key in finished_shards:
+                        predictions.extend(finished_shards[shard.key])
+                        decoder.settings(shard.model)  # what it decoded with (from its settings file)
+                    elif sd.shard_path(SHARD, shard.key).exists():  # made meanwhile by another worker
+                        predictions.extend(read_records(sd.shard_path(SHARD, shard.key), PredictionRecord))
+                        decoder.settings(shard.model)
                     else:
-                        predictions.extend(decoder.predict(name, suite))
-                    finished += 1
-                    if progress:
-                        progress(finished, total)
+                        predictions.extend(decoder.predict(shard))
+                if progress:
+                    progress(k + 1, len(shards))
         finally:
             decoder.close()
 

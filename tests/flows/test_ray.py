@@ -41,6 +41,8 @@ def config(tiny_model_dir: Path, smollm2_dir: Path, artifacts: Path, runner: str
     raw["run"].update(task_runner=runner, retries=1, retry_delay_s=0)
     raw["teacher"].update(shard_size=2, **teacher)
     raw["labeling"].update(shard_size=2)
+    raw["training"].update(students=["scaffolded"])
+    raw["evaluation"].update(models=["base", "scaffolded"], shard_size=2)
     return config_from_dict(raw)
 
 
@@ -52,18 +54,23 @@ def table(ref: dict, name: str) -> list[dict]:
 def test_shards_run_on_ray_workers_like_a_sequential_run(ray_cluster, harness, tiny_model_dir, smollm2_dir, tmp_path):
     from rscaffold_flows.pipeline import rscaffold_stage
 
-    on_ray = rscaffold_stage(config=config(tiny_model_dir, smollm2_dir, tmp_path / "ray", "ray"), stage="labeling")
+    on_ray = rscaffold_stage(config=config(tiny_model_dir, smollm2_dir, tmp_path / "ray", "ray"), stage="evaluation")
     sequential = rscaffold_stage(
-        config=config(tiny_model_dir, smollm2_dir, tmp_path / "seq", "local"), stage="labeling"
+        config=config(tiny_model_dir, smollm2_dir, tmp_path / "seq", "local"), stage="evaluation"
     )
     shards = on_ray["teacher"]["shards"]
     assert [s["key"] for s in shards] == ["000000-000001", "000002-000003", "000004-000005", "000006-000007"]
     assert len({s["pid"] for s in shards}) >= 2 and os.getpid() not in {s["pid"] for s in shards}
     assert sum(s["generated"] for s in shards) == 8
     assert len({s["pid"] for s in on_ray["labeling"]["shards"]}) >= 1
-    assert "shards" not in sequential["teacher"]
+    # evaluation: one shard per model, benchmark and 2 problems, each answered once
+    answered = {s["key"]: s["answered"] for s in on_ray["evaluation"]["shards"]}
+    assert list(answered) == [f"{m}-gsm8k-{lo:06d}-{lo + 1:06d}" for m in ("base", "scaffolded") for lo in (0, 2)]
+    assert set(answered.values()) == {2}
+    assert all("shards" not in sequential[stage] for stage in ("teacher", "labeling", "evaluation"))
     assert table(on_ray["teacher"], "traces") == table(sequential["teacher"], "traces")
     assert table(on_ray["labeling"], "labeled_steps") == table(sequential["labeling"], "labeled_steps")
+    assert table(on_ray["evaluation"], "predictions") == table(sequential["evaluation"], "predictions")
 
 
 def test_a_worker_killed_mid_shard_is_retried(ray_cluster, harness, tiny_model_dir, smollm2_dir, tmp_path):
