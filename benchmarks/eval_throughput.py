@@ -106,7 +106,9 @@ def main() -> None:
     ap.add_argument("--length-questions", type=int, default=8)
     ap.add_argument("--length-batch", type=int, default=8)
     ap.add_argument("--reference-max", type=int, default=2048, help="longest output the reference decoder runs")
-    ap.add_argument("--newline-scale", type=float, default=2.2, help="long outputs: how often steps end (about 35 tokens a step)")
+    ap.add_argument(
+        "--newline-scale", type=float, default=2.2, help="long outputs: how often steps end (about 35 tokens a step)"
+    )
     ap.add_argument("--skip-batches", action="store_true", help="only the long-output measurements")
     args = ap.parse_args()
 
@@ -120,7 +122,9 @@ def main() -> None:
 
 def long_outputs(args, device: str) -> None:
     # steps of some tens of tokens, as a real student writes them
-    student = tiny_student(args.tokenizer, False, device, eos_scale=0.0, newline_scale=args.newline_scale, signal_scale=1.0)
+    student = tiny_student(
+        args.tokenizer, False, device, eos_scale=0.0, newline_scale=args.newline_scale, signal_scale=1.0
+    )
     qs = questions(args.length_questions)
     guided = GuidedInferenceConfig(confidence_threshold=0.5, max_step_tokens=64)
     print(

@@ -153,7 +153,7 @@ def _print_results(refs: dict[str, dict]) -> None:
             "unparseable_%": "unparsed %",
             "consistent_%": "consistent %",
         }
-        t = Table(title="evaluation (accuracy of the base, baseline and scaffolded students)")
+        t = Table(title="evaluation (accuracy of each model)")
         for label in columns.values():
             t.add_column(label, no_wrap=True)
         for r in rows:

@@ -922,7 +922,8 @@ class PipelineConfig(_Section):
         default_factory=DatasetConfig, description="Stage 4: assembly of the training dataset."
     )
     training: TrainingConfig = Field(
-        default_factory=TrainingConfig, description="Stage 5: the students (scaffolded and CoT-SFT baseline)."
+        default_factory=TrainingConfig,
+        description="Stage 5: the students (scaffolded, and the baselines short-CoT and CoT-SFT).",
     )
     evaluation: EvaluationConfig = Field(
         default_factory=EvaluationConfig, description="Stage 6: benchmarks, decoding and scoring."

@@ -144,33 +144,31 @@ class RowCache:
     def extend(self, backbone: Any, new: Sequence[Sequence[int]]) -> torch.Tensor:
         """Run ``backbone`` over ``new[r]`` appended to each row's tokens (one forward pass for the
         batch; a row with nothing new gets masked padding); returns the last hidden state at each
-        row's last token ``(rows, hidden)``. Every row must hold or receive at least one token."""
+        row's last new token ``(rows, hidden)`` (meaningless for a row with nothing new). Every row
+        must hold or receive at least one token."""
         if len(new) != self.rows:
             raise ValueError(f"{len(new)} new token lists for {self.rows} rows")
         width = max(len(n) for n in new)
         if width == 0:
             raise ValueError("nothing to extend")
-        ids = torch.zeros((self.rows, width), dtype=torch.long)
-        mask = torch.zeros((self.rows, width), dtype=torch.long)
-        pos = torch.zeros((self.rows, width), dtype=torch.long)
-        last = []
+        ids, mask, pos, last = [], [], [], []
         for r, toks in enumerate(new):
-            start = len(self.tokens[r])
-            if not toks and not start:
+            start, k = len(self.tokens[r]), len(toks)
+            if not k and not start:
                 raise ValueError(f"row {r} has no token to attend to")
             # Right padding within the block: a padding query then still sees the row's tokens
             # (a query that sees nothing would give NaN states, and NaN keys poison later sums).
-            if toks:
-                ids[r, : len(toks)] = torch.as_tensor(list(toks))
-                mask[r, : len(toks)] = 1
-                pos[r, : len(toks)] = torch.arange(start, start + len(toks))
-            pos[r, len(toks) :] = start + len(toks) - 1 if (toks or start) else 0
-            last.append(len(toks) - 1)
-        attention = torch.cat([self.valid, mask.to(self.device)], dim=1)
+            pad = width - k
+            ids.append([*toks, *([0] * pad)])
+            mask.append([1] * k + [0] * pad)
+            pos.append([*range(start, start + k), *([max(start + k - 1, 0)] * pad)])
+            last.append(k - 1)
+        mask_t = torch.tensor(mask, dtype=torch.long, device=self.device)
+        attention = torch.cat([self.valid, mask_t], dim=1)
         out = backbone(
-            input_ids=ids.to(self.device),
+            input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             attention_mask=attention,
-            position_ids=pos.to(self.device),
+            position_ids=torch.tensor(pos, dtype=torch.long, device=self.device),
             use_cache=True,
             **{cache_argument(backbone): self.cache},
         )
@@ -180,10 +178,7 @@ class RowCache:
             self.tokens[r].extend(int(t) for t in toks)
             self.columns[r].extend(range(base, base + len(toks)))
         self.valid = attention
-        rows_with_new = [r for r, i in enumerate(last) if i >= 0]
-        result = hidden.new_zeros((self.rows, hidden.shape[-1]))
-        if rows_with_new:
-            sel = torch.as_tensor(rows_with_new, device=hidden.device)
-            at = torch.as_tensor([last[r] for r in rows_with_new], device=hidden.device)
-            result[sel] = hidden[sel, at]
-        return result
+        # each row's last new token (a row with nothing new: its first padding position, whose
+        # state the caller does not use)
+        at = torch.tensor([max(i, 0) for i in last], device=hidden.device)
+        return hidden[torch.arange(self.rows, device=hidden.device), at]

@@ -659,7 +659,7 @@ def stage_manifests(cfg: PipelineConfig) -> dict[str, Path | None]:
 def fast_config(tiny_model_dir: Path, smollm2_dir: Path, artifacts: Path) -> PipelineConfig:
     """The tests' tiny pipeline, trimmed where it does not change what the Prefect server tests
     exercise."""
-    raw = tiny_config_dict(tiny_model_dir, smollm2_dir, artifacts, max_steps=1, train_baseline=False)
+    raw = tiny_config_dict(tiny_model_dir, smollm2_dir, artifacts, max_steps=1, students=["scaffolded"])
     raw["evaluation"]["models"] = ["base", "scaffolded"]  # no baseline is trained
     cfg = config_from_dict(raw)
     cfg.problems.limit_train = 4

@@ -88,7 +88,7 @@ def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, 
     tcfg = cfg.training
     if tcfg.tiny is not None:
         # The untrained starting point is saved so that "base" is evaluated on exactly the
-        # weights both students start from.
+        # weights every student starts from.
         base_dir = sd.work / "base"
         if procs.is_main and not (base_dir / "config.json").exists():
             save_tiny_model(tcfg.tokenizer or tcfg.student, tcfg.tiny, base_dir)
