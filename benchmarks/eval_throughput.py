@@ -23,13 +23,20 @@ KV cache and guided decoding re-encoding the context at each step (the reference
 tokens/s of each, and guided/plain for each guided decoder (the goal: >= 0.7 at 2048 tokens with
 the cache); ``same`` says whether both guided decoders gave identical outputs.
 
+**Through a server** (``--served-questions 16``): the same tiny student saved to a temporary
+directory and hosted by a real local ``transformers serve`` (started and stopped by
+:class:`rscaffold.serving.StudentServer`); plain decoding of the questions at concurrency 1 and 16
+through :func:`rscaffold.serving.generate_served`, vs in-process plain decoding at batch size 8.
+(Guided decoding through a server needs vLLM's completions dialect, which no server here speaks.)
+
     .venv/bin/python benchmarks/eval_throughput.py [--questions 32] [--max-new-tokens 64] [--repeats 1]
-        [--lengths 256 1024 2048] [--skip-batches]
+        [--lengths 256 1024 2048] [--skip-batches] [--served-questions 16] [--served-tokens 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -110,6 +117,8 @@ def main() -> None:
         "--newline-scale", type=float, default=2.2, help="long outputs: how often steps end (about 35 tokens a step)"
     )
     ap.add_argument("--skip-batches", action="store_true", help="only the long-output measurements")
+    ap.add_argument("--served-questions", type=int, default=16, help="questions through the server (0: skip)")
+    ap.add_argument("--served-tokens", type=int, default=64, help="output tokens per answer through the server")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
@@ -118,6 +127,50 @@ def main() -> None:
         batch_sizes(args, device)
     if args.lengths:
         long_outputs(args, device)
+    if args.served_questions:
+        served(args)
+
+
+def served(args) -> None:
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from rscaffold.config import BackendConfig
+    from rscaffold.llm import create_backend
+    from rscaffold.serving import StudentServer, generate_served
+
+    # as a plain (CoT-SFT) student: transformers serve drops special tokens from the text, so the
+    # signal tokens this random model emits are not told to the decoder on either side
+    scaffolded = tiny_student(args.tokenizer, False, "cpu")
+    student = dataclasses.replace(scaffolded, signal_names=[], signal_tokens=[], signal_token_ids=[], scaffolded=False)
+    qs = questions(args.served_questions)
+    n = args.served_tokens
+    print(f"\nthrough a server: transformers serve on cpu, {len(qs)} questions, plain decoding, up to {n} tokens")
+    print(f"{'decoder':>28} {'tok/s':>8} {'vs in-process':>14}  same")
+    t0 = time.perf_counter()
+    local = generate(student, questions=qs, mode="plain", max_new_tokens=n, batch_size=8)
+    local_rate = sum(g.output_tokens for g in local) / (time.perf_counter() - t0)
+    print(f"{'in-process, batch 8':>28} {local_rate:>8.1f} {1.0:>13.2f}x  -", flush=True)
+    cmd = (
+        f"{sys.executable} -c 'from transformers.cli.transformers import app; app()' serve {{model_dir}} "
+        "--host {host} --port {port} --device cpu"
+    )
+    with tempfile.TemporaryDirectory() as d:
+        student.model.save_pretrained(d)
+        student.tokenizer.save_pretrained(d)
+        env = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
+        with StudentServer(cmd, model_dir=d, model=d, log_path=Path(d) / "server.log", env=env) as server:
+            for conc in (1, 16):
+                cfg = BackendConfig(backend="openai", model=d, base_url=server.base_url, concurrency=conc)
+                backend = create_backend(cfg)
+                generate_served(backend, student, qs[:2], max_new_tokens=8)  # warm-up
+                t0 = time.perf_counter()
+                out = generate_served(backend, student, qs, max_new_tokens=n)
+                rate = sum(g.output_tokens for g in out) / (time.perf_counter() - t0)
+                same = "yes" if [g.text for g in out] == [g.text for g in local] else "NO"
+                label = f"server, concurrency {conc}"
+                print(f"{label:>28} {rate:>8.1f} {rate / local_rate:>13.2f}x  {same}", flush=True)
 
 
 def long_outputs(args, device: str) -> None:

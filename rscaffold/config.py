@@ -33,6 +33,7 @@ from rscaffold.vocabulary import (
     TRAINED_STUDENTS,
     BenchmarkName,
     EvalModelName,
+    StudentName,
     TrainedStudentName,
     student_of,
 )
@@ -780,6 +781,33 @@ class BenchmarkSource(_Section):
         return self.custom.name if self.custom is not None else self.name
 
 
+class StudentServerConfig(_Section):
+    """A server the evaluation starts for each student it decodes through a server.
+
+    ``command`` is formatted with ``{model_dir}`` (the student's directory), ``{port}``, ``{host}``
+    and ``{model}`` (the name requests use: ``evaluation.llm.model``, default ``{model_dir}``)
+    and run as a child process, without a shell; the evaluation waits until ``/health`` or
+    ``/v1/models`` answers, sends the student's requests, and stops it.
+    """
+
+    command: str = Field(
+        description="The server command, e.g. 'vllm serve {model_dir} --port {port} --logprobs-mode "
+        "processed_logprobs' or 'transformers serve {model_dir} --port {port}'."
+    )
+    host: str = Field(default="127.0.0.1", description="Where the server listens.", json_schema_extra=EXECUTION)
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="Its port (default: a free one).", json_schema_extra=EXECUTION
+    )
+    startup_timeout_s: float = Field(
+        default=900.0, gt=0, description="Seconds to wait for it to answer.", json_schema_extra=EXECUTION
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables added for the server (e.g. CUDA_VISIBLE_DEVICES).",
+        json_schema_extra=EXECUTION,
+    )
+
+
 class EvaluationConfig(_Section):
     """The evaluation stage.
 
@@ -835,6 +863,22 @@ class EvaluationConfig(_Section):
         default_factory=GuidedInferenceConfig,
         description="Signal-guided decoding of the scaffolded student (adaptive gating, pruning, step cap).",
     )
+    llm: BackendConfig | None = Field(
+        default=None,
+        description="Where the students decode: none or backend 'transformers' (default): in this process; "
+        "backend 'openai': through an OpenAI-compatible server (vllm serve, SGLang, ...), with the teacher's "
+        "client, concurrency, retries and request cache; its 'model' may hold {student} and {model_dir}. "
+        "With 'server' and no 'llm': openai with model '{model_dir}'.",
+    )
+    server: StudentServerConfig | None = Field(
+        default=None,
+        description="Start a server for each served student (otherwise evaluation.llm.base_url is one that runs).",
+    )
+    served_students: list[StudentName] | None = Field(
+        default=None,
+        description="The students decoded through the server (default: all of them); the others decode in this "
+        "process (e.g. the scaffolded student on a server without logprobs).",
+    )
     bootstrap_samples: int = Field(
         default=1000, ge=0, description="Resamples of the 95% percentile bootstrap interval of accuracy (0: none)."
     )
@@ -848,6 +892,28 @@ class EvaluationConfig(_Section):
         if dup:
             raise ValueError(f"each benchmark may be listed once; repeated: {dup}")
         return v
+
+    @model_validator(mode="after")
+    def _check_serving(self) -> EvaluationConfig:
+        if self.llm is not None and self.llm.backend == "vllm":
+            raise ValueError(
+                "evaluation.llm: backend 'vllm' (in-process) is not offered for students; serve them with "
+                "backend 'openai' and evaluation.server.command 'vllm serve {model_dir} --port {port}'"
+            )
+        if self.server is not None and self.llm is not None and self.llm.backend != "openai":
+            raise ValueError("evaluation.server needs evaluation.llm.backend 'openai' (or no evaluation.llm)")
+        return self
+
+    def served_llm(self) -> BackendConfig | None:
+        """The backend of served students (None: every student decodes in this process)."""
+        if self.llm is not None and self.llm.backend == "openai":
+            return self.llm
+        if self.server is not None:
+            return BackendConfig(backend="openai", model="{model_dir}", base_url="http://127.0.0.1/v1")
+        return None
+
+    def is_served(self, student: str) -> bool:
+        return self.served_llm() is not None and (self.served_students is None or student in self.served_students)
 
 
 class RaySettings(_Section):

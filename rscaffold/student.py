@@ -131,8 +131,12 @@ class Student:
         return self.meta.get("prompt_benchmark")
 
 
-def load_student(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> Student:
-    """Load a student directory written by ``train_student`` (or any plain causal LM directory)."""
+def load_student(model_dir: str | Path, device: str = "auto", dtype: str = "auto", *, weights: bool = True) -> Student:
+    """Load a student directory written by ``train_student`` (or any plain causal LM directory).
+
+    ``weights=False``: the tokenizer and what the student knows about signals only (``model`` is
+    None), for a student that a server hosts (:mod:`rscaffold.serving`).
+    """
     from rscaffold.models import load_causal_lm, resolve_device
     from rscaffold.prompts import STUDENT_SYSTEM_PROMPT
 
@@ -140,7 +144,12 @@ def load_student(model_dir: str | Path, device: str = "auto", dtype: str = "auto
     meta_path = model_dir / STUDENT_META
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     dev = resolve_device(device)
-    model, tokenizer = load_causal_lm(str(model_dir), device=dev, dtype=dtype)
+    if weights:
+        model, tokenizer = load_causal_lm(str(model_dir), device=dev, dtype=dtype)
+    else:
+        from transformers import AutoTokenizer
+
+        model, tokenizer = None, AutoTokenizer.from_pretrained(str(model_dir))
     scaffolded = bool(meta.get("scaffolded", False))
     names = list(meta.get("signal_names", []))
     tokens = list(meta.get("signal_tokens", []))
@@ -150,7 +159,7 @@ def load_student(model_dir: str | Path, device: str = "auto", dtype: str = "auto
             f"{model_dir}: tokenizer ids of the signal tokens {ids} differ from the saved ones {meta['signal_token_ids']}"
         )
     head = None
-    if (model_dir / HEAD_WEIGHTS).exists():
+    if weights and (model_dir / HEAD_WEIGHTS).exists():
         head = SignalHead.load(model_dir).to(dev, dtype=next(model.parameters()).dtype).eval()
     return Student(
         model=model,

@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, int]] = [
     ("rscaffold.export", 5),  # the dataset stage's output as a Hugging Face dataset
     ("rscaffold.training", 4),
     ("rscaffold.inference", 5),
+    ("rscaffold.serving", 5),  # students behind an OpenAI-compatible server
     ("rscaffold.evaluation", 5),
     ("rscaffold.stages", 6),
     ("rscaffold", 0),  # the package itself (its __init__)

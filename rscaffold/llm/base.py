@@ -27,6 +27,15 @@ class ChatRequest:
     # None: derived from the run seed and ``request_id``. Callers that resume work derive it
     # from what the request is (e.g. run seed, problem id, sample index), never from a counter.
     seed: int | None = None
+    # A text completion (``/v1/completions``) of this exact prompt instead of a chat: the caller
+    # has rendered the chat template (e.g. a student continuing its own partial answer); only
+    # backends with ``Capabilities.raw_prompt`` take it. ``messages`` is then unused.
+    prompt: str | None = None
+    stop: list[str] | None = None  # stop strings (the stop string is not part of the text)
+    logprobs: int | None = None  # ask for this many top log-probabilities per output token
+    # Server-specific request fields sent as they are (e.g. vLLM's ``allowed_token_ids``,
+    # ``stop_token_ids``, ``skip_special_tokens``); part of the request cache's key.
+    options: dict[str, Any] | None = None
 
 
 @dataclass
@@ -72,11 +81,13 @@ class Capabilities:
     requests sent with it (a server or engine that batches on its own), so a caller may hand over
     everything at once; a local batched engine is not (padding changes the numerics), and a
     caller that needs reproducible outputs hands it the same groups of requests every time.
+    ``raw_prompt``: :attr:`ChatRequest.prompt` (a text completion of a rendered prompt) is served.
     """
 
     line_choices: bool = False
     json_schema: bool = False
     batch_invariant: bool = False
+    raw_prompt: bool = False
 
 
 @runtime_checkable

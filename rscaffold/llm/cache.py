@@ -7,7 +7,8 @@ what decides the answer:
 * the backend kind and the model's identity (:func:`model_identity`: a local model directory by
   the content of its files, a hub id with its revision, a served model by its name and
   ``llm.revision``), and for local engines the dtype;
-* the exact messages, the sampling parameters (``max_new_tokens``, ``temperature``, ``top_p``),
+* the exact messages (or, for a text completion, the prompt, stop strings, logprobs and
+  server options), the sampling parameters (``max_new_tokens``, ``temperature``, ``top_p``),
   the request's seed when it samples (``temperature > 0``; greedy answers do not depend on it),
   the number of samples, and the structured-output spec (JSON schema, line choices).
 
@@ -153,6 +154,17 @@ class RequestCache:
             "n": request.n,
             "json_schema": request.json_schema,
             "line_choices": request.line_choices,
+            # text completions only (absent from chat requests, whose keys stay as they were)
+            **{
+                k: v
+                for k, v in (
+                    ("prompt", request.prompt),
+                    ("stop", request.stop),
+                    ("logprobs", request.logprobs),
+                    ("options", request.options),
+                )
+                if v is not None
+            },
         }
 
     def key(self, *, model: str, request: ChatRequest, sampling: SamplingConfig) -> str:

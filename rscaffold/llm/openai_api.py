@@ -15,7 +15,12 @@ dropped connections ``cfg.max_retries`` times with exponential backoff (honourin
 - ``n`` samples per request; servers that ignore ``n`` (return fewer choices) are asked again
   for the missing ones, each with its own derived seed;
 - reasoning: the ``reasoning_content`` / ``reasoning`` message field (vLLM, DeepSeek, SGLang,
-  OpenRouter) and ``<think>`` blocks in the content both go to ``Completion.reasoning``.
+  OpenRouter) and ``<think>`` blocks in the content both go to ``Completion.reasoning``;
+- text completions (``/v1/completions``) for requests that carry a rendered ``prompt`` (a student
+  continuing its own partial answer, :mod:`rscaffold.serving`): the text is kept exactly as
+  generated (empty included), with ``stop`` strings, top ``logprobs`` (in ``extra["top_logprobs"]``,
+  one ``{token: logprob}`` per output token) and server-specific ``options`` (sent as extra body
+  fields); the stop reason a server reports (vLLM's ``stop_reason``) is in ``extra["stop_reason"]``.
 
 The API key is read from ``$<cfg.api_key_env>`` ("EMPTY" when unset, which local servers accept)
 and is never logged; it is masked in any error text that would carry it.
@@ -72,12 +77,39 @@ def message_reasoning(message: Any) -> str | None:
     return None
 
 
+def _text_completion(choice: Any, resp: Any, *, request_id: str, index: int, one: bool, latency: float) -> Completion:
+    """A ``/v1/completions`` choice, its text exactly as generated (an empty text is an answer)."""
+    text = getattr(choice, "text", None)
+    if not isinstance(text, str):
+        raise InvalidResponseError(f"{INVALID_RESPONSE}: expected a text completion, got {type(choice).__name__}")
+    usage = getattr(resp, "usage", None)
+    extra: dict[str, Any] = {"response_id": getattr(resp, "id", None)}
+    stop_reason = getattr(choice, "stop_reason", None)
+    if stop_reason is None:
+        stop_reason = (getattr(choice, "model_extra", None) or {}).get("stop_reason")
+    if stop_reason is not None:
+        extra["stop_reason"] = stop_reason
+    top = getattr(getattr(choice, "logprobs", None), "top_logprobs", None)
+    if top is not None:
+        extra["top_logprobs"] = [dict(t or {}) for t in top]
+    return Completion(
+        request_id,
+        text=text,
+        finish_reason=getattr(choice, "finish_reason", None),
+        prompt_tokens=getattr(usage, "prompt_tokens", None),
+        completion_tokens=getattr(usage, "completion_tokens", None) if one else None,
+        latency_s=latency,
+        sample_index=index,
+        extra=extra,
+    )
+
+
 class OpenAIBackend:
     """:class:`~rscaffold.llm.base.LLMBackend` over an OpenAI-compatible HTTP API."""
 
     name = "openai"
     capabilities = Capabilities(
-        json_schema=True, batch_invariant=True
+        json_schema=True, batch_invariant=True, raw_prompt=True
     )  # response_format json_schema, dropped if refused
 
     def __init__(self, cfg: BackendConfig):
@@ -115,12 +147,17 @@ class OpenAIBackend:
 
     # -- one HTTP call, with the 400 fallbacks ------------------------------------------------
     async def _create(self, client, req: ChatRequest, sampling: SamplingConfig, *, n: int, seed: int):
-        kwargs: dict[str, Any] = {
-            "model": self.cfg.model,
-            "messages": req.messages,
-            "temperature": sampling.temperature,
-            "seed": seed,
-        }
+        kwargs: dict[str, Any] = {"model": self.cfg.model, "temperature": sampling.temperature, "seed": seed}
+        if req.prompt is not None:
+            kwargs["prompt"] = req.prompt
+            if req.stop:
+                kwargs["stop"] = list(req.stop)
+            if req.logprobs is not None:
+                kwargs["logprobs"] = req.logprobs
+            if req.options:
+                kwargs["extra_body"] = dict(req.options)
+        else:
+            kwargs["messages"] = req.messages
         if sampling.top_p < 1.0:
             kwargs["top_p"] = sampling.top_p
         for name in self._unsupported_params:
@@ -131,9 +168,10 @@ class OpenAIBackend:
         if req.json_schema and self._use_response_format:
             kwargs["response_format"] = response_format_for(req.json_schema)
         tried_without_format = tried_other_max = False
+        endpoint = client.completions if req.prompt is not None else client.chat.completions
         while True:
             try:
-                resp = await client.chat.completions.create(**kwargs)
+                resp = await endpoint.create(**kwargs)
             except self._openai.BadRequestError as err:
                 msg = str(err)
                 if "max_completion_tokens" in msg and "max_tokens" in kwargs and not tried_other_max:
@@ -193,6 +231,18 @@ class OpenAIBackend:
         total_completion = getattr(usage, "completion_tokens", None)
         out: list[Completion] = []
         ordered = sorted(choices, key=lambda c: getattr(c, "index", 0) or 0)
+        if req.prompt is not None:
+            return [
+                _text_completion(
+                    choice,
+                    resp,
+                    request_id=req.request_id,
+                    index=start_index + k,
+                    one=len(ordered) == 1,
+                    latency=latency,
+                )
+                for k, choice in enumerate(ordered[: req.n - start_index])
+            ]
         for k, choice in enumerate(ordered[: req.n - start_index]):
             message = getattr(choice, "message", None)
             if message is None:

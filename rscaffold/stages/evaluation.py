@@ -5,6 +5,12 @@ problems of one benchmark, persisted as ``predictions-<model>-<benchmark>-<first
 soon as they are made; a re-run resumes from them. With ``run.task_runner: ray`` each shard is
 its own task (:func:`run_evaluation_shard`); :func:`run_evaluation` then finds them done and
 assembles them in their fixed order (model, benchmark, problem).
+
+Students decode in this process (transformers), or through an OpenAI-compatible server
+(``evaluation.llm`` backend ``openai``, :mod:`rscaffold.serving`): one that runs, or one started
+for each student (``evaluation.server.command``) and stopped when its shards are done. A served
+scaffolded student's gate is still calibrated in this process (its weights are loaded for that
+once, and freed before its server starts).
 """
 
 from __future__ import annotations
@@ -81,6 +87,10 @@ class _Decoder:
     student: Any = None
     loaded: str | None = None
     decoding: dict[str, dict] = field(default_factory=dict)
+    server: Any = None  # the StudentServer running for `served`
+    backend: Any = None  # the request backend of `served`
+    served: str | None = None
+    tokenizer_only: Any = None  # the served student's tokenizer and signal facts (no weights)
 
     def settings(self, name: str) -> tuple[str, Any]:
         from rscaffold.inference import GuidedSettings, plan_guided_decoding
@@ -117,23 +127,74 @@ class _Decoder:
             self.student, self.loaded = load_student(model_path(self.training, student_name)), student_name
         return self.student
 
+    def serve(self, student_name: str) -> tuple[Any, Any]:
+        """(request backend, tokenizer-only Student) of a served student; starts its server when
+        ``evaluation.server`` is set (stopping the previous student's)."""
+        from rscaffold.llm import create_backend
+        from rscaffold.serving import StudentServer, served_llm
+        from rscaffold.stages.requests import request_cache
+        from rscaffold.student import load_student
+
+        ecfg = self.cfg.evaluation
+        llm = ecfg.served_llm()
+        model_dir = model_path(self.training, student_name)
+        if self.served != student_name:
+            self.stop_serving()
+            self.close()  # free the in-process model (a calibration's) before a server takes the device
+            base_url = None
+            if ecfg.server is not None:
+                sc = ecfg.server
+                self.server = StudentServer(
+                    sc.command,
+                    model_dir=model_dir,
+                    model=llm.model.format(student=student_name, model_dir=model_dir),
+                    log_path=self.sd.work / f"server-{student_name}.log",
+                    host=sc.host,
+                    port=sc.port,
+                    startup_timeout_s=sc.startup_timeout_s,
+                    env=sc.env,
+                ).start()
+                base_url = self.server.base_url
+            bcfg = served_llm(llm, student=student_name, model_dir=model_dir, base_url=base_url)
+            if bcfg.revision is None:  # the request cache tells students (and trainings) apart by it
+                bcfg = bcfg.model_copy(update={"revision": f"{self.training.fingerprint}/{student_name}"})
+            self.backend = create_backend(bcfg, cache=request_cache(self.cfg))
+            self.served = student_name
+            self.tokenizer_only = load_student(model_dir, weights=False)
+        return self.backend, self.tokenizer_only
+
     def predict(self, shard: _Shard) -> list[PredictionRecord]:
         """Answer one shard; persist and return its predictions."""
         from rscaffold.evaluation.metrics import score_output
         from rscaffold.inference import generate
+        from rscaffold.serving import generate_served
 
         name, suite = shard.model, shard.suite
         mode, settings = self.settings(name)
         ecfg = self.cfg.evaluation
-        outs = generate(
-            self.load(student_of(name)),
-            questions=suite.prompts(ecfg.prompt)[shard.lo : shard.hi],
-            mode=mode,
-            max_new_tokens=ecfg.max_new_tokens,
-            batch_size=ecfg.batch_size,
-            guided=settings,
-            kv_cache=ecfg.kv_cache,
-        )
+        questions = suite.prompts(ecfg.prompt)[shard.lo : shard.hi]
+        if ecfg.is_served(student_of(name)):
+            backend, student = self.serve(student_of(name))
+            self.decoding[name]["backend"] = "openai"
+            outs = generate_served(
+                backend,
+                student,
+                questions,
+                mode=mode,
+                max_new_tokens=ecfg.max_new_tokens,
+                guided=settings,
+                request_prefix=shard.key,
+            )
+        else:
+            outs = generate(
+                self.load(student_of(name)),
+                questions=questions,
+                mode=mode,
+                max_new_tokens=ecfg.max_new_tokens,
+                batch_size=ecfg.batch_size,
+                guided=settings,
+                kv_cache=ecfg.kv_cache,
+            )
         preds = [
             score_output(
                 name,
@@ -153,10 +214,17 @@ class _Decoder:
         self.sd.write_shard(SHARD, preds, PredictionRecord, key=shard.key)
         return preds
 
+    def stop_serving(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+        if self.server is not None:
+            self.server.stop()
+        self.server = self.backend = self.served = None
+
     def close(self) -> None:
         from rscaffold.models import free_accelerator_memory
 
-        self.student = None
+        self.student, self.loaded = None, None
         free_accelerator_memory()
 
 
@@ -189,6 +257,7 @@ def run_evaluation_shard(
         try:
             out["answered"] = len(decoder.predict(shards[key]))
         finally:
+            decoder.stop_serving()
             decoder.close()
     return out
 
@@ -247,6 +316,7 @@ def run_evaluation(
                 if progress:
                     progress(k + 1, len(shards))
         finally:
+            decoder.stop_serving()
             decoder.close()
 
         metrics = compute_metrics(predictions, ecfg.bootstrap_samples, ecfg.seed, teacher=teacher)

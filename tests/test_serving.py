@@ -1,0 +1,71 @@
+"""rscaffold.serving: the student server's life (start, failure, timeout, stop), the config that
+selects it, and splitting served text into steps as in-process decoding does."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from rscaffold.config import config_from_dict
+from rscaffold.serving import StudentServer, StudentServerError, split_signals
+
+
+def _server(tmp_path, command: str, **kw) -> StudentServer:
+    return StudentServer(command, model_dir=tmp_path, model="m", log_path=tmp_path / "server.log", **kw)
+
+
+def test_a_server_that_exits_fails_with_its_log(tmp_path):
+    s = _server(tmp_path, f"{sys.executable} -c \"import sys; print('no GPU here'); sys.exit(3)\"")
+    with pytest.raises(StudentServerError, match=r"exited with 3(.|\n)*no GPU here"):
+        s.start()
+
+
+def test_a_server_that_never_answers_is_stopped(tmp_path):
+    # a real HTTP server, but not an OpenAI-compatible one: /health and /v1/models are 404
+    s = _server(tmp_path, f"{sys.executable} -m http.server {{port}} --bind {{host}}", startup_timeout_s=2)
+    with pytest.raises(StudentServerError, match="did not answer within 2s"):
+        s.start()
+    assert s.proc is None  # stopped and reaped
+
+
+def test_command_placeholders(tmp_path):
+    s = _server(tmp_path, "serve {model_dir} --port {port} --host {host} --name {model}", port=8123)
+    assert s.argv == ["serve", str(tmp_path), "--port", "8123", "--host", "127.0.0.1", "--name", "m"]
+    assert s.base_url == "http://127.0.0.1:8123/v1"
+    with pytest.raises(ValueError, match=r"\{model_dir\}, \{port\}"):
+        _server(tmp_path, "serve {weights}")
+
+
+def test_config_selects_the_served_students():
+    cfg = config_from_dict({"evaluation": {"server": {"command": "vllm serve {model_dir} --port {port}"}}})
+    assert cfg.evaluation.served_llm().backend == "openai" and cfg.evaluation.is_served("scaffolded")
+    cfg = config_from_dict(
+        {
+            "evaluation": {
+                "llm": {"backend": "openai", "model": "rs-{student}", "base_url": "http://127.0.0.1:8000/v1"},
+                "served_students": ["cot_sft"],
+            }
+        }
+    )
+    assert cfg.evaluation.is_served("cot_sft") and not cfg.evaluation.is_served("scaffolded")
+    assert not config_from_dict({}).evaluation.is_served("base")
+    with pytest.raises(ValueError, match="vllm serve"):
+        config_from_dict({"evaluation": {"llm": {"backend": "vllm"}}})
+    with pytest.raises(ValueError, match="needs evaluation.llm.backend 'openai'"):
+        config_from_dict({"evaluation": {"llm": {"backend": "transformers"}, "server": {"command": "x"}}})
+
+
+def test_split_signals_equals_split_output_on_the_ids(random_student):
+    from rscaffold.inference import split_output
+
+    s = random_student
+    tok = s.tokenizer
+    text_ids = tok("First we add.\n\nThen  we check\n \nit. Done", add_special_tokens=False)["input_ids"]
+    a, b = s.signal_token_ids[0], s.signal_token_ids[2]
+    ids = [*text_ids[:3], a, *text_ids[3:9], b, *text_ids[9:], a]
+    expected = split_output(ids, tok, dict(zip(s.signal_token_ids, s.signal_names)))
+    got = split_signals(tok.decode(ids, skip_special_tokens=False), dict(zip(s.signal_tokens, s.signal_names)))
+    assert got == expected
+    # the signals are found, not just the text (the last one opens an empty step: none)
+    assert [x for x in got[1] if x] == [s.signal_names[0], s.signal_names[2]]
