@@ -36,7 +36,7 @@ failed request (the caller's finished shards are kept; a re-run resumes).
 
 from __future__ import annotations
 
-import math
+import itertools
 import os
 import re
 import shlex
@@ -56,8 +56,10 @@ from rscaffold.prompts import STUDENT_SYSTEM_PROMPT, render_prompt
 from rscaffold.segment import split_at_step_boundaries
 from rscaffold.vocabulary import STEP_SEPARATOR
 
-# Stop strings of a step request: a blank line (the step boundary, STEP_BOUNDARY's common forms).
-STEP_STOPS = ["\n\n", "\n \n", "\n\t\n"]
+# Stop strings of a step request: a blank line (the step boundary, STEP_BOUNDARY: two newlines with
+# only white space between them), as servers take them: literal strings, up to three spaces/tabs
+# or a carriage return between the newlines (rarer forms end the step at the next signal instead).
+STEP_STOPS = ["\n" + "".join(mid) + "\n" for n in range(4) for mid in itertools.product(" \t", repeat=n)] + ["\n\r\n"]
 # Most top log-probabilities a server returns per token (vLLM's default --max-logprobs is 20).
 MAX_LOGPROBS = 20
 
@@ -239,6 +241,7 @@ def generate_served(
     system_prompt = student.system_prompt or STUDENT_SYSTEM_PROMPT
     prompts = [render_prompt(q, tok, system_prompt) for q in questions]
     if mode == "plain":
+        prompts = [without_added_bos(p, tok) for p in prompts]
         tokens = dict(zip(student.signal_tokens or [], student.signal_names or []))
         return _plain(backend, prompts, max_new_tokens=max_new_tokens, prefix=request_prefix, signal_of_token=tokens)
     if mode != "guided":
@@ -251,6 +254,18 @@ def generate_served(
             "the head is not part of the causal LM a server hosts; decode it in-process (no evaluation.llm)"
         )
     return _Guided(backend, student, guided, max_new_tokens=max_new_tokens, prefix=request_prefix).run(prompts)
+
+
+def without_added_bos(prompt: str, tokenizer: Any) -> str:
+    """``prompt`` as a server that tokenizes with special tokens added (the completions default)
+    must get it to see the tokens in-process decoding sees (``add_special_tokens=False``): a
+    tokenizer that adds a BOS of its own (Llama 3, Gemma) would otherwise give two, as the
+    rendered chat template has one; the template's is dropped, the server adds it back."""
+    bos = tokenizer.bos_token
+    if not bos or not prompt.startswith(bos):
+        return prompt
+    added = tokenizer("", add_special_tokens=True)["input_ids"]
+    return prompt[len(bos) :] if added[:1] == [tokenizer.bos_token_id] else prompt
 
 
 def split_signals(text: str, signal_of_token: dict[str, str]) -> tuple[list[str], list[str | None]]:
@@ -280,6 +295,8 @@ def _plain(
 
     # A student with signal tokens keeps them in the text (vLLM's skip_special_tokens), so that its
     # steps split as in-process; a server that rejects the field cannot decode such a student plain.
+    # No server-specific field otherwise (transformers serve refuses unknown ones): the prompt is
+    # sent so that the server's own tokenization (special tokens added) gives the in-process tokens.
     options = {"skip_special_tokens": False} if signal_of_token else None
     reqs = [ChatRequest(f"{prefix}-{i}", [], prompt=p, options=options) for i, p in enumerate(prompts)]
     t0 = time.perf_counter()
@@ -349,9 +366,13 @@ class _Guided:
                 f"the signal request's log-probabilities hold none of the signal tokens ({list(top)[:5]}...); "
                 "does the server restrict the token to allowed_token_ids?"
             )
-        m = max(logp.values())
-        z = sum(math.exp(v - m) for v in logp.values())
-        return {n: math.exp(v - m) / z for n, v in logp.items()}
+        # renormalised as the in-process decoder does (a float32 softmax), so that a gate at
+        # threshold 1.0 commits the same saturated signals
+        import torch
+
+        names = list(logp)
+        probs = torch.softmax(torch.tensor([logp[n] for n in names], dtype=torch.float32), dim=-1).tolist()
+        return dict(zip(names, probs))
 
     def run(self, prompts: list[str]) -> list[Any]:
         from rscaffold.inference import _GuidedRow

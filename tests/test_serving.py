@@ -69,3 +69,19 @@ def test_split_signals_equals_split_output_on_the_ids(random_student):
     assert got == expected
     # the signals are found, not just the text (the last one opens an empty step: none)
     assert [x for x in got[1] if x] == [s.signal_names[0], s.signal_names[2]]
+
+
+def test_a_server_that_adds_a_bos_sees_the_in_process_tokens(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from rscaffold.prompts import render_prompt
+    from rscaffold.serving import without_added_bos
+
+    for add_bos in (False, True):  # SmolLM2 as it is; as a tokenizer that adds its BOS (Llama 3, Gemma)
+        tok = AutoTokenizer.from_pretrained(str(smollm2_dir), add_bos_token=add_bos)
+        prompt = render_prompt("What is 2 + 2?", tok)
+        ids = tok(prompt, add_special_tokens=True)["input_ids"]
+        leading_bos = next(i for i, t in enumerate(ids) if t != tok.bos_token_id)
+        assert leading_bos == 1 + add_bos  # the template's BOS, and the tokenizer's own
+        served = tok(without_added_bos(prompt, tok), add_special_tokens=True)["input_ids"]  # as the server does
+        assert served == tok(prompt, add_special_tokens=False)["input_ids"]  # as in-process decoding does
