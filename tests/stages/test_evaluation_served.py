@@ -95,3 +95,58 @@ def test_served_student_answers_as_in_process_and_survives_a_dying_server(
     assert a["correct"].to_list() == b["correct"].to_list()
     assert served.summary["decoding"]["base"]["backend"] == "openai"
     assert (Path(served.path) / "server-base.log").exists()
+
+
+def test_served_scaffolded_student_decodes_guided_through_the_server(random_student, benchmarks_dir, tmp_path):
+    """The stage's guided path through a server that runs (evaluation.llm.base_url): here the
+    TEST-ONLY fake of vLLM's completions dialect (tests/serving_fake.py), vLLM not running here."""
+    import json
+
+    import polars as pl
+    from helpers import RANDOM_STUDENT_SIGNALS, RANDOM_STUDENT_TOKENS
+    from serving_fake import fake_vllm_server
+
+    from rscaffold.stages.evaluation import run_evaluation
+    from rscaffold.stages.plan import plan_fingerprints
+    from rscaffold.stages.problems import run_problems
+    from rscaffold.store import StageRef
+
+    bench = tmp_path / "bench" / "gsm8k"
+    bench.mkdir(parents=True)
+    lines = (benchmarks_dir / "gsm8k" / "test.jsonl").read_text().splitlines()[:2]
+    (bench / "test.jsonl").write_text("\n".join(lines) + "\n")
+    d = tmp_path / "training" / "scaffolded"
+    random_student.model.save_pretrained(d)
+    random_student.tokenizer.save_pretrained(d)
+    meta = {
+        "scaffolded": True,
+        "signal_objective": "token",
+        "signal_names": RANDOM_STUDENT_SIGNALS,
+        "signal_tokens": RANDOM_STUDENT_TOKENS,
+        "signal_token_ids": random_student.signal_token_ids,
+        "system_prompt": random_student.system_prompt,
+    }
+    (d / "rscaffold_student.json").write_text(json.dumps(meta))
+    training = StageRef("training", "t" * 16, str(d.parent), {"scaffolded": "scaffolded"})
+    with fake_vllm_server(random_student.model, random_student.tokenizer) as server:
+        cfg = config_from_dict(
+            {
+                "run": {"artifacts_dir": str(tmp_path / "artifacts")},
+                "training": {"students": ["scaffolded"]},
+                "evaluation": {
+                    "models": ["scaffolded"],
+                    "benchmarks": [{"name": "gsm8k", "source": str(bench.parent), "limit": 2}],
+                    "max_new_tokens": 24,
+                    "bootstrap_samples": 0,
+                    "llm": {"backend": "openai", "model": "{student}", "base_url": server.base_url, "max_retries": 0},
+                },
+            }
+        )
+        fps = plan_fingerprints(cfg)
+        ref = run_evaluation(cfg, fps, problems=run_problems(cfg, fps), training=training)
+        assert server.requests > 4  # signal and step requests, not one request per question
+        assert {b["model"] for b in server.bodies} == {"scaffolded"}
+    preds = pl.read_parquet(Path(ref.path) / "predictions.parquet")
+    assert preds.height == 2 and set(preds["decoding"]) == {"guided"}
+    assert ref.summary["decoding"]["scaffolded"]["backend"] == "openai"
+    assert sum(len(s) for s in preds["signals"].to_list()) > 0
