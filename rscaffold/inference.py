@@ -42,14 +42,23 @@ so under greedy decoding every question gets exactly what it gets when decoded a
 
 **KV cache.** The reference decoder (``kv_cache=False``) re-encodes each question's whole context
 at every step, so its cost grows with the square of the output length. The default keeps each
-question's keys and values in a :class:`~rscaffold.kv_cache.RowCache`: the re-tokenized context
-is compared with what the cache holds and only the tokens after their common prefix are encoded
-(usually the last step's few tokens: re-tokenizing the step's text can differ from the generated
-ids near its end, and the cache follows the text, as the reference does), which also yields the
-next-signal distribution; the step body is then decoded one token per forward pass with the
-same stopping rules. Under greedy decoding both give the same outputs (tested on tiny models
-with every stopping path and hundreds of output tokens); only models whose every layer attends
-to the full context use the cache (others fall back to re-encoding).
+question's keys and values in a :class:`~rscaffold.kv_cache.RowCache` and runs one token per
+forward pass, with no rounds: the rows of the batch move on independently. In each forward pass
+a row inside a step feeds its last chosen token (or the signal token that opens the step) and
+gets its next token; a row whose step has just ended (or that has just joined the batch) records
+the step as the reference does, re-tokenizes its completion (as the reference sees it; only the
+text from its last signal token on is tokenized again, which gives the same ids with a fast
+tokenizer whose signal tokens take no whitespace around them), takes back
+what its cache holds past the common prefix with that context and feeds the rest (usually the
+last step's few tokens: re-tokenizing a step's text can differ from the generated ids near its
+end), in the same forward pass as the other rows' single tokens; its last hidden state gives its
+next-signal distribution (and, with no signal committed, its first token). A row that finishes
+hands its place in the batch to the next waiting question at once. One LM-head call and one
+argmax serve the whole batch per forward pass, and the step-boundary check decodes a row's last
+tokens only when they hold the two newlines a step end needs. Under greedy decoding both give
+the same outputs (tested on tiny models with every stopping path and hundreds of output
+tokens); only models whose every layer attends to the full context use the cache (others fall
+back to re-encoding).
 """
 
 from __future__ import annotations
@@ -79,8 +88,8 @@ class Generated:
     emitted by the model). ``output_tokens``: tokens the model produced after the prompt (signal
     tokens and the final eos included; padding, and in guided mode a signal token that ended a
     step and was discarded, excluded); never more than ``max_new_tokens``. ``latency_s``: wall
-    time spent on this question (a batch's time, in guided mode each round's time, is split
-    evenly over the questions in it).
+    time spent on this question (a batch's time, in guided mode each round's time, with the KV
+    cache each forward pass's time, is split evenly over the questions in it).
     ``steps`` / ``step_signals`` / ``confidences``: per step, its text, the signal that opened it
     (None: no signal) and, in guided mode, the gate's top probability (None in plain mode or when
     every signal was pruned).
@@ -178,7 +187,7 @@ def generate(
     config (resolved against the student by :func:`resolve_guided`) or resolved settings. Both
     modes share the total budget ``max_new_tokens``. ``batch_size``: questions decoded together,
     in both modes (outputs do not depend on it). ``kv_cache``: guided decoding keeps each
-    question's KV cache across signal prediction, step generation and rounds (models whose
+    question's KV cache across signal prediction, step generation and steps (models whose
     attention is not full fall back to re-encoding); False re-encodes the whole context at every
     step (the reference decoder: the same outputs under greedy decoding, quadratic cost).
     """
@@ -352,7 +361,11 @@ def next_signal_distributions(
 def _signal_probs(model, hidden: torch.Tensor, signal_token_ids, *, head, pruned: Sequence[int]) -> torch.Tensor | None:
     """The next-signal distribution ``(B, K)`` from last hidden states ``(B, H)``; pruned
     signals get 0; None when every signal is pruned."""
-    logits = signal_logits(model, hidden, list(signal_token_ids), head=head)
+    return _probs_of_signal_logits(signal_logits(model, hidden, list(signal_token_ids), head=head), pruned)
+
+
+def _probs_of_signal_logits(logits: torch.Tensor, pruned: Sequence[int]) -> torch.Tensor | None:
+    """:func:`_signal_probs` from the signal logits ``(B, K)`` (float32; changed in place)."""
     if pruned:
         logits[:, list(pruned)] = float("-inf")
         if torch.isinf(logits).all():
@@ -613,12 +626,17 @@ def _generate_steps(
 
 # ---------------------------------------------------------------------------------------------
 # guided decoding on a KV cache: the same algorithm as _generate_guided / _guided_round /
-# _generate_steps, one token per forward pass on a RowCache instead of re-encoding the context
+# _generate_steps, one token per forward pass on a RowCache instead of re-encoding the context,
+# each row on its own schedule (no rounds)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
+    """The length of the longest common prefix of two token lists."""
+    n, chunk = 0, 256
+    end = min(len(a), len(b))
+    while n + chunk <= end and a[n : n + chunk] == b[n : n + chunk]:  # whole chunks, compared in C
+        n += chunk
+    for x, y in zip(a[n:end], b[n:end]):
         if x != y:
             break
         n += 1
@@ -627,10 +645,13 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 @dataclass
 class _StepState:
-    """One row's step body being decoded on the cache."""
+    """One row's step on the cache, from its signal to its end."""
 
     budget: int
+    signal: str | None = None  # the signal that opened the step (committed or emitted by the model)
+    confidence: float | None = None  # the gate's top probability (None: every signal pruned)
     body: list[int] = field(default_factory=list)
+    newlines: list[int] = field(default_factory=list)  # per body token: the newlines in its text
     stop: str | None = None  # set when the step ended: eos / signal / separator / length / budget
     pending: int | None = None  # the token to feed next (the committed signal, or the last chosen token)
 
@@ -639,151 +660,244 @@ class _StepState:
 def _generate_guided_cached(
     model, questions, *, setup: _GuidedSetup, batch_size: int, system_prompt: str
 ) -> list[Generated]:
-    tokenizer = setup.tokenizer
+    """:func:`_generate_guided` on a :class:`RowCache`, each row on its own schedule.
+
+    Every forward pass feeds each row of the batch what it needs next: a row inside a step feeds
+    its last chosen token (or the signal token that opens the step); a row whose step has just
+    ended (or that has just joined) feeds its context — the prompt and the completion
+    re-tokenized, as the reference decoder sees it — from where it differs from what the cache
+    holds (usually the last step's few tokens; one ``extend`` takes a different number of tokens
+    per row). The last hidden state of a row that fed its context gives its next-signal
+    distribution (and, with no signal committed, its first token); the other rows' give their
+    next token. A row that finishes hands its place to the next waiting question at once.
+    """
+    su = setup
+    tok, guided = su.tokenizer, su.guided
     dev = _device(model)
     cache = RowCache(dev)
     backbone = backbone_of(model)
     lm_head = causal_lm_of(model).get_output_embeddings()
     waiting = deque(range(len(questions)))
-    active: list[_GuidedRow] = []
     out: list[Generated | None] = [None] * len(questions)
-    while waiting or active:
-        joined = 0
-        while waiting and len(active) < batch_size:
+    rows: list[_GuidedRow] = []
+    # per row: its step being decoded; None: the row starts a step (feeds its context) next
+    steps: list[_StepState | None] = []
+    suppress = list(su.pruned_ids)
+    eos = tok.eos_token_id
+    signal_ids = set(su.signal_token_ids)
+    window = StepBoundaryStop.window
+    newlines: dict[int, int] = {}  # token id -> the newlines in its text
+    retokenize = _Retokenizer(tok, su.signal_token_ids)
+    anchors: list[tuple[int, list[int]] | None] = []  # per row: see _Retokenizer
+    signal_index = torch.as_tensor(su.signal_token_ids, dtype=torch.long, device=dev)
+
+    def admit() -> _GuidedRow | None:
+        while waiting:
             i = waiting.popleft()
-            prompt = render_prompt(questions[i], tokenizer, system_prompt)
-            active.append(_GuidedRow(index=i, prompt_ids=tokenizer(prompt, add_special_tokens=False)["input_ids"]))
-            joined += 1
-        cache.add_rows(joined)
+            prompt = render_prompt(questions[i], tok, system_prompt)
+            r = _GuidedRow(index=i, prompt_ids=tok(prompt, add_special_tokens=False)["input_ids"])
+            if su.max_new_tokens > 0:
+                return r
+            out[i] = r.result()  # no budget: no step
+        return None
+
+    while True:
+        while len(rows) < batch_size:
+            r = admit()
+            if r is None:
+                break
+            rows.append(r)
+            steps.append(None)
+            anchors.append(None)
+            cache.add_rows(1)
+        if not rows:
+            break
         t0 = time.perf_counter()
-        _guided_round_cached(model, active, setup, cache=cache, backbone=backbone, lm_head=lm_head)
+        new: list[list[int]] = []
+        starts: list[int] = []
+        for b, r in enumerate(rows):
+            st = steps[b]
+            if st is not None:
+                new.append([st.pending])
+                continue
+            starts.append(b)
+            ids, anchors[b] = retokenize(r.completion, anchors[b])
+            ctx = r.prompt_ids + ids
+            # keep at least the last token out, to have its hidden state
+            n = min(_common_prefix(cache.tokens[b], ctx), len(ctx) - 1)
+            cache.truncate(b, n)
+            new.append(ctx[n:])
+        hidden = cache.extend(backbone, new)
+        # every row's next-token logits, in one call (with a signal head, only where needed)
+        logits = lm_head(hidden) if su.head is None else None
+        # rows whose next token is chosen from their last hidden state
+        choose = [b for b, st in enumerate(steps) if st is not None]
+        if starts:
+            if logits is None:
+                sig_logits = signal_logits(model, hidden[starts], su.signal_token_ids, head=su.head)
+            else:  # signal_logits without the head: the LM head's logits at the signal tokens
+                sig_logits = logits[starts].index_select(-1, signal_index).float()
+            probs = _probs_of_signal_logits(sig_logits, su.pruned_idx)
+            if probs is not None:
+                top, arg = probs.max(dim=-1)
+                tops, args = top.tolist(), arg.tolist()
+            for j, b in enumerate(starts):
+                r = rows[b]
+                st = _StepState(budget=0)
+                if probs is not None:
+                    st.confidence = tops[j]
+                    if st.confidence >= guided.confidence_threshold:
+                        k = args[j]
+                        st.signal = su.signal_names[k]
+                        r.completion += su.token_of[st.signal]
+                        r.produced += 1
+                        st.pending = su.signal_token_ids[k]
+                st.budget = _step_budget(su, r)
+                steps[b] = st
+                if st.budget <= 0:
+                    st.stop, st.pending = "budget", None
+                elif st.pending is None:
+                    choose.append(b)
+        if choose:
+            # (with the LM head's logits at hand, every row's argmax: no copy of the chosen rows)
+            scores = (lm_head(hidden[choose]) if logits is None else logits).float()
+            if suppress:
+                scores[:, suppress] = float("-inf")
+            best = scores.argmax(dim=-1).tolist()
+            chosen = best if logits is None else [best[b] for b in choose]
+            for b, t in zip(choose, chosen):
+                st = steps[b]
+                st.pending = None
+                if t == eos:
+                    st.stop = "eos"
+                elif t in signal_ids:
+                    if st.signal is None and not st.body:
+                        # free decoding opened the step with a signal of the model's own choosing
+                        r = rows[b]
+                        st.signal = su.signal_of[t]
+                        r.completion += su.token_of[st.signal]
+                        r.produced += 1
+                        st.budget = _step_budget(su, r)
+                        if st.budget <= 0:
+                            st.stop = "budget"
+                        else:
+                            st.pending = t
+                    else:
+                        st.stop = "signal"
+                else:
+                    st.body.append(t)
+                    nl = newlines.get(t)
+                    if nl is None:
+                        nl = newlines[t] = tok.decode([t], skip_special_tokens=True).count("\n")
+                    st.newlines.append(nl)
+                    # StepBoundaryStop's check on the body's last `window` tokens. A step end holds
+                    # two newlines and decoding never makes a newline that no token's own text
+                    # holds, so the tail is decoded only when its tokens hold two.
+                    if (
+                        sum(st.newlines[-window:]) >= 2
+                        and _STEP_END.search(tok.decode(st.body[-window:], skip_special_tokens=True))
+                    ) or len(st.body) >= st.budget:
+                        st.stop = (
+                            "separator" if _STEP_END.search(tok.decode(st.body, skip_special_tokens=True)) else "length"
+                        )
+                    else:
+                        st.pending = t
+        for b, r in enumerate(rows):
+            st = steps[b]
+            if st.stop is None:
+                continue
+            _end_step(r, st, su)
+            steps[b] = None
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        share = (time.perf_counter() - t0) / len(active)
-        for row in active:
-            row.latency_s += share
-            if row.done:
-                out[row.index] = row.result()
-        keep = [b for b, r in enumerate(active) if not r.done]
-        if len(keep) < len(active):
+        share = (time.perf_counter() - t0) / len(rows)
+        keep: list[int] = []
+        for b, r in enumerate(rows):
+            r.latency_s += share
+            if not r.done:
+                keep.append(b)
+                continue
+            out[r.index] = r.result()
+            nxt = admit()
+            if nxt is not None:
+                # the next question takes this row (the cache keeps what it shares with its
+                # context, the system prompt)
+                rows[b], steps[b], anchors[b] = nxt, None, None
+                keep.append(b)
+        if len(keep) < len(rows):
             cache.keep_rows(keep)
-            active = [active[b] for b in keep]
-        if cache.holes() * 2 > cache.rows * cache.width:
+            rows = [rows[b] for b in keep]
+            steps = [steps[b] for b in keep]
+            anchors = [anchors[b] for b in keep]
+        if cache.holes() * 4 > cache.rows * cache.width:
             cache.compact()
     return [g for g in out if g is not None]
 
 
-def _guided_round_cached(
-    model, rows: list[_GuidedRow], su: _GuidedSetup, *, cache: RowCache, backbone, lm_head
-) -> None:
-    """:func:`_guided_round` on the cache: each row's cache is brought to its context (the
-    completion re-tokenized, as the reference decoder sees it: only the tokens after the longest
-    common prefix with what the cache holds are encoded), which also scores its next signal; then
-    the step bodies are decoded one token per forward pass."""
-    tok, guided = su.tokenizer, su.guided
-    for r in rows:
-        if su.max_new_tokens - r.produced <= 0:
-            r.done = True
-    live = [b for b, r in enumerate(rows) if not r.done]
-    if not live:
+class _Retokenizer:
+    """The token ids of a growing completion, as ``tokenizer(completion)`` gives them, re-tokenizing
+    only its text from its last signal token on.
+
+    A signal token is a special token that takes no whitespace around it (no lstrip / rstrip /
+    single_word, not normalized): a fast tokenizer splits the text at it before normalizing and
+    pre-tokenizing the pieces, so the ids before it do not depend on the text after it, and the
+    piece after it is tokenized alike whatever precedes it (that piece starts past the text's
+    start either way, as the signal token is kept in the re-tokenized text). Each call returns the
+    ids and an anchor for the next call on the same completion grown: (the offset of its last
+    signal token, the ids before it). Other tokenizers re-tokenize the whole completion.
+    """
+
+    def __init__(self, tokenizer, signal_token_ids: Sequence[int]):
+        self.tokenizer = tokenizer
+        self.signal_ids = set(signal_token_ids)
+        added = getattr(tokenizer, "added_tokens_decoder", {})
+
+        def plain(i: int) -> bool:
+            a = added.get(i)
+            return a is not None and not any(
+                getattr(a, f, True) for f in ("lstrip", "rstrip", "single_word", "normalized")
+            )
+
+        self.split = bool(getattr(tokenizer, "is_fast", False)) and all(plain(i) for i in self.signal_ids)
+
+    def __call__(
+        self, text: str, anchor: tuple[int, list[int]] | None
+    ) -> tuple[list[int], tuple[int, list[int]] | None]:
+        if not text:
+            return [], None
+        if not self.split:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"], None
+        start, head = anchor if anchor is not None else (0, [])
+        enc = self.tokenizer(text[start:], add_special_tokens=False, return_offsets_mapping=True)
+        part = enc["input_ids"]
+        if start and not (part and part[0] in self.signal_ids):  # not the anchor (cannot happen)
+            return self(text, None)
+        for j in range(len(part) - 1, -1, -1):
+            if part[j] in self.signal_ids:
+                anchor = (start + enc["offset_mapping"][j][0], head + part[:j])
+                break
+        return head + part, anchor
+
+
+def _end_step(r: _GuidedRow, st: _StepState, su: _GuidedSetup) -> None:
+    """Record the step ``st`` of ``r`` that has ended, as :func:`_guided_round` does, and mark
+    the row done when it is."""
+    body, stop = st.body, st.stop
+    r.produced += len(body) + (1 if stop == "eos" else 0)
+    text = step_text(su.tokenizer.decode(body, skip_special_tokens=True))
+    r.steps.append(text)
+    r.step_signals.append(st.signal)
+    r.confidences.append(st.confidence)
+    r.rounds += 1
+    if stop == "eos":
+        r.done = True
         return
-    new: list[list[int]] = [[] for _ in rows]
-    for b in live:
-        r = rows[b]
-        ctx = list(r.prompt_ids) + (tok(r.completion, add_special_tokens=False)["input_ids"] if r.completion else [])
-        # keep at least the last token out, to have its hidden state
-        n = min(_common_prefix(cache.tokens[b], ctx), len(ctx) - 1)
-        cache.truncate(b, n)
-        new[b] = ctx[n:]
-    hidden = cache.extend(backbone, new)
-    live_hidden = hidden[live]
-    probs = _signal_probs(model, live_hidden, su.signal_token_ids, head=su.head, pruned=su.pruned_idx)
-    signals: dict[int, str | None] = dict.fromkeys(live)
-    confs: dict[int, float | None] = dict.fromkeys(live)
-    state: dict[int, _StepState] = {}
-    logits: dict[int, torch.Tensor] = {}
-    if probs is not None:
-        top, arg = probs.max(dim=-1)
-    for j, b in enumerate(live):
-        r = rows[b]
-        if probs is not None:
-            confs[b] = float(top[j])
-            if confs[b] >= guided.confidence_threshold:
-                k = int(arg[j])
-                signals[b] = su.signal_names[k]
-                r.completion += su.token_of[signals[b]]
-                r.produced += 1
-                state[b] = _StepState(budget=_step_budget(su, r), pending=su.signal_token_ids[k])
-                if state[b].budget <= 0:
-                    state[b].stop, state[b].pending = "budget", None
-                continue
-        state[b] = _StepState(budget=_step_budget(su, r))
-        if state[b].budget <= 0:
-            state[b].stop = "budget"
-        else:
-            logits[b] = lm_head(live_hidden[j : j + 1])[0]
-    suppress = list(su.pruned_ids)
-    eos = tok.eos_token_id
-    signal_ids = set(su.signal_token_ids)
-    while True:
-        feeding = {b: st.pending for b, st in state.items() if st.pending is not None}
-        if feeding:
-            h = cache.extend(backbone, [[feeding[b]] if b in feeding else [] for b in range(len(rows))])
-            sel = list(feeding)
-            step_logits = lm_head(h[sel])
-            for j, b in enumerate(sel):
-                logits[b] = step_logits[j]
-                state[b].pending = None
-        if not logits:
-            break
-        for b, lg in logits.items():
-            st = state[b]
-            lg = lg.float()
-            if suppress:
-                lg[suppress] = float("-inf")
-            t = int(torch.argmax(lg))
-            if t == eos:
-                st.stop = "eos"
-            elif t in signal_ids:
-                if signals[b] is None and not st.body:
-                    # free decoding opened the step with a signal of the model's own choosing
-                    r = rows[b]
-                    signals[b] = su.signal_of[t]
-                    r.completion += su.token_of[signals[b]]
-                    r.produced += 1
-                    st.budget = _step_budget(su, r)
-                    if st.budget <= 0:
-                        st.stop = "budget"
-                    else:
-                        st.pending = t
-                else:
-                    st.stop = "signal"
-            else:
-                st.body.append(t)
-                tail = tok.decode(st.body[-StepBoundaryStop.window :], skip_special_tokens=True)
-                if _STEP_END.search(tail) or len(st.body) >= st.budget:
-                    st.stop = (
-                        "separator" if _STEP_END.search(tok.decode(st.body, skip_special_tokens=True)) else "length"
-                    )
-                else:
-                    st.pending = t
-        logits = {}
-    for b in live:
-        r, st = rows[b], state[b]
-        body, stop = st.body, st.stop
-        r.produced += len(body) + (1 if stop == "eos" else 0)
-        text = step_text(tok.decode(body, skip_special_tokens=True))
-        r.steps.append(text)
-        r.step_signals.append(signals[b])
-        r.confidences.append(confs[b])
-        r.rounds += 1
-        if stop == "eos":
-            r.done = True
-            continue
-        if text or signals[b] is not None:
-            r.completion += text + STEP_SEPARATOR
-        if stop == "budget" or (guided.max_steps is not None and r.rounds >= guided.max_steps):
-            r.done = True
+    if text or st.signal is not None:
+        r.completion += text + STEP_SEPARATOR
+    if stop == "budget" or (su.guided.max_steps is not None and r.rounds >= su.guided.max_steps):
+        r.done = True
+    elif su.max_new_tokens - r.produced <= 0:
+        r.done = True  # no token left for another step
 
 
 # ---------------------------------------------------------------------------------------------
