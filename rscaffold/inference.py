@@ -400,6 +400,37 @@ class _GuidedRow:
     done: bool = False
     latency_s: float = 0.0
 
+    def end_step(
+        self,
+        text: str,
+        *,
+        signal: str | None,
+        confidence: float | None,
+        stop: str,
+        tokens: int,
+        max_new_tokens: int,
+        max_steps: int | None,
+    ) -> None:
+        """Record a step that has ended: its text, the signal that opened it, the gate's top
+        probability, why it stopped (``eos``, ``signal``, ``separator``, ``length``, ``budget``)
+        and the output tokens it used; the row is done at eos, when the budget is used up, or
+        after ``max_steps`` steps. Every guided decoder (in-process, on the KV cache, through a
+        server) keeps its rows' steps with this."""
+        self.produced += tokens
+        self.steps.append(text)
+        self.step_signals.append(signal)
+        self.confidences.append(confidence)
+        self.rounds += 1
+        if stop == "eos":
+            self.done = True
+            return
+        if text or signal is not None:
+            self.completion += text + STEP_SEPARATOR
+        if stop == "budget" or (max_steps is not None and self.rounds >= max_steps):
+            self.done = True
+        elif max_new_tokens - self.produced <= 0:
+            self.done = True  # no token left for another step
+
     def result(self) -> Generated:
         keep = [(t, s, c) for t, s, c in zip(self.steps, self.step_signals, self.confidences) if t or s]
         return Generated(
@@ -542,19 +573,15 @@ def _guided_round(model, rows: list[_GuidedRow], su: _GuidedSetup, *, dev) -> No
             results[b] = res
     for b, r in enumerate(live):
         body, stop, _ = results[b]
-        r.produced += len(body) + (1 if stop == "eos" else 0)
-        text = step_text(tok.decode(body, skip_special_tokens=True))
-        r.steps.append(text)
-        r.step_signals.append(signals[b])
-        r.confidences.append(confs[b])
-        r.rounds += 1
-        if stop == "eos":
-            r.done = True
-            continue
-        if text or signals[b] is not None:
-            r.completion += text + STEP_SEPARATOR
-        if stop == "budget" or (guided.max_steps is not None and r.rounds >= guided.max_steps):
-            r.done = True
+        r.end_step(
+            step_text(tok.decode(body, skip_special_tokens=True)),
+            signal=signals[b],
+            confidence=confs[b],
+            stop=stop,
+            tokens=len(body) + (1 if stop == "eos" else 0),
+            max_new_tokens=su.max_new_tokens,
+            max_steps=guided.max_steps,
+        )
 
 
 def _generate_steps(
@@ -880,24 +907,16 @@ class _Retokenizer:
 
 
 def _end_step(r: _GuidedRow, st: _StepState, su: _GuidedSetup) -> None:
-    """Record the step ``st`` of ``r`` that has ended, as :func:`_guided_round` does, and mark
-    the row done when it is."""
-    body, stop = st.body, st.stop
-    r.produced += len(body) + (1 if stop == "eos" else 0)
-    text = step_text(su.tokenizer.decode(body, skip_special_tokens=True))
-    r.steps.append(text)
-    r.step_signals.append(st.signal)
-    r.confidences.append(st.confidence)
-    r.rounds += 1
-    if stop == "eos":
-        r.done = True
-        return
-    if text or st.signal is not None:
-        r.completion += text + STEP_SEPARATOR
-    if stop == "budget" or (su.guided.max_steps is not None and r.rounds >= su.guided.max_steps):
-        r.done = True
-    elif su.max_new_tokens - r.produced <= 0:
-        r.done = True  # no token left for another step
+    """Record the step ``st`` of ``r`` that has ended (:meth:`_GuidedRow.end_step`)."""
+    r.end_step(
+        step_text(su.tokenizer.decode(st.body, skip_special_tokens=True)),
+        signal=st.signal,
+        confidence=st.confidence,
+        stop=st.stop,
+        tokens=len(st.body) + (1 if st.stop == "eos" else 0),
+        max_new_tokens=su.max_new_tokens,
+        max_steps=su.guided.max_steps,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -439,19 +439,15 @@ class _Guided:
             results.update(self._steps(again, prompts))
         for r in live:
             body, stop, _, used = results[r.index]
-            r.produced += used
-            text = step_text(body)
-            r.steps.append(text)
-            r.step_signals.append(signals[r.index])
-            r.confidences.append(confs[r.index])
-            r.rounds += 1
-            if stop == "eos":
-                r.done = True
-                continue
-            if text or signals[r.index] is not None:
-                r.completion += text + STEP_SEPARATOR
-            if stop == "budget" or (s.max_steps is not None and r.rounds >= s.max_steps):
-                r.done = True
+            r.end_step(
+                step_text(body),
+                signal=signals[r.index],
+                confidence=confs[r.index],
+                stop=stop,
+                tokens=used,
+                max_new_tokens=self.max_new_tokens,
+                max_steps=s.max_steps,
+            )
 
     def _steps(self, rows: list[Any], prompts: list[str]) -> dict[int, tuple[str, str, str | None, int]]:
         """One step body per row: (text, why it stopped, the signal that stopped it, tokens used).
