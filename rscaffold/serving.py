@@ -40,9 +40,11 @@ import itertools
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -144,11 +146,20 @@ class StudentServer:
             return ""
 
     def start(self) -> StudentServer:
+        if not self.argv or shutil.which(self.argv[0], path=self.env.get("PATH")) is None:
+            raise StudentServerError(
+                f"cannot start the student server: {self.argv[0] if self.argv else '(empty command)'!r} is not an "
+                "executable on PATH (evaluation.server.command)"
+            )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # The server runs under a small supervisor (this module's __main__) that stops it when
+        # this process dies without stopping it (killed): a server never outlives its evaluation,
+        # holding a GPU.
+        supervised = [sys.executable, "-m", "rscaffold.serving", "--supervise", str(os.getpid()), "--", *self.argv]
         with open(self.log_path, "ab") as log:
             try:
                 self.proc = subprocess.Popen(
-                    self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+                    supervised, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
                 )
             except OSError as err:
                 raise StudentServerError(f"cannot start the student server {self.argv[0]!r}: {err}") from None
@@ -508,3 +519,44 @@ class _Guided:
                     out[r.index] = (body[r.index], "eos", None, used[r.index])
             todo, part = nxt, part + 1
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the supervisor a StudentServer runs its command under
+
+
+def _supervise(parent: int, argv: list[str], *, poll_s: float = 1.0, grace_s: float = 30.0) -> int:
+    """Run ``argv`` in this process group (the StudentServer's) until it exits, and stop the
+    group if ``parent`` (the process that started it) is gone: a killed evaluation leaves no
+    server behind. A SIGTERM to the group (:meth:`StudentServer.stop`) reaches the server itself;
+    the supervisor waits for it to finish and exits with its code, so the caller's wait covers
+    the server's shutdown."""
+    stopping = False
+
+    def on_term(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    child = subprocess.Popen(argv)
+    while True:
+        try:
+            code = child.wait(timeout=poll_s)
+            return code if code >= 0 else 128 - code
+        except subprocess.TimeoutExpired:
+            pass
+        if not stopping and os.getppid() != parent:
+            stopping = True
+            print(f"rscaffold: the evaluation (pid {parent}) is gone; stopping the student server", flush=True)
+            os.killpg(0, signal.SIGTERM)  # the server and whatever it started; this process ignores it
+            try:
+                child.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(0, signal.SIGKILL)
+            return 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 3 and sys.argv[1] == "--supervise" and sys.argv[3] == "--":
+        sys.exit(_supervise(int(sys.argv[2]), sys.argv[4:]))
+    sys.exit("usage: python -m rscaffold.serving --supervise <parent pid> -- <server command ...>")

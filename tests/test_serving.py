@@ -85,3 +85,62 @@ def test_a_server_that_adds_a_bos_sees_the_in_process_tokens(smollm2_dir):
         assert leading_bos == 1 + add_bos  # the template's BOS, and the tokenizer's own
         served = tok(without_added_bos(prompt, tok), add_special_tokens=True)["input_ids"]  # as the server does
         assert served == tok(prompt, add_special_tokens=False)["input_ids"]  # as in-process decoding does
+
+
+HEALTH_SERVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+STARTER = """
+import sys, time
+from rscaffold.serving import StudentServer
+s = StudentServer(sys.argv[1], model_dir=".", model="m", log_path=sys.argv[2]).start()
+print(s.proc.pid, s.port, flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" in f.read()  # a zombie: dead, not yet reaped by init
+    except FileNotFoundError:
+        return True
+
+
+def test_a_killed_evaluation_leaves_no_server_behind(tmp_path):
+    import subprocess
+    import time
+    import urllib.request
+
+    (tmp_path / "health.py").write_text(HEALTH_SERVER)
+    command = f"{sys.executable} {tmp_path / 'health.py'} {{port}}"
+    starter = subprocess.Popen(
+        [sys.executable, "-c", STARTER, command, str(tmp_path / "server.log")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        supervisor, port = map(int, starter.stdout.readline().split())
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            assert r.status == 200
+    finally:
+        starter.kill()  # SIGKILL: no finally, no atexit in the evaluation
+        starter.wait()
+    deadline = time.monotonic() + 20
+    while not _gone(supervisor) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _gone(supervisor)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+    assert "is gone; stopping the student server" in (tmp_path / "server.log").read_text()
+
+
+def test_a_missing_server_binary_is_named(tmp_path):
+    with pytest.raises(StudentServerError, match="'no-such-server' is not an executable on PATH"):
+        _server(tmp_path, "no-such-server {model_dir}").start()

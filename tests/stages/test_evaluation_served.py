@@ -4,7 +4,9 @@ decoding under greedy decoding, and a server that dies mid-evaluation loses no f
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -72,8 +74,8 @@ def test_served_student_answers_as_in_process_and_survives_a_dying_server(
     monkeypatch.setattr(serving.StudentServer, "start", recording_start)
 
     def kill_after_first_shard(done: int, total: int) -> None:
-        if done == 1:
-            servers[-1].proc.kill()
+        if done == 1:  # the server dies (its whole process group: the supervisor and the server)
+            os.killpg(servers[-1].proc.pid, signal.SIGKILL)
             servers[-1].proc.wait()
 
     with pytest.raises(serving.ServedDecodingError, match="re-run to resume"):
