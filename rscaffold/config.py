@@ -781,6 +781,18 @@ class BenchmarkSource(_Section):
         return self.custom.name if self.custom is not None else self.name
 
 
+def _check_placeholders(field: str, template: str, allowed: tuple[str, ...]) -> None:
+    """``template`` formats with ``allowed`` placeholders (str.format): checked when the config
+    loads, not when the stage that fills it starts."""
+    try:
+        template.format(**dict.fromkeys(allowed, "x"))
+    except (KeyError, IndexError, ValueError) as err:
+        names = ", ".join("{" + a + "}" for a in allowed)
+        raise ValueError(
+            f"{field} {template!r}: {err!r}; it may use {names}; write a literal brace as {{{{ or }}}}"
+        ) from None
+
+
 class StudentServerConfig(_Section):
     """A server the evaluation starts for each student it decodes through a server.
 
@@ -803,9 +815,16 @@ class StudentServerConfig(_Section):
     )
     env: dict[str, str] = Field(
         default_factory=dict,
-        description="Environment variables added for the server (e.g. CUDA_VISIBLE_DEVICES).",
+        description="Environment variables added for the server (e.g. CUDA_VISIBLE_DEVICES); recorded in the "
+        "manifest like the rest of the config, so no secrets: the server inherits this process's environment.",
         json_schema_extra=EXECUTION,
     )
+
+    @field_validator("command")
+    @classmethod
+    def _check_command(cls, v: str) -> str:
+        _check_placeholders("evaluation.server.command", v, ("model_dir", "port", "host", "model"))
+        return v
 
 
 class EvaluationConfig(_Section):
@@ -902,6 +921,13 @@ class EvaluationConfig(_Section):
             )
         if self.server is not None and self.llm is not None and self.llm.backend != "openai":
             raise ValueError("evaluation.server needs evaluation.llm.backend 'openai' (or no evaluation.llm)")
+        if self.llm is not None and self.llm.backend == "openai":
+            _check_placeholders("evaluation.llm.model", self.llm.model, ("student", "model_dir"))
+            if self.server is None and not self.llm.base_url:
+                raise ValueError(
+                    "evaluation.llm with backend 'openai' needs base_url (the server hosting the students) "
+                    "or evaluation.server (a server the stage starts); the students are not sent to a default endpoint"
+                )
         return self
 
     def served_llm(self) -> BackendConfig | None:

@@ -145,7 +145,22 @@ class StudentServer:
         except OSError:
             return ""
 
+    def _port_free(self) -> bool:
+        with socket.socket() as sock:
+            try:
+                sock.bind((self.host, self.port))
+            except OSError:
+                return False
+        return True
+
     def start(self) -> StudentServer:
+        if not self._port_free():
+            # whatever answers there is not the server this starts (a stale one, another run's):
+            # its answers must not be taken, nor cached, as this student's
+            raise StudentServerError(
+                f"port {self.port} on {self.host} is in use: another server (a stale one, another run's?) "
+                "answers there; stop it, or leave evaluation.server.port unset (a free port is picked)"
+            )
         if not self.argv or shutil.which(self.argv[0], path=self.env.get("PATH")) is None:
             raise StudentServerError(
                 f"cannot start the student server: {self.argv[0] if self.argv else '(empty command)'!r} is not an "
@@ -164,10 +179,12 @@ class StudentServer:
             except OSError as err:
                 raise StudentServerError(f"cannot start the student server {self.argv[0]!r}: {err}") from None
         deadline = time.monotonic() + self.startup_timeout_s
-        while not self._ready():
+        while self.proc.poll() is not None or not self._ready():  # ready: ours is up and answers
             if self.proc.poll() is not None:
+                code = self.proc.returncode
+                self.stop()  # whatever it left in its group
                 raise StudentServerError(
-                    f"the student server exited with {self.proc.returncode} before it was ready "
+                    f"the student server exited with {code} before it was ready "
                     f"(command: {shlex.join(self.argv)}; log {self.log_path}):\n{self._log_tail()}"
                 )
             if time.monotonic() > deadline:
@@ -183,19 +200,28 @@ class StudentServer:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
+        """Stop the server's whole process group (the supervisor, the server and whatever it
+        started), also when the supervisor or the server alone has already died."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        for sig, wait in ((signal.SIGTERM, self.stop_timeout_s), (signal.SIGKILL, 30.0)):
+        for sig, wait in ((signal.SIGTERM, self.stop_timeout_s), (signal.SIGKILL, 10.0)):
             try:
-                os.killpg(proc.pid, sig)
+                os.killpg(proc.pid, sig)  # the group's id is the supervisor's pid (a session leader)
             except ProcessLookupError:
-                return
-            try:
-                proc.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                proc.poll()  # reap the supervisor, so that it does not hold the group
+                try:
+                    os.killpg(proc.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+            else:
                 continue
+            break
+        proc.poll()
 
     def __enter__(self) -> StudentServer:
         return self.start()

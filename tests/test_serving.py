@@ -144,3 +144,42 @@ def test_a_killed_evaluation_leaves_no_server_behind(tmp_path):
 def test_a_missing_server_binary_is_named(tmp_path):
     with pytest.raises(StudentServerError, match="'no-such-server' is not an executable on PATH"):
         _server(tmp_path, "no-such-server {model_dir}").start()
+
+
+def test_a_port_in_use_is_refused(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        s = _server(tmp_path, f"{sys.executable} -c pass", port=busy.getsockname()[1])
+        with pytest.raises(StudentServerError, match="is in use"):
+            s.start()  # whatever answers there must not be taken for this student's server
+        assert s.proc is None
+
+
+def test_stop_ends_the_group_even_when_the_supervisor_died(tmp_path):
+    import os
+    import urllib.request
+
+    (tmp_path / "health.py").write_text(HEALTH_SERVER)
+    s = _server(tmp_path, f"{sys.executable} {tmp_path / 'health.py'} {{port}}").start()
+    group = s.proc.pid
+    s.proc.kill()  # the supervisor alone: the server runs on
+    s.proc.wait()
+    with urllib.request.urlopen(f"{s.root}/health", timeout=5) as r:
+        assert r.status == 200
+    s.stop()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(group, 0)
+
+
+def test_placeholders_and_endpoint_are_checked_when_the_config_loads():
+    with pytest.raises(ValueError, match=r"KeyError\('foo'\).*literal brace as \{\{"):
+        config_from_dict({"evaluation": {"server": {"command": "vllm serve {model_dir} --x {foo}"}}})
+    literal = 'vllm serve {model_dir} --compilation-config {{"level": 3}}'
+    assert config_from_dict({"evaluation": {"server": {"command": literal}}})
+    with pytest.raises(ValueError, match=r"evaluation.llm.model '\{nope\}'"):
+        config_from_dict({"evaluation": {"llm": {"backend": "openai", "model": "{nope}", "base_url": "http://h/v1"}}})
+    with pytest.raises(ValueError, match="needs base_url"):
+        config_from_dict({"evaluation": {"llm": {"backend": "openai", "model": "{student}"}}})

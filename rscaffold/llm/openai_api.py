@@ -225,7 +225,8 @@ class OpenAIBackend:
     def _parse(self, resp: Any, req: ChatRequest, start_index: int, *, latency: float) -> list[Completion]:
         choices = getattr(resp, "choices", None)
         if not isinstance(choices, list):
-            raise InvalidResponseError(f"{INVALID_RESPONSE}: expected a chat completion, got {type(resp).__name__}")
+            kind = "text completion" if req.prompt is not None else "chat completion"
+            raise InvalidResponseError(f"{INVALID_RESPONSE}: expected a {kind}, got {type(resp).__name__}")
         usage = getattr(resp, "usage", None)
         prompt_tokens = getattr(usage, "prompt_tokens", None)
         total_completion = getattr(usage, "completion_tokens", None)

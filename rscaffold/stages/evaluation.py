@@ -167,7 +167,7 @@ class _Decoder:
         """Answer one shard; persist and return its predictions."""
         from rscaffold.evaluation.metrics import score_output
         from rscaffold.inference import generate
-        from rscaffold.serving import generate_served
+        from rscaffold.serving import ServedDecodingError, generate_served
 
         name, suite = shard.model, shard.suite
         mode, settings = self.settings(name)
@@ -176,15 +176,21 @@ class _Decoder:
         if ecfg.is_served(student_of(name)):
             backend, student = self.serve(student_of(name))
             self.decoding[name]["backend"] = "openai"
-            outs = generate_served(
-                backend,
-                student,
-                questions,
-                mode=mode,
-                max_new_tokens=ecfg.max_new_tokens,
-                guided=settings,
-                request_prefix=shard.key,
-            )
+            try:
+                outs = generate_served(
+                    backend,
+                    student,
+                    questions,
+                    mode=mode,
+                    max_new_tokens=ecfg.max_new_tokens,
+                    guided=settings,
+                    request_prefix=shard.key,
+                )
+            except ServedDecodingError as err:
+                if self.server is None:
+                    raise
+                alive = "running" if self.server.alive() else "no longer running"
+                raise ServedDecodingError(f"{err} The server is {alive}; its log: {self.server.log_path}") from None
         else:
             outs = generate(
                 self.load(student_of(name)),
