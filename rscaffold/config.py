@@ -935,7 +935,7 @@ class EvaluationConfig(_Section):
         if self.llm is not None and self.llm.backend == "openai":
             return self.llm
         if self.server is not None:
-            return BackendConfig(backend="openai", model="{model_dir}", base_url="http://127.0.0.1/v1")
+            return BackendConfig(backend="openai", model="{model_dir}")  # base_url: the started server's
         return None
 
     def is_served(self, student: str) -> bool:

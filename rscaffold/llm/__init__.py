@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Callable
 
 from rscaffold.config import BackendConfig
 from rscaffold.llm.base import ChatRequest, Completion, LLMBackend, ResultCallback
@@ -58,18 +59,28 @@ def _shared(cfg: BackendConfig, cls: type) -> LLMBackend:
         return _Borrowed(_SHARED[key])
 
 
-def create_backend(cfg: BackendConfig, *, cache: RequestCache | None = None, shared: bool = False) -> LLMBackend:
+def create_backend(
+    cfg: BackendConfig,
+    *,
+    cache: RequestCache | None = None,
+    shared: bool = False,
+    connect: Callable[[], LLMBackend] | None = None,
+) -> LLMBackend:
     """The backend ``cfg.backend`` names (its module is imported only now).
 
     With a ``cache`` (:mod:`rscaffold.llm.cache`), a :class:`~rscaffold.llm.cache.CachedBackend`
     that answers known requests from it and creates the real backend only for the first one it
     cannot answer. ``shared``: the real backend is kept for the life of the process and lent to
     every later call with the same config (a worker that runs shard after shard loads its model
-    replica once); closing what this returns does not unload it.
+    replica once); closing what this returns does not unload it. ``connect``: makes the real
+    backend instead (e.g. after starting the server it talks to), called only when a request is
+    not in the cache.
     """
     cls = backend_class(cfg.backend)
 
     def factory() -> LLMBackend:
+        if connect is not None:
+            return connect()
         return _shared(cfg, cls) if shared else cls(cfg)
 
     if cache is None or cache.mode == "off":

@@ -128,9 +128,10 @@ class _Decoder:
         return self.student
 
     def serve(self, student_name: str) -> tuple[Any, Any]:
-        """(request backend, tokenizer-only Student) of a served student; starts its server when
-        ``evaluation.server`` is set (stopping the previous student's)."""
-        from rscaffold.llm import create_backend
+        """(request backend, tokenizer-only Student) of a served student. With
+        ``evaluation.server``, its server is started (and the previous student's stopped) at the
+        first request the request cache cannot answer: a fully cached re-run starts none."""
+        from rscaffold.llm import backend_class, create_backend
         from rscaffold.serving import StudentServer, served_llm
         from rscaffold.stages.requests import request_cache
         from rscaffold.student import load_student
@@ -140,25 +141,28 @@ class _Decoder:
         model_dir = model_path(self.training, student_name)
         if self.served != student_name:
             self.stop_serving()
-            self.close()  # free the in-process model (a calibration's) before a server takes the device
-            base_url = None
-            if ecfg.server is not None:
+            bcfg = served_llm(llm, student=student_name, model_dir=model_dir)
+            if bcfg.revision is None:  # the request cache tells students (and trainings) apart by it
+                bcfg = bcfg.model_copy(update={"revision": f"{self.training.fingerprint}/{student_name}"})
+
+            def connect() -> Any:
+                if ecfg.server is None:
+                    return backend_class(bcfg.backend)(bcfg)
+                self.close()  # free the in-process model (a calibration's) before the server takes the device
                 sc = ecfg.server
                 self.server = StudentServer(
                     sc.command,
                     model_dir=model_dir,
-                    model=llm.model.format(student=student_name, model_dir=model_dir),
+                    model=bcfg.model,
                     log_path=self.sd.work / f"server-{student_name}.log",
                     host=sc.host,
                     port=sc.port,
                     startup_timeout_s=sc.startup_timeout_s,
                     env=sc.env,
                 ).start()
-                base_url = self.server.base_url
-            bcfg = served_llm(llm, student=student_name, model_dir=model_dir, base_url=base_url)
-            if bcfg.revision is None:  # the request cache tells students (and trainings) apart by it
-                bcfg = bcfg.model_copy(update={"revision": f"{self.training.fingerprint}/{student_name}"})
-            self.backend = create_backend(bcfg, cache=request_cache(self.cfg))
+                return backend_class(bcfg.backend)(bcfg.model_copy(update={"base_url": self.server.base_url}))
+
+            self.backend = create_backend(bcfg, cache=request_cache(self.cfg), connect=connect)
             self.served = student_name
             self.tokenizer_only = load_student(model_dir, weights=False)
         return self.backend, self.tokenizer_only

@@ -98,6 +98,11 @@ def test_served_student_answers_as_in_process_and_survives_a_dying_server(
     assert served.summary["decoding"]["base"]["backend"] == "openai"
     assert (Path(served.path) / "server-base.log").exists()
 
+    # every request is in the request cache now: a forced re-run answers from it, starting no server
+    again = run_evaluation(served_cfg, sfps, problems=problems, training=training, force=True, fresh=True)
+    assert len(servers) == 2
+    assert pl.read_parquet(Path(again.path) / "predictions.parquet")["output"].to_list() == b["output"].to_list()
+
 
 def test_served_scaffolded_student_decodes_guided_through_the_server(random_student, benchmarks_dir, tmp_path):
     """The stage's guided path through a server that runs (evaluation.llm.base_url): here the
