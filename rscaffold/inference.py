@@ -76,7 +76,7 @@ from rscaffold.config import GuidedInferenceConfig
 from rscaffold.kv_cache import RowCache, supports_row_cache
 from rscaffold.prompts import STUDENT_SYSTEM_PROMPT, render_prompt
 from rscaffold.segment import split_at_step_boundaries
-from rscaffold.student import Student, backbone_of, causal_lm_of, signal_logits
+from rscaffold.student import Student, backbone_of, boundary_signal_logits, causal_lm_of, signal_logits
 from rscaffold.vocabulary import STEP_BOUNDARY, STEP_SEPARATOR
 
 
@@ -921,57 +921,6 @@ def _end_step(r: _GuidedRow, st: _StepState, su: _GuidedSetup) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # calibration of the gate on validation data
-
-
-@torch.no_grad()
-def boundary_signal_logits(
-    student: Student,
-    examples: Sequence[Any],
-    *,
-    benchmark: str | None = None,
-    max_length: int | None = None,
-    batch_size: int = 8,
-) -> tuple[torch.Tensor, list[int]]:
-    """Teacher-forced next-signal logits at every gold step boundary of ``examples``
-    (ExampleRecords, rendered in the training format): ``(N, K)`` float32 logits and the N gold
-    signal indices."""
-    from rscaffold.training.collator import IGNORE_INDEX, ScaffoldCollator, encode_examples
-
-    if not student.scaffolded or not student.signal_token_ids:
-        raise ValueError("boundary signal logits need a scaffolded student")
-    tok = student.tokenizer
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    rows = encode_examples(
-        examples,
-        tok,
-        dict(zip(student.signal_names, student.signal_tokens)),
-        signal_token_ids=student.signal_token_ids,
-        max_length=max_length,
-        benchmark=benchmark,
-    )
-    collate = ScaffoldCollator(pad_token_id=tok.pad_token_id)
-    model, dev = student.model, student.device
-    logits: list[torch.Tensor] = []
-    gold: list[int] = []
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, len(rows), batch_size):
-            batch = collate(rows[i : i + batch_size])
-            hidden = backbone_of(model)(
-                input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)
-            ).last_hidden_state
-            lab = batch["signal_labels"].to(dev)
-            valid = lab != IGNORE_INDEX
-            rows_idx = torch.arange(lab.shape[0], device=dev)[:, None].expand_as(lab)[valid]
-            h = hidden[rows_idx, batch["signal_positions"].to(dev)[valid]]
-            logits.append(signal_logits(model, h, student.signal_token_ids, head=student.head).cpu())
-            gold.extend(int(x) for x in lab[valid].tolist())
-    finally:
-        model.train(was_training)
-    k = len(student.signal_token_ids)
-    return (torch.cat(logits) if logits else torch.zeros((0, k))), gold
 
 
 def choose_threshold(confidences: Sequence[float], correct: Sequence[bool], precision: float) -> float:

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -44,6 +43,7 @@ from rscaffold.models import build_tiny_model
 from rscaffold.paths import default_model_dir
 from rscaffold.records import ExampleRecord, PredictionRecord, Step
 from rscaffold.segment import split_steps
+from rscaffold.serving import free_port
 from rscaffold.vocabulary import STAGES
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: tests/ is directly below it
@@ -65,12 +65,6 @@ def png_size(path: Path) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------
 # LLM backends: requests, a free port, a fake OpenAI-compatible server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def chat_request(rid: str, question: str, n: int = 1, schema=None) -> ChatRequest:
@@ -692,41 +686,31 @@ def serve_available() -> str | None:
     return None
 
 
+# `transformers serve` as a command of rscaffold.serving.StudentServer ({model_dir}, {host}, {port})
+TRANSFORMERS_SERVE = (
+    f"{sys.executable} -c 'from transformers.cli.transformers import app; app()' "
+    "serve {model_dir} --host {host} --port {port} --device cpu"
+)
+SERVE_ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": "1"}
+
+
 @contextmanager
 def transformers_serve(model_dir: Path, log_path: Path) -> Iterator[str]:
-    """``transformers serve <model_dir>`` as a subprocess on a free port; yields its base URL
-    (``http://127.0.0.1:<port>``) once ``/health`` answers."""
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-c", "from transformers.cli.transformers import app; app()",
-        "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-    ]  # fmt: skip
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"transformers serve not ready after {SERVER_START_TIMEOUT_S}s")
-            time.sleep(0.25)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """``transformers serve <model_dir>`` on a free port, started, waited for and stopped by the
+    product's own :class:`rscaffold.serving.StudentServer`; yields its root URL
+    (``http://127.0.0.1:<port>``) once it answers."""
+    from rscaffold.serving import StudentServer
+
+    server = StudentServer(
+        TRANSFORMERS_SERVE,
+        model_dir=model_dir,
+        model=str(model_dir),
+        log_path=log_path,
+        startup_timeout_s=SERVER_START_TIMEOUT_S,
+        env=SERVE_ENV,
+    )
+    with server:
+        yield server.root
 
 
 class CountingProxy:

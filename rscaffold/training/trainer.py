@@ -44,6 +44,7 @@ from rscaffold.student import (
     SignalHead,
     Student,
     backbone_of,
+    boundary_signal_logits,
     causal_lm_of,
     signal_logits,
 )
@@ -864,41 +865,15 @@ def _model_card(meta: dict[str, Any], cfg: TrainingConfig) -> str:
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
-@torch.no_grad()
 def evaluate_signal_accuracy(
     student: Student, examples, batch_size: int = 8, *, max_length: int | None = None
 ) -> float:
     """Teacher-forced next-signal accuracy over the gold scaffolds of ``examples`` (ExampleRecords)."""
     if not student.scaffolded or not student.signal_token_ids:
         raise ValueError("signal accuracy needs a scaffolded student")
-    tok = student.tokenizer
-    rows = encode_examples(
-        examples,
-        tok,
-        dict(zip(student.signal_names, student.signal_tokens)),
-        signal_token_ids=student.signal_token_ids,
-        max_length=max_length,
-        benchmark=student.prompt_benchmark,
+    logits, gold = boundary_signal_logits(
+        student, examples, benchmark=student.prompt_benchmark, max_length=max_length, batch_size=batch_size
     )
-    collate = ScaffoldCollator(pad_token_id=tok.pad_token_id)
-    correct = total = 0
-    model = student.model
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, len(rows), batch_size):
-            batch = collate(rows[i : i + batch_size])
-            dev = student.device
-            hidden = backbone_of(model)(
-                input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)
-            ).last_hidden_state
-            lab = batch["signal_labels"].to(dev)
-            valid = lab != IGNORE_INDEX
-            rows_idx = torch.arange(lab.shape[0], device=dev)[:, None].expand_as(lab)[valid]
-            h = hidden[rows_idx, batch["signal_positions"].to(dev)[valid]]
-            pred = signal_logits(model, h, student.signal_token_ids, head=student.head).argmax(-1)
-            correct += int((pred == lab[valid]).sum())
-            total += int(valid.sum())
-    finally:
-        model.train(was_training)
-    return correct / total if total else float("nan")
+    if not gold:
+        return float("nan")
+    return float((logits.argmax(-1) == torch.as_tensor(gold)).float().mean())

@@ -7,15 +7,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import serve_available
+from helpers import SERVE_ENV, TRANSFORMERS_SERVE, serve_available
 
 from rscaffold.config import config_from_dict
-
-SERVE = f"{sys.executable} -c 'from transformers.cli.transformers import app; app()' serve {{model_dir}} --host {{host}} --port {{port}} --device cpu"  # noqa: E501
 
 
 def _config(tmp_path: Path, bench: Path, served: bool):
@@ -28,7 +25,7 @@ def _config(tmp_path: Path, bench: Path, served: bool):
         "bootstrap_samples": 0,
     }
     if served:
-        evaluation["server"] = {"command": SERVE, "env": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}}
+        evaluation["server"] = {"command": TRANSFORMERS_SERVE, "env": SERVE_ENV}
         # no retries: a dead server fails at once
         evaluation["llm"] = {"backend": "openai", "model": "{model_dir}", "base_url": "http://x/v1", "max_retries": 0}
     return config_from_dict({"run": {"artifacts_dir": str(tmp_path / "artifacts")}, "evaluation": evaluation})
