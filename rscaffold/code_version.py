@@ -45,13 +45,23 @@ def _parents(module: str) -> list[str]:
 
 
 # CPython 3.11's parser is not safe to call from several threads at once ("AST constructor
-# recursion depth mismatch", gh-106905); Prefect runs tasks in threads, so parsing is serialised.
+# recursion depth mismatch", gh-106905); Prefect runs tasks in threads, so our parsing is
+# serialised. A parse elsewhere in the process (a library's, in another thread) can still trip
+# it: the error is transient (the same source parses on the next try), so it is retried.
 _PARSE_LOCK = threading.Lock()
+_PARSE_TRIES = 5
 
 
 def _parse(path: Path) -> ast.Module:
+    source = path.read_text(encoding="utf-8")
     with _PARSE_LOCK:
-        return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for attempt in range(_PARSE_TRIES):
+            try:
+                return ast.parse(source, filename=str(path))
+            except SystemError as err:
+                if "recursion depth mismatch" not in str(err) or attempt == _PARSE_TRIES - 1:
+                    raise
+    raise AssertionError("unreachable")
 
 
 @functools.cache
