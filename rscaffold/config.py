@@ -282,9 +282,11 @@ class TeacherConfig(_Section):
         description="User prompt with '{question}'; None: the template of the problems' benchmark family "
         "(math: 'The answer is' + the number, yes/no, multiple-choice letter).",
     )
-    keep: Literal["correct", "all"] = Field(
-        default="all",
-        description="Which traces go on to labeling: 'all' successful ones, or only 'correct' ones (the answer checks out).",
+    keep: Literal["finished", "correct", "all"] = Field(
+        default="finished",
+        description="Which traces go on to labeling: 'finished' successful ones that ended before the token limit "
+        "(finish reason not 'length', no unclosed reasoning block), 'correct' finished ones whose answer checks "
+        "out, or 'all' successful ones, cut-off ones included (students then learn unfinished reasoning).",
     )
     shard_size: int = Field(
         default=8, ge=1, description="Traces per persisted shard (the unit of resume).", json_schema_extra=EXECUTION
@@ -566,7 +568,25 @@ class TrainingConfig(_Section):
     per_device_batch_size: int = Field(default=4, ge=1, description="Examples per device per micro-batch.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
     max_length: int = Field(
-        default=512, ge=16, description="Longest training sequence in tokens (prompt kept whole, completion truncated)."
+        default=512,
+        ge=16,
+        description="Longest training example in tokens (prompt + completion); 'truncation' decides what happens to a longer one.",
+    )
+    truncation: Literal["drop", "fail", "truncate_keep_end"] = Field(
+        default="drop",
+        description="What happens to a training example longer than max_length: 'drop' leaves it out, for every "
+        "student (so all train on the same problems, each example whole, its ending and eos kept); 'fail' stops "
+        "the training stage before any model is loaded; 'truncate_keep_end' keeps the prompt, the beginning and "
+        "the end of the completion (final answer and eos) and cuts its middle. Counted per student in the "
+        "metrics, the model card, the stage summary and the log.",
+    )
+    max_over_length_share: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="Fail the training stage before any model is loaded when a larger share of a student's "
+        "training examples is longer than max_length (dropped or truncated); 1: never.",
+        json_schema_extra=EXECUTION,
     )
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="Share of the training steps with linear warm-up.")
     warmup_steps: int | None = Field(

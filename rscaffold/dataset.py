@@ -9,6 +9,7 @@ row; ``benchmarks/dataset_assembly.py`` measures it against the earlier row-by-r
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,7 +20,9 @@ import polars as pl
 from rscaffold.config import DatasetConfig
 from rscaffold.records import TraceRecord
 
-KEEP_CHOICES = ("correct", "all")
+log = logging.getLogger(__name__)
+
+KEEP_CHOICES = ("finished", "correct", "all")
 # The ExampleRecord columns, in order (rscaffold.records), as the assembly produces them.
 _EXAMPLE_COLUMNS = (
     "trace_id",
@@ -58,7 +61,7 @@ def assemble_examples(
     steps_path: str | Path,
     cfg: DatasetConfig,
     *,
-    keep: str = "all",
+    keep: str = "finished",
 ) -> tuple[pl.DataFrame, dict[str, int]]:
     """Join the teacher's traces (``traces.parquet``) with their labeled steps
     (``labeled_steps.parquet``), filter, and split by problem.
@@ -66,16 +69,18 @@ def assemble_examples(
     Returns the examples, one row per kept trace with the columns of
     :class:`~rscaffold.records.ExampleRecord` (steps ordered by index; rows ordered by split,
     problem and trace), and the counts of dropped traces by reason: ``failed`` (the request
-    failed), ``no_answer`` / ``incorrect`` (``keep="correct"`` as in :func:`select_traces`, or
+    failed), ``truncated`` (the teacher hit its token limit; kept only with ``keep="all"``), ``no_answer`` / ``incorrect`` (``keep="correct"`` as in :func:`select_traces`, or
     ``cfg.only_correct``), ``too_few_steps`` (fewer than ``cfg.min_steps`` labeled steps).
     """
     if keep not in KEEP_CHOICES:
-        raise ValueError(f"keep must be 'correct' or 'all', got {keep!r}")
+        raise ValueError(f"keep must be one of {', '.join(KEEP_CHOICES)}, got {keep!r}")
     correct = pl.col("correct").fill_null(False)
     keep_correct = keep == "correct"
     drop_reason = (
         pl.when(pl.col("status") != "ok")
         .then(pl.lit("failed"))
+        .when(pl.lit(keep != "all") & pl.col("truncated").fill_null(False))
+        .then(pl.lit("truncated"))
         .when(pl.lit(keep_correct) & ~correct & pl.col("predicted_answer").is_null())
         .then(pl.lit("no_answer"))
         .when(pl.lit(keep_correct or cfg.only_correct) & ~correct)
@@ -92,6 +97,7 @@ def assemble_examples(
         "predicted_answer",
         "correct",
         "status",
+        "truncated",
         # the teacher's visible final answer text (what the short-CoT student learns), null when blank
         pl.col("text").str.strip_chars().replace("", None).alias("answer_text"),
     )
@@ -153,20 +159,66 @@ def dataset_stats(examples: pl.DataFrame, signal_names: Sequence[str]) -> dict[s
 
 
 def select_traces(traces: Sequence[TraceRecord], keep: str) -> tuple[list[TraceRecord], dict[str, int]]:
-    """Filter traces for the dataset: ``keep="correct"`` keeps correct ones, ``"all"`` keeps every
-    successful one (incorrect included). Failed traces are always dropped.
+    """Filter traces for the dataset: ``keep="finished"`` keeps every successful trace that ended
+    before the teacher's token limit, ``"correct"`` the finished ones whose answer checks out,
+    ``"all"`` every successful one (cut-off and incorrect ones included). Failed traces are always
+    dropped.
 
-    Returns ``(kept, dropped_reasons)`` with reasons ``failed``, ``no_answer``, ``incorrect``.
+    Returns ``(kept, dropped_reasons)`` with reasons ``failed``, ``truncated`` (the teacher hit its
+    token limit: finish reason ``length`` or an unclosed reasoning block), ``no_answer``, ``incorrect``.
     """
     if keep not in KEEP_CHOICES:
-        raise ValueError(f"keep must be 'correct' or 'all', got {keep!r}")
+        raise ValueError(f"keep must be one of {', '.join(KEEP_CHOICES)}, got {keep!r}")
     kept: list[TraceRecord] = []
     dropped: Counter = Counter()
     for t in traces:
         if t.status != "ok":
             dropped["failed"] += 1
+        elif keep != "all" and t.truncated:
+            dropped["truncated"] += 1
         elif keep == "correct" and not t.correct:
             dropped["no_answer" if t.predicted_answer is None else "incorrect"] += 1
         else:
             kept.append(t)
+    log_truncated(
+        dropped.get("truncated", 0), sum(t.status == "ok" and t.truncated for t in kept), len(traces), keep=keep
+    )
     return kept, dict(dropped)
+
+
+def log_truncated(dropped: int, kept: int, total: int, *, keep: str) -> None:
+    """One log line on the traces that hit the teacher's token limit: how many were dropped or kept."""
+    if keep == "all":
+        (log.warning if kept else log.info)(
+            "teacher.keep=all: %d of %d traces hit the teacher's token limit and are kept (unfinished reasoning)",
+            kept,
+            total,
+        )
+    else:
+        log.info(
+            "teacher.keep=%s: dropped %d of %d traces that hit the teacher's token limit (teacher.keep: all keeps them)",
+            keep,
+            dropped,
+            total,
+        )
+
+
+def length_summary(lengths: Iterable[int], max_length: int | None = None) -> dict[str, Any]:
+    """The distribution of example lengths in tokens: ``count``, ``mean``, ``p50``, ``p90``,
+    ``p99``, ``max`` (nearest-rank percentiles, so each is a length that occurs), and with
+    ``max_length`` how many examples are longer (``over_max_length``) and their share."""
+    s = pl.Series("tokens", list(lengths), dtype=pl.Int64)
+    n = s.len()
+    out: dict[str, Any] = {"count": n}
+    if n:
+        out.update(
+            mean=round(float(s.mean()), 1),
+            **{f"p{q}": int(s.quantile(q / 100, interpolation="higher")) for q in (50, 90, 99)},
+            max=int(s.max()),
+        )
+    else:
+        out.update(mean=None, p50=None, p90=None, p99=None, max=None)
+    if max_length is not None:
+        over = int((s > max_length).sum()) if n else 0
+        out.update(max_length=max_length, over_max_length=over, over_share=round(over / n, 4) if n else 0.0)
+    return out

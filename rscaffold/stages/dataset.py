@@ -7,12 +7,13 @@ import time
 from rscaffold.config import PipelineConfig
 from rscaffold.records import ExampleRecord
 from rscaffold.stages.common import (
+    log,
     open_stage,
     stage_code_version,
     stage_inputs,
     write_json,
 )
-from rscaffold.store import StageRef, write_table
+from rscaffold.store import StageRef, read_records, write_table
 
 
 def run_dataset(
@@ -24,7 +25,10 @@ def run_dataset(
     force: bool = False,
     fresh: bool = False,
 ) -> StageRef:
-    """Join the kept traces with their labeled steps, filter, split by problem, write ``examples.parquet``."""
+    """Join the kept traces with their labeled steps, filter, split by problem, write ``examples.parquet``
+    with its statistics: among them ``token_lengths``, the length distribution of every trained
+    student's training examples in the student's tokens and how many exceed ``training.max_length``
+    (the training stage acts on them before it loads any model: see :mod:`rscaffold.training.lengths`)."""
     from rscaffold.dataset import assemble_examples, dataset_stats
     from rscaffold.labeling.taxonomy import load_taxonomy
 
@@ -38,13 +42,16 @@ def run_dataset(
         if not (examples.get_column("split") == "train").any():
             raise RuntimeError(
                 f"the dataset has no training rows ({examples.height} kept traces, dropped: {dropped}); "
-                "check the teacher output and dataset.only_correct/min_steps"
+                "check the teacher output, teacher.keep (traces cut at the teacher's token limit are dropped "
+                "unless it is 'all': raise teacher.sampling.max_new_tokens) and dataset.only_correct/min_steps"
             )
         tax = load_taxonomy(labeling.output("taxonomy"))  # the labels' own taxonomy
         tax.save(sd.work / "taxonomy.yaml")
         write_table(sd.work / "examples.parquet", examples, ExampleRecord)
         stats = dataset_stats(examples, tax.names)
         stats["dropped"] = dropped
+        train = [e for e in read_records(sd.work / "examples.parquet", ExampleRecord) if e.split == "train"]
+        stats["token_lengths"] = _token_lengths(cfg, train, tax)
         stats["taxonomy_digest"] = tax.digest()
         stats["fingerprint"] = sd.fingerprint
         write_json(sd.work / "stats.json", stats)
@@ -56,3 +63,36 @@ def run_dataset(
             started=started,
             code=stage_code_version("dataset"),
         )
+
+
+def _token_lengths(cfg: PipelineConfig, train: list[ExampleRecord], tax) -> dict:
+    """Per trained student: the token-length distribution of its training examples (with the
+    student's tokenizer) and how many are longer than ``training.max_length``; a warning when
+    the training stage will refuse them."""
+    from rscaffold.evalsets.loaders import benchmark_for
+    from rscaffold.training.lengths import length_report, load_student_tokenizer, student_lengths
+
+    lengths = student_lengths(
+        train,
+        cfg.training.students,
+        load_student_tokenizer(cfg.training),
+        signal_tokens=dict(zip(tax.names, tax.tokens)),
+        benchmark=benchmark_for(cfg.problems.format, cfg.problems.custom).prompt_family,
+        segmentation=cfg.labeling.segmentation,
+    )
+    report = length_report(lengths, cfg.training, check=False)
+    for name, r in report.items():
+        affected = max(r["dropped"], r["over_max_length"])
+        if r["count"] and (
+            affected / r["count"] > cfg.training.max_over_length_share or cfg.training.truncation == "fail" and affected
+        ):
+            log.warning(
+                "dataset: %d of %d %s examples are longer than training.max_length=%d (longest %s tokens): "
+                "the training stage will refuse to start; raise training.max_length",
+                affected,
+                r["count"],
+                name,
+                cfg.training.max_length,
+                r["max"],
+            )
+    return report

@@ -49,8 +49,11 @@ def plan_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
         load_taxonomy(cfg.labeling.taxonomy).digest(),
         stage_code_version("labeling"),
     )
+    # The dataset's statistics measure every student's examples in the student's tokens against max_length.
+    t = cfg.training
+    lengths = [t.tokenizer or t.student, t.student_gguf_file, t.students, t.max_length, t.truncation]
     fps["dataset"] = fingerprint(
-        "dataset", fps["labeling"], fingerprint_view(cfg.dataset), stage_code_version("dataset")
+        "dataset", fps["labeling"], fingerprint_view(cfg.dataset), lengths, stage_code_version("dataset")
     )
     fps["training"] = fingerprint(
         "training", fps["dataset"], fingerprint_view(cfg.training), stage_code_version("training")

@@ -23,6 +23,7 @@ from rscaffold.stages.common import (
     write_json,
 )
 from rscaffold.store import StageDir, StageRef, read_records, write_records
+from rscaffold.training.lengths import STUDENT_TARGETS
 from rscaffold.vocabulary import TRAINED_STUDENTS
 
 
@@ -32,7 +33,7 @@ def training_variants(cfg: PipelineConfig) -> list[tuple[str, bool]]:
 
 
 # What each trained student's completion holds (see rscaffold.training.collator.completion_steps).
-_TARGETS = {"scaffolded": "trace", "cot_sft": "trace", "short_cot": "answer"}
+_TARGETS = STUDENT_TARGETS
 
 
 def run_training(
@@ -86,6 +87,11 @@ def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, 
     train_rows = [e for e in examples if e.split == "train"]
     validation_rows = [e for e in examples if e.split == "validation"]
     tcfg = cfg.training
+    # Before any model is loaded: every student's examples in its own tokens against max_length
+    # (one log line per student; refused when too many would be dropped or cut).
+    lengths, too_long = _check_lengths(cfg, train_rows, tax)
+    if too_long:  # truncation 'drop': left out for every student, so all train on the same problems
+        train_rows = [e for e in train_rows if e.trace_id not in too_long]
     if tcfg.tiny is not None:
         # The untrained starting point is saved so that "base" is evaluated on exactly the
         # weights every student starts from.
@@ -142,6 +148,7 @@ def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, 
             prompt_benchmark=benchmark_for(cfg.problems.format, cfg.problems.custom).prompt_family,
             signal_essential=[s.essential for s in tax.signals],
             segmentation=cfg.labeling.segmentation,
+            lengths=lengths[name],
         )
         procs.wait()
         results[name] = {**as_dict(res), "model_dir": os.path.join(name, MODEL_DIRNAME)}
@@ -160,7 +167,15 @@ def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, 
             outputs["metrics"] = "train_metrics.json"
             write_records(sd.work / "validation.parquet", validation_rows, ExampleRecord)
             outputs["validation"] = "validation.parquet"
-            summary_keys = ("train_loss", "step_loss", "signal_loss", "steps", "runtime_s", "longest_step_tokens")
+            summary_keys = (
+                "train_loss",
+                "step_loss",
+                "signal_loss",
+                "steps",
+                "runtime_s",
+                "longest_step_tokens",
+                "lengths",
+            )
             ref = sd.finish(
                 outputs=outputs,
                 config=cfg.training,
@@ -175,6 +190,26 @@ def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, 
             )
     procs.wait()
     return ref
+
+
+def _check_lengths(cfg: PipelineConfig, train_rows: list[ExampleRecord], tax: Any) -> tuple[dict[str, Any], set[str]]:
+    """Every student's length report (:func:`rscaffold.training.lengths.length_report`, which logs
+    it and raises when max_length is too short) and, under ``truncation: drop``, the examples too
+    long for any student."""
+    from rscaffold.evalsets.loaders import benchmark_for
+    from rscaffold.training.lengths import length_report, load_student_tokenizer, student_lengths, too_long
+
+    per_student = student_lengths(
+        train_rows,
+        [n for n, _ in training_variants(cfg)],
+        load_student_tokenizer(cfg.training),
+        signal_tokens=dict(zip(tax.names, tax.tokens)),
+        benchmark=benchmark_for(cfg.problems.format, cfg.problems.custom).prompt_family,
+        segmentation=cfg.labeling.segmentation,
+    )
+    report = length_report(per_student, cfg.training)
+    drop = too_long(per_student, cfg.training.max_length) if cfg.training.truncation == "drop" else set()
+    return report, drop
 
 
 def _identical_twin(

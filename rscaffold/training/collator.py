@@ -11,16 +11,26 @@ One encoded example holds
   ``input_ids[p + 1]`` is a signal token, and that signal's class index (its place in the
   taxonomy order). The hidden state at ``p`` is what predicts the signal (L_signal).
 
-Truncation to ``max_length`` keeps the whole prompt and cuts the completion; an example whose
-prompt alone does not leave room for one completion token is dropped (``encode_example`` returns
-``None``).
+An example longer than ``max_length`` is handled by ``truncation``, never silently:
+
+* ``drop``: the example is left out (``encode_example`` returns ``None``);
+* ``fail``: :class:`ExampleTooLongError`;
+* ``truncate_keep_end``: the whole prompt, the beginning of the completion and its ending (the
+  final answer and eos) are kept, the middle of the completion is cut, so the student still learns
+  how a completion ends;
+* ``truncate_end``: the whole prompt and the beginning of the completion (its ending and eos are
+  lost). Not offered for training; kept for teacher-forced scoring under a memory bound.
+
+An example whose prompt alone does not leave room for one completion token is dropped under
+every policy but ``fail``. :func:`encode_examples` counts what each policy did
+(:class:`LengthCounts`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rscaffold.config import SegmentationConfig
@@ -32,6 +42,36 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
+Truncation = Literal["drop", "fail", "truncate_keep_end", "truncate_end"]
+TRUNCATION_CHOICES: tuple[str, ...] = ("drop", "fail", "truncate_keep_end", "truncate_end")
+
+
+class ExampleTooLongError(ValueError):
+    """An example longer than ``max_length`` under ``truncation="fail"``."""
+
+
+@dataclass
+class LengthCounts:
+    """What :func:`encode_examples` did with examples longer than ``max_length``.
+
+    ``lengths``: the full token length (prompt + completion) of every example with a completion,
+    before any cut; ``over_max_length``: how many of them exceed ``max_length``; ``dropped`` /
+    ``truncated``: how many of those were left out / cut.
+    """
+
+    lengths: list[int] = field(default_factory=list)
+    over_max_length: int = 0
+    dropped: int = 0
+    truncated: int = 0
+
+
+def _cut(completion_ids: list[int], room: int, truncation: str) -> list[int]:
+    if truncation == "truncate_end":
+        return completion_ids[:room]
+    # truncate_keep_end: the first half of the room from the start, the rest from the end.
+    head = room // 2
+    return completion_ids[:head] + completion_ids[len(completion_ids) - (room - head) :]
+
 
 def encode_example(
     prompt: str,
@@ -40,17 +80,28 @@ def encode_example(
     *,
     signal_token_ids: Sequence[int] = (),
     max_length: int | None = None,
+    truncation: Truncation = "truncate_end",
 ) -> dict[str, list[int]] | None:
-    """Tokenize one pair into ``input_ids``, ``labels``, ``signal_positions``, ``signal_labels``."""
+    """Tokenize one pair into ``input_ids``, ``labels``, ``signal_positions``, ``signal_labels``.
+
+    ``max_length``/``truncation``: what happens to a longer pair (see the module docstring);
+    None when it is dropped."""
+    if truncation not in TRUNCATION_CHOICES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_CHOICES}, got {truncation!r}")
     # The chat template already carries the special tokens; add_special_tokens=False avoids a
     # second BOS (and matches how inference encodes the prompt).
     prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
-    if max_length is not None:
+    if max_length is not None and len(prompt_ids) + len(completion_ids) > max_length:
+        if truncation == "fail":
+            raise ExampleTooLongError(
+                f"an example of {len(prompt_ids) + len(completion_ids)} tokens is longer than max_length={max_length} "
+                "(training.truncation: fail)"
+            )
         room = max_length - len(prompt_ids)
-        if room < 1:
+        if room < 1 or truncation == "drop":
             return None
-        completion_ids = completion_ids[:room]
+        completion_ids = _cut(completion_ids, room, truncation)
     class_of = {tid: k for k, tid in enumerate(signal_token_ids)}
     input_ids = prompt_ids + completion_ids
     labels = [IGNORE_INDEX] * len(prompt_ids)
@@ -100,47 +151,97 @@ def encode_examples(
     *,
     signal_token_ids: Sequence[int] = (),
     max_length: int | None = None,
+    truncation: Truncation = "truncate_end",
     benchmark: str | None = None,
     target: CompletionTarget = "trace",
     segmentation: SegmentationConfig | None = None,
+    counts: LengthCounts | None = None,
 ) -> list[dict[str, list[int]]]:
     """Render and tokenize dataset rows (``signal_tokens=None``: the plain baseline form).
 
     ``benchmark``: the user message is that benchmark family's prompt
     (:func:`rscaffold.prompts.benchmark_prompt`, as at evaluation); None: the bare question.
-    ``target``: what the completion holds (:func:`completion_steps`, with ``segmentation``). Rows without any loss
-    target after truncation (or, for ``answer``, without answer text) are dropped, with a warning.
+    ``target``: what the completion holds (:func:`completion_steps`, with ``segmentation``).
+    ``max_length`` / ``truncation``: what happens to longer examples (see the module docstring);
+    ``counts`` (filled in when given) says how many there were and what was done with them, and
+    a warning says it too. Rows without a completion (``answer`` target without answer text) or
+    without any loss target after a cut are dropped, with a warning.
     """
+    counts = counts if counts is not None else LengthCounts()
     rows = []
-    dropped = 0
+    empty = 0
     for ex in examples:
         steps = completion_steps(ex, target, segmentation)
         if not steps:
-            dropped += 1
+            empty += 1
             continue
         prompt, completion = render_example(
             ex.question, steps, tokenizer, signal_tokens=signal_tokens, benchmark=benchmark
         )
+        full = encoded_length(prompt, completion, tokenizer)
+        counts.lengths.append(full)
+        too_long = max_length is not None and full > max_length
+        counts.over_max_length += too_long
         enc = encode_example(
             prompt,
             completion,
             tokenizer,
             signal_token_ids=signal_token_ids if signal_tokens else (),
             max_length=max_length,
+            truncation=truncation,
         )
         if enc is None or (all(x == IGNORE_INDEX for x in enc["labels"]) and not enc["signal_labels"]):
-            dropped += 1
+            if too_long:
+                counts.dropped += 1
+            else:
+                empty += 1
             continue
+        counts.truncated += too_long
         rows.append(enc)
-    if dropped:
+    if empty:
+        log.warning("dropped %d of %d examples with no completion (target %s)", empty, len(examples), target)
+    if counts.over_max_length:
         log.warning(
-            "dropped %d of %d examples with no completion (target %s) or whose prompt leaves no room under max_length=%s",
-            dropped,
-            len(examples),
+            "%d of %d examples (target %s) are longer than max_length=%s: %d dropped, %d truncated (%s)",
+            counts.over_max_length,
+            len(counts.lengths),
             target,
             max_length,
+            counts.dropped,
+            counts.truncated,
+            truncation,
         )
     return rows
+
+
+def encoded_length(prompt: str, completion: str, tokenizer) -> int:
+    """Tokens of ``prompt`` + ``completion`` as :func:`encode_example` tokenizes them, before any cut."""
+    return len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + len(
+        tokenizer(completion, add_special_tokens=False)["input_ids"]
+    )
+
+
+def example_lengths(
+    examples: Sequence[ExampleRecord],
+    tokenizer,
+    signal_tokens: Mapping[str, str] | None,
+    *,
+    benchmark: str | None = None,
+    target: CompletionTarget = "trace",
+    segmentation: SegmentationConfig | None = None,
+) -> dict[str, int]:
+    """``trace_id -> tokens`` of each example as the student is trained on it (prompt and completion
+    rendered as :func:`encode_examples` renders them, before any cut); examples without a completion
+    for ``target`` are left out."""
+    out: dict[str, int] = {}
+    for ex in examples:
+        steps = completion_steps(ex, target, segmentation)
+        if steps:
+            prompt, completion = render_example(
+                ex.question, steps, tokenizer, signal_tokens=signal_tokens, benchmark=benchmark
+            )
+            out[ex.trace_id] = encoded_length(prompt, completion, tokenizer)
+    return out
 
 
 def longest_step_tokens(rows: Sequence[Mapping[str, Sequence[int]]]) -> int | None:

@@ -83,3 +83,9 @@ def add_signal_tokens(tokenizer, model, signal_tokens: Sequence[str]) -> list[in
             "new rows" if old_rows < rows else "in the padding rows of the vocabulary",
         )
     return list(ids)
+
+
+def add_tokenizer_signal_tokens(tokenizer, signal_tokens: Sequence[str]) -> None:
+    """Add the signal tokens to ``tokenizer`` alone, as :func:`add_signal_tokens` does (to measure
+    how the student's examples tokenize before any model is loaded)."""
+    _add_special(tokenizer, list(signal_tokens))

@@ -51,6 +51,7 @@ from rscaffold.student import (
 from rscaffold.training.collator import (
     IGNORE_INDEX,
     CompletionTarget,
+    LengthCounts,
     ScaffoldCollator,
     encode_examples,
     longest_step_tokens,
@@ -494,6 +495,9 @@ class TrainResult:
     ``eval_metrics``: Trainer.evaluate on the rows with ``split == "validation"`` (if any).
     ``longest_step_tokens``: the longest step of the scaffolded training rows in tokens (the
     guided decoder's default per-step cap; None for the baselines).
+    ``lengths``: the training examples' token-length distribution, how many were longer than
+    ``max_length`` and what ``truncation`` did with them (``dropped``, ``truncated``); see
+    :func:`rscaffold.training.lengths.length_report`.
     """
 
     model_dir: Path
@@ -508,6 +512,7 @@ class TrainResult:
     resumed_from: str | None = None
     eval_metrics: dict[str, float] = field(default_factory=dict)
     longest_step_tokens: int | None = None
+    lengths: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -528,6 +533,7 @@ def train_student(
     prompt_benchmark: str | None = None,
     signal_essential: list[bool] | None = None,
     segmentation: SegmentationConfig | None = None,
+    lengths: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train the scaffolded student (or, ``scaffolded=False``, a plain CoT-SFT baseline) on ``examples``.
 
@@ -540,6 +546,11 @@ def train_student(
     signal, whether the taxonomy marks it essential (kept with the student: guided decoding
     prunes the others by default). ``segmentation``: how the ``answer`` target's text is split into
     steps (the labeling stage's segmenter, which split the traces).
+
+    Examples longer than ``cfg.max_length`` are handled by ``cfg.truncation`` and counted
+    (``TrainResult.lengths``, the model card, a log line). ``lengths``: the caller's report of
+    these examples (:func:`rscaffold.training.lengths.length_report`, made before it left out the
+    too-long ones), recorded with what this call cut or dropped on top; None: measured here.
 
     Checkpoints go to ``output_dir/checkpoints`` every ``cfg.save_steps``; if that folder already
     holds one, training resumes from the last (so a killed run continues, and a larger
@@ -576,11 +587,23 @@ def train_student(
     encode = dict(
         signal_token_ids=token_ids,
         max_length=cfg.max_length,
+        truncation=cfg.truncation,
         benchmark=prompt_benchmark,
         target=target,
         segmentation=segmentation,
     )
-    train_rows = encode_examples(train_examples, tokenizer, token_map, **encode)
+    counts = LengthCounts()
+    train_rows = encode_examples(train_examples, tokenizer, token_map, counts=counts, **encode)
+    length_info = _length_info(counts, cfg, lengths)
+    log.info(
+        "training examples (target %s): %d longer than max_length=%d: %d dropped, %d truncated (truncation: %s)",
+        target,
+        length_info["over_max_length"],
+        cfg.max_length,
+        length_info["dropped"],
+        length_info["truncated"],
+        cfg.truncation,
+    )
     if not train_rows:
         raise ValueError(f"no training rows for target {target!r} (e.g. no teacher answer text)")
     eval_rows = encode_examples(eval_examples, tokenizer, token_map, **encode) if eval_examples else None
@@ -626,6 +649,7 @@ def train_student(
         resumed_from=last,
         eval_metrics=eval_metrics,
         longest_step_tokens=longest_step_tokens(train_rows) if scaffolded else None,
+        lengths=length_info,
     )
     meta = {
         "format_version": 1,
@@ -635,6 +659,7 @@ def train_student(
         "signal_essential": (list(signal_essential) if signal_essential is not None else None) if scaffolded else None,
         "longest_step_tokens": result.longest_step_tokens,
         "max_length": cfg.max_length,
+        "truncation": cfg.truncation,
         "signal_objective": objective if scaffolded else None,
         "signal_loss_weight": weight,
         "signal_names": list(signal_names) if scaffolded else [],
@@ -654,6 +679,21 @@ def train_student(
         signal_names=signal_names if scaffolded else [],
     )
     return result
+
+
+def _length_info(counts: LengthCounts, cfg: TrainingConfig, given: dict[str, Any] | None) -> dict[str, Any]:
+    """The length report of a training run: the caller's (``given``) with what encoding cut or
+    dropped added, or, without one, the distribution of the examples encoded here."""
+    from rscaffold.dataset import length_summary
+
+    if given is None:
+        info = length_summary(counts.lengths, cfg.max_length)
+        info.update(truncation=cfg.truncation, dropped=0, truncated=0)
+    else:
+        info = dict(given)
+    info["dropped"] = int(info.get("dropped", 0)) + counts.dropped
+    info["truncated"] = counts.truncated
+    return info
 
 
 def _finite(x: Any) -> float | None:
@@ -833,6 +873,7 @@ def _model_card(meta: dict[str, Any], cfg: TrainingConfig) -> str:
         f"- {steps}, lr {cfg.learning_rate} ({cfg.lr_scheduler}, warm-up {warmup}), weight decay {cfg.weight_decay}, "
         f"batch {cfg.per_device_batch_size} x accumulation {cfg.gradient_accumulation_steps}, "
         f"max_length {cfg.max_length}, seed {cfg.seed}",
+        _length_line(meta["metrics"].get("lengths") or {}, cfg),
         f"- weights {cfg.student_dtype}, bf16 mixed precision {cfg.bf16}, attention {cfg.attn_implementation or 'default'}, "
         f"gradient checkpointing {cfg.gradient_checkpointing}, "
         f"LoRA {cfg.lora.model_dump() if cfg.lora else 'no'}{' on a 4-bit base (QLoRA)' if cfg.load_in_4bit else ''}",
@@ -863,6 +904,16 @@ def _model_card(meta: dict[str, Any], cfg: TrainingConfig) -> str:
         "",
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _length_line(info: dict[str, Any], cfg: TrainingConfig) -> str:
+    """The model card's line on the training examples' lengths and what max_length did to them."""
+    dist = ", ".join(f"{k} {info.get(k)}" for k in ("mean", "p50", "p90", "p99", "max"))
+    return (
+        f"- training examples: {info.get('count')}, tokens {dist}; {info.get('over_max_length', 0)} longer than "
+        f"max_length {cfg.max_length}: {info.get('dropped', 0)} dropped, {info.get('truncated', 0)} truncated "
+        f"(truncation: {cfg.truncation})"
+    )
 
 
 def evaluate_signal_accuracy(
