@@ -498,6 +498,7 @@ def tiny_config_dict(tiny_model_dir: Path, smollm2_dir: Path, artifacts: Path, *
             # a random-init model decodes only newlines greedily; sampling gives it text to label
             "sampling": {"max_new_tokens": 24, "temperature": 1.0, "seed": 1},
             "shard_size": 4,
+            "keep": "all",  # a random-init teacher's traces all hit the token limit
         },
         "labeling": {"method": "llm", "sampling": {"max_new_tokens": 24}, "shard_size": 4},
         "dataset": {"validation_fraction": 0.25},

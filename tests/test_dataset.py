@@ -115,3 +115,29 @@ def test_validation_problems():
     assert validation_problems(ids, 0.1, seed=1) != val
     assert validation_problems(["a", "b"], 0.1) and not validation_problems(["a"], 0.1)
     assert validation_problems(ids, 0.0) == set()
+
+
+def test_traces_cut_at_the_teacher_token_limit_are_dropped_by_default_and_kept_only_knowingly(tmp_path, caplog):
+    from rscaffold.config import TeacherConfig
+    from rscaffold.dataset import select_traces
+
+    finished, cut = trace("a"), trace("b").model_copy(update={"finish_reason": "length", "truncated": True})
+    cut_wrong = trace("c", correct=False).model_copy(update={"finish_reason": "length", "truncated": True})
+    traces = [finished, cut, cut_wrong]
+    assert TeacherConfig().keep == "finished"
+    with caplog.at_level("INFO", logger="rscaffold"):
+        kept, dropped = select_traces(traces, TeacherConfig().keep)
+    assert [t.trace_id for t in kept] == ["a#0"] and dropped == {"truncated": 2}
+    assert "dropped 2 of 3 traces that hit the teacher's token limit" in caplog.text
+    kept, dropped = select_traces(traces, "correct")
+    assert [t.trace_id for t in kept] == ["a#0"] and dropped == {"truncated": 2}
+    caplog.clear()
+    with caplog.at_level("INFO", logger="rscaffold"):
+        kept, dropped = select_traces(traces, "all")
+    assert len(kept) == 3 and dropped == {}
+    assert "2 of 3 traces hit the teacher's token limit and are kept" in caplog.text
+    steps = [s for t in traces for s in steps_for(t)]
+    ex, dropped = assemble(tmp_path, traces, steps, DatasetConfig(validation_fraction=0), keep="finished")
+    assert ex["problem_id"].to_list() == ["a"] and dropped == {"truncated": 2}
+    ex, dropped = assemble(tmp_path, traces, steps, DatasetConfig(validation_fraction=0), keep="all")
+    assert ex.height == 3 and dropped == {}

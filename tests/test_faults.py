@@ -47,6 +47,7 @@ def tiny_config(tiny_model_dir: Path, artifacts: Path, **sections) -> dict:
             "llm": {"backend": "transformers", "model": str(tiny_model_dir), "batch_size": 2},
             "sampling": {"max_new_tokens": 24, "temperature": 0.7, "seed": 3},
             "shard_size": 2,
+            "keep": "all",  # a random-init teacher's traces all hit the token limit
         },
         "labeling": {"method": "llm", "sampling": {"max_new_tokens": 24}, "shard_size": 2},
     }

@@ -50,6 +50,7 @@ def finished(tiny_model_dir, smollm2_dir, tmp_path_factory):
                 "llm": {"model": str(tiny_model_dir), "batch_size": 8},
                 # a random-init model decodes only newlines greedily; sampling gives it text
                 "sampling": {"max_new_tokens": 24, "temperature": 1.0, "seed": 1},
+                "keep": "all",  # a random-init teacher's traces all hit the token limit
             },
             "labeling": {"method": "keyword"},
             "dataset": {"validation_fraction": 0.25},

@@ -28,6 +28,7 @@ def test_fallback_rate_above_threshold_fails_after_saving(tiny_model_dir, tmp_pa
             "teacher": {
                 "llm": {"model": str(tiny_model_dir)},
                 "sampling": {"max_new_tokens": 16, "temperature": 1.0, "seed": 1},
+                "keep": "all",  # a random-init teacher's traces all hit the token limit
             },
             "labeling": {"max_fallback_rate": 0.5, "retries_on_invalid": 0},
         }

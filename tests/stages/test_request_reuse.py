@@ -57,6 +57,7 @@ def make_config(proxy: CountingProxy, model: Path, artifacts: Path, **sections):
             },
             "sampling": {"max_new_tokens": 16, "temperature": 0.7, "seed": 1},
             "shard_size": 2,
+            "keep": "all",  # a random-init teacher's traces all hit the token limit
         },
         "labeling": {
             "method": "llm",
@@ -208,7 +209,7 @@ def test_prefect_cache_key_includes_the_artifacts_root(tiny_model_dir, smollm2_d
                 "problems": {"train": str(DATA / "problems" / "train.jsonl"), "eval": str(DATA / "problems" / "eval.jsonl"),
                              "limit_train": 4, "limit_eval": 2},
                 "teacher": {"llm": {"backend": "transformers", "model": str(tiny_model_dir)},
-                            "sampling": {"max_new_tokens": 8, "temperature": 1.0, "seed": 1}},
+                            "sampling": {"max_new_tokens": 8, "temperature": 1.0, "seed": 1}, "keep": "all"},
                 "labeling": {"method": "keyword"},
             }
         )  # fmt: skip
