@@ -23,7 +23,7 @@ from rscaffold.stages.common import (
     write_json,
 )
 from rscaffold.store import StageDir, StageRef, read_records, write_records
-from rscaffold.training.lengths import STUDENT_TARGETS
+from rscaffold.training.collator import STUDENT_TARGETS
 from rscaffold.vocabulary import TRAINED_STUDENTS
 
 

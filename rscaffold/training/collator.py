@@ -124,6 +124,8 @@ def encode_example(
 
 
 CompletionTarget = Literal["trace", "answer"]
+# What each trained student's completion holds (see completion_steps).
+STUDENT_TARGETS: dict[str, CompletionTarget] = {"scaffolded": "trace", "cot_sft": "trace", "short_cot": "answer"}
 
 
 def completion_steps(

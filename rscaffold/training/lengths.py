@@ -18,13 +18,10 @@ from typing import Any
 from rscaffold.config import SegmentationConfig, TrainingConfig
 from rscaffold.dataset import length_summary
 from rscaffold.records import ExampleRecord
-from rscaffold.training.collator import example_lengths
+from rscaffold.training.collator import STUDENT_TARGETS, example_lengths
 from rscaffold.training.signal_tokens import add_tokenizer_signal_tokens
 
 log = logging.getLogger(__name__)
-
-# What each trained student's completion holds (see rscaffold.training.collator.completion_steps).
-STUDENT_TARGETS = {"scaffolded": "trace", "cot_sft": "trace", "short_cot": "answer"}
 
 
 class TooLongExamplesError(ValueError):
