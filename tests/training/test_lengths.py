@@ -242,3 +242,19 @@ def test_a_max_length_that_drops_a_large_share_fails_before_any_model_is_loaded(
     monkeypatch.setattr("rscaffold.models.save_tiny_model", no_model)
     with pytest.raises(TooLongExamplesError, match=r"scaffolded: 1 of 5 examples \(20%\) would be dropped"):
         run_training(cfg, fps, dataset)
+
+
+def test_a_student_trains_on_a_long_trace_cut_in_the_middle_and_its_card_says_so(tmp_path):
+    from helpers import STUDENT_SIGNAL_TOKENS, STUDENT_SIGNALS, synthetic_examples, training_config
+
+    from rscaffold.training.trainer import train_student
+
+    cfg = training_config(max_steps=1, max_length=512, truncation="truncate_keep_end", max_over_length_share=1.0)
+    examples = synthetic_examples(3) + [_long_example(STUDENT_SIGNALS)]
+    result = train_student(
+        examples, cfg, STUDENT_SIGNALS, signal_tokens=STUDENT_SIGNAL_TOKENS, output_dir=tmp_path, scaffolded=True
+    )
+    assert result.lengths.items() >= {"count": 4, "over_max_length": 1, "dropped": 0, "truncated": 1}.items()
+    assert result.lengths["max"] > 8000
+    card = (result.model_dir / "README.md").read_text()
+    assert "1 longer than max_length 512: 0 dropped, 1 truncated (truncation: truncate_keep_end)" in card
