@@ -80,7 +80,7 @@ def _token_lengths(cfg: PipelineConfig, train: list[ExampleRecord], tax) -> dict
         benchmark=benchmark_for(cfg.problems.format, cfg.problems.custom).prompt_family,
         segmentation=cfg.labeling.segmentation,
     )
-    report = length_report(lengths, cfg.training, check=False)
+    report = length_report(lengths, cfg.training, check=False, stage="dataset")
     for name, r in report.items():
         affected = max(r["dropped"], r["over_max_length"])
         if r["count"] and (

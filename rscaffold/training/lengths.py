@@ -69,13 +69,13 @@ def too_long(lengths: Mapping[str, Mapping[str, int]], max_length: int) -> set[s
 
 
 def length_report(
-    lengths: Mapping[str, Mapping[str, int]], cfg: TrainingConfig, *, check: bool = True
+    lengths: Mapping[str, Mapping[str, int]], cfg: TrainingConfig, *, check: bool = True, stage: str = "training"
 ) -> dict[str, dict[str, Any]]:
     """Per student: the length distribution (:func:`rscaffold.dataset.length_summary`), how many
     examples are longer than ``max_length``, and what ``truncation`` does about it: ``dropped``
     (under ``drop``, an example too long for any student is left out for every student, so all
     students keep training on the same problems) and ``truncated`` (``truncate_keep_end``).
-    Logs one line per student (also when nothing is affected).
+    Logs one line per student (also when nothing is affected), prefixed with ``stage``.
 
     ``check``: raise :class:`TooLongExamplesError` when a student's affected share exceeds
     ``max_over_length_share``, or when any example is too long under ``truncation: fail``.
@@ -91,8 +91,9 @@ def length_report(
         s.update(truncation=cfg.truncation, dropped=dropped, truncated=truncated)
         report[name] = s
         log.info(
-            "training: %s: %d examples, tokens mean %s, p50 %s, p90 %s, p99 %s, max %s; %d longer than "
+            "%s: %s: %d examples, tokens mean %s, p50 %s, p90 %s, p99 %s, max %s; %d longer than "
             "max_length=%d; %d dropped, %d truncated (truncation: %s)",
+            stage,
             name,
             s["count"],
             s["mean"],

@@ -173,7 +173,9 @@ STUDENTS = ["scaffolded", "cot_sft"]
 
 
 def _config(tiny_model_dir, smollm2_dir, artifacts, **training):
-    cfg = make_config(tiny_model_dir, smollm2_dir, artifacts, students=STUDENTS, max_steps=1, **training)
+    cfg = make_config(
+        tiny_model_dir, smollm2_dir, artifacts, students=STUDENTS, max_steps=1, save_steps=100, **training
+    )
     cfg.dataset.validation_fraction = 0.0
     return cfg
 
