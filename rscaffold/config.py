@@ -258,7 +258,23 @@ class ProblemsConfig(_Section):
     limit_eval: int | None = Field(
         default=None, ge=1, description="Use a seeded subsample of this many evaluation problems."
     )
-    seed: int = Field(default=0, description="Seed of the subsamples.")
+    seed: int = Field(default=0, description="Seed of the subsamples and of the held-out part.")
+    part: Literal["auto", "all", "train"] = Field(
+        default="auto",
+        description="Which training problems: 'all'; 'train': all but the held-out share (heldout_fraction, by a seeded "
+        "hash of the problem id, the complement of an evaluation part 'heldout' with the same seed and fraction); "
+        "'auto': 'train' when the training file is also evaluated (problems.eval or an evaluation benchmark reads "
+        "it), else 'all'. With part 'train', an eval file that is the training file gives its held-out part.",
+    )
+    heldout_fraction: float = Field(
+        default=0.2, gt=0, lt=1, description="Share of a file held out from training for part 'train'."
+    )
+    on_overlap: Literal["fail", "remove"] = Field(
+        default="fail",
+        description="When an evaluation problem's question (lower-cased, punctuation and spacing normalised) is also "
+        "a training question: 'fail' stops the problems stage naming the counts and examples; 'remove' drops those "
+        "problems from the evaluation (counted in the problems manifest and the evaluation report).",
+    )
 
     @model_validator(mode="after")
     def _check_format(self) -> ProblemsConfig:
