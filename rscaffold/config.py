@@ -348,7 +348,9 @@ class LabelingConfig(_Section):
     )
     llm: BackendConfig | None = Field(default=None, description="Labeler LLM; None means the teacher's backend.")
     sampling: SamplingConfig = Field(
-        default_factory=lambda: SamplingConfig(max_new_tokens=160), description="Decoding of the labeler's answers."
+        default_factory=lambda: SamplingConfig(max_new_tokens=160),
+        description="Decoding of the labeler's answers; max_new_tokens is the least answer budget: a request "
+        "labeling more steps than fit it gets the budget its answer needs.",
     )
     retries_on_invalid: int = Field(
         default=1,
@@ -357,6 +359,30 @@ class LabelingConfig(_Section):
     )
     with_rationale: bool = Field(
         default=False, description="Ask for a short rationale per label (JSON answers only; costs output tokens)."
+    )
+    context_tokens: int = Field(
+        default=8192,
+        ge=512,
+        description="The labeler's context window in tokens (default: SmolLM2's 8192): a request's prompt, every "
+        "step shown whole, and its answer budget stay within it; a trace that does not fit is labeled in windows "
+        "of consecutive steps.",
+    )
+    chars_per_token: float = Field(
+        default=3.0,
+        gt=0,
+        description="Prompt characters per token in that estimate (English prose is about 4; lower is safer for "
+        "math, code and non-Latin text).",
+    )
+    max_window_steps: int = Field(
+        default=64,
+        ge=1,
+        description="Most steps one request labels; a longer trace is labeled in windows of consecutive steps "
+        "(merged in order; a window the labeler fails falls back alone).",
+    )
+    window_context_chars: int = Field(
+        default=1200,
+        ge=0,
+        description="Characters of the preceding steps a window after the first shows as context (not labeled).",
     )
     segmentation: SegmentationConfig = Field(
         default_factory=SegmentationConfig, description="How traces are split into steps."

@@ -225,6 +225,8 @@ def run_labeling(
             "steps": len(steps),
             "empty_traces": len(empty & kept_ids),
             "label_sources": dict(Counter(s.source for s in steps)),
+            "windows_per_trace": report["windows_per_trace"],
+            "fallback_by_length": {r["steps"]: r["fallback_trace_rate"] for r in report["fallback_by_length"]},
             "this_run": dict(stats),
             "taxonomy_digest": tax.digest(),
             "prelabel_kappa": report["prelabel_kappa"],
