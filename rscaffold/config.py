@@ -10,6 +10,7 @@ can be moved together with its data.
 from __future__ import annotations
 
 import os
+import string
 import textwrap
 import typing
 from pathlib import Path
@@ -171,6 +172,11 @@ class FieldMapping(_Section):
     ``a.b`` reaches a nested object's field)."""
 
     question: str = Field(default="question", description="The field holding the question text.")
+    question_template: str | None = Field(
+        default=None,
+        description="A question built from several fields instead: a template over field names, e.g. "
+        "'{Body} {Question}' or '{context}\\n\\nQuestion: {question}' ({{ and }} for literal braces).",
+    )
     answer: str = Field(
         default="answer",
         description="The field holding the gold final answer (number: a number; yesno: true/false or yes/no; "
@@ -188,6 +194,25 @@ class FieldMapping(_Section):
         default=None,
         description="The field holding a stable id (problem ids become '<name>-<id>'); default: the row's position.",
     )
+
+    @field_validator("question_template")
+    @classmethod
+    def _check_question_template(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(v) if name is not None]
+        except ValueError as err:
+            raise ValueError(f"question_template {v!r}: {err}; write a literal brace as {{{{ or }}}}") from None
+        if not names or any(not n.strip() or n.strip().isdigit() for n in names):
+            raise ValueError(f"question_template {v!r} needs named fields, e.g. '{{Body}} {{Question}}'")
+        return v
+
+    @model_validator(mode="after")
+    def _one_question_source(self) -> FieldMapping:
+        if self.question_template is not None and "question" in self.model_fields_set:
+            raise ValueError("give either question (one field) or question_template (several), not both")
+        return self
 
 
 class CustomFormat(_Section):

@@ -149,3 +149,30 @@ def test_overlap_is_found_by_normalised_question_text(tmp_path: Path) -> None:
     ref = run_problems(cfg, plan_fingerprints(cfg))
     assert [p.problem_id for p in read_problems(ref, "eval")] == ["wordmath-x2"]
     assert ref.summary["overlap_removed"] == {"wordmath": 1}
+
+
+def test_custom_question_template_for_problems_and_evaluation_benchmarks(tmp_path: Path) -> None:
+    rows = [
+        {"uid": f"s{i}", "Body": f"Jo has {i} pens and buys {i} more.", "Question": "How many pens now?", "n": 2 * i}
+        for i in range(1, 5)
+    ]
+    (tmp_path / "svamp.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    custom = {
+        "name": "svamp",
+        "answer_type": "number",
+        "fields": {"question_template": "{Body} {Question}", "answer": "n", "id": "uid"},
+    }
+    raw = {
+        "run": {"artifacts_dir": str(tmp_path / "artifacts")},
+        "problems": {"format": "custom", "train": "svamp.jsonl", "eval": "svamp.jsonl", "custom": custom},
+        "evaluation": {
+            "benchmarks": [{"name": "custom", "source": "svamp.jsonl", "part": "heldout", "custom": custom}]
+        },
+    }
+    cfg = config_from_dict(raw, base=tmp_path)
+    ref = run_problems(cfg, plan_fingerprints(cfg))
+    train = read_problems(ref, "train")
+    assert train and all(p.question.startswith("Jo has") and p.question.endswith("How many pens now?") for p in train)
+    (suite,) = evaluation_suites(cfg.evaluation, "gsm8k", [], exclude=overlap_removed(ref))
+    assert suite.problems and all(p.question.endswith(" more. How many pens now?") for p in suite.problems)
+    assert not {p.problem_id for p in suite.problems} & {p.problem_id for p in train}
