@@ -75,12 +75,17 @@ def check_overlap(cfg: PipelineConfig, train: list[ProblemRecord], evl: list[Pro
     and limit), per benchmark. Raises :class:`ProblemOverlapError` under ``on_overlap: fail``."""
     from rscaffold.evalsets.loaders import benchmark_for
     from rscaffold.evalsets.overlap import find_overlap
-    from rscaffold.evaluation.suites import evaluation_suites
 
     p = cfg.problems
     if cfg.evaluation.benchmarks:
-        suites = evaluation_suites(cfg.evaluation, benchmark_for(p.format, p.custom), evl)
-        found = [find_overlap(train, s.name, s.problems) for s in suites]
+        found = []
+        for b in cfg.evaluation.benchmarks:
+            # loaded as the evaluation stage loads it (rscaffold.evaluation.suites), which this
+            # stage does not import: its code version would then follow the evaluation's code
+            bench = benchmark_for(b.name, b.custom)
+            limit = b.limit if b.limit is not None else cfg.evaluation.limit
+            rows = bench.load(b.source, "eval", limit, seed=b.seed, part=b.part, heldout_fraction=b.heldout_fraction)
+            found.append(find_overlap(train, bench.name, rows))
     else:
         found = [find_overlap(train, benchmark_for(p.format, p.custom).name, evl)]
     hits = [o for o in found if o.count]
