@@ -389,14 +389,14 @@ class LabelingConfig(_Section):
         default=8192,
         ge=512,
         description="The labeler's context window in tokens (default: SmolLM2's 8192): a request's prompt, every "
-        "step shown whole, and its answer budget stay within it; a trace that does not fit is labeled in windows "
-        "of consecutive steps.",
+        "step shown whole (counted with the labeler's tokenizer where it is local), and its answer budget stay "
+        "within it; a trace that does not fit is labeled in windows of consecutive steps.",
     )
     chars_per_token: float = Field(
-        default=3.0,
+        default=2.0,
         gt=0,
-        description="Prompt characters per token in that estimate (English prose is about 4; lower is safer for "
-        "math, code and non-Latin text).",
+        description="Without the labeler's tokenizer on this machine (an OpenAI-compatible server): prompt characters "
+        "per token in that estimate (SmolLM2: English reasoning about 3, math-heavy steps 1.3-2.4).",
     )
     max_window_steps: int = Field(
         default=64,

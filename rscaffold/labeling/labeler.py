@@ -10,13 +10,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from collections import Counter
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NamedTuple
 
-from rscaffold.config import LabelingConfig, SamplingConfig
+from rscaffold.config import BackendConfig, LabelingConfig, SamplingConfig
 from rscaffold.labeling.keywords import keyword_prelabel
 from rscaffold.labeling.parsing import LabelParseError, ParsedLabel, parse_labels
 from rscaffold.labeling.prompts import (
@@ -27,7 +29,7 @@ from rscaffold.labeling.prompts import (
     build_label_request,
     build_retry_request,
     plan_windows,
-    prompt_fixed_chars,
+    prompt_fixed_text,
     window_context,
 )
 from rscaffold.labeling.taxonomy import Taxonomy
@@ -94,8 +96,12 @@ class Labeler:
         sampling: SamplingConfig,
         *,
         cfg: LabelingConfig,
+        count_tokens: Callable[[str], int] | None = None,
     ) -> None:
         self.tax = tax
+        # the labeler's own tokenizer where it is at hand (labeler_token_counter), else an
+        # estimate at cfg.chars_per_token: what windows are sized by
+        self.count_tokens = count_tokens
         self.backend = backend
         self.sampling = sampling
         self.cfg = cfg
@@ -158,17 +164,22 @@ class Labeler:
         """The windows of consecutive steps one trace is labeled in (one, when it fits a request)."""
         cfg, with_rat = self.cfg, self.cfg.with_rationale
         n = len(t.steps)
-        fixed = prompt_fixed_chars(
-            t.question, self.tax, n_steps=n, with_rationale=with_rat, context_chars=cfg.window_context_chars
+        count = self.count_tokens or (lambda text: math.ceil(len(text) / cfg.chars_per_token))
+        fixed = prompt_fixed_text(
+            t.question,
+            self.tax,
+            n_steps=n,
+            with_rationale=with_rat,
+            context=window_context(t.steps, n, cfg.window_context_chars),
         )
         spans = plan_windows(
             t.steps,
             pre,
-            fixed_chars=fixed,
+            fixed_tokens=count(fixed),
             context_tokens=cfg.context_tokens,
-            chars_per_token=cfg.chars_per_token,
             max_steps=cfg.max_window_steps,
             answer_tokens=lambda m: answer_budget(m, fmt, with_rationale=with_rat, base=self.sampling.max_new_tokens),
+            count_tokens=count,
         )
         return [
             Window(
@@ -333,15 +344,17 @@ def label_traces(
     sampling: SamplingConfig,
     cfg: LabelingConfig,
     stats: LabelStats | MutableMapping[str, int] | None = None,
+    count_tokens: Callable[[str], int] | None = None,
 ) -> Iterator[list[LabeledStepRecord]]:
     """Label ``(trace_id, problem_id, question, steps)`` tuples; yield one record list per trace.
 
     Method ``keyword`` (or no backend): keyword pre-label, else the default signal. Method ``llm``:
     one batched ``generate`` call for all traces, one for each retry round. ``stats`` receives the
     counters: a :class:`LabelStats` is updated in place; a mapping (e.g. a ``Counter``) gets the
-    numeric counters added when the iteration ends.
+    numeric counters added when the iteration ends. ``count_tokens``: the labeler's token count of
+    a text (:func:`labeler_token_counter`), which sizes the windows of long traces.
     """
-    labeler = Labeler(tax, backend, sampling, cfg=cfg)
+    labeler = Labeler(tax, backend, sampling, cfg=cfg, count_tokens=count_tokens)
     if isinstance(stats, LabelStats):
         labeler.stats = stats
     try:
@@ -351,3 +364,27 @@ def label_traces(
             for key, value in labeler.stats.as_dict().items():
                 if isinstance(value, int):
                     stats[key] = stats.get(key, 0) + value
+
+
+def labeler_token_counter(llm: BackendConfig) -> Callable[[str], int] | None:
+    """Token counting with the labeler's own tokenizer when it is on this machine (a local
+    transformers or vLLM model, or ``tokenizer``); None otherwise (an OpenAI-compatible server, a
+    hub id not in the local cache): windows are then sized at ``labeling.chars_per_token``."""
+    if llm.backend == "openai" and not llm.tokenizer:
+        return None
+    tok = _local_tokenizer(llm.tokenizer or llm.model)
+    if tok is None:
+        return None
+    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+@functools.lru_cache(maxsize=4)
+def _local_tokenizer(name: str) -> Any:
+    """The tokenizer of a local model directory (or one in the hub cache), once per process."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means: estimate instead
+        log.info("labeling: no local tokenizer for %s (%s); windows sized by characters", name, err)
+        return None

@@ -30,7 +30,7 @@ RETRY_ANSWER_CHARS = 1500  # how much of a failed answer is quoted back in a ret
 TRUNCATION_MARK = " [...]"
 # Room kept in every request for the chat template's tokens and for a retry's quoted answer and error.
 PROMPT_OVERHEAD_TOKENS = 48
-RETRY_EXTRA_CHARS = RETRY_ANSWER_CHARS + 700
+RETRY_EXTRA_TOKENS = 800
 
 # Output-token cost of one answer entry (measured on SmolLM2's tokenizer with the default
 # taxonomy: a ``12: Verification and Reflection`` line is 9-10 tokens), used to pick the answer
@@ -51,9 +51,9 @@ def _truncate(text: str, limit: int) -> str:
     return text[: max(0, limit - len(TRUNCATION_MARK))].rstrip() + TRUNCATION_MARK
 
 
-def prompt_fixed_chars(question: str, tax: Taxonomy, *, n_steps: int, with_rationale: bool, context_chars: int) -> int:
-    """Characters of a label request besides its step lines (system message, signals, question,
-    window note with ``context_chars`` of context, instructions), plus room for a retry."""
+def prompt_fixed_text(question: str, tax: Taxonomy, *, n_steps: int, with_rationale: bool, context: str) -> str:
+    """A label request's text besides its step lines (system message, signals, question, window
+    note with ``context``, instructions), for estimating its length."""
     probe = build_label_request(
         "probe",
         question,
@@ -61,9 +61,9 @@ def prompt_fixed_chars(question: str, tax: Taxonomy, *, n_steps: int, with_ratio
         prelabels=[],
         tax=tax,
         with_rationale=with_rationale,
-        window=Window(0, 2, 0, max(1, n_steps), max(1, n_steps), context="x" * context_chars),
+        window=Window(0, 2, 0, max(1, n_steps), max(1, n_steps), context=context),
     )
-    return sum(len(m["content"]) for m in probe.messages) + len(str(n_steps)) * 4 + RETRY_EXTRA_CHARS
+    return "\n".join(m["content"] for m in probe.messages)
 
 
 def step_prompt_chars(n_steps: int) -> int:
@@ -99,33 +99,36 @@ def plan_windows(
     steps: Sequence[str],
     prelabels: Sequence[str | None],
     *,
-    fixed_chars: int,
+    fixed_tokens: int,
     context_tokens: int,
-    chars_per_token: float,
     max_steps: int,
     answer_tokens: Callable[[int], int],
+    count_tokens: Callable[[str], int],
 ) -> list[tuple[int, int, int | None]]:
     """Windows of consecutive steps ``(start, end, step_limit)`` (0-based, end exclusive), each one
-    request: its step lines (numbered from 1) plus ``fixed_chars`` (the rest of the prompt, the
-    context and room for a retry) fit ``context_tokens`` less its answer budget
-    (``answer_tokens(n)``), at ``chars_per_token``; at most ``max_steps`` steps. A step that alone
-    does not fit is a window of its own, shown cut to what fits (``step_limit``; else None)."""
+    request: its step lines (numbered from 1, measured by ``count_tokens``) plus ``fixed_tokens``
+    (the rest of the prompt, the context, room for a retry) fit ``context_tokens`` less its answer
+    budget (``answer_tokens(n)``); at most ``max_steps`` steps. A step that alone does not fit is
+    a window of its own, shown cut to about what fits (``step_limit`` characters; else None)."""
     out: list[tuple[int, int, int | None]] = []
 
     def room(n: int) -> int:
-        return int((context_tokens - PROMPT_OVERHEAD_TOKENS - answer_tokens(n)) * chars_per_token) - fixed_chars
+        return context_tokens - PROMPT_OVERHEAD_TOKENS - RETRY_EXTRA_TOKENS - answer_tokens(n) - fixed_tokens
 
     start, used = 0, 0
     for i, (step, pre) in enumerate(zip(steps, prelabels)):
         n = i - start + 1
-        cost = len(_step_line(n, step, pre)) + 1
+        line = _step_line(n, step, pre)
+        cost = count_tokens(line) + 1
         if n > 1 and (n > max_steps or used + cost > room(n)):
             out.append((start, i, None))
             start, used, n = i, 0, 1
-            cost = len(_step_line(1, step, pre)) + 1
+            line = _step_line(1, step, pre)
+            cost = count_tokens(line) + 1
         used += cost
         if n == 1 and used > room(1):  # one step longer than a request holds: cut in the prompt
-            limit = max(PROMPT_MIN_STEP_CHARS, room(1) - len(_step_line(1, "", pre)) - 1)
+            chars_per_token = len(line) / max(1, cost)
+            limit = max(PROMPT_MIN_STEP_CHARS, int(room(1) * chars_per_token) - len(_step_line(1, "", pre)))
             out.append((i, i + 1, limit))
             start, used = i + 1, 0
     if start < len(steps):
