@@ -5,7 +5,9 @@
 2. *LLM validation* (:class:`Labeler`): one request per trace lists all its steps with their
    pre-labels; the LLM confirms or corrects each one and labels the steps without a cue. An answer
    that cannot be parsed is retried (with the parser's error), then falls back to
-   :func:`~rscaffold.labeling.keywords.fallback_label`.
+   :func:`~rscaffold.labeling.keywords.fallback_label`. A trace longer than one request holds is
+   labeled in windows of consecutive steps (:func:`~rscaffold.labeling.prompts.plan_windows`),
+   merged in order; a window that fails falls back alone.
 """
 
 from __future__ import annotations
