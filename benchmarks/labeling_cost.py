@@ -36,7 +36,6 @@ from rscaffold.labeling.prompts import (
     PROMPT_STEP_CHARS,
     answer_format_for,
     build_label_request,
-    step_prompt_chars,
 )
 from rscaffold.labeling.taxonomy import Taxonomy, load_taxonomy
 from rscaffold.llm.base import ChatRequest
@@ -342,8 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         batched_req += 1
         batched_tok += counter.prompt(req)
         batched_ans += counter.text(_ideal_batched_answer(labels, fmt))
-        width = step_prompt_chars(len(t.steps))
-        trunc_batched += sum(len(" ".join(s.split())) > width for s in t.steps)
+        # build_label_request shows every step whole: trunc_batched stays 0
         # the comparison: one request per step
         for i, (step, p, lab) in enumerate(zip(t.steps, pre, labels)):
             r = build_single_step_request(t.trace_id, i, t.question, step=step, prelabel=p, tax=tax)

@@ -10,6 +10,7 @@ can be moved together with its data.
 from __future__ import annotations
 
 import os
+import string
 import textwrap
 import typing
 from pathlib import Path
@@ -171,6 +172,11 @@ class FieldMapping(_Section):
     ``a.b`` reaches a nested object's field)."""
 
     question: str = Field(default="question", description="The field holding the question text.")
+    question_template: str | None = Field(
+        default=None,
+        description="A question built from several fields instead: a template over field names, e.g. "
+        "'{Body} {Question}' or '{context}\\n\\nQuestion: {question}' ({{ and }} for literal braces).",
+    )
     answer: str = Field(
         default="answer",
         description="The field holding the gold final answer (number: a number; yesno: true/false or yes/no; "
@@ -188,6 +194,25 @@ class FieldMapping(_Section):
         default=None,
         description="The field holding a stable id (problem ids become '<name>-<id>'); default: the row's position.",
     )
+
+    @field_validator("question_template")
+    @classmethod
+    def _check_question_template(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(v) if name is not None]
+        except ValueError as err:
+            raise ValueError(f"question_template {v!r}: {err}; write a literal brace as {{{{ or }}}}") from None
+        if not names or any(not n.strip() or n.strip().isdigit() for n in names):
+            raise ValueError(f"question_template {v!r} needs named fields, e.g. '{{Body}} {{Question}}'")
+        return v
+
+    @model_validator(mode="after")
+    def _one_question_source(self) -> FieldMapping:
+        if self.question_template is not None and "question" in self.model_fields_set:
+            raise ValueError("give either question (one field) or question_template (several), not both")
+        return self
 
 
 class CustomFormat(_Section):
@@ -258,7 +283,23 @@ class ProblemsConfig(_Section):
     limit_eval: int | None = Field(
         default=None, ge=1, description="Use a seeded subsample of this many evaluation problems."
     )
-    seed: int = Field(default=0, description="Seed of the subsamples.")
+    seed: int = Field(default=0, description="Seed of the subsamples and of the held-out part.")
+    part: Literal["auto", "all", "train"] = Field(
+        default="auto",
+        description="Which training problems: 'all'; 'train': all but the held-out share (heldout_fraction, by a seeded "
+        "hash of the problem id, the complement of an evaluation part 'heldout' with the same seed and fraction); "
+        "'auto': 'train' when the training file is also evaluated (problems.eval or an evaluation benchmark reads "
+        "it), else 'all'. With part 'train', an eval file that is the training file gives its held-out part.",
+    )
+    heldout_fraction: float = Field(
+        default=0.2, gt=0, lt=1, description="Share of a file held out from training for part 'train'."
+    )
+    on_overlap: Literal["fail", "remove"] = Field(
+        default="fail",
+        description="When an evaluation problem's question (lower-cased, punctuation and spacing normalised) is also "
+        "a training question: 'fail' stops the problems stage naming the counts and examples; 'remove' drops those "
+        "problems from the evaluation (counted in the problems manifest and the evaluation report).",
+    )
 
     @model_validator(mode="after")
     def _check_format(self) -> ProblemsConfig:
@@ -334,7 +375,9 @@ class LabelingConfig(_Section):
     )
     llm: BackendConfig | None = Field(default=None, description="Labeler LLM; None means the teacher's backend.")
     sampling: SamplingConfig = Field(
-        default_factory=lambda: SamplingConfig(max_new_tokens=160), description="Decoding of the labeler's answers."
+        default_factory=lambda: SamplingConfig(max_new_tokens=160),
+        description="Decoding of the labeler's answers; max_new_tokens is the least answer budget: a request "
+        "labeling more steps than fit it gets the budget its answer needs.",
     )
     retries_on_invalid: int = Field(
         default=1,
@@ -343,6 +386,30 @@ class LabelingConfig(_Section):
     )
     with_rationale: bool = Field(
         default=False, description="Ask for a short rationale per label (JSON answers only; costs output tokens)."
+    )
+    context_tokens: int = Field(
+        default=8192,
+        ge=512,
+        description="The labeler's context window in tokens (default: SmolLM2's 8192): a request's prompt, every "
+        "step shown whole (counted with the labeler's tokenizer where it is local), and its answer budget stay "
+        "within it; a trace that does not fit is labeled in windows of consecutive steps.",
+    )
+    chars_per_token: float = Field(
+        default=2.0,
+        gt=0,
+        description="Without the labeler's tokenizer on this machine (an OpenAI-compatible server): prompt characters "
+        "per token in that estimate (SmolLM2: English reasoning about 3, math-heavy steps 1.3-2.4).",
+    )
+    max_window_steps: int = Field(
+        default=64,
+        ge=1,
+        description="Most steps one request labels; a longer trace is labeled in windows of consecutive steps "
+        "(merged in order; a window the labeler fails falls back alone).",
+    )
+    window_context_chars: int = Field(
+        default=1200,
+        ge=0,
+        description="Characters of the preceding steps a window after the first shows as context (not labeled).",
     )
     segmentation: SegmentationConfig = Field(
         default_factory=SegmentationConfig, description="How traces are split into steps."

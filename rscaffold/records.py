@@ -68,6 +68,8 @@ class LabeledStepRecord(Record):
     signal: str
     source: str  # "llm" (validated or assigned by the LLM) | "keyword" | "fallback"
     rationale: str | None = None
+    window: int = 0  # which label request of its trace labeled the step (a long trace: windows of steps)
+    windows: int = 1  # label requests of its trace (0: keyword labels, no request)
 
 
 class Step(Record):

@@ -266,6 +266,7 @@ class ScriptedLabelerBackend:
     def __init__(self, script: dict[str, list[str | Completion]] | Callable[[ChatRequest], str]) -> None:
         self.script = script
         self.calls: list[list[ChatRequest]] = []
+        self.samplings: list[SamplingConfig] = []  # the sampling of each call
 
     def generate(
         self,
@@ -274,6 +275,7 @@ class ScriptedLabelerBackend:
         on_result: Callable[[Completion], None] | None = None,
     ) -> list[Completion]:
         self.calls.append(list(requests))
+        self.samplings.append(sampling)
         out = []
         for r in requests:
             if callable(self.script):

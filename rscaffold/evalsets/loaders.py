@@ -47,8 +47,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import random
 import re
+import string
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -62,6 +64,8 @@ from rscaffold.vocabulary import BENCHMARK_NAMES, CUSTOM_FORMAT
 
 if TYPE_CHECKING:
     from rscaffold.config import CustomFormat
+
+log = logging.getLogger(__name__)
 
 HUB_PREFIX = "hub:"
 Part = Literal["all", "train", "heldout"]
@@ -468,7 +472,13 @@ class Benchmark:
     def load_file(self, source: str | Path, split: str = "eval") -> list[ProblemRecord]:
         path = self.resolve_path(source)
         ctx = _Context(self.name, split, path.stem)
-        return _check_unique([self.convert(row, ctx) for row in self.read_file(path)], str(path))
+        rows = list(self.read_file(path))
+        records = _check_unique([self.convert(row, ctx) for row in rows], str(path))
+        self.check_rows(rows, str(path))
+        return records
+
+    def check_rows(self, rows: list[RawRow], where: str) -> None:
+        """Warnings about rows that load but look wrong (a user's field mapping); none here."""
 
     # -- the hub ---------------------------------------------------------------------------
     def hub_request(self, hub: HubSource, split: str = "eval") -> tuple[str, str | None, str]:
@@ -485,8 +495,10 @@ class Benchmark:
         ds = datasets.load_dataset(dataset_id, config, split=hub_split)
         label = str(HubSource(dataset_id, hub_split, config))
         ctx = _Context(self.name, split, hub_split)
-        rows = (RawRow(dict(r), f"{label} row {i}", i) for i, r in enumerate(ds))
-        return _check_unique([self.convert(row, ctx) for row in rows], label)
+        rows = [RawRow(dict(r), f"{label} row {i}", i) for i, r in enumerate(ds)]
+        records = _check_unique([self.convert(row, ctx) for row in rows], label)
+        self.check_rows(rows, label)
+        return records
 
     # -- either ----------------------------------------------------------------------------
     def load(
@@ -733,9 +745,27 @@ def _choice_answer(row: RawRow, name: str, value: Any, *, options: list[str]) ->
     )
 
 
+def template_fields(template: str) -> list[str]:
+    """The field names a ``question_template`` uses, in order."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+
+
+def _custom_question(row: RawRow, f: Any) -> str:
+    """The question of a row: one field, or ``question_template`` filled with several (each field's
+    text stripped; str.format's ``{{``/``}}`` escapes; ``a.b`` reaches a nested field)."""
+    if f.question_template is None:
+        return _custom_text(row, f.question, "question")  # type: ignore[return-value]
+    parts = []
+    for literal, name, _, _ in string.Formatter().parse(f.question_template):
+        parts.append(literal)
+        if name is not None:
+            parts.append(_custom_text(row, name, "question_template"))
+    return "".join(parts).strip()
+
+
 def _convert_custom(spec: CustomFormat, row: RawRow, ctx: _Context) -> ProblemRecord:
     f = spec.fields
-    question = _custom_text(row, f.question, "question")
+    question = _custom_question(row, f)
     raw = _custom_field(row, f.answer, "answer")
     kind = spec.answer_type
     if kind == "number":
@@ -768,9 +798,69 @@ def _convert_custom(spec: CustomFormat, row: RawRow, ctx: _Context) -> ProblemRe
     )
 
 
+FRAGMENT_SHARE = 0.5
+"""A mapped question field looks like a fragment when more than this share of rows do not end
+with a question mark (or colon) and the rows have another text field."""
+_QUESTION_END = re.compile(r"[?:][\s\"'\u201d)\]]*$")
+
+
+def _text_fields(rows: list[RawRow], skip: set[str]) -> dict[str, float]:
+    """Top-level fields (not in ``skip``) holding text of 3 words or more in most rows, with their
+    mean length in characters."""
+    out: dict[str, float] = {}
+    keys = {k for r in rows for k in r.data} - skip
+    for key in sorted(keys):
+        texts = [v for r in rows if isinstance(v := r.data.get(key), str) and len(v.split()) >= 3]
+        if len(texts) > len(rows) / 2:
+            out[key] = sum(len(t) for t in texts) / len(texts)
+    return out
+
+
+def question_fragment_warnings(spec: CustomFormat, rows: list[RawRow], where: str) -> list[str]:
+    """Signs that ``fields.question`` holds only part of each problem (SVAMP-style ``Body`` +
+    ``Question``, a passage beside its question): most rows do not end with a question mark while
+    another text field exists, or another text field is longer than the question. Empty with a
+    ``question_template`` (the mapping then names every part)."""
+    f = spec.fields
+    if f.question_template is not None or not rows:
+        return []
+    options = [f.options] if isinstance(f.options, str) else list(f.options or [])
+    skip = {f.question, f.answer, *(x for x in (f.solution, f.id) if x), *options}
+    questions = [v.strip() for r in rows if isinstance(v := _lookup(r.data, f.question), str)]
+    others = _text_fields(rows, skip)
+    if not questions or not others:
+        return []
+    out = []
+    hint = "if a problem is split over fields, build it with fields.question_template, e.g. "
+    open_share = sum(not _QUESTION_END.search(q) for q in questions) / len(questions)
+    if open_share > FRAGMENT_SHARE:
+        other = next(iter(others))
+        out.append(
+            f"{where}: {open_share:.0%} of the questions (field {f.question!r}) do not end with a question mark while "
+            f"the rows also have text in {', '.join(repr(k) for k in others)}; {hint}'{{{f.question}}} {{{other}}}'"
+        )
+    mean_q = sum(len(q) for q in questions) / len(questions)
+    longer = [k for k, n in others.items() if n > mean_q]
+    if longer and not out:
+        out.append(
+            f"{where}: field {longer[0]!r} holds longer text than the questions (field {f.question!r}, "
+            f"{mean_q:.0f} characters on average): is it the problem's body or context? "
+            f"{hint}'{{{longer[0]}}} {{{f.question}}}'"
+        )
+    return out
+
+
 @dataclass(frozen=True)
 class CustomBenchmark(Benchmark):
     """A user's own problem set (``format: custom``): one file (or hub dataset) read through a field mapping."""
+
+    spec: CustomFormat | None = field(default=None, repr=False)
+
+    def check_rows(self, rows: list[RawRow], where: str) -> None:
+        """Warn when the mapped question looks like a fragment (:func:`question_fragment_warnings`)."""
+        if self.spec is not None:
+            for warning in question_fragment_warnings(self.spec, rows, where):
+                log.warning("%s", warning)
 
     def resolve_path(self, source: str | Path) -> Path:
         path = Path(source).expanduser()
@@ -797,6 +887,7 @@ def custom_benchmark(spec: CustomFormat) -> Benchmark:
         description=f"your own problems ({spec.answer_type} answers)",
         convert=lambda row, ctx: _convert_custom(spec, row, ctx),
         read_file=read_custom_file,
+        spec=spec,
     )
 
 

@@ -268,6 +268,22 @@ def read_evaluation(eval_dir: str | Path) -> tuple[list[MetricRecord], list[Pred
     )
 
 
+OVERLAP_FILE = "overlap.json"  # per benchmark, problems left out because they are also training problems
+
+
+def overlap_section(path: Path) -> str:
+    """The report's note on evaluation problems left out because they were trained on (none: '')."""
+    removed = json.loads(path.read_text()) if path.is_file() else {}
+    if not any(removed.values()):
+        return ""
+    rows = [[b, str(n)] for b, n in removed.items() if n]
+    note = (
+        "Evaluation problems whose question is also a training question were left out "
+        "(problems.on_overlap: remove); the accuracies above are over the rest."
+    )
+    return "\n".join(["", "## Left out: trained on", "", note, "", *md_table(["benchmark", "left out"], rows)]) + "\n"
+
+
 def write_report(eval_dir: str | Path) -> tuple[Path, Path]:
     """(Re)write ``report.md`` and ``accuracy.png`` in ``eval_dir`` from its Parquet files alone."""
     eval_dir = Path(eval_dir)
@@ -275,7 +291,9 @@ def write_report(eval_dir: str | Path) -> tuple[Path, Path]:
     chart = plot_accuracy(metrics, eval_dir / CHART_FILE)
     report = eval_dir / REPORT_FILE
     tmp = report.with_suffix(".md.tmp")
-    tmp.write_text(render_report(metrics, predictions, chart.name, source=str(eval_dir)))
+    text = render_report(metrics, predictions, chart.name, source=str(eval_dir))
+    text += overlap_section(eval_dir / OVERLAP_FILE)
+    tmp.write_text(text)
     tmp.replace(report)
     return report, chart
 

@@ -4,7 +4,7 @@ type and prompt template).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from rscaffold.prompts import benchmark_prompt
@@ -21,6 +21,7 @@ class EvalSuite:
     prompt_template: str
     problems: list[ProblemRecord]
     numeric: bool = False
+    removed_overlap: int = 0  # problems left out because they are also training problems
 
     def prompts(self, style: str = "benchmark") -> list[str]:
         """The user messages: the benchmark family's prompt (the builder the teacher and the
@@ -30,11 +31,18 @@ class EvalSuite:
         return [benchmark_prompt(self.name, p.question, self.prompt_template) for p in self.problems]
 
 
-def evaluation_suites(ecfg, default_benchmark, default_problems: Sequence[ProblemRecord]) -> list[EvalSuite]:
+def evaluation_suites(
+    ecfg,
+    default_benchmark,
+    default_problems: Sequence[ProblemRecord],
+    *,
+    exclude: Mapping[str, Sequence[str]] | None = None,
+) -> list[EvalSuite]:
     """What the evaluation stage answers: ``ecfg.benchmarks`` (an :class:`EvaluationConfig`), or
     when it is empty the problems stage's eval split (``default_problems``, the first
     ``ecfg.limit`` of them) as ``default_benchmark`` (a benchmark name, or a
-    :class:`~rscaffold.evalsets.loaders.Benchmark` such as a custom format's)."""
+    :class:`~rscaffold.evalsets.loaders.Benchmark` such as a custom format's). ``exclude``: per
+    benchmark name, problem ids left out of a loaded benchmark (trained on)."""
     from rscaffold.evalsets.loaders import Benchmark, benchmark_for, get_benchmark
 
     if not ecfg.benchmarks:
@@ -52,7 +60,13 @@ def evaluation_suites(ecfg, default_benchmark, default_problems: Sequence[Proble
             part=b.part,
             heldout_fraction=b.heldout_fraction,
         )
-        suites.append(EvalSuite(bench.name, bench.answer_type, bench.prompt_template, rows, bench.numeric_answer))
+        drop = set((exclude or {}).get(bench.name, ()))
+        kept = [r for r in rows if r.problem_id not in drop]
+        suites.append(
+            EvalSuite(
+                bench.name, bench.answer_type, bench.prompt_template, kept, bench.numeric_answer, len(rows) - len(kept)
+            )
+        )
     return suites
 
 

@@ -5,25 +5,34 @@
 2. *LLM validation* (:class:`Labeler`): one request per trace lists all its steps with their
    pre-labels; the LLM confirms or corrects each one and labels the steps without a cue. An answer
    that cannot be parsed is retried (with the parser's error), then falls back to
-   :func:`~rscaffold.labeling.keywords.fallback_label`.
+   :func:`~rscaffold.labeling.keywords.fallback_label`. A trace longer than one request holds is
+   labeled in windows of consecutive steps (:func:`~rscaffold.labeling.prompts.plan_windows`),
+   merged in order; a window that fails falls back alone.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from collections import Counter
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NamedTuple
 
-from rscaffold.config import LabelingConfig, SamplingConfig
+from rscaffold.config import BackendConfig, LabelingConfig, SamplingConfig
 from rscaffold.labeling.keywords import keyword_prelabel
 from rscaffold.labeling.parsing import LabelParseError, ParsedLabel, parse_labels
 from rscaffold.labeling.prompts import (
     AnswerFormat,
+    Window,
+    answer_budget,
     answer_format_for,
     build_label_request,
     build_retry_request,
+    plan_windows,
+    prompt_fixed_text,
+    window_context,
 )
 from rscaffold.labeling.taxonomy import Taxonomy
 from rscaffold.llm.base import ChatRequest, Completion, LLMBackend
@@ -52,7 +61,11 @@ class LabelStats:
     steps: int = 0
     llm_ok: int = 0  # traces labeled by the LLM (first answer or a retry)
     retried: int = 0  # traces that needed at least one retry
-    fallback_traces: int = 0  # traces the LLM failed on (fallback labels)
+    fallback_traces: int = 0  # traces the LLM failed on, in one window or more (fallback labels there)
+    windows: int = 0  # label requests (a trace longer than one request holds: one per window of steps)
+    windowed_traces: int = 0  # traces labeled in more than one window
+    fallback_windows: int = 0  # windows the LLM failed on
+    cut_steps: int = 0  # steps longer than a whole request holds, shown cut (the record keeps the text)
     keyword_steps: int = 0  # steps with a keyword pre-label
     prelabel_checked: int = 0  # LLM-labeled steps that had a pre-label
     prelabel_agreed: int = 0  # ... and the LLM kept it
@@ -60,6 +73,15 @@ class LabelStats:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class _TraceLabels:
+    """The LLM labels of one trace's steps (None: its window failed), and its windows."""
+
+    labels: list[ParsedLabel | None]
+    window_of: list[int]  # per step, the window that labels it
+    windows: int
 
 
 class LabelerUnavailableError(RuntimeError):
@@ -76,8 +98,12 @@ class Labeler:
         sampling: SamplingConfig,
         *,
         cfg: LabelingConfig,
+        count_tokens: Callable[[str], int] | None = None,
     ) -> None:
         self.tax = tax
+        # the labeler's own tokenizer where it is at hand (labeler_token_counter), else an
+        # estimate at cfg.chars_per_token: what windows are sized by
+        self.count_tokens = count_tokens
         self.backend = backend
         self.sampling = sampling
         self.cfg = cfg
@@ -100,23 +126,24 @@ class Labeler:
             self.stats.keyword_steps += sum(1 for sig, _ in p if sig is not None)
         if self.cfg.method == "llm" and self.backend is None:
             log.warning("labeling method 'llm' without a backend: using keyword labels")
-        labels: dict[int, list[ParsedLabel]] = self._llm_labels(items, pre) if self.uses_llm else {}
+        labels: dict[int, _TraceLabels] = self._llm_labels(items, pre) if self.uses_llm else {}
         for k, (t, p) in enumerate(zip(items, pre)):
             yield self._records(t, p, labels.get(k))
 
     def _records(
-        self, t: TraceSteps, pre: list[tuple[str | None, str | None]], parsed: list[ParsedLabel] | None
+        self, t: TraceSteps, pre: list[tuple[str | None, str | None]], got: _TraceLabels | None
     ) -> list[LabeledStepRecord]:
         out = []
         source: Source
         for i, (step, (sig, cue)) in enumerate(zip(t.steps, pre)):
+            parsed = got.labels[i] if got is not None else None
             if parsed is not None:
-                signal, source, rationale = parsed[i].signal, "llm", parsed[i].rationale
+                signal, source, rationale = parsed.signal, "llm", parsed.rationale
             else:
                 signal = sig or self.tax.default_signal
                 source = "keyword" if sig is not None else "fallback"
                 if self.uses_llm:
-                    source = "fallback"  # the LLM failed on this trace
+                    source = "fallback"  # the LLM failed on this step's window
                 rationale = None
             out.append(
                 LabeledStepRecord(
@@ -129,60 +156,118 @@ class Labeler:
                     signal=signal,
                     source=source,
                     rationale=rationale,
+                    window=got.window_of[i] if got is not None else 0,
+                    windows=got.windows if got is not None else 0,
                 )
             )
         return out
 
+    def _windows(self, t: TraceSteps, pre: list[str | None], fmt: AnswerFormat) -> list[Window]:
+        """The windows of consecutive steps one trace is labeled in (one, when it fits a request)."""
+        cfg, with_rat = self.cfg, self.cfg.with_rationale
+        n = len(t.steps)
+        count = self.count_tokens or (lambda text: math.ceil(len(text) / cfg.chars_per_token))
+        fixed = prompt_fixed_text(
+            t.question,
+            self.tax,
+            n_steps=n,
+            with_rationale=with_rat,
+            context=window_context(t.steps, n, cfg.window_context_chars),
+        )
+        spans = plan_windows(
+            t.steps,
+            pre,
+            fixed_tokens=count(fixed),
+            context_tokens=cfg.context_tokens,
+            max_steps=cfg.max_window_steps,
+            answer_tokens=lambda m: answer_budget(m, fmt, with_rationale=with_rat, base=self.sampling.max_new_tokens),
+            count_tokens=count,
+        )
+        return [
+            Window(
+                j,
+                len(spans),
+                a,
+                b,
+                n,
+                context=window_context(t.steps, a, cfg.window_context_chars) if len(spans) > 1 else "",
+                step_limit=limit,
+            )
+            for j, (a, b, limit) in enumerate(spans)
+        ]
+
     def _llm_labels(
         self, items: list[TraceSteps], pre: list[list[tuple[str | None, str | None]]]
-    ) -> dict[int, list[ParsedLabel]]:
+    ) -> dict[int, _TraceLabels]:
         assert self.backend is not None
         with_rat = self.cfg.with_rationale
-        fmt: dict[int, AnswerFormat] = {}
-        pending: dict[int, ChatRequest] = {}
+        base = self.sampling.max_new_tokens
+        caps = self.backend.capabilities
+        fmt: dict[tuple[int, int], AnswerFormat] = {}
+        windows: dict[tuple[int, int], Window] = {}
+        pending: dict[tuple[int, int], ChatRequest] = {}
+        out: dict[int, _TraceLabels] = {}
         for k, t in enumerate(items):
             if not t.steps:
                 continue
-            caps = self.backend.capabilities
+            prelabels = [s for s, _ in pre[k]]
             if caps.line_choices and not caps.json_schema and not with_rat:
                 # The backend constrains decoding to valid answer lines (and cannot to the JSON
                 # schema): always well formed.
-                fmt[k] = "lines"
-            else:
-                fmt[k] = answer_format_for(len(t.steps), self.sampling.max_new_tokens, with_rat)
-            pending[k] = build_label_request(
-                t.trace_id,
-                t.question,
-                list(t.steps),
-                prelabels=[s for s, _ in pre[k]],
-                tax=self.tax,
-                with_rationale=with_rat,
-                answer_format=fmt[k],
+                trace_fmt: AnswerFormat = "lines"
+            else:  # JSON when the answer of a (largest) window fits the base budget
+                trace_fmt = answer_format_for(min(len(t.steps), self.cfg.max_window_steps), base, with_rat)
+            plan = self._windows(t, prelabels, trace_fmt)
+            out[k] = _TraceLabels(
+                [None] * len(t.steps), [w.index for w in plan for _ in range(w.start, w.end)], len(plan)
             )
-        done: dict[int, list[ParsedLabel]] = {}
-        last_error: dict[int, str] = {}
+            self.stats.windows += len(plan)
+            self.stats.windowed_traces += len(plan) > 1
+            self.stats.cut_steps += sum(1 for w in plan if w.step_limit is not None)
+            for w in plan:
+                key = (k, w.index)
+                windows[key] = w
+                fmt[key] = trace_fmt
+                pending[key] = build_label_request(
+                    t.trace_id,
+                    t.question,
+                    list(t.steps[w.start : w.end]),
+                    prelabels=prelabels[w.start : w.end],
+                    tax=self.tax,
+                    with_rationale=with_rat,
+                    answer_format=fmt[key],
+                    window=w,
+                )
+        done: dict[tuple[int, int], list[ParsedLabel]] = {}
+        last_error: dict[tuple[int, int], str] = {}
+        retried: set[int] = set()
         for attempt in range(self.cfg.retries_on_invalid + 1):
             if not pending:
                 break
             if attempt == 1:
-                self.stats.retried += len(pending)
-            results = self._generate(list(pending.values()))
-            retry: dict[int, ChatRequest] = {}
-            for k, req in pending.items():
-                n = len(items[k].steps)
+                retried = {k for k, _ in pending}
+            budgets = {
+                key: answer_budget(windows[key].end - windows[key].start, fmt[key], with_rationale=with_rat, base=base)
+                for key in pending
+            }
+            results = self._generate(list(pending.values()), [budgets[key] for key in pending])
+            retry: dict[tuple[int, int], ChatRequest] = {}
+            for key, req in pending.items():
+                w = windows[key]
+                n = w.end - w.start
                 comp = results.get(req.request_id) or Completion(req.request_id, error="no completion returned")
                 if not comp.ok:
                     error = f"backend error: {comp.error}"
                 else:
                     try:
-                        done[k] = parse_labels(comp.text, n, self.tax)
+                        done[key] = parse_labels(comp.text, n, self.tax)
                         continue
                     except LabelParseError as err:
                         error = str(err)
                         if comp.truncated:
-                            fmt[k] = "lines"  # the answer did not fit: ask for the compact form
-                last_error[k] = error
-                retry[k] = build_retry_request(
+                            fmt[key] = "lines"  # the answer did not fit: ask for the compact form
+                last_error[key] = error
+                retry[key] = build_retry_request(
                     req,
                     comp,
                     error,
@@ -190,28 +275,56 @@ class Labeler:
                     tax=self.tax,
                     with_rationale=with_rat,
                     attempt=attempt + 1,
-                    answer_format=fmt[k],
+                    answer_format=fmt[key],
                 )
             pending = retry
-        for k in pending:
+        self.stats.retried += len(retried)
+        failed_traces = sorted({k for k, _ in pending})
+        for k in failed_traces:
+            keys = sorted(key for key in pending if key[0] == k)
+            where = (
+                ""
+                if out[k].windows == 1
+                else f" (window(s) {', '.join(str(j + 1) for _, j in keys)} of {out[k].windows})"
+            )
+            error = "; ".join(last_error.get(key, "") for key in keys)
             self.stats.fallback_traces += 1
-            self.stats.errors.append(f"{items[k].trace_id}: {last_error.get(k, '')}")
-            log.warning("labeling failed for trace %s, using fallback labels: %s", items[k].trace_id, last_error.get(k))
-        for k, parsed in done.items():
-            self.stats.llm_ok += 1
-            for (sig, _), lab in zip(pre[k], parsed):
-                if sig is not None:
+            self.stats.fallback_windows += len(keys)
+            self.stats.errors.append(f"{items[k].trace_id}{where}: {error}")
+            log.warning("labeling failed for trace %s%s, using fallback labels: %s", items[k].trace_id, where, error)
+        for (k, j), parsed in done.items():
+            w = windows[(k, j)]
+            for i, lab in enumerate(parsed):
+                out[k].labels[w.start + i] = lab
+        for k, got in out.items():
+            if k not in failed_traces:
+                self.stats.llm_ok += 1
+            for (sig, _), lab in zip(pre[k], got.labels):
+                if sig is not None and lab is not None:
                     self.stats.prelabel_checked += 1
                     self.stats.prelabel_agreed += int(lab.signal == sig)
-        return done
+        return out
 
-    def _generate(self, requests: list[ChatRequest]) -> dict[str, Completion]:
+    def _generate(self, requests: list[ChatRequest], budgets: list[int]) -> dict[str, Completion]:
+        """Run ``requests``, one batch per answer budget (``max_new_tokens``), in order."""
+        out: dict[str, Completion] = {}
+        for budget in sorted(set(budgets)):
+            batch = [r for r, b in zip(requests, budgets) if b == budget]
+            sampling = (
+                self.sampling
+                if budget == self.sampling.max_new_tokens
+                else self.sampling.model_copy(update={"max_new_tokens": budget})
+            )
+            out.update(self._generate_batch(batch, sampling))
+        return out
+
+    def _generate_batch(self, requests: list[ChatRequest], sampling: SamplingConfig) -> dict[str, Completion]:
         assert self.backend is not None
         # A backend reports a bad request in its Completion; an exception is a systemic failure
         # (server down, out of memory) and propagates, so no shard is filled with fallback labels.
         # The same holds for a labeler that cannot be reached: its transport errors (after the
         # client's retries) are not a trace the LLM failed on, and must not become fallback labels.
-        completions = self.backend.generate(requests, self.sampling)
+        completions = self.backend.generate(requests, sampling)
         unreachable = [c for c in completions if c.error_kind == "transport"]
         if unreachable:
             raise LabelerUnavailableError(
@@ -233,15 +346,17 @@ def label_traces(
     sampling: SamplingConfig,
     cfg: LabelingConfig,
     stats: LabelStats | MutableMapping[str, int] | None = None,
+    count_tokens: Callable[[str], int] | None = None,
 ) -> Iterator[list[LabeledStepRecord]]:
     """Label ``(trace_id, problem_id, question, steps)`` tuples; yield one record list per trace.
 
     Method ``keyword`` (or no backend): keyword pre-label, else the default signal. Method ``llm``:
     one batched ``generate`` call for all traces, one for each retry round. ``stats`` receives the
     counters: a :class:`LabelStats` is updated in place; a mapping (e.g. a ``Counter``) gets the
-    numeric counters added when the iteration ends.
+    numeric counters added when the iteration ends. ``count_tokens``: the labeler's token count of
+    a text (:func:`labeler_token_counter`), which sizes the windows of long traces.
     """
-    labeler = Labeler(tax, backend, sampling, cfg=cfg)
+    labeler = Labeler(tax, backend, sampling, cfg=cfg, count_tokens=count_tokens)
     if isinstance(stats, LabelStats):
         labeler.stats = stats
     try:
@@ -251,3 +366,27 @@ def label_traces(
             for key, value in labeler.stats.as_dict().items():
                 if isinstance(value, int):
                     stats[key] = stats.get(key, 0) + value
+
+
+def labeler_token_counter(llm: BackendConfig) -> Callable[[str], int] | None:
+    """Token counting with the labeler's own tokenizer when it is on this machine (a local
+    transformers or vLLM model, or ``tokenizer``); None otherwise (an OpenAI-compatible server, a
+    hub id not in the local cache): windows are then sized at ``labeling.chars_per_token``."""
+    if llm.backend == "openai" and not llm.tokenizer:
+        return None
+    tok = _local_tokenizer(llm.tokenizer or llm.model)
+    if tok is None:
+        return None
+    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+@functools.lru_cache(maxsize=4)
+def _local_tokenizer(name: str) -> Any:
+    """The tokenizer of a local model directory (or one in the hub cache), once per process."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means: estimate instead
+        log.info("labeling: no local tokenizer for %s (%s); windows sized by characters", name, err)
+        return None

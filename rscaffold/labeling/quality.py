@@ -90,6 +90,34 @@ def taxonomy_order_share(steps: Sequence[LabeledStepRecord], names: Sequence[str
     return sum(s.signal == names[s.step_index % len(names)] for s in steps) / len(steps)
 
 
+LENGTH_BINS = (1, 10, 20, 40, 80, 160, 320)
+"""Lower bounds of the trace-length bins (steps) of :func:`fallback_by_length`; the last is open."""
+
+
+def fallback_by_length(by_trace: dict[str, list[LabeledStepRecord]]) -> list[dict[str, Any]]:
+    """Per bin of trace length (:data:`LENGTH_BINS`, in steps): traces, the share of them with a
+    fallback label (the LLM failed on a window of theirs), the share of their steps with one, and
+    their mean number of label requests (windows). Empty bins are left out."""
+    rows = []
+    for j, lo in enumerate(LENGTH_BINS):
+        hi = LENGTH_BINS[j + 1] if j + 1 < len(LENGTH_BINS) else None
+        group = [v for v in by_trace.values() if len(v) >= lo and (hi is None or len(v) < hi)]
+        if not group:
+            continue
+        steps = sum(len(v) for v in group)
+        rows.append(
+            {
+                "steps": f"{lo}-{hi - 1}" if hi is not None else f"{lo}+",
+                "traces": len(group),
+                "fallback_traces": sum(any(s.source == "fallback" for s in v) for v in group),
+                "fallback_trace_rate": sum(any(s.source == "fallback" for s in v) for v in group) / len(group),
+                "fallback_step_rate": sum(s.source == "fallback" for v in group for s in v) / steps,
+                "mean_windows": sum(v[0].windows for v in group) / len(group),
+            }
+        )
+    return rows
+
+
 def label_quality_report(steps: Sequence[LabeledStepRecord], tax: Taxonomy) -> dict[str, Any]:
     """JSON-able quality summary of labeled steps (for ``quality.json`` and the stage artifact).
 
@@ -98,7 +126,9 @@ def label_quality_report(steps: Sequence[LabeledStepRecord], tax: Taxonomy) -> d
     LLM-labeled steps that had one (the paper reports ~87% agreement); ``index_lambda`` /
     ``taxonomy_order_share``: how much the LLM labels follow the step index (see the module
     docstring); ``transitions``: signal bigram counts over traces (rows: from, columns: to, in
-    ``names`` order).
+    ``names`` order); ``fallback_by_length``: the fallback rate by trace length
+    (:func:`fallback_by_length`); ``windows_per_trace``: how many traces took how many label
+    requests (a trace longer than one request holds is labeled in windows of steps).
     """
     names = tax.names
     n = len(steps)
@@ -132,6 +162,8 @@ def label_quality_report(steps: Sequence[LabeledStepRecord], tax: Taxonomy) -> d
         "taxonomy_order_share": taxonomy_order_share(llm_steps, names),
         "mean_chars_per_signal": {k: (sum(v) / len(v)) for k, v in lengths.items() if k in tax.by_name},
         "first_signal_counts": dict(Counter(seq[0] for seq in sequences if seq)),
+        "fallback_by_length": fallback_by_length(by_trace),
+        "windows_per_trace": dict(sorted(Counter(v[0].windows for v in by_trace.values()).items())),
         "transitions": transition_matrix([[x for x in seq if x in tax.by_name] for seq in sequences], names),
     }
 

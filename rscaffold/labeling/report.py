@@ -132,10 +132,34 @@ def render_quality_markdown(report: dict[str, Any], tax: Taxonomy) -> str:
     lines += [
         "`llm`: label given or confirmed by the labeler LLM; `keyword`: the cue pre-label "
         "(method `keyword`); `fallback`: the pre-label, else the default signal "
-        f"(`{tax.default_signal}`), for every step of a trace the LLM failed on (method `llm`) "
+        f"(`{tax.default_signal}`), for every step of a trace (or window of a long trace) the LLM failed on (method `llm`) "
         "or a step without a cue (method `keyword`).",
         "",
     ]
+
+    by_length = list(report.get("fallback_by_length") or [])
+    if by_length:
+        lines += ["## Fallback by trace length", ""]
+        lines += _table(
+            ["steps per trace", "traces", "traces with a fallback", "steps with a fallback", "label requests (mean)"],
+            [
+                [
+                    r["steps"],
+                    r["traces"],
+                    f"{_percent(r['fallback_trace_rate'])} ({r['fallback_traces']})",
+                    _percent(r["fallback_step_rate"]),
+                    _number(r["mean_windows"], 2),
+                ]
+                for r in by_length
+            ],
+        )
+        lines += [
+            "",
+            "A trace longer than one request holds (`labeling.context_tokens`, `labeling.max_window_steps`) "
+            "is labeled in windows of consecutive steps, each step shown whole; a window the labeler fails "
+            "falls back alone.",
+            "",
+        ]
 
     lines += ["## LLM vs keyword pre-labels", ""]
     if checked:

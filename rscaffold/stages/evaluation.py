@@ -31,7 +31,7 @@ from rscaffold.stages.common import (
     stage_inputs,
     write_json,
 )
-from rscaffold.stages.problems import read_problems
+from rscaffold.stages.problems import overlap_removed, read_problems
 from rscaffold.stages.training import model_path
 from rscaffold.store import StageDir, StageRef, read_records, write_records
 from rscaffold.vocabulary import student_of
@@ -44,7 +44,9 @@ def _suites(cfg: PipelineConfig, problems: StageRef) -> list[Any]:
     from rscaffold.evaluation.suites import evaluation_suites
 
     default = benchmark_for(cfg.problems.format, cfg.problems.custom)
-    return evaluation_suites(cfg.evaluation, default, read_problems(problems, "eval"))
+    return evaluation_suites(
+        cfg.evaluation, default, read_problems(problems, "eval"), exclude=overlap_removed(problems)
+    )
 
 
 @dataclass(frozen=True)
@@ -295,7 +297,7 @@ def run_evaluation(
     generated signals are compared with; without it those metrics are empty.
     """
     from rscaffold.evaluation.metrics import compute_metrics, metrics_table
-    from rscaffold.evaluation.report import CHART_FILE, REPORT_FILE, accuracy_table, write_report
+    from rscaffold.evaluation.report import CHART_FILE, OVERLAP_FILE, REPORT_FILE, accuracy_table, write_report
     from rscaffold.evaluation.signals import signal_agreement, signal_distribution
 
     with open_stage(cfg, "evaluation", fps, force=force, fresh=fresh) as (sd, done):
@@ -343,6 +345,7 @@ def run_evaluation(
                 else {k: teacher.get(k) for k in ("names", "signal_counts", "transitions")},
             },
         )
+        write_json(sd.work / OVERLAP_FILE, {s.name: s.removed_overlap for s in suites})
         write_report(sd.work)  # report.md + accuracy.png, from the Parquet files just written
         return sd.finish(
             outputs={
@@ -358,6 +361,7 @@ def run_evaluation(
                 "table": metrics_table(metrics),
                 "accuracy_table": accuracy_table(metrics),
                 "benchmarks": {s.name: len(s.problems) for s in suites},
+                "overlap_removed": {s.name: s.removed_overlap for s in suites},
                 "decoding": decoder.decoding,
             },
             started=started,

@@ -69,7 +69,7 @@ def _label_shard(
 ) -> int:
     """Label the traces of one shard that are not labeled yet; write the shard with all its
     labels (earlier ones kept). Returns how many traces were labeled now."""
-    from rscaffold.labeling.labeler import label_traces
+    from rscaffold.labeling.labeler import label_traces, labeler_token_counter
     from rscaffold.segment import split_steps, trace_body
 
     existing = sd.read_shard_map(SHARD, LabeledStepRecord).get(key, [])
@@ -89,7 +89,10 @@ def _label_shard(
         return 0
     batch: list[LabeledStepRecord] = list(existing)
     backend = backend_factory() if cfg.labeling.method == "llm" else None
-    for records in label_traces(work, tax, backend, sampling=cfg.labeling.sampling, cfg=cfg.labeling, stats=stats):
+    count = labeler_token_counter(cfg.labeler_llm()) if backend is not None else None
+    for records in label_traces(
+        work, tax, backend, sampling=cfg.labeling.sampling, cfg=cfg.labeling, stats=stats, count_tokens=count
+    ):
         batch.extend(records)
     sd.write_shard(SHARD, batch, LabeledStepRecord, key=key)
     return len(work)
@@ -225,6 +228,8 @@ def run_labeling(
             "steps": len(steps),
             "empty_traces": len(empty & kept_ids),
             "label_sources": dict(Counter(s.source for s in steps)),
+            "windows_per_trace": report["windows_per_trace"],
+            "fallback_by_length": {r["steps"]: r["fallback_trace_rate"] for r in report["fallback_by_length"]},
             "this_run": dict(stats),
             "taxonomy_digest": tax.digest(),
             "prelabel_kappa": report["prelabel_kappa"],

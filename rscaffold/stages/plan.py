@@ -20,6 +20,7 @@ from rscaffold.config import ConfigError, PipelineConfig, check_inputs_exist, fi
 from rscaffold.evaluation.suites import benchmark_source_digest
 from rscaffold.labeling.taxonomy import TaxonomyError, load_taxonomy
 from rscaffold.stages.common import source_digest, stage_code_version
+from rscaffold.stages.problems import training_part
 from rscaffold.store import fingerprint
 from rscaffold.vocabulary import STAGES
 
@@ -29,8 +30,24 @@ def plan_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     p = cfg.problems
     problems_code = stage_code_version("problems")
     fmt = [p.format, p.custom]  # custom: its field mapping and answer type
-    train_part = fingerprint("problems:train", *fmt, source_digest(p.train), p.limit_train, p.seed, problems_code)
-    eval_part = fingerprint("problems:eval", *fmt, source_digest(p.eval), p.limit_eval, p.seed, problems_code)
+    # the training part follows the evaluated files; the overlap check reads the evaluation benchmarks
+    part = [training_part(cfg), p.heldout_fraction]
+    benchmarks = [[b, benchmark_source_digest(b)] for b in cfg.evaluation.benchmarks]
+    train_part = fingerprint(
+        "problems:train", *fmt, source_digest(p.train), p.limit_train, p.seed, *part, problems_code
+    )
+    eval_part = fingerprint(
+        "problems:eval",
+        *fmt,
+        source_digest(p.eval),
+        p.limit_eval,
+        p.seed,
+        *part,
+        p.on_overlap,
+        benchmarks,
+        cfg.evaluation.limit,
+        problems_code,
+    )
     teacher = fingerprint_view(cfg.teacher)
     keep = teacher.pop("keep")
     labeling = fingerprint_view(cfg.labeling)
@@ -61,7 +78,7 @@ def plan_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     fps["evaluation"] = fingerprint(
         "evaluation",
         fps["training"],
-        eval_part if not cfg.evaluation.benchmarks else None,
+        eval_part if not cfg.evaluation.benchmarks else p.on_overlap,
         fingerprint_view(cfg.evaluation),
         [benchmark_source_digest(b) for b in cfg.evaluation.benchmarks],
         stage_code_version("evaluation"),

@@ -516,3 +516,65 @@ def test_custom_format_config() -> None:
         _custom("number", options="opts")
     with pytest.raises(ValueError, match="is a built-in benchmark"):
         ProblemsConfig(format="custom", custom={"name": "gsm8k", "answer_type": "number"})
+
+
+# SVAMP-style rows: the problem's body and its question in two fields.
+SVAMP = [
+    {
+        "ID": "s1",
+        "Body": "Jack had 8 pens and Mary had 5 pens. Jack gave 3 pens to Mary.",
+        "Question": "How many pens does Jack have now?",
+        "Answer": 5,
+    },
+    {
+        "ID": "s2",
+        "Body": "A baker made 20 rolls and sold 12 of them.",
+        "Question": "How many rolls are left?",
+        "Answer": 8,
+    },
+    {
+        "ID": "s3",
+        "Body": "Each box holds 6 eggs. There are 4 boxes.",
+        "Question": "How many eggs are there?",
+        "Answer": 24,
+    },
+]
+
+
+def test_custom_question_built_from_several_fields(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from rscaffold.evalsets.loaders import custom_benchmark
+
+    path = tmp_path / "svamp.json"
+    path.write_text(json.dumps(SVAMP))
+    bench = custom_benchmark(_custom("number", question_template="{Body} {Question}", answer="Answer", id="ID"))
+    with caplog.at_level("WARNING", logger="rscaffold.evalsets.loaders"):
+        records = load_problems(str(path), bench, split="train")
+    assert (
+        records[0].question
+        == "Jack had 8 pens and Mary had 5 pens. Jack gave 3 pens to Mary. How many pens does Jack have now?"
+    )
+    assert [r.gold_answer for r in records] == ["5", "8", "24"] and not caplog.records
+    # a template field a row lacks is named like any mapped field
+    path.write_text(json.dumps([{**SVAMP[0], "Body": ""}]))
+    with pytest.raises(BenchmarkFormatError, match=r"empty field 'Body' \(fields.question_template\)"):
+        load_problems(str(path), bench)
+
+
+@pytest.mark.parametrize(
+    ("question", "expected"),
+    [
+        ("Body", r"100% of the questions \(field 'Body'\) do not end with a question mark.*'\{Body\} \{Question\}'"),
+        ("Question", r"field 'Body' holds longer text than the questions.*'\{Body\} \{Question\}'"),
+    ],
+)
+def test_a_question_field_that_looks_like_a_fragment_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, question: str, expected: str
+) -> None:
+    from rscaffold.evalsets.loaders import custom_benchmark
+
+    path = tmp_path / "svamp.json"
+    path.write_text(json.dumps(SVAMP))
+    bench = custom_benchmark(_custom("number", question=question, answer="Answer", id="ID"))
+    with caplog.at_level("WARNING", logger="rscaffold.evalsets.loaders"):
+        assert len(load_problems(str(path), bench)) == 3  # it loads, with a warning
+    assert len(caplog.records) == 1 and re.search(expected, caplog.records[0].getMessage())

@@ -7,7 +7,6 @@ from collections import Counter
 
 import pytest
 from helpers import (
-    CONCLUSION,
     LABEL_SAMPLING,
     QWQ_GOLD,
     QWQ_PRELABELS,
@@ -200,15 +199,20 @@ def test_duplicate_trace_ids_are_rejected(tax: Taxonomy) -> None:
         list(label_traces([t, t], tax, ScriptedLabelerBackend({}), sampling=LABEL_SAMPLING, cfg=llm_labeling_config()))
 
 
-def test_huge_step_is_kept_whole_in_the_record(tax: Taxonomy) -> None:
+def test_a_step_longer_than_a_request_is_cut_in_its_own_window_and_kept_whole_in_the_record(tax: Taxonomy) -> None:
     huge = "So " + "7 * 6 = 42. " * 3000
-    backend = ScriptedLabelerBackend(lambda req: '["Reasoning", "Conclusion"]')
-    (recs,) = label_traces(
-        [("h", "p", "Q?", [huge, "Thus 42."])], tax, backend, sampling=LABEL_SAMPLING, cfg=llm_labeling_config()
-    )
+    backend = ScriptedLabelerBackend(lambda req: '["Reasoning"]')
+    cfg = llm_labeling_config()
+    (recs,) = label_traces([("h", "p", "Q?", [huge, "Thus 42."])], tax, backend, sampling=LABEL_SAMPLING, cfg=cfg)
     assert recs[0].text == huge
-    assert len(backend.calls[0][0].messages[-1]["content"]) < 5000
-    assert [r.signal for r in recs] == [REASONING, CONCLUSION]
+    (first, second) = backend.calls[0]
+    chars = sum(len(m["content"]) for m in first.messages)
+    assert 10_000 < chars <= (cfg.context_tokens - LABEL_SAMPLING.max_new_tokens) * cfg.chars_per_token
+    assert "Thus 42." in second.messages[-1]["content"] and "Thus 42." not in first.messages[-1]["content"]
+    assert [(r.signal, r.source, r.window, r.windows) for r in recs] == [
+        (REASONING, "llm", 0, 2),
+        (REASONING, "llm", 1, 2),
+    ]
 
 
 def test_rationale_is_stored(tax: Taxonomy) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -18,7 +19,7 @@ from helpers import (
 )
 
 from rscaffold.config import SegmentationConfig
-from rscaffold.labeling.prompts import PROMPT_STEP_CHARS, build_label_request
+from rscaffold.labeling.prompts import build_label_request
 from rscaffold.labeling.taxonomy import Taxonomy
 from rscaffold.segment import split_steps
 
@@ -76,13 +77,21 @@ def test_build_label_request_with_rationale_and_compact_format(tax: Taxonomy) ->
     assert "exactly 2 lines" in compact.messages[-1]["content"]
 
 
-def test_build_label_request_truncates_huge_steps_in_the_prompt(tax: Taxonomy) -> None:
-    huge = "So " + "12 + 12 = 24. " * 2000
-    req = build_label_request("t", R1_QUESTION, ["First, add.", huge], prelabels=[REASONING, REASONING], tax=tax)
-    prompt = req.messages[-1]["content"]
-    assert len(prompt) < 5000
-    line = next(ln for ln in prompt.splitlines() if ln.startswith("[2]"))
-    assert line.endswith("[...]") and len(line) <= PROMPT_STEP_CHARS + 60
+def test_build_label_request_shows_every_step_whole(tax: Taxonomy) -> None:
+    long = "So " + "12 + 12 = 24. " * 100
+    req = build_label_request("t", R1_QUESTION, ["First, add.", long], prelabels=[REASONING, REASONING], tax=tax)
+    line = next(ln for ln in req.messages[-1]["content"].splitlines() if ln.startswith("[2]"))
+    assert line == f"[2] (pre-label: {REASONING}) " + " ".join(long.split())
+
+
+def test_short_trace_requests_are_unchanged(tax: Taxonomy) -> None:
+    """The request of a trace that fits one request is byte for byte what earlier versions sent,
+    so the request cache answers a re-run without asking the labeler again."""
+    steps = split_steps(R1_TRACE, SegmentationConfig())
+    for fmt, digest in (("json", "017b5f8f63331812"), ("lines", "3116171453959671")):
+        r = build_label_request("tr-1", R1_QUESTION, steps, prelabels=R1_PRELABELS, tax=tax, answer_format=fmt)
+        blob = json.dumps([r.request_id, r.messages, r.json_schema, r.line_choices], sort_keys=True)
+        assert hashlib.sha256(blob.encode()).hexdigest()[:16] == digest
 
 
 def test_build_label_request_rejects_mismatched_prelabels(tax: Taxonomy) -> None:
