@@ -239,6 +239,25 @@ def _file_lock(
         os.close(fd)
 
 
+def is_published_name(name: str) -> bool:
+    """Whether a directory name under ``<stage>/`` is a published output (a bare fingerprint),
+    not a work directory (``.partial``), a set-aside one (``.damaged-<time>``, ``.replaced-<id>``)
+    or a lock file."""
+    return bool(name) and "." not in name
+
+
+def published_dirs(root: str | Path, stage: str) -> list[StageDir]:
+    """The published outputs of ``stage`` under an artifacts root (those with a manifest)."""
+    base = Path(root) / stage
+    if not base.is_dir():
+        return []
+    return [
+        sd
+        for d in sorted(base.iterdir())
+        if d.is_dir() and is_published_name(d.name) and (sd := StageDir(root, stage, d.name)).is_complete()
+    ]
+
+
 class StageDir:
     """One stage's content-addressed output directory (see the module docstring)."""
 
@@ -250,6 +269,12 @@ class StageDir:
         self.work = self.root / stage / (fp + WORK_SUFFIX)
         self.shards = self.work / SHARDS
         self.lock_path = self.root / stage / (fp + LOCK_SUFFIX)
+
+    @classmethod
+    def at(cls, path: str | Path) -> StageDir:
+        """The stage directory ``path`` (``<root>/<stage>/<fingerprint>``) names."""
+        path = Path(path)
+        return cls(path.parent.parent, path.parent.name, path.name)
 
     # -- completion -------------------------------------------------------------------------
     @property
