@@ -26,6 +26,7 @@ Every Parquet file of the project is written by :func:`write_records` and read b
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -63,6 +64,14 @@ UNVERIFIED_DIRS = (SHARDS, "checkpoints")
 
 class StageLockedError(RuntimeError):
     """Another process is writing this stage and the caller asked not to wait."""
+
+
+class ReadOnlyArtifactsError(PermissionError):
+    """The lock file of a stage cannot be created: the artifacts directory is read-only here (a
+    read-only share, or another user's artifacts). Complete outputs can still be read."""
+
+
+_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +131,31 @@ def _atomic_write(path: Path, write: Any) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def current_umask() -> int:
+    """This process's umask (read from ``/proc`` on Linux; elsewhere set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | Path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes the umask gives a new
+    file or folder, for outputs written by libraries that create them private (``safetensors``
+    writes 0600): evaluation, a served student or a colleague under another user can read them."""
+    mask = current_umask()
+    path = Path(path)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if p.is_symlink():
+            continue
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def write_records(path: str | Path, records: Iterable[Record], record_type: type[R]) -> Path:
@@ -210,8 +244,15 @@ def _file_lock(
     path: Path, *, what: str, wait: bool, timeout_s: float | None = None, poll_s: float = 1.0
 ) -> Iterator[None]:
     """An exclusive ``fcntl.flock`` on ``path`` holding who holds it (pid, host, since, command)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        if err.errno in _READ_ONLY_ERRNOS:
+            raise ReadOnlyArtifactsError(
+                err.errno, f"{what}: cannot create its lock file ({err.strerror})", str(path)
+            ) from None
+        raise
     try:
         start = time.monotonic()
         announced = 0.0
