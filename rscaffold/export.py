@@ -242,6 +242,7 @@ def _plain(t: pa.DataType) -> pa.DataType:
 
 EXPORT_COLUMNS = (
     "problem_id",
+    "source_id",
     "trace_id",
     "question",
     "gold_answer",
@@ -293,7 +294,10 @@ def export_dataset(
         if not p.is_file():
             raise ExportError(f"{dataset_dir}: missing {p.name}")
     taxonomy = load_taxonomy(taxonomy_path)
-    examples = chat_columns(pl.read_parquet(examples_path), taxonomy)
+    examples = pl.read_parquet(examples_path)
+    if "source_id" not in examples.columns:  # a dataset made before the user's own ids were kept
+        examples = examples.with_columns(pl.lit(None, pl.String).alias("source_id"))
+    examples = chat_columns(examples, taxonomy)
 
     splits: dict[str, datasets.Dataset] = {}
     for split in ("train", "validation"):
@@ -405,6 +409,7 @@ def _card_body(dsd, prov: Provenance, taxonomy: Taxonomy, *, name: str, license:
         "| `question`, `gold_answer` | the problem and its reference answer |",
         "| `teacher_answer`, `correct` | the teacher's final answer and whether it checks out |",
         "| `problem_id`, `trace_id` | ids (`<problem>#<sample>`); the splits are disjoint by problem |",
+        "| `source_id` | the problem's own id in the problem file it came from (custom sets with `fields.id`), else empty |",
         "",
         "## Counts",
         "",

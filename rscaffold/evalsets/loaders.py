@@ -767,8 +767,9 @@ def _convert_custom(spec: CustomFormat, row: RawRow, ctx: _Context) -> ProblemRe
     else:  # math, text
         gold = _custom_text(row, f.answer, "answer")
     solution = _custom_text(row, f.solution, "solution", required=False) if f.solution else None
-    if f.id:
-        pid = f"{ctx.benchmark}-{_slug(_custom_text(row, f.id, 'id'))}"
+    own_id = _custom_text(row, f.id, "id") if f.id else None
+    if own_id is not None:
+        pid = f"{ctx.benchmark}-{_slug(own_id)}"
     else:
         pid = f"{ctx.benchmark}-{_slug(ctx.tag)}-{row.index:05d}"
     return ProblemRecord(
@@ -778,6 +779,7 @@ def _convert_custom(spec: CustomFormat, row: RawRow, ctx: _Context) -> ProblemRe
         question=question,
         gold_answer=gold,
         gold_solution=solution,
+        source_id=own_id,
     )
 
 

@@ -147,6 +147,7 @@ def trace_from_completion(
     return TraceRecord(
         trace_id=trace_id_for(problem.problem_id, sample_index),
         problem_id=problem.problem_id,
+        source_id=problem.source_id,
         sample_index=sample_index,
         question=problem.question,
         gold_answer=problem.gold_answer,
