@@ -672,3 +672,28 @@ def test_a_bad_problem_file_is_a_config_error_naming_file_and_line(tmp_path, mon
         text = " ".join(out.output.split())
         assert out.exit_code == 2 and "problems.train" in text and expected in text, out.output
         assert "Traceback" not in out.output and "UnicodeDecodeError" not in out.output
+
+
+def test_the_temporary_server_start_deadline_is_a_setting(tmp_path, monkeypatch):
+    """``run.server_start_timeout_s`` / ``$RSCAFFOLD_SERVER_START_TIMEOUT_S`` set how long a run
+    waits for its temporary Prefect server; the config check runs while it starts."""
+    from rscaffold_flows.ephemeral_server import start_timeout_s
+
+    monkeypatch.setenv("RSCAFFOLD_SERVER_START_TIMEOUT_S", "300")
+    assert start_timeout_s() == 300 and start_timeout_s(7.5) == 7.5
+    monkeypatch.setenv("RSCAFFOLD_SERVER_START_TIMEOUT_S", "soon")
+    with pytest.raises(ValueError, match="RSCAFFOLD_SERVER_START_TIMEOUT_S"):
+        start_timeout_s()
+    script = (
+        "from rscaffold_flows.ephemeral_server import prefect_api\n"
+        "seen = []\n"
+        "try:\n"
+        "    with prefect_api(meanwhile=lambda: seen.append('checked')):\n"
+        "        print('started')\n"
+        "except RuntimeError as err:\n"
+        "    print(seen, err)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), RSCAFFOLD_SERVER_START_TIMEOUT_S="0.01")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert "['checked'] the temporary Prefect server did not answer within 0 s" in out.stdout, out.stderr[-2000:]
