@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -121,12 +123,36 @@ def _load(
         if run:
             overrides = deep_merge(overrides, {"run": run})
         cfg = load_config(config, overrides or None)
-        if check:
-            preflight(cfg)
     except ConfigError as e:
         err.print(f"[bold red]config error[/]: {e}")
         raise typer.Exit(2) from None
+    if check:
+        _preflight(cfg)
     return cfg
+
+
+def _preflight(cfg: PipelineConfig) -> None:
+    """Everything that can be checked before any stage starts (exit 2 naming what is wrong)."""
+    try:
+        preflight(cfg)
+    except ConfigError as e:
+        err.print(f"[bold red]config error[/]: {e}")
+        raise typer.Exit(2) from None
+
+
+@contextlib.contextmanager
+def _prefect_api(cfg: PipelineConfig) -> Iterator[None]:
+    """The run's Prefect API (a temporary server unless PREFECT_API_URL is set), started while the
+    config is checked and the stages are planned."""
+    from rscaffold_flows.ephemeral_server import prefect_api, start_timeout_s
+
+    try:
+        timeout_s = start_timeout_s(cfg.run.server_start_timeout_s)
+    except ValueError as e:
+        err.print(f"[bold red]error[/]: {e}")
+        raise typer.Exit(2) from None
+    with prefect_api(timeout_s, meanwhile=lambda: _preflight(cfg)):
+        yield
 
 
 def _print_results(refs: dict[str, dict]) -> None:
@@ -186,15 +212,14 @@ def run(
     (`prefect server start`). Every stage is cached on its config and inputs: a second run with
     nothing changed recomputes nothing.
     """
-    cfg = _load(config, artifacts_dir, _run_overrides(no_wait, refresh_requests), assignments=set_)
+    cfg = _load(config, artifacts_dir, _run_overrides(no_wait, refresh_requests), assignments=set_, check=False)
     bad = [s for s in (refresh or []) if s not in STAGES]
     if bad:
         err.print(f"[bold red]error[/]: unknown stage(s) {bad}; stages are {list(STAGES)}")
         raise typer.Exit(2) from None
-    from rscaffold_flows.ephemeral_server import prefect_api
     from rscaffold_flows.pipeline import rscaffold_pipeline
 
-    with prefect_api():
+    with _prefect_api(cfg):
         refs = rscaffold_pipeline(config=cfg, refresh=list(refresh or []), fresh=fresh)
     _print_results(refs)
 
@@ -219,11 +244,10 @@ def stage(
     if name not in STAGES:
         err.print(f"[bold red]error[/]: unknown stage {name!r}; stages are {list(STAGES)}")
         raise typer.Exit(2) from None
-    cfg = _load(config, artifacts_dir, _run_overrides(no_wait, refresh_requests), assignments=set_)
-    from rscaffold_flows.ephemeral_server import prefect_api
+    cfg = _load(config, artifacts_dir, _run_overrides(no_wait, refresh_requests), assignments=set_, check=False)
     from rscaffold_flows.pipeline import rscaffold_stage
 
-    with prefect_api():
+    with _prefect_api(cfg):
         refs = rscaffold_stage(config=cfg, stage=name, downstream=downstream, fresh=fresh)
     _print_results(refs)
 
@@ -305,8 +329,14 @@ def report_command(
             "(or its evaluation/ folder): then the newest evaluation in it is used."
         ),
     ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write report.md and accuracy.png here instead of into the evaluation directory."),
+    ] = None,
 ) -> None:
     """Regenerate an evaluation's report.md and accuracy.png from its Parquet files alone."""
+    import errno
+
     from rscaffold.evaluation.report import find_evaluation_dir, write_report
 
     try:
@@ -316,7 +346,13 @@ def report_command(
         raise typer.Exit(2) from None
     if eval_dir != run_dir.expanduser().resolve():
         console.print(f"newest evaluation under {run_dir}: {eval_dir}")
-    report, chart = write_report(eval_dir)
+    try:
+        report, chart = write_report(eval_dir, out)
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        err.print(f"[bold red]error[/]: cannot write into {out or eval_dir} ({e.strerror}); use --out DIR")
+        raise typer.Exit(2) from None
     console.print(f"report: {report}")
     console.print(f"chart:  {chart}")
 

@@ -12,33 +12,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-
-    def watch() -> None:  # portable fallback, and the race where the parent died before prctl
-        while True:
-            if os.getppid() != parent:
-                os._exit(0)
-            time.sleep(1.0)
-
-    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+from rscaffold.lifeline import die_with_parent
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,8 +28,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--parent", type=int, required=True)
     args = p.parse_args(argv)
-    _die_with_parent(args.parent)
+    die_with_parent(args.parent, signal.SIGTERM, exit_code=0)
     os.environ.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"})
+    # A server that lives for one run sends no usage analytics (on a machine without internet each
+    # attempt logs "Failed to send telemetry"); a user who wants them sets the variable to 1.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "0")
     import uvicorn
 
     uvicorn.run(
@@ -77,16 +62,45 @@ def _drain_prefect_workers() -> None:
             worker.drain_all(timeout=5)
 
 
+TIMEOUT_ENV = "RSCAFFOLD_SERVER_START_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 120.0
+
+
+def start_timeout_s(configured: float | None = None) -> float:
+    """The server's start deadline: ``run.server_start_timeout_s``, else ``$RSCAFFOLD_SERVER_START_TIMEOUT_S``,
+    else 120 s."""
+    if configured is not None:
+        return float(configured)
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if value <= 0:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0")
+    return value
+
+
 @contextlib.contextmanager
-def prefect_api(timeout_s: float = 120.0) -> Iterator[str | None]:
+def prefect_api(timeout_s: float | None = None, meanwhile: Callable[[], object] | None = None) -> Iterator[str | None]:
     """The Prefect API the run talks to: ``PREFECT_API_URL`` when set, else a temporary server
-    started here that dies with this process. Yields the API URL (None: the configured one)."""
+    started here that dies with this process. Yields the API URL (None: the configured one).
+
+    ``timeout_s``: how long to wait for the server to answer (:func:`start_timeout_s`);
+    ``meanwhile``: work to do while the server starts (e.g. checking the config and planning the
+    stages), called before waiting for it; what it raises stops the server and propagates.
+    """
     import httpx
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     if get_current_settings().api.url:
+        if meanwhile is not None:
+            meanwhile()
         yield None
         return
+    timeout_s = start_timeout_s(timeout_s)
     port = _free_port()
     cmd = [sys.executable, "-m", "rscaffold_flows.ephemeral_server", "--port", str(port), "--parent", str(os.getpid())]
     proc = subprocess.Popen(
@@ -95,17 +109,23 @@ def prefect_api(timeout_s: float = 120.0) -> Iterator[str | None]:
     url = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the temporary Prefect server exited with code {proc.returncode}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the temporary Prefect server did not answer within {timeout_s:.0f} s")
-            time.sleep(0.2)
+        if meanwhile is not None:
+            meanwhile()
+        with httpx.Client(timeout=2.0) as client:  # one connection pool for every poll
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the temporary Prefect server exited with code {proc.returncode}")
+                try:
+                    if client.get(f"{url}/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the temporary Prefect server did not answer within {timeout_s:.0f} s "
+                        f"(raise run.server_start_timeout_s or ${TIMEOUT_ENV} on a busy machine)"
+                    )
+                time.sleep(0.2)
         with temporary_settings(updates={PREFECT_API_URL: url}):
             try:
                 yield url

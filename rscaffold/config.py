@@ -1081,6 +1081,12 @@ class RunSettings(_Section):
     lock_timeout_s: float | None = Field(
         default=None, ge=0, description="Give up waiting for another run's stage lock after this many seconds."
     )
+    server_start_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="How long a command-line run waits for its temporary Prefect server to answer (without "
+        "PREFECT_API_URL) before giving up; unset: $RSCAFFOLD_SERVER_START_TIMEOUT_S, else 120.",
+    )
 
 
 class PipelineConfig(_Section):

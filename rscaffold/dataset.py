@@ -36,6 +36,7 @@ _EXAMPLE_COLUMNS = (
     "signals",
     "n_steps",
     "answer_text",
+    "source_id",
 )
 
 
@@ -89,9 +90,14 @@ def assemble_examples(
         .then(pl.lit("too_few_steps"))
         .otherwise(pl.lit(None, dtype=pl.String))
     )
-    traces = pl.scan_parquet(traces_path).select(
+    scanned = pl.scan_parquet(traces_path)
+    traces = scanned.select(
         "trace_id",
         "problem_id",
+        # the user's own problem id (absent from traces written before it was kept)
+        pl.col("source_id")
+        if "source_id" in scanned.collect_schema().names()
+        else pl.lit(None, pl.String).alias("source_id"),
         "question",
         "gold_answer",
         "predicted_answer",

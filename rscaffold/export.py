@@ -33,7 +33,7 @@ import pyarrow as pa
 from rscaffold.labeling.taxonomy import Taxonomy, load_taxonomy
 from rscaffold.paths import data_dir
 from rscaffold.prompts import STUDENT_SYSTEM_PROMPT
-from rscaffold.store import MANIFEST, StageDir
+from rscaffold.store import MANIFEST, StageDir, is_published_name, published_dirs
 from rscaffold.vocabulary import CUSTOM_FORMAT, STEP_SEPARATOR
 
 log = logging.getLogger(__name__)
@@ -66,26 +66,44 @@ class ExportError(ValueError):
 
 def find_dataset_dir(path: str | Path) -> Path:
     """The dataset stage directory ``path`` means: one itself (its manifest says ``dataset``), or
-    the newest complete one under ``path`` or ``path/dataset`` (an artifacts root)."""
+    the newest published one under ``path`` or ``path/dataset`` (an artifacts root). Only a
+    published output is exported (never a ``<fingerprint>.partial`` work directory or a
+    ``<fingerprint>.damaged-<time>`` one set aside), and only when it verifies against its
+    manifest as the pipeline checks it before reuse; anything else is an :class:`ExportError`."""
     path = Path(path).expanduser().resolve()
     manifest = _read_json(path / MANIFEST)
     if manifest is not None:
         if manifest.get("stage") != "dataset":
             raise ExportError(f"{path} is the output of the {manifest.get('stage')!r} stage, not of 'dataset'")
-        return path
+        if not is_published_name(path.name) or manifest.get("fingerprint") != path.name:
+            raise ExportError(
+                f"{path} is not a published dataset (a work directory or one set aside as damaged); "
+                f"export {path.parent / str(manifest.get('fingerprint'))} or re-run the pipeline"
+            )
+        return _verified(path)
     if not path.is_dir():
         raise ExportError(f"no such directory: {path}")
-    for base in (path / "dataset", path):
-        if not base.is_dir():
-            continue
+    for root in (path, path.parent) if path.name == "dataset" else (path,):
         found = [
-            (m.get("finished_at", 0), d)
-            for d in base.iterdir()
-            if d.is_dir() and (m := _read_json(d / MANIFEST)) and m.get("stage") == "dataset"
+            (m.get("finished_at", 0), sd.path)
+            for sd in published_dirs(root, "dataset")
+            if (m := _read_json(sd.manifest_path)) and m.get("stage") == "dataset"
         ]
         if found:
-            return max(found)[1]
+            return _verified(max(found)[1])
     raise ExportError(f"{path}: not a complete dataset stage directory, and none under it or under {path / 'dataset'}")
+
+
+def _verified(path: Path) -> Path:
+    problems = StageDir.at(path).verify()
+    if problems:
+        raise ExportError(
+            f"{path} is damaged and is not exported: "
+            + "; ".join(problems[:5])
+            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            + " (a re-run of the pipeline sets it aside and rebuilds it)"
+        )
+    return path
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -224,6 +242,7 @@ def _plain(t: pa.DataType) -> pa.DataType:
 
 EXPORT_COLUMNS = (
     "problem_id",
+    "source_id",
     "trace_id",
     "question",
     "gold_answer",
@@ -275,7 +294,10 @@ def export_dataset(
         if not p.is_file():
             raise ExportError(f"{dataset_dir}: missing {p.name}")
     taxonomy = load_taxonomy(taxonomy_path)
-    examples = chat_columns(pl.read_parquet(examples_path), taxonomy)
+    examples = pl.read_parquet(examples_path)
+    if "source_id" not in examples.columns:  # a dataset made before the user's own ids were kept
+        examples = examples.with_columns(pl.lit(None, pl.String).alias("source_id"))
+    examples = chat_columns(examples, taxonomy)
 
     splits: dict[str, datasets.Dataset] = {}
     for split in ("train", "validation"):
@@ -387,6 +409,7 @@ def _card_body(dsd, prov: Provenance, taxonomy: Taxonomy, *, name: str, license:
         "| `question`, `gold_answer` | the problem and its reference answer |",
         "| `teacher_answer`, `correct` | the teacher's final answer and whether it checks out |",
         "| `problem_id`, `trace_id` | ids (`<problem>#<sample>`); the splits are disjoint by problem |",
+        "| `source_id` | the problem's own id in the problem file it came from (custom sets with `fields.id`), else empty |",
         "",
         "## Counts",
         "",

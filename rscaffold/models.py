@@ -19,6 +19,7 @@ from pathlib import Path
 
 from rscaffold.config import TinyModelConfig
 from rscaffold.paths import default_model_dir
+from rscaffold.store import follow_umask
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def dequantize_gguf_to_dir(gguf_path: Path, out_dir: Path) -> Path:
         shutil.rmtree(tmp)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    follow_umask(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
@@ -163,6 +165,7 @@ def save_tiny_model(tokenizer_source: str, cfg: TinyModelConfig, out_dir: Path) 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    follow_umask(out_dir)
     return out_dir
 
 

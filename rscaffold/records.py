@@ -31,6 +31,7 @@ class ProblemRecord(Record):
     question: str
     gold_answer: str
     gold_solution: str | None = None
+    source_id: str | None = None  # the problem's own id in the user's file (``custom.fields.id``), as written
 
 
 class TraceRecord(Record):
@@ -54,6 +55,7 @@ class TraceRecord(Record):
     latency_s: float | None = None
     backend: str = ""
     model: str = ""
+    source_id: str | None = None  # the problem's own id in the user's file, as written
 
 
 class LabeledStepRecord(Record):
@@ -94,6 +96,9 @@ class ExampleRecord(Record):
     n_steps: int
     # added with the short-CoT baseline (nullable: absent in older files)
     answer_text: str | None = None  # the teacher's visible final answer text (after its reasoning block)
+    source_id: str | None = (
+        None  # the problem's own id in the user's file, as written (nullable: absent in older files)
+    )
 
 
 class PredictionRecord(Record):

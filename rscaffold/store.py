@@ -26,6 +26,7 @@ Every Parquet file of the project is written by :func:`write_records` and read b
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -63,6 +64,14 @@ UNVERIFIED_DIRS = (SHARDS, "checkpoints")
 
 class StageLockedError(RuntimeError):
     """Another process is writing this stage and the caller asked not to wait."""
+
+
+class ReadOnlyArtifactsError(PermissionError):
+    """The lock file of a stage cannot be created: the artifacts directory is read-only here (a
+    read-only share, or another user's artifacts). Complete outputs can still be read."""
+
+
+_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +131,31 @@ def _atomic_write(path: Path, write: Any) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def current_umask() -> int:
+    """This process's umask (read from ``/proc`` on Linux; elsewhere set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | Path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes the umask gives a new
+    file or folder, for outputs written by libraries that create them private (``safetensors``
+    writes 0600): evaluation, a served student or a colleague under another user can read them."""
+    mask = current_umask()
+    path = Path(path)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if p.is_symlink():
+            continue
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def write_records(path: str | Path, records: Iterable[Record], record_type: type[R]) -> Path:
@@ -210,8 +244,15 @@ def _file_lock(
     path: Path, *, what: str, wait: bool, timeout_s: float | None = None, poll_s: float = 1.0
 ) -> Iterator[None]:
     """An exclusive ``fcntl.flock`` on ``path`` holding who holds it (pid, host, since, command)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        if err.errno in _READ_ONLY_ERRNOS:
+            raise ReadOnlyArtifactsError(
+                err.errno, f"{what}: cannot create its lock file ({err.strerror})", str(path)
+            ) from None
+        raise
     try:
         start = time.monotonic()
         announced = 0.0
@@ -239,6 +280,25 @@ def _file_lock(
         os.close(fd)
 
 
+def is_published_name(name: str) -> bool:
+    """Whether a directory name under ``<stage>/`` is a published output (a bare fingerprint),
+    not a work directory (``.partial``), a set-aside one (``.damaged-<time>``, ``.replaced-<id>``)
+    or a lock file."""
+    return bool(name) and "." not in name
+
+
+def published_dirs(root: str | Path, stage: str) -> list[StageDir]:
+    """The published outputs of ``stage`` under an artifacts root (those with a manifest)."""
+    base = Path(root) / stage
+    if not base.is_dir():
+        return []
+    return [
+        sd
+        for d in sorted(base.iterdir())
+        if d.is_dir() and is_published_name(d.name) and (sd := StageDir(root, stage, d.name)).is_complete()
+    ]
+
+
 class StageDir:
     """One stage's content-addressed output directory (see the module docstring)."""
 
@@ -250,6 +310,12 @@ class StageDir:
         self.work = self.root / stage / (fp + WORK_SUFFIX)
         self.shards = self.work / SHARDS
         self.lock_path = self.root / stage / (fp + LOCK_SUFFIX)
+
+    @classmethod
+    def at(cls, path: str | Path) -> StageDir:
+        """The stage directory ``path`` (``<root>/<stage>/<fingerprint>``) names."""
+        path = Path(path)
+        return cls(path.parent.parent, path.parent.name, path.name)
 
     # -- completion -------------------------------------------------------------------------
     @property

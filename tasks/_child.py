@@ -13,6 +13,14 @@ a forked CUDA context is unusable). What the task needs comes back over a queue:
   child that dies without a word (killed, out of memory) is a :class:`StageProcessError` too.
 
 A Prefect retry of the task starts a fresh child.
+
+The child never outlives this process: its first act is to ask the kernel to kill it when this
+process dies (:func:`rscaffold.lifeline.die_with_parent`; a parent watch where the OS has no such
+signal), so a ``kill -9`` of the run leaves no stage holding the stage's lock and its GPUs. When
+this process is interrupted instead (SIGINT, or SIGTERM turned into an exception by Prefect's
+flow engine), the child is terminated at once, and killed after :data:`STOP_GRACE_S` seconds.
+Either way the child's finished shards and checkpoints stay (each is written atomically), and a
+re-run resumes from them.
 """
 
 from __future__ import annotations
@@ -29,10 +37,15 @@ from collections.abc import Callable
 from typing import Any
 
 from rscaffold.config import PipelineConfig
+from rscaffold.lifeline import die_with_parent
 
 log = logging.getLogger("rscaffold.tasks.child")
 
 _LOCAL_BACKENDS = ("transformers", "vllm")
+STOP_GRACE_S = 3.0
+"""How long an interrupted run gives its stage's process after SIGTERM before killing it."""
+EXIT_GRACE_S = 30.0
+"""How long the stage's process may take to exit after it sent its result (flushing, freeing)."""
 
 
 class StageProcessError(RuntimeError):
@@ -65,8 +78,9 @@ class _QueueLogHandler(logging.Handler):
             pass
 
 
-def _child_main(target: str, kwargs: dict[str, Any], q: Any) -> None:
+def _child_main(target: str, kwargs: dict[str, Any], q: Any, *, parent: int) -> None:
     """The child: run ``module:function(**kwargs)`` with a progress callback, report back."""
+    die_with_parent(parent)
     lib = logging.getLogger("rscaffold")
     lib.setLevel(logging.INFO)
     lib.addHandler(_QueueLogHandler(q))
@@ -94,7 +108,9 @@ def run_in_child(target: str, kwargs: dict[str, Any], *, progress: Callable[[int
     the function takes one); see the module doc."""
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=_child_main, args=(target, kwargs, q), name=f"rscaffold-{target}")
+    proc = ctx.Process(
+        target=_child_main, args=(target, kwargs, q), kwargs={"parent": os.getpid()}, name=f"rscaffold-{target}"
+    )
     proc.start()
     outcome: tuple | None = None
     try:
@@ -122,10 +138,14 @@ def run_in_child(target: str, kwargs: dict[str, Any], *, progress: Callable[[int
             else:
                 outcome = msg
     finally:
-        proc.join(timeout=60)
+        if outcome is None:  # interrupted (or the child died): stop it now
+            proc.terminate()
+        proc.join(timeout=EXIT_GRACE_S if outcome is not None else STOP_GRACE_S)
         if proc.is_alive():
             proc.kill()
             proc.join()
+        q.close()
+        q.join_thread()
     if outcome[0] == "result":
         return outcome[1]
     _, payload, summary, tb = outcome

@@ -141,3 +141,32 @@ def test_traces_cut_at_the_teacher_token_limit_are_dropped_by_default_and_kept_o
     assert ex["problem_id"].to_list() == ["a"] and dropped == {"truncated": 2}
     ex, dropped = assemble(tmp_path, traces, steps, DatasetConfig(validation_fraction=0), keep="all")
     assert ex.height == 3 and dropped == {}
+
+
+def test_a_users_own_problem_id_reaches_the_dataset(tmp_path):
+    """``problems.custom.fields.id``: the id as written in the user's file is kept beside the
+    slugged ``problem_id``, in the problems, the traces and the dataset's rows."""
+    import json
+
+    from rscaffold.config import CustomFormat
+    from rscaffold.evalsets.loaders import custom_benchmark, load_problems
+    from rscaffold.llm.base import Completion
+    from rscaffold.stages.teacher import trace_from_completion
+
+    src = tmp_path / "mine.jsonl"
+    rows = [{"ref": f"Q {i}/A", "q": f"What is {i}+1?", "a": str(i + 1)} for i in range(4)]
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    spec = CustomFormat(answer_type="number", fields={"question": "q", "answer": "a", "id": "ref"})
+    problems = load_problems(src, benchmark=custom_benchmark(spec), split="train")
+    assert [p.source_id for p in problems] == [r["ref"] for r in rows]
+    traces = [
+        trace_from_completion(
+            p, Completion(p.problem_id, text=f"The answer is {p.gold_answer}."), 0,
+            answer_fn=lambda text: text.split()[-1].rstrip("."), check_fn=lambda pred, gold: pred == gold,
+        )
+        for p in problems
+    ]  # fmt: skip
+    assert [t.source_id for t in traces] == [r["ref"] for r in rows]
+    steps = [s for t in traces for s in steps_for(t)]
+    examples, _ = assemble(tmp_path, traces, steps, DatasetConfig(validation_fraction=0.25))
+    assert sorted(examples.get_column("source_id").to_list()) == sorted(r["ref"] for r in rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,27 @@ def test_export_refuses_what_it_cannot_export(tmp_path):
         export_dataset(tmp_path / "empty", tmp_path / "out")
     with pytest.raises(ExportError, match="not an exported dataset folder"):
         push_to_hub(tmp_path / "empty", "me/x")
+
+
+def test_export_refuses_a_damaged_or_unpublished_dataset(artifacts, tmp_path):
+    cfg, dataset = artifacts
+    published = Path(dataset.path)
+    # a newer set-aside copy and a newer work directory are never "the newest dataset"
+    for name in (f"{published.name}.damaged-20990101-000000", f"{published.name}.partial"):
+        copy = published.parent / name
+        shutil.copytree(published, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["finished_at"] += 1e6
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ExportError, match="not a published dataset"):
+            export_dataset(copy, tmp_path / "out")
+    assert find_dataset_dir(cfg.run.artifacts_dir) == published
+    # a tampered examples file (same size) is refused, naming the file; nothing is written
+    examples = published / "examples.parquet"
+    data = bytearray(examples.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    examples.write_bytes(bytes(data))
+    for target in (published, Path(cfg.run.artifacts_dir)):
+        with pytest.raises(ExportError, match=r"damaged .*examples\.parquet: content changed"):
+            export_dataset(target, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

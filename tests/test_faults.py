@@ -81,7 +81,9 @@ def start_stages(raw: dict, until: str = "labeling") -> subprocess.Popen:
 def wait_for_files(folder: Path, pattern: str, n: int, proc: subprocess.Popen, timeout_s: float = 240) -> None:
     deadline = time.monotonic() + timeout_s
     while len(list(folder.glob(pattern))) < n:
-        assert proc.poll() is None, f"finished before {n} x {pattern}:\n{proc.stderr.read()[-3000:]}"
+        assert proc.poll() is None, (
+            f"finished before {n} x {pattern}:\n{proc.stderr.read()[-3000:] if proc.stderr else ''}"
+        )
         assert time.monotonic() < deadline, f"no {n} x {pattern} in {folder} after {timeout_s}s"
         time.sleep(0.02)
 
@@ -442,3 +444,257 @@ def test_killed_run_leaves_no_prefect_server_behind(tiny_model_dir, tmp_path):
     finally:
         if cli.poll() is None:
             cli.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# a stage's process never outlives the run that started it
+
+CHILD_DRIVER = """
+import json, sys
+from rscaffold_tasks._child import run_in_child
+from rscaffold.config import config_from_dict
+from rscaffold.stages.plan import plan_fingerprints
+from rscaffold.stages.problems import run_problems
+cfg = config_from_dict(json.loads(sys.argv[1]))
+fps = plan_fingerprints(cfg)
+run_in_child("rscaffold.stages.teacher:run_teacher", {"cfg": cfg, "fps": fps, "problems": run_problems(cfg, fps)})
+"""
+
+
+def slow_teacher(tiny_model_dir: Path, artifacts: Path) -> dict:
+    """The tiny teacher with enough work to still be running when it is interrupted."""
+    return tiny_config(
+        tiny_model_dir,
+        artifacts,
+        run={"request_cache": "off"},
+        problems={"limit_train": 40},
+        teacher={"sampling": {"max_new_tokens": 48, "temperature": 0.7, "seed": 3}, "shard_size": 2},
+    )
+
+
+def stage_process_of(parent: psutil.Process, proc: subprocess.Popen, timeout_s: float = 120) -> psutil.Process:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"the run ended early:\n{proc.stderr.read()[-3000:] if proc.stderr else ''}"
+        assert time.monotonic() < deadline, "no stage process seen"
+        for c in parent.children(recursive=True):
+            try:
+                if "multiprocessing.spawn" in " ".join(c.cmdline()) and "spawn_main" in " ".join(c.cmdline()):
+                    return c
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.1)
+
+
+def assert_all_gone(procs: list[psutil.Process], within_s: float) -> None:
+    _, alive = psutil.wait_procs(procs, timeout=within_s)
+    for p in alive:
+        p.kill()
+    assert not alive, f"still running {within_s:.0f} s later: {[(p.pid, p.cmdline()[:4]) for p in alive]}"
+
+
+@pytest.mark.parametrize("how", ["kill -9", "ctrl-c"])
+def test_an_interrupted_run_leaves_no_stage_process_behind(tiny_model_dir, tmp_path, how):
+    """A run killed outright takes its stage's process (and the multiprocessing helpers it shares)
+    with it; one interrupted stops it within seconds. The finished shards stay."""
+    raw = slow_teacher(tiny_model_dir, tmp_path / "artifacts")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.Popen(
+        [sys.executable, "-c", CHILD_DRIVER, json.dumps(raw)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        cfg = config_from_dict(raw)
+        sd = StageDir(cfg.run.artifacts_dir, "teacher", plan_fingerprints(cfg)["teacher"])
+        stage_process_of(psutil.Process(run.pid), run)
+        wait_for_files(sd.shards, "traces-*.parquet", 1, run)
+        tree = psutil.Process(run.pid).children(recursive=True)
+        os.kill(run.pid, signal.SIGKILL if how == "kill -9" else signal.SIGINT)
+        run.wait(timeout=15)
+        assert_all_gone(tree, within_s=5)
+        assert sd.shards.is_dir() and list(sd.shards.glob("traces-*.parquet"))
+        assert not sd.is_complete()
+    finally:
+        if run.poll() is None:
+            run.kill()
+
+
+def test_sigterm_stops_the_stage_within_seconds_and_the_sampled_resume_is_the_same_run(tiny_model_dir, tmp_path):
+    """``rscaffold stage teacher`` (its stage in a child process, sampling at temperature 0.7)
+    gets SIGTERM mid-stage: the whole process tree is gone within seconds, the finished shards
+    stay, and the resumed stage's traces are those of an uninterrupted run."""
+    raw = tiny_config(tiny_model_dir, tmp_path / "killed", run={"request_cache": "off"})
+    assert raw["teacher"]["sampling"]["temperature"] > 0 and raw["problems"]["limit_train"] == 8
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    log = tmp_path / "run.log"
+    cli = subprocess.Popen(
+        [str(Path(sys.executable).parent / "rscaffold"), "stage", "teacher", "--config", str(tmp_path / "cfg.yaml")],
+        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        cfg = config_from_dict(raw)
+        sd = StageDir(cfg.run.artifacts_dir, "teacher", plan_fingerprints(cfg)["teacher"])
+        stage_process_of(psutil.Process(cli.pid), cli, timeout_s=300)
+        wait_for_files(sd.shards, "traces-*.parquet", 2, cli)
+        tree = psutil.Process(cli.pid).children(recursive=True)
+        cli.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        cli.wait(timeout=20)
+        assert_all_gone(tree, within_s=max(1.0, 10 - (time.monotonic() - start)))
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert "Failed to send telemetry" not in log.read_text()
+    assert 2 <= len(list(sd.shards.glob("traces-*.parquet"))) < 4 and not sd.is_complete()
+
+    # the resumed stage and an uninterrupted one, each in a process of its own
+    straight_raw = tiny_config(tiny_model_dir, tmp_path / "straight", run={"request_cache": "off"})
+    runs = [start_stages(raw, until="teacher"), start_stages(straight_raw, until="teacher")]
+    for proc in runs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+    straight = config_from_dict(straight_raw)
+    resumed, expected = (
+        read_records(StageDir(c.run.artifacts_dir, "teacher", sd.fingerprint).ref().output("traces"), TraceRecord)
+        for c in (cfg, straight)
+    )
+    assert len({t.text for t in expected}) > 1  # sampled, varied text
+    assert without_latency(resumed) == without_latency(expected)
+
+
+def test_requests_cancelled_by_a_stop_are_not_counted_as_sent(tmp_path):
+    """A run stopped (SIGTERM, Ctrl-C) while requests are in flight counts as sent only those
+    that were answered."""
+    from rscaffold.config import BackendConfig, SamplingConfig
+    from rscaffold.llm.base import Capabilities, ChatRequest, Completion
+    from rscaffold.llm.cache import CachedBackend, RequestCache
+
+    class StoppedAfterTwo:
+        """test fake: answers two requests, then the run is stopped (as a signal handler raises)"""
+
+        capabilities = Capabilities(batch_invariant=True)
+
+        def generate(self, requests, sampling, on_result=None):
+            for r in requests[:2]:
+                on_result(Completion(r.request_id, text="ok", prompt_tokens=1, completion_tokens=1))
+            raise KeyboardInterrupt
+
+    cfg = BackendConfig(backend="openai", model="m", base_url="http://127.0.0.1:1/v1")
+    inner = StoppedAfterTwo()
+    backend = CachedBackend(
+        cfg, lambda: inner, capabilities=inner.capabilities, name="openai", cache=RequestCache(tmp_path)
+    )
+    requests = [ChatRequest(f"r{i}", [{"role": "user", "content": str(i)}]) for i in range(5)]
+    with pytest.raises(KeyboardInterrupt):
+        backend.generate(requests, SamplingConfig())
+    assert backend.stats.requests == 5 and backend.stats.sent == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# a finished run on a read-only share
+
+
+def read_only(folder: Path, *cmd: str) -> subprocess.CompletedProcess:
+    """Run ``cmd`` with ``folder`` mounted read-only (a private mount namespace: ``unshare -m``)."""
+    script = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && exec "$@"'
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, str(folder), *cmd], capture_output=True, text=True, timeout=300
+    )
+
+
+REUSE_RUNNER = """
+import json, sys
+from rscaffold.config import config_from_dict
+from rscaffold.stages.plan import plan_fingerprints
+from rscaffold.stages.problems import run_problems
+from rscaffold.store import ReadOnlyArtifactsError
+for raw in json.loads(sys.argv[1]):
+    cfg = config_from_dict(raw)
+    try:
+        print(run_problems(cfg, plan_fingerprints(cfg)).path)
+    except ReadOnlyArtifactsError as err:
+        print("refused:", err)
+"""
+
+
+def test_complete_outputs_are_read_from_a_read_only_artifacts_directory(tmp_path):
+    from test_export import build_artifacts
+
+    probe = read_only(tmp_path, "touch", str(tmp_path / "x"))
+    if "Read-only file system" not in probe.stderr:
+        pytest.skip(f"no read-only bind mount here (unshare -m needs CAP_SYS_ADMIN): {probe.stderr.strip()[-200:]}")
+    root = tmp_path / "artifacts"
+    cfg, dataset = build_artifacts(root)
+    raw = cfg.model_dump(mode="json")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    rscaffold = str(Path(sys.executable).parent / "rscaffold")
+
+    other = json.loads(json.dumps(raw))
+    other["problems"]["limit_train"] = 9  # a stage that would have to be computed
+    reused = read_only(root, sys.executable, "-c", REUSE_RUNNER, json.dumps([raw, other]))
+    assert reused.returncode == 0, reused.stderr[-3000:]
+    done, refused = reused.stdout.strip().splitlines()[-2:]
+    assert done == str(StageDir(root, "problems", plan_fingerprints(cfg)["problems"]).path)
+    assert refused.startswith("refused:") and "must be computed, but the artifacts directory" in refused
+    shown = read_only(root, rscaffold, "fingerprints", "--config", str(tmp_path / "cfg.yaml"))
+    assert shown.returncode == 0 and "complete" in shown.stdout, shown.stderr[-3000:]
+    exported = read_only(root, rscaffold, "export", str(root), "--out", str(tmp_path / "hf"))
+    assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-3000:]
+    assert (tmp_path / "hf" / "README.md").is_file() and (tmp_path / "hf" / "data").is_dir()
+
+
+def test_a_bad_problem_file_is_a_config_error_naming_file_and_line(tmp_path, monkeypatch):
+    """A problem file that is not UTF-8, not valid JSON or empty stops the run with exit 2 before
+    any flow starts, naming ``file:line``."""
+    import rscaffold_flows.pipeline
+    from rscaffold_flows.cli import app
+    from typer.testing import CliRunner
+
+    def must_not_run(*a, **k):  # test guard: no flow may start
+        raise AssertionError("flow started")
+
+    monkeypatch.setattr(rscaffold_flows.pipeline, "rscaffold_pipeline", must_not_run)
+    good = (DATA / "problems" / "train.jsonl").read_bytes().splitlines()[:3]
+    cases = {
+        "latin1.jsonl": (b"\n".join([*good, b'{"question": "caf\xe9", "answer": "#### 1"}']), ":4: not UTF-8"),
+        "broken.jsonl": (b"\n".join([good[0], b'{"question": "x",']), ":2: not valid JSON"),
+        "empty.jsonl": (b"\n\n", "no problems"),
+    }
+    for name, (content, expected) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        cfg = tmp_path / f"cfg-{name}.yaml"
+        cfg.write_text(yaml.safe_dump({"problems": {"train": str(path)}, "run": {"artifacts_dir": str(tmp_path)}}))
+        out = CliRunner().invoke(app, ["run", "--config", str(cfg)])
+        text = " ".join(out.output.split())
+        assert out.exit_code == 2 and "problems.train" in text and expected in text, out.output
+        assert "Traceback" not in out.output and "UnicodeDecodeError" not in out.output
+
+
+def test_the_temporary_server_start_deadline_is_a_setting(tmp_path, monkeypatch):
+    """``run.server_start_timeout_s`` / ``$RSCAFFOLD_SERVER_START_TIMEOUT_S`` set how long a run
+    waits for its temporary Prefect server; the config check runs while it starts."""
+    from rscaffold_flows.ephemeral_server import start_timeout_s
+
+    monkeypatch.setenv("RSCAFFOLD_SERVER_START_TIMEOUT_S", "300")
+    assert start_timeout_s() == 300 and start_timeout_s(7.5) == 7.5
+    monkeypatch.setenv("RSCAFFOLD_SERVER_START_TIMEOUT_S", "soon")
+    with pytest.raises(ValueError, match="RSCAFFOLD_SERVER_START_TIMEOUT_S"):
+        start_timeout_s()
+    script = (
+        "from rscaffold_flows.ephemeral_server import prefect_api\n"
+        "seen = []\n"
+        "try:\n"
+        "    with prefect_api(meanwhile=lambda: seen.append('checked')):\n"
+        "        print('started')\n"
+        "except RuntimeError as err:\n"
+        "    print(seen, err)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), RSCAFFOLD_SERVER_START_TIMEOUT_S="0.01")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert "['checked'] the temporary Prefect server did not answer within 0 s" in out.stdout, out.stderr[-2000:]

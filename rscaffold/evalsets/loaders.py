@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import random
@@ -142,22 +143,34 @@ class RawRow:
     index: int  # 0-based position in the file / hub split
 
 
-def _iter_jsonl(path: Path) -> Iterator[RawRow]:
+def read_utf8(path: Path) -> str:
+    """A text file's content; bytes that are not UTF-8 are a :class:`BenchmarkFormatError` naming
+    ``path:line`` and the column, like every other format error."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise BenchmarkFormatError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}); save the file as UTF-8"
+        ) from None
+
+
+def _iter_jsonl(path: Path, text: str | None = None) -> Iterator[RawRow]:
     index = 0
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise BenchmarkFormatError(
-                    f"{path}:{line_no}: not valid JSON: {err.msg} (column {err.colno})"
-                ) from None
-            if not isinstance(obj, dict):
-                raise BenchmarkFormatError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-            yield RawRow(obj, f"{path}:{line_no}", index)
-            index += 1
+    lines = (read_utf8(path) if text is None else text).split("\n")
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise BenchmarkFormatError(f"{path}:{line_no}: not valid JSON: {err.msg} (column {err.colno})") from None
+        if not isinstance(obj, dict):
+            raise BenchmarkFormatError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+        yield RawRow(obj, f"{path}:{line_no}", index)
+        index += 1
 
 
 def _iter_json_array(path: Path, text: str) -> Iterator[RawRow]:
@@ -203,15 +216,15 @@ def read_json_records(path: Path) -> Iterator[RawRow]:
     if path.suffix == ".jsonl":
         yield from _iter_jsonl(path)
         return
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if text.lstrip().startswith("["):
         yield from _iter_json_array(path, text)
     else:
-        yield from _iter_jsonl(path)
+        yield from _iter_jsonl(path, text)
 
 
 def read_csv_records(path: Path, required: Iterable[str] = ()) -> Iterator[RawRow]:
-    with path.open(encoding="utf-8", newline="") as f:
+    with io.StringIO(read_utf8(path), newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         missing = [c for c in required if c not in header]
@@ -784,8 +797,9 @@ def _convert_custom(spec: CustomFormat, row: RawRow, ctx: _Context) -> ProblemRe
     else:  # math, text
         gold = _custom_text(row, f.answer, "answer")
     solution = _custom_text(row, f.solution, "solution", required=False) if f.solution else None
-    if f.id:
-        pid = f"{ctx.benchmark}-{_slug(_custom_text(row, f.id, 'id'))}"
+    own_id = _custom_text(row, f.id, "id") if f.id else None
+    if own_id is not None:
+        pid = f"{ctx.benchmark}-{_slug(own_id)}"
     else:
         pid = f"{ctx.benchmark}-{_slug(ctx.tag)}-{row.index:05d}"
     return ProblemRecord(
@@ -795,6 +809,7 @@ def _convert_custom(spec: CustomFormat, row: RawRow, ctx: _Context) -> ProblemRe
         question=question,
         gold_answer=gold,
         gold_solution=solution,
+        source_id=own_id,
     )
 
 

@@ -284,12 +284,15 @@ def overlap_section(path: Path) -> str:
     return "\n".join(["", "## Left out: trained on", "", note, "", *md_table(["benchmark", "left out"], rows)]) + "\n"
 
 
-def write_report(eval_dir: str | Path) -> tuple[Path, Path]:
-    """(Re)write ``report.md`` and ``accuracy.png`` in ``eval_dir`` from its Parquet files alone."""
+def write_report(eval_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """(Re)write ``report.md`` and ``accuracy.png`` in ``out_dir`` (default: ``eval_dir``) from the
+    Parquet files of ``eval_dir`` alone (which may then be read-only)."""
     eval_dir = Path(eval_dir)
+    out = Path(out_dir) if out_dir is not None else eval_dir
+    out.mkdir(parents=True, exist_ok=True)
     metrics, predictions = read_evaluation(eval_dir)
-    chart = plot_accuracy(metrics, eval_dir / CHART_FILE)
-    report = eval_dir / REPORT_FILE
+    chart = plot_accuracy(metrics, out / CHART_FILE)
+    report = out / REPORT_FILE
     tmp = report.with_suffix(".md.tmp")
     text = render_report(metrics, predictions, chart.name, source=str(eval_dir))
     text += overlap_section(eval_dir / OVERLAP_FILE)

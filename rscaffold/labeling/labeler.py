@@ -36,6 +36,7 @@ from rscaffold.labeling.prompts import (
 )
 from rscaffold.labeling.taxonomy import Taxonomy
 from rscaffold.llm.base import ChatRequest, Completion, LLMBackend
+from rscaffold.llm.parsing import RATE_LIMITED
 from rscaffold.records import LabeledStepRecord
 
 log = logging.getLogger(__name__)
@@ -327,6 +328,12 @@ class Labeler:
         completions = self.backend.generate(requests, sampling)
         unreachable = [c for c in completions if c.error_kind == "transport"]
         if unreachable:
+            if all((c.error or "").startswith(RATE_LIMITED) for c in unreachable):
+                raise LabelerUnavailableError(
+                    f"the labeler is rate-limiting this run: {len(unreachable)} of {len(requests)} requests were "
+                    f"refused with HTTP 429 after the client's retries (e.g. {unreachable[0].error}); the labels "
+                    "made so far are saved, re-run later or lower the labeler's concurrency"
+                )
             raise LabelerUnavailableError(
                 f"the labeler is unreachable: {len(unreachable)} of {len(requests)} requests failed with "
                 f"transport errors (e.g. {unreachable[0].error}); the labels made so far are saved, re-run "

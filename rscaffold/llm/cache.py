@@ -310,6 +310,8 @@ class CachedBackend:
                 key, fields, n = keys.get(c.request_id, (None, None, 0))
                 got = pending.setdefault(c.request_id, [])
                 got.append(c)
+                if len(got) == 1:  # answered (or failed): sent; a request cancelled unanswered is not
+                    self.stats.sent += 1
                 if c.ok:
                     self.stats.prompt_tokens += (c.prompt_tokens or 0) if c.sample_index == 0 else 0
                     self.stats.completion_tokens += c.completion_tokens or 0
@@ -321,7 +323,6 @@ class CachedBackend:
             if on_result:
                 on_result(c)
 
-        self.stats.sent += len(misses)
         returned = self.inner.generate(misses, sampling, on_result=record)
         # A backend that does not call on_result (or skipped some) still returns them.
         seen = {(c.request_id, c.sample_index) for cs in pending.values() for c in cs}

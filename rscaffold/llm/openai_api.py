@@ -40,6 +40,7 @@ from typing import Any
 from rscaffold.config import BackendConfig, SamplingConfig
 from rscaffold.llm.base import Capabilities, ChatRequest, Completion, ResultCallback
 from rscaffold.llm.parsing import (
+    RATE_LIMITED,
     completion_from_output,
     describe_error,
     error_completions,
@@ -53,6 +54,7 @@ INVALID_RESPONSE = "invalid response"
 # Sampling parameters some models reject with HTTP 400 (e.g. OpenAI reasoning models accept only
 # the default temperature); when the error names one of them in quotes, it is dropped and retried.
 DROPPABLE_PARAMS = ("temperature", "top_p", "seed")
+INVALID_RETRY_BASE_S = 0.5  # the first wait before asking again after an invalid answer (doubling, at most 8 s)
 
 
 class InvalidResponseError(ValueError):
@@ -207,15 +209,27 @@ class OpenAIBackend:
         secrets = (self._api_key,) if self._api_key != "EMPTY" else ()
         if isinstance(err, InvalidResponseError):
             return self._mask(str(err))
+        if isinstance(err, self._openai.RateLimitError):
+            return f"{RATE_LIMITED} (HTTP 429 after {self.cfg.max_retries} retries): {describe_error(err, secrets=secrets)}"
         if isinstance(err, (ValueError, self._openai.APIResponseValidationError)):
             # undecodable JSON, a body that does not validate as a chat completion
             return f"{INVALID_RESPONSE}: {describe_error(err, secrets=secrets)}"
         return describe_error(err, secrets=secrets)
 
+    def _is_invalid_response(self, err: BaseException) -> bool:
+        """An answer with status 200 that is not a usable completion (undecodable JSON, a body that
+        does not validate, no choices)."""
+        return isinstance(err, (InvalidResponseError, self._openai.APIResponseValidationError)) or (
+            isinstance(err, ValueError) and not isinstance(err, self._openai.APIError)
+        )
+
     def _error_kind(self, err: BaseException) -> str:
         """``transport`` when the server could not be reached or kept failing after the client's
-        retries (connection errors, timeouts, 408/409/429/5xx), else ``request``."""
+        retries (connection errors, timeouts, 408/409/429/5xx, answers that are not completions),
+        else ``request``."""
         o = self._openai
+        if self._is_invalid_response(err):
+            return "transport"
         if isinstance(err, (o.APIConnectionError, o.RateLimitError, o.InternalServerError)):
             return "transport"  # APITimeoutError is an APIConnectionError
         if isinstance(err, o.APIStatusError) and (err.status_code >= 500 or err.status_code in (408, 409, 429)):
@@ -285,12 +299,22 @@ class OpenAIBackend:
             t0 = time.perf_counter()
             try:
                 call = 0
+                invalid = 0
                 while len(got) < req.n:
                     seed = request_seed(req, sampling.seed, call)
-                    resp = await self._create(client, req, sampling, n=req.n - len(got), seed=seed)
-                    parsed = self._parse(resp, req, len(got), latency=time.perf_counter() - t0)
-                    if not parsed:
-                        raise InvalidResponseError(f"{INVALID_RESPONSE}: no choices")
+                    try:
+                        resp = await self._create(client, req, sampling, n=req.n - len(got), seed=seed)
+                        parsed = self._parse(resp, req, len(got), latency=time.perf_counter() - t0)
+                        if not parsed:
+                            raise InvalidResponseError(f"{INVALID_RESPONSE}: no choices")
+                    except Exception as err:
+                        # A 200 whose body is not a completion is a server fault like a 5xx: asked
+                        # again with the client's backoff (the client retries only by status code).
+                        if not self._is_invalid_response(err) or invalid >= self.cfg.max_retries:
+                            raise
+                        invalid += 1
+                        await asyncio.sleep(min(8.0, INVALID_RETRY_BASE_S * 2 ** (invalid - 1)))
+                        continue
                     got.extend(parsed)
                     call += 1
             except Exception as err:  # isolate: this request fails, the run goes on
@@ -347,7 +371,10 @@ class OpenAIBackend:
 
         try:
             asyncio.get_running_loop()
+            in_a_loop = True
         except RuntimeError:
+            in_a_loop = False
+        if not in_a_loop:  # outside the except block: its errors are not chained to "no running event loop"
             return run()
         # Called from async code (a running loop in this thread): asyncio.run would refuse, so the
         # requests get a loop of their own on a fresh thread, and this call blocks until done.

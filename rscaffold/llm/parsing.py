@@ -96,6 +96,7 @@ def clean_text(text: str | bytes | None) -> str:
 
 
 EMPTY_OUTPUT = "empty output"
+RATE_LIMITED = "rate-limited"  # how the error of a request that a server kept refusing with HTTP 429 starts
 
 
 def completion_from_output(

@@ -13,7 +13,7 @@ from typing import Any
 
 from rscaffold.code_version import code_version
 from rscaffold.config import PipelineConfig
-from rscaffold.store import StageDir, StageRef, file_digest, write_text
+from rscaffold.store import ReadOnlyArtifactsError, StageDir, StageRef, file_digest, write_text
 
 log = logging.getLogger("rscaffold.stages")
 
@@ -46,11 +46,34 @@ def open_stage(
     finds the output complete.
     """
     sd = StageDir(cfg.run.artifacts_dir, stage, fps[stage])
-    with sd.lock(wait=cfg.run.wait_for_locks, timeout_s=cfg.run.lock_timeout_s):
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(sd.lock(wait=cfg.run.wait_for_locks, timeout_s=cfg.run.lock_timeout_s))
+        except ReadOnlyArtifactsError as err:
+            yield sd, read_only_output(sd, err, force=force)
+            return
         done = None if force else reusable_output(sd)
         if done is None:
             sd.prepare(fresh=fresh)
         yield sd, done
+
+
+def read_only_output(sd: StageDir, err: ReadOnlyArtifactsError, *, force: bool = False) -> StageRef:
+    """The complete, intact output of a stage whose artifacts directory is read-only here (only
+    writing needs the lock); anything else is an error saying why the stage cannot run."""
+    problems = ["a refresh was asked for"] if force else ([] if sd.is_complete() else ["it has no complete output"])
+    if not problems:
+        problems = sd.verify()
+    if problems:
+        raise ReadOnlyArtifactsError(
+            err.errno,
+            f"{sd.stage} ({sd.fingerprint}) must be computed, but the artifacts directory {sd.root} is read-only "
+            f"here ({err.strerror}): {'; '.join(problems[:3])}. Run it where the artifacts are writable, or "
+            "set run.artifacts_dir to a writable copy",
+            err.filename,
+        )
+    log.info("%s: complete output found at %s (artifacts read-only: reused without the lock)", sd.stage, sd.path)
+    return sd.ref()
 
 
 def reusable_output(sd: StageDir) -> StageRef | None:

@@ -20,7 +20,7 @@ from rscaffold.config import ConfigError, PipelineConfig, check_inputs_exist, fi
 from rscaffold.evaluation.suites import benchmark_source_digest
 from rscaffold.labeling.taxonomy import TaxonomyError, load_taxonomy
 from rscaffold.stages.common import source_digest, stage_code_version
-from rscaffold.stages.problems import training_part
+from rscaffold.stages.problems import check_problem_files, training_part
 from rscaffold.store import fingerprint
 from rscaffold.vocabulary import STAGES
 
@@ -92,6 +92,7 @@ def preflight(cfg: PipelineConfig) -> dict[str, str]:
     taxonomy is valid, every fingerprint can be computed. Returns the fingerprints; raises
     :class:`~rscaffold.config.ConfigError` naming what is wrong."""
     check_inputs_exist(cfg)
+    check_problem_files(cfg)
     try:
         load_taxonomy(cfg.labeling.taxonomy)
     except TaxonomyError as err:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rscaffold.config import PipelineConfig
+from rscaffold.config import ConfigError, PipelineConfig
 from rscaffold.records import ProblemRecord
 from rscaffold.stages.common import (
     log,
@@ -153,6 +153,25 @@ def run_problems(cfg: PipelineConfig, fps: dict[str, str], *, force: bool = Fals
             started=started,
             code=stage_code_version("problems"),
         )
+
+
+def check_problem_files(cfg: PipelineConfig) -> None:
+    """Read the local problem files (``problems.train`` / ``problems.eval``) as the stage will, so
+    that a malformed, undecodable or empty one is a :class:`~rscaffold.config.ConfigError` naming
+    ``file:line`` before any stage starts (hub sources are read by the stage)."""
+    from rscaffold.evalsets.loaders import BenchmarkFormatError, benchmark_for, is_hub_source, load_problems
+
+    p = cfg.problems
+    bench = benchmark_for(p.format, p.custom)
+    for key, source, split in (("train", p.train, "train"), ("eval", p.eval, "eval")):
+        if is_hub_source(source):
+            continue
+        try:
+            rows = load_problems(source, benchmark=bench, split=split, limit=None, seed=p.seed)
+        except (BenchmarkFormatError, OSError) as err:
+            raise ConfigError(f"problems.{key}: {err}") from None
+        if not rows:
+            raise ConfigError(f"problems.{key}: {source} holds no problems")
 
 
 def read_problems(ref: StageRef, split: str | None = None) -> list[ProblemRecord]:

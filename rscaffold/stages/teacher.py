@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from rscaffold.config import PipelineConfig, TeacherConfig
 from rscaffold.llm.base import ChatRequest, Completion, LLMBackend
-from rscaffold.llm.parsing import EMPTY_OUTPUT, clean_text, derive_seed, describe_error
+from rscaffold.llm.parsing import EMPTY_OUTPUT, RATE_LIMITED, clean_text, derive_seed, describe_error
 from rscaffold.prompts import QUESTION_FIELD, fill_prompt
 from rscaffold.records import ProblemRecord, TraceRecord
 from rscaffold.stages.common import Progress, open_stage, stage_code_version, stage_inputs
@@ -147,6 +147,7 @@ def trace_from_completion(
     return TraceRecord(
         trace_id=trace_id_for(problem.problem_id, sample_index),
         problem_id=problem.problem_id,
+        source_id=problem.source_id,
         sample_index=sample_index,
         question=problem.question,
         gold_answer=problem.gold_answer,
@@ -363,6 +364,12 @@ class _TransportBreaker:
             return
         self.in_a_row += 1
         if self.in_a_row >= self.limit:
+            if (c.error or "").startswith(RATE_LIMITED):
+                raise TeacherUnavailableError(
+                    f"the teacher is rate-limiting this run: {self.in_a_row} requests in a row were refused with "
+                    f"HTTP 429 after the client's retries (last: {c.error}); the finished traces are saved, "
+                    "re-run later or lower teacher.llm.concurrency"
+                )
             raise TeacherUnavailableError(
                 f"the teacher is unreachable: {self.in_a_row} requests in a row failed with transport errors "
                 f"(last: {c.error}); the finished traces are saved, re-run when the endpoint is back"

@@ -39,6 +39,7 @@ from trl import SFTConfig, SFTTrainer
 from rscaffold.config import TRAINER_ARGS_SET_BY_RSCAFFOLD, LoraSettings, SegmentationConfig, TrainingConfig
 from rscaffold.prompts import STUDENT_SYSTEM_PROMPT
 from rscaffold.records import ExampleRecord
+from rscaffold.store import follow_umask
 from rscaffold.student import (
     STUDENT_META,
     SignalHead,
@@ -802,6 +803,7 @@ def _write_model_dir(
     tokenizer.save_pretrained(tmp)
     (tmp / STUDENT_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     (tmp / "README.md").write_text(_model_card(meta, cfg))
+    follow_umask(tmp)
     if model_dir.exists():
         shutil.rmtree(model_dir)
     tmp.rename(model_dir)

@@ -231,3 +231,42 @@ def test_callback_errors_propagate(fake):
 
     with pytest.raises(OSError, match="disk full"):
         _backend(fake).generate([chat_request(r, "q") for r in "abc"], SamplingConfig(), on_result=boom)
+
+
+def test_an_answer_that_is_not_a_completion_is_asked_again(fake, monkeypatch):
+    import rscaffold.llm.openai_api as api
+
+    monkeypatch.setattr(api, "INVALID_RETRY_BASE_S", 0.01)
+    empty = {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []}
+    fake.actions.extend([("raw", b"<html>not json</html>"), ("raw", empty)])
+    out = _backend(fake, max_retries=2).generate([chat_request("a", "hi")], SamplingConfig())
+    assert out[0].ok and out[0].text == "echo: hi #0" and len(fake.bodies) == 3
+    fake.bodies.clear()
+    fake.actions.extend([("raw", b"garbage")] * 3)
+    out = _backend(fake, max_retries=2).generate([chat_request("b", "hi")], SamplingConfig())
+    assert "invalid response" in out[0].error and out[0].error_kind == "transport" and len(fake.bodies) == 3
+
+
+def test_a_server_that_keeps_answering_429_is_reported_as_rate_limiting(fake):
+    from rscaffold.stages.teacher import TeacherUnavailableError, _TransportBreaker
+
+    fake.reject_if = lambda body: (429, "slow down")
+    out = _backend(fake, max_retries=0).generate([chat_request("a", "hi")], SamplingConfig())
+    assert out[0].error.startswith("rate-limited (HTTP 429") and out[0].error_kind == "transport"
+    breaker = _TransportBreaker(limit=1)
+    with pytest.raises(TeacherUnavailableError, match="rate-limiting this run") as info:
+        breaker.observe(out[0])
+    assert "unreachable" not in str(info.value)
+
+
+def test_an_error_from_a_call_outside_a_loop_is_not_chained_to_the_loop_probe(fake):
+    def stop(_c):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        _backend(fake).generate([chat_request("a", "hi")], SamplingConfig(), on_result=stop)
+    chain, err = [], info.value
+    while err is not None:
+        chain.append(str(err))
+        err = err.__context__ or err.__cause__
+    assert not any("no running event loop" in m for m in chain)

@@ -266,6 +266,29 @@ def test_baseline_training_has_no_signals(tmp_path):
         generate(student, questions=["q"], mode="guided")
 
 
+def test_the_trained_model_directory_follows_the_umask(tmp_path):
+    """Every file of the student's directory (the weights included, which safetensors writes
+    0600) gets the mode the umask gives, like every other output."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        result = train_student(
+            synthetic_examples(4),
+            training_config(max_steps=1),
+            STUDENT_SIGNALS,
+            signal_tokens=STUDENT_SIGNAL_TOKENS,
+            output_dir=tmp_path,
+            scaffolded=False,
+            model_card_info={},
+        )
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in Path(result.model_dir).iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+
+
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_lora_head_training(tmp_path):
     pytest.importorskip("peft")
