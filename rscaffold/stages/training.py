@@ -108,7 +108,7 @@ def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, 
     results: dict[str, Any] = {}
     outputs = {"base": "base" if cfg.training.tiny is not None else base}
     for name, scaffolded in variants:
-        if procs.is_main:
+        if procs.is_main:  # trained before for another config that it does not depend on
             restore_student(cfg, dataset.fingerprint, name, dest=sd.work / name / MODEL_DIRNAME)
         procs.wait()
         final_meta = sd.work / name / MODEL_DIRNAME / STUDENT_META
