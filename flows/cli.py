@@ -320,6 +320,52 @@ def fingerprints(config: ConfigOpt = None, artifacts_dir: ArtifactsOpt = None, *
         console.print(f"{stage_name:<11} {fp}  {'complete' if sd.is_complete() else 'missing '}  {sd.path}")
 
 
+@app.command("experiment")
+def experiment_command(
+    config: Annotated[
+        Path,
+        typer.Option("--config", "-c", help="The experiment file: a base config, settings, and the axes of a grid."),
+    ],
+    *,
+    set_: SetOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the cells and what running them costs, and stop.")
+    ] = False,
+) -> None:
+    """Run an experiment: every cell of a grid of configs (one value per axis), each stage and each
+    student computed once across cells, then one report with paired statistics (written under
+    <artifacts_dir>/experiments/<name>/). Prints the cells and their cost first."""
+    from rscaffold.experiment.grid import experiment_cost, load_experiment_file
+
+    try:
+        exp = load_experiment_file(config, set_ or [])
+        cost = experiment_cost(exp)
+    except ConfigError as e:
+        err.print(f"[bold red]config error[/]: {e}")
+        raise typer.Exit(2) from None
+    cells = Table(title=f"experiment {exp.name}: {len(exp.cells)} cell(s)")
+    for column in ("cell", *exp.axes):
+        cells.add_column(column)
+    for c in exp.cells:
+        cells.add_row(c.id, *(str(c.values[a]) for a in exp.axes))
+    console.print(cells)
+    for line in cost.lines():
+        console.print(line)
+    if dry_run:
+        return
+    from rscaffold_flows.ephemeral_server import prefect_api
+    from rscaffold_flows.experiment import ExperimentCellsFailedError, rscaffold_experiment
+
+    with prefect_api():
+        try:
+            out = rscaffold_experiment(str(config.resolve()), list(set_ or []))
+        except ExperimentCellsFailedError as e:
+            err.print(f"[bold red]error[/]: {e}")
+            raise typer.Exit(1) from None
+    console.print(f"report: {out['files']['report']}")
+    console.print(f"table:  {out['files']['results']}")
+
+
 @app.command("report")
 def report_command(
     run_dir: Annotated[

@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, int]] = [
     ("rscaffold.serving", 5),  # students behind an OpenAI-compatible server
     ("rscaffold.evaluation", 5),
     ("rscaffold.stages", 6),
+    ("rscaffold.experiment", 7),  # grids of configs over the stages, their statistics and report
     ("rscaffold", 0),  # the package itself (its __init__)
     ("rscaffold_tasks", 7),
     ("rscaffold_flows", 8),

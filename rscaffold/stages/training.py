@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rscaffold.config import PipelineConfig, SegmentationConfig
+from rscaffold.config import PipelineConfig, SegmentationConfig, fingerprint_view
 from rscaffold.records import ExampleRecord
 from rscaffold.stages.common import (
     as_dict,
@@ -22,7 +22,7 @@ from rscaffold.stages.common import (
     stage_inputs,
     write_json,
 )
-from rscaffold.store import StageDir, StageRef, read_records, write_records
+from rscaffold.store import StageDir, StageRef, fingerprint, read_records, write_records
 from rscaffold.training.collator import STUDENT_TARGETS
 from rscaffold.vocabulary import TRAINED_STUDENTS
 
@@ -114,6 +114,9 @@ def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, 
     results: dict[str, Any] = {}
     outputs = {"base": "base" if cfg.training.tiny is not None else base}
     for name, scaffolded in variants:
+        if procs.is_main:  # trained before for another config that it does not depend on
+            restore_student(cfg, dataset.fingerprint, name, dest=sd.work / name / MODEL_DIRNAME)
+        procs.wait()
         final_meta = sd.work / name / MODEL_DIRNAME / STUDENT_META
         if final_meta.exists():
             # This student finished in an earlier attempt of the stage (a later one failed).
@@ -157,9 +160,13 @@ def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, 
             # model is saved they only cost disk.
             shutil.rmtree(sd.work / name / CHECKPOINTS_DIRNAME, ignore_errors=True)
         outputs[name] = os.path.relpath(Path(res.model_dir).resolve(), sd.work.resolve())
+        if procs.is_main:
+            store_student(cfg, dataset.fingerprint, name, model_dir=Path(res.model_dir))
     missing = [n for n, _ in variants if n not in results]
     ref = None
     if procs.is_main:
+        for name in results:  # the students reused or copied above (stored once; a no-op after)
+            store_student(cfg, dataset.fingerprint, name, model_dir=sd.work / outputs[name])
         if missing:
             log.info("training: the stage is finished once %s is trained too", ", ".join(missing))
         else:
@@ -254,3 +261,96 @@ def model_path(ref: StageRef, name: str) -> str:
     value = ref.outputs[name]
     p = Path(ref.path) / value
     return str(p) if p.exists() else value
+
+
+# ---------------------------------------------------------------------------------------------
+# the student store: every trained student once, by what it depends on
+
+STUDENT_STORE = "students"
+"""The folder of the artifacts root that holds every trained student under its own fingerprint
+(:func:`student_fingerprint`): ``students/<fingerprint>/model``, a content-addressed stage
+directory (lock, atomic publication, manifest) like a stage's output."""
+
+SIGNAL_ONLY_SETTINGS = ("signal_objective", "signal_loss_weight")
+"""Training settings only the scaffolded student depends on (a plain baseline has no signal loss)."""
+
+
+def student_fingerprint(cfg: PipelineConfig, dataset_fingerprint: str, name: str) -> str:
+    """The fingerprint of one trained student: the rows it is trained on (the dataset's
+    fingerprint), what it is trained to write, the training settings it depends on and the
+    training code. Narrower than the training stage's fingerprint: ``training.students`` does not
+    enter (a student does not depend on which others are trained with it), and a baseline
+    (``short_cot``, ``cot_sft``) does not depend on :data:`SIGNAL_ONLY_SETTINGS`, so configs that
+    differ only in those share it."""
+    view = fingerprint_view(cfg.training)
+    view.pop("students")
+    if name != "scaffolded":
+        for key in SIGNAL_ONLY_SETTINGS:
+            view.pop(key)
+    return fingerprint("student", name, _TARGETS[name], dataset_fingerprint, view, stage_code_version("training"))
+
+
+def student_store(cfg: PipelineConfig, dataset_fingerprint: str, name: str) -> StageDir:
+    """The store directory of one student (see :data:`STUDENT_STORE`)."""
+    return StageDir(cfg.run.artifacts_dir, STUDENT_STORE, student_fingerprint(cfg, dataset_fingerprint, name))
+
+
+def is_student_stored(cfg: PipelineConfig, dataset_fingerprint: str, name: str) -> bool:
+    """Whether the store holds this student, intact."""
+    sd = student_store(cfg, dataset_fingerprint, name)
+    return sd.is_complete() and not sd.verify()
+
+
+def restore_student(cfg: PipelineConfig, dataset_fingerprint: str, name: str, *, dest: Path) -> bool:
+    """Put the stored student ``name`` at ``dest`` (a model directory of the training stage's work
+    directory), unless ``dest`` exists already or the store does not hold it intact; True when it
+    was put there. Its files are hard links to the store's (copies on another filesystem)."""
+    if dest.exists():
+        return False
+    sd = student_store(cfg, dataset_fingerprint, name)
+    if not sd.is_complete():
+        return False
+    problems = sd.verify()
+    if problems:
+        log.warning("training: stored student %s at %s is damaged (%s); training it", name, sd.path, problems[0])
+        return False
+    _link_tree(sd.path / "model", dest)
+    log.info("training: %s taken from the student store %s", name, sd.path)
+    return True
+
+
+def store_student(cfg: PipelineConfig, dataset_fingerprint: str, name: str, *, model_dir: Path) -> None:
+    """Publish a trained student's model directory to the store (a no-op when it holds it)."""
+    sd = student_store(cfg, dataset_fingerprint, name)
+    if sd.is_complete() and not sd.verify():
+        return
+    started = time.time()
+    with sd.lock(wait=cfg.run.wait_for_locks, timeout_s=cfg.run.lock_timeout_s):
+        if sd.is_complete() and not sd.verify():
+            return
+        sd.prepare(fresh=True)
+        _link_tree(model_dir, sd.work / "model")
+        sd.finish(
+            outputs={"model": "model"},
+            config={"student": name, "training": fingerprint_view(cfg.training)},
+            inputs={"dataset": dataset_fingerprint},
+            summary={"student": name, "trained_in": str(model_dir)},
+            started=started,
+            code=stage_code_version("training"),
+        )
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """``dst`` as a tree of hard links to ``src``'s files (a copy where a link cannot be made),
+    built beside it and renamed into place."""
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, tmp, copy_function=link)
+    tmp.rename(dst)

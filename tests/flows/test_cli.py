@@ -112,3 +112,29 @@ def test_training_args_are_checked_before_any_stage(tmp_path):
     )
     shown = yaml.safe_load(out.output)["training"]
     assert shown["max_steps"] is None and shown["epochs"] == 2 and shown["args"] == {"optim": "adafactor"}
+
+
+def test_experiment_dry_run_prints_cells_and_cost_and_runs_nothing(tmp_path, monkeypatch, tiny_model_dir, smollm2_dir):
+    import rscaffold_flows.experiment
+    from helpers import tiny_config_dict
+
+    def must_not_run(*a, **k):  # test guard: a dry run starts no flow
+        raise AssertionError("flow started")
+
+    monkeypatch.setattr(rscaffold_flows.experiment, "rscaffold_experiment", must_not_run)
+    grid = tmp_path / "grid.yaml"
+    cfg = tiny_config_dict(tiny_model_dir, smollm2_dir, tmp_path / "artifacts")
+    axes = {"training.signal_loss_weight": [0.5, 1.0], "training.seed": [0, 1]}
+    grid.write_text(yaml.safe_dump({"config": cfg, "axes": axes}, sort_keys=False))
+    out = runner.invoke(app, ["experiment", "--config", str(grid), "--dry-run"], terminal_width=200)
+    assert out.exit_code == 0, out.output
+    assert "4 cell(s)" in out.output and "signal_loss_weight=0.5,seed=1" in out.output
+    assert "teacher: 1 run(s), up to 8 request(s)" in out.output
+    # 4 scaffolded students, and each baseline once per seed
+    assert "training runs: 8 student(s) to train (cot_sft, scaffolded, short_cot), 0 reused" in out.output
+    assert "evaluations: 4 to run" in out.output
+    assert not (tmp_path / "artifacts").exists()
+
+    grid.write_text(yaml.safe_dump({"config": cfg, "axes": {"training.no_such": [1]}}))
+    out = runner.invoke(app, ["experiment", "--config", str(grid), "--dry-run"])
+    assert out.exit_code == 2 and "training.no_such" in out.output

@@ -36,6 +36,7 @@ import yaml
 from helpers import BIN_DIR, REPO, Server, fast_config, log_tail, stage_manifests, stop_process, wait_for
 
 from rscaffold.config import PipelineConfig, load_config
+from rscaffold.experiment.grid import load_experiment_file
 from rscaffold.vocabulary import STAGES
 
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
@@ -59,28 +60,38 @@ def test_prefect_yaml_is_a_valid_project_file():
     # `prefect deploy` only warns and skips a file that fails this model; here it must pass.
     model = PrefectYamlModel.model_validate(_project_file())
     deployments = {d.name: d for d in model.deployments}
-    assert set(deployments) == {"nightly", "stage"}
+    assert set(deployments) == {"nightly", "stage", "experiment"}
     for d in deployments.values():
         path, func = d.entrypoint.split(":")
         assert (
             load_flow_from_entrypoint(f"{REPO / path}:{func}").name
-            == {"nightly": "rscaffold-pipeline", "stage": "rscaffold-stage"}[d.name]
+            == {"nightly": "rscaffold-pipeline", "stage": "rscaffold-stage", "experiment": "rscaffold-experiment"}[
+                d.name
+            ]
         )
         assert d.work_pool.name == POOL
     (nightly_schedule,) = deployments["nightly"].schedules
     assert isinstance(nightly_schedule, RawScheduleConfig)
     CronSchedule(cron=nightly_schedule.cron, timezone=nightly_schedule.timezone)  # valid cron + zone
-    assert deployments["stage"].schedules == []
+    assert deployments["stage"].schedules == [] and deployments["experiment"].schedules == []
     assert model.pull and "prefect.deployments.steps.set_working_directory" in model.pull[0]
 
 
 def test_prefect_yaml_parameters_are_the_default_config_and_fit_the_flow_schema():
     from prefect.utilities.callables import parameter_schema
     from prefect.utilities.schema_tools import validate
+    from rscaffold_flows.experiment import rscaffold_experiment
     from rscaffold_flows.pipeline import rscaffold_pipeline, rscaffold_stage
 
     default = load_config()
     for d in _project_file()["deployments"]:
+        if d["name"] == "experiment":
+            # an experiment file of the repository, which expands to valid cells
+            assert load_experiment_file(REPO / d["parameters"]["experiment_file"]).cells
+            validate(
+                d["parameters"], parameter_schema(rscaffold_experiment).model_dump_for_openapi(), raise_on_error=True
+            )
+            continue
         flow = {"nightly": rscaffold_pipeline, "stage": rscaffold_stage}[d["name"]]
         # The deployment runs the embedded default (data/default.yaml); the two must not drift.
         assert PipelineConfig.model_validate(d["parameters"]["config"]) == default, d["name"]

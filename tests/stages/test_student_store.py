@@ -1,0 +1,56 @@
+"""The training stage shares a student across configs that differ only in what it does not depend on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from helpers import make_config, run_upstream_stages
+
+import rscaffold.training.trainer as trainer_mod
+from rscaffold.stages.plan import plan_fingerprints
+from rscaffold.stages.training import run_training, student_store
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_new_signal_loss_weight_trains_only_the_scaffolded_student(
+    tiny_model_dir, smollm2_dir, tmp_path, monkeypatch
+):
+    def config(weight: float):
+        return make_config(
+            tiny_model_dir,
+            smollm2_dir,
+            tmp_path / "artifacts",
+            max_steps=1,
+            students=["scaffolded", "cot_sft"],
+            signal_loss_weight=weight,
+        )
+
+    cfg1, cfg2 = config(1.0), config(2.0)
+    fps1, fps2 = plan_fingerprints(cfg1), plan_fingerprints(cfg2)
+    assert fps1["dataset"] == fps2["dataset"] and fps1["training"] != fps2["training"]
+    upstream = run_upstream_stages(cfg1, fps1)
+
+    trained: list[tuple[bool, float]] = []
+    original = trainer_mod.train_student
+
+    def recording(rows, tcfg, *a, scaffolded, **kw):
+        trained.append((scaffolded, tcfg.signal_loss_weight))
+        return original(rows, tcfg, *a, scaffolded=scaffolded, **kw)
+
+    monkeypatch.setattr(trainer_mod, "train_student", recording)
+    ref1 = run_training(cfg1, fps1, upstream["dataset"])
+    ref2 = run_training(cfg2, fps2, upstream["dataset"])
+    assert trained == [(True, 1.0), (False, 1.0), (True, 2.0)]
+
+    # the second stage's baseline is the stored one: its files are the same files
+    store = student_store(cfg1, fps1["dataset"], "cot_sft")
+    assert store.is_complete() and not store.verify()
+    stored = store.path / "model" / "model.safetensors"
+    for ref in (ref1, ref2):
+        assert os.path.samefile(Path(ref.path) / ref.outputs["cot_sft"] / "model.safetensors", stored)
+    # the scaffolded students differ, and each is in the store under its own fingerprint
+    scaffolded = [student_store(c, fps1["dataset"], "scaffolded") for c in (cfg1, cfg2)]
+    assert scaffolded[0].path != scaffolded[1].path and all(s.is_complete() for s in scaffolded)
