@@ -151,9 +151,9 @@ def training_config(setup: Setup, **extra: Any) -> TrainingConfig:
 
 
 def examples_for(setup: Setup, n: int):
-    """Examples that fill ``seq_len`` tokens (steps of ~45 words, as long as the length needs)."""
+    """Examples longer than ``seq_len`` tokens (cut to it: every row is exactly ``seq_len``)."""
     words = 45 if not setup.tiny else 12
-    steps = max(4, setup.seq_len // (words * 2))
+    steps = setup.seq_len // words + 2
     return synthetic_examples(n, steps, words, seed=0)
 
 

@@ -214,6 +214,12 @@ class _SQLiteStore:
         self.path = path
         self._local = threading.local()
 
+    def __getstate__(self) -> dict[str, Any]:  # pickled (to a worker): connections stay behind
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])
+
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)

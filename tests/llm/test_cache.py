@@ -128,6 +128,15 @@ def _write_entries(root: str, first: int, n: int) -> None:
         backend.generate([req(f"r{i}", f"q{i}")], GREEDY)
 
 
+def test_a_cache_travels_to_another_process_without_its_connections(tmp_path):
+    import pickle
+
+    cache = RequestCache(tmp_path)
+    cache.put("k" * 64, [Completion("r", text="hi")], {})
+    copy = pickle.loads(pickle.dumps(cache))
+    assert copy.get("k" * 64)[0]["text"] == "hi"
+
+
 def test_concurrent_processes_share_one_database(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_write_entries, args=(str(tmp_path), k * 50, 50)) for k in range(3)]
