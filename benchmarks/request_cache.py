@@ -10,7 +10,7 @@ as :class:`~rscaffold.llm.cache.CachedBackend` writes them (each answer persiste
 - ``miss``: N lookups of keys not stored (a cold run's first pass);
 - ``concurrent``: N fresh entries written by ``--writers`` processes at once into one cache, then
   every entry checked (none lost);
-- disk: bytes used (``du``) and files.
+- disk: bytes used (``du``) and files, and the time to delete the cache (``rm -r``).
 
     .venv/bin/python benchmarks/request_cache.py [--entries 100000] [--writers 4] [--dir /path/on/target/disk]
 
@@ -129,6 +129,9 @@ def run_store(store: str, base: Path, *, n: int, writers: int) -> dict[str, floa
     assert missing == 0, f"{missing} entries written concurrently are missing"
     figures["entries"] = cache.count()
     figures["bytes"], figures["files"] = du(root)
+    t0 = time.perf_counter()
+    shutil.rmtree(root)
+    figures["delete"] = time.perf_counter() - t0
     return figures
 
 
@@ -153,6 +156,7 @@ def main() -> int:
         ("hit", f"read {n} hits (shuffled)"),
         ("miss", f"look up {n} misses"),
         ("concurrent", f"write {n} ({args.writers} processes)"),
+        ("delete", f"delete the cache ({2 * n} entries)"),
     ):
         print(f"{what:<34}{old[phase]:>12.2f} s{new[phase]:>12.2f} s{new[phase] / old[phase]:>10.3f}")
     for phase in ("write", "hit", "miss", "concurrent"):

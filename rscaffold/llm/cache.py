@@ -183,6 +183,8 @@ class StoredEntry(BaseModel):
 _NOT_STORED = ("request_id", "error", "error_kind")  # Completion fields a stored completion lacks
 DB_NAME = "requests.sqlite3"
 BUSY_TIMEOUT_MS = 120_000
+WAL_CHECK_WRITES = 500
+WAL_LIMIT_BYTES = 64 * 2**20
 Store = Literal["sqlite", "files"]
 
 
@@ -229,6 +231,7 @@ class _SQLiteStore:
             # WAL + NORMAL: a commit is atomic and survives a killed process; a power cut may lose
             # the last commits (asked again), never the database's consistency
             conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
             # a rowid table (entries packed in insertion order) with an index on the key: entries
             # are kilobytes, too large for a WITHOUT ROWID table's half-empty pages
             conn.execute("CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, entry TEXT NOT NULL)")
@@ -259,6 +262,24 @@ class _SQLiteStore:
 
     def put(self, key: str, entry: str) -> None:
         self._conn().execute("INSERT OR REPLACE INTO entries (key, entry) VALUES (?, ?)", (key, entry))
+        self._after_writes(1)
+
+    def _after_writes(self, n: int) -> None:
+        """Keep the write-ahead log bounded. SQLite's automatic checkpoints are passive: with
+        writers in several processes there is rarely a moment without a transaction, the log is
+        never restarted and grows (to gigabytes over a long run). Every ``WAL_CHECK_WRITES`` writes,
+        a log above ``WAL_LIMIT_BYTES`` is checkpointed and truncated, waiting its turn."""
+        local = self._local
+        local.writes = getattr(local, "writes", 0) + n
+        if local.writes < WAL_CHECK_WRITES:
+            return
+        local.writes = 0
+        try:
+            big = os.path.getsize(f"{self.path}-wal") > WAL_LIMIT_BYTES
+        except OSError:
+            return
+        if big:
+            self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def put_many(self, items: Sequence[tuple[str, str]]) -> None:
         conn = self._conn()
@@ -269,6 +290,7 @@ class _SQLiteStore:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        self._after_writes(len(items))
 
     def count(self) -> int:
         return self._conn().execute("SELECT count(*) FROM entries").fetchall()[0][0]
