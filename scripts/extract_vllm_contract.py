@@ -14,7 +14,9 @@ needed) and writes them, with the vLLM version, to ``rscaffold/llm/vllm_contract
 * ``aliases``: the type aliases those annotations use (``StopParam = str | list[str] | None``);
 * ``enums``: the values of the enum classes they use;
 * ``signatures``: the parameters of ``LLM.__init__`` and ``LLM.chat`` and the fields of
-  ``EngineArgs`` (which takes ``LLM``'s extra keyword arguments).
+  ``EngineArgs`` (which takes ``LLM``'s extra keyword arguments);
+* ``server``: the ``--logprobs-mode`` values ``vllm serve`` accepts and its default
+  ``--max-logprobs``.
 
 Upgrading vLLM: bump the pin in ``pyproject.toml`` (the ``vllm`` extra), then::
 
@@ -52,6 +54,7 @@ ROOT_MODULES = {
 }
 LLM_MODULE = "vllm/entrypoints/llm.py"
 ENGINE_ARGS_MODULE = "vllm/engine/arg_utils.py"
+MODEL_CONFIG_MODULE = "vllm/config/model.py"
 BUILTIN_NAMES = {
     "str", "int", "float", "bool", "bytes", "dict", "list", "set", "tuple", "None", "Any", "object",
     "Optional", "Union", "Literal", "Annotated", "Sequence", "Mapping", "Iterable", "TypeAlias", "ClassVar",
@@ -283,12 +286,38 @@ def extract(src: Source) -> dict[str, Any]:
         signatures["EngineArgs"] = sorted(class_fields(src, engine_args[0], engine_args[1]))
     return {
         "vllm_version": src.version(),
+        "server": server_options(src),
         "roots": list(ROOT_MODELS),
         "models": dict(sorted(models.items())),
         "aliases": dict(sorted(aliases.items())),
         "enums": dict(sorted(enums.items())),
         "signatures": signatures,
     }
+
+
+def server_options(src: Source) -> dict[str, Any]:
+    """What ``vllm serve`` accepts for the options rscaffold's served guided decoding relies on:
+    the ``--logprobs-mode`` values and the default ``--max-logprobs``."""
+    out: dict[str, Any] = {}
+    found = src.resolve("LogprobsMode", MODEL_CONFIG_MODULE)
+    if found is not None and (value := _alias_value(found[1])) is not None:
+        out["logprobs_modes"] = _literal_strings(value)
+    model_config = src.resolve("ModelConfig", MODEL_CONFIG_MODULE)
+    if model_config and isinstance(model_config[1], ast.ClassDef):
+        for stmt in model_config[1].body:
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and stmt.target.id == "max_logprobs"
+            ):
+                default = _field_call_kw(stmt.value, "default") or stmt.value
+                if isinstance(default, ast.Constant):
+                    out["max_logprobs_default"] = default.value
+    return out
+
+
+def _literal_strings(node: ast.AST) -> list[str]:
+    return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
 
 
 def main(argv: list[str] | None = None) -> int:

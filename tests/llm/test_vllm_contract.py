@@ -265,6 +265,15 @@ def test_served_student_requests_use_only_declared_fields(completion_bodies):
         assert body_violations(body, "CompletionRequest") == []
 
 
+def test_the_server_options_served_decoding_needs_exist():
+    """The recommended ``vllm serve ... --logprobs-mode processed_logprobs`` is an option of the
+    pinned version, and signal requests ask for no more log-probabilities than it returns by default."""
+    from rscaffold.serving import MAX_LOGPROBS
+
+    assert "processed_logprobs" in CONTRACT["server"]["logprobs_modes"]
+    assert MAX_LOGPROBS <= CONTRACT["server"]["max_logprobs_default"]
+
+
 # ---------------------------------------------------------------------------------------------
 # the in-process engine (vllm.LLM, SamplingParams, StructuredOutputsParams)
 
