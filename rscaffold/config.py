@@ -1078,6 +1078,13 @@ class RunSettings(_Section):
         "from it; 'refresh' sends every request again and stores the new answer (rscaffold run --refresh-requests); "
         "'off' neither reads nor writes it.",
     )
+    request_cache_store: Literal["sqlite", "files"] = Field(
+        default="sqlite",
+        description="How the request cache stores its entries: 'sqlite', one database file (WAL mode) for any "
+        "number of entries, shared by processes on one host; 'files', one JSON file per request, for a cache "
+        "shared by several machines (NFS, a mounted bucket), where SQLite's locking does not hold. The sqlite "
+        "store also reads (and copies in) entries an earlier 'files' store left.",
+    )
     lock_timeout_s: float | None = Field(
         default=None, ge=0, description="Give up waiting for another run's stage lock after this many seconds."
     )

@@ -14,8 +14,11 @@ log = logging.getLogger("rscaffold.stages")
 
 
 def request_cache(cfg: PipelineConfig) -> RequestCache:
-    """The run's LLM request cache: ``<artifacts_dir>/requests``, in ``run.request_cache`` mode."""
-    return RequestCache(Path(cfg.run.artifacts_dir) / "requests", mode=cfg.run.request_cache)
+    """The run's LLM request cache: ``<artifacts_dir>/requests``, in ``run.request_cache`` mode,
+    stored as ``run.request_cache_store`` says."""
+    return RequestCache(
+        Path(cfg.run.artifacts_dir) / "requests", mode=cfg.run.request_cache, store=cfg.run.request_cache_store
+    )
 
 
 def request_summary(backend: Any, llm: BackendConfig) -> dict[str, Any] | None:
