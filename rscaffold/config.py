@@ -339,6 +339,13 @@ class LabelingConfig(_Section):
         ge=0,
         description="Retries of a trace whose answer fails validation (the error is quoted back), before the keyword fallback.",
     )
+    stop_after_nonconforming: int = Field(
+        default=4,
+        ge=0,
+        description="Stop the stage when this many answers in a row ignore the JSON schema the labeler asked the "
+        "server for (response_format): a server that ignores structured output. 0: never stop.",
+        json_schema_extra=EXECUTION,
+    )
     with_rationale: bool = Field(
         default=False, description="Ask for a short rationale per label (JSON answers only; costs output tokens)."
     )
