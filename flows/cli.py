@@ -296,6 +296,27 @@ def fingerprints(config: ConfigOpt = None, artifacts_dir: ArtifactsOpt = None, *
         console.print(f"{stage_name:<11} {fp}  {'complete' if sd.is_complete() else 'missing '}  {sd.path}")
 
 
+@app.command()
+def doctor(config: ConfigOpt = None, artifacts_dir: ArtifactsOpt = None, *, set_: SetOpt = None) -> None:
+    """Check a config before running it: each endpoint (reachable, model served, the features the stages
+    need, one tiny request each), GPU, vLLM, disk space, the Prefect API. Exit 1 when a check fails."""
+    from rscaffold_flows.ephemeral_server import check_prefect_api
+
+    from rscaffold.doctor import format_checks, run_checks
+
+    cfg = _load(config, artifacts_dir, assignments=set_, check=False)
+    checks = run_checks(cfg)
+    prefect = check_prefect_api()
+    if prefect is not None:
+        checks.append(prefect)
+    for line in format_checks(checks):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    failed = [c for c in checks if not c.ok]
+    console.print(f"{len(checks) - len(failed)} of {len(checks)} checks passed", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
 @app.command("report")
 def report_command(
     run_dir: Annotated[
