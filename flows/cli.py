@@ -79,7 +79,7 @@ SetOpt = Annotated[
         "-s",
         metavar="KEY=VALUE",
         help="Override one config key, e.g. --set training.max_steps=200 --set teacher.sampling.temperature=0.6. "
-        "The value is read as YAML (numbers, true/false, null, [lists], {maps}) and validated like the file; "
+        "The value is read as YAML (numbers, true/false, null, \\[lists], {maps}) and validated like the file; "
         "relative paths are relative to the working directory. Repeatable; applied after the file.",
     ),
 ]
