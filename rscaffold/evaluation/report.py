@@ -268,14 +268,16 @@ def read_evaluation(eval_dir: str | Path) -> tuple[list[MetricRecord], list[Pred
     )
 
 
-def write_report(eval_dir: str | Path) -> tuple[Path, Path]:
-    """(Re)write ``report.md`` and ``accuracy.png`` in ``eval_dir`` from its Parquet files alone."""
+def write_report(eval_dir: str | Path, *, published: str | Path | None = None) -> tuple[Path, Path]:
+    """(Re)write ``report.md`` and ``accuracy.png`` in ``eval_dir`` from its Parquet files alone.
+    ``published``: where ``eval_dir`` will live once published (the report names that directory,
+    not a work directory that is gone by the time it is read)."""
     eval_dir = Path(eval_dir)
     metrics, predictions = read_evaluation(eval_dir)
     chart = plot_accuracy(metrics, eval_dir / CHART_FILE)
     report = eval_dir / REPORT_FILE
     tmp = report.with_suffix(".md.tmp")
-    tmp.write_text(render_report(metrics, predictions, chart.name, source=str(eval_dir)))
+    tmp.write_text(render_report(metrics, predictions, chart.name, source=str(published or eval_dir)))
     tmp.replace(report)
     return report, chart
 

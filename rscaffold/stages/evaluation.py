@@ -343,7 +343,7 @@ def run_evaluation(
                 else {k: teacher.get(k) for k in ("names", "signal_counts", "transitions")},
             },
         )
-        write_report(sd.work)  # report.md + accuracy.png, from the Parquet files just written
+        write_report(sd.work, published=sd.path)  # report.md + accuracy.png, from the Parquet files just written
         return sd.finish(
             outputs={
                 "predictions": "predictions.parquet",
