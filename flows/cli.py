@@ -129,6 +129,18 @@ def _load(
     return cfg
 
 
+def _warn_local_problems(cfg: PipelineConfig) -> None:
+    """The cheap local checks of ``rscaffold doctor`` (vLLM importable, disk space; no request
+    sent), printed as warnings before a run starts."""
+    from rich.markup import escape
+
+    from rscaffold.doctor import check_disk, check_vllm, format_checks
+
+    failed = [c for c in [*check_vllm(cfg), *check_disk(cfg)] if not c.ok]
+    for line in format_checks(failed):
+        err.print(f"[yellow]warning[/]: {escape(line.strip())}", highlight=False)
+
+
 def _print_results(refs: dict[str, dict]) -> None:
     out = Table(title="stage outputs")
     out.add_column("stage")
@@ -191,6 +203,7 @@ def run(
     if bad:
         err.print(f"[bold red]error[/]: unknown stage(s) {bad}; stages are {list(STAGES)}")
         raise typer.Exit(2) from None
+    _warn_local_problems(cfg)
     from rscaffold_flows.ephemeral_server import prefect_api
     from rscaffold_flows.pipeline import rscaffold_pipeline
 
@@ -220,6 +233,7 @@ def stage(
         err.print(f"[bold red]error[/]: unknown stage {name!r}; stages are {list(STAGES)}")
         raise typer.Exit(2) from None
     cfg = _load(config, artifacts_dir, _run_overrides(no_wait, refresh_requests), assignments=set_)
+    _warn_local_problems(cfg)
     from rscaffold_flows.ephemeral_server import prefect_api
     from rscaffold_flows.pipeline import rscaffold_stage
 

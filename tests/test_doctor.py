@@ -224,3 +224,17 @@ def test_doctor_command_exits_1_when_a_check_fails(tmp_path):
     result = CliRunner().invoke(app, ["doctor", "--artifacts-dir", str(tmp_path), *sets])
     assert result.exit_code == 1, result.output
     assert f"FAIL  teacher.llm: reachable: {url}" in result.output and "fix: start the server" in result.output
+
+
+def test_run_warns_of_local_problems_before_it_starts(tmp_path, monkeypatch):
+    import rscaffold_flows.ephemeral_server
+    from rscaffold_flows.cli import app
+    from typer.testing import CliRunner
+
+    def stop(*a, **k):  # test guard: the warning comes before the flow starts, which is not needed here
+        raise SystemExit(0)
+
+    monkeypatch.setattr(rscaffold_flows.ephemeral_server, "prefect_api", stop)
+    monkeypatch.setattr(doctor, "estimate_output_bytes", lambda cfg: 1 << 60)
+    result = CliRunner().invoke(app, ["run", "--artifacts-dir", str(tmp_path)])
+    assert "warning: FAIL disk space" in " ".join(result.output.split())
