@@ -21,7 +21,10 @@ batch size ``--length-batch`` with exactly N output tokens: plain decoding, guid
 KV cache and guided decoding re-encoding the context at each step (the reference; skipped above
 ``--reference-max`` tokens, where its quadratic cost would dominate the run). Printed: output
 tokens/s of each, and guided/plain for each guided decoder (the goal: >= 0.7 at 2048 tokens with
-the cache); ``same`` says whether both guided decoders gave identical outputs.
+the cache); ``same`` says whether both guided decoders gave identical outputs. The decoders run
+interleaved, ``--length-repeats`` rounds of all of them, and medians with their spread are printed;
+a guided/plain ratio above 1.05 (guided decoding does more work per token than plain) is the
+machine's load changing between runs and is printed as invalid, not as a ratio.
 
 **Through a server** (``--served-questions 16``): the same tiny student saved to a temporary
 directory and hosted by a real local ``transformers serve`` (started and stopped by
@@ -112,6 +115,9 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="*", default=[256, 1024, 2048], help="output tokens (long outputs)")
     ap.add_argument("--length-questions", type=int, default=8)
     ap.add_argument("--length-batch", type=int, default=8)
+    ap.add_argument(
+        "--length-repeats", type=int, default=3, help="long outputs: rounds of plain and guided, interleaved"
+    )
     ap.add_argument("--reference-max", type=int, default=2048, help="longest output the reference decoder runs")
     ap.add_argument(
         "--newline-scale", type=float, default=2.2, help="long outputs: how often steps end (about 35 tokens a step)"
@@ -173,6 +179,27 @@ def served(args) -> None:
                 print(f"{label:>28} {rate:>8.1f} {rate / local_rate:>13.2f}x  {same}", flush=True)
 
 
+# Guided decoding does all the work of plain decoding and more per token: a guided/plain ratio
+# above 1 by more than this is the machine's load changing between the runs, not a measurement.
+IMPOSSIBLE_RATIO = 1.05
+
+
+def _spread(values: list[float]) -> str:
+    """(max - min) / median, in percent: how much the repeats disagree."""
+    med = statistics.median(values)
+    return f"{100 * (max(values) - min(values)) / med:.0f}%" if med else "-"
+
+
+def _ratio(guided: list[float], plain: list[float]) -> str:
+    """Median of the per-round guided/plain ratios (each round ran both back to back), or a
+    refusal when it cannot be right."""
+    ratios = [g / p for g, p in zip(guided, plain)]
+    med = statistics.median(ratios)
+    if med > IMPOSSIBLE_RATIO:
+        return f"{'(invalid)':>9}"
+    return f"{med:>8.2f}x"
+
+
 def long_outputs(args, device: str) -> None:
     # steps of some tens of tokens, as a real student writes them
     student = tiny_student(
@@ -180,13 +207,16 @@ def long_outputs(args, device: str) -> None:
     )
     qs = questions(args.length_questions)
     guided = GuidedInferenceConfig(confidence_threshold=0.5, max_step_tokens=64)
+    rounds = max(1, args.length_repeats)
     print(
         f"\nlong outputs: device {device}, {len(qs)} questions at batch size {args.length_batch}, "
-        "every answer runs to its budget; tokens/s = output tokens / wall time"
+        f"every answer runs to its budget; tokens/s = output tokens / wall time, median of {rounds} rounds "
+        "(each round runs plain, guided kv and guided ref back to back), spread = (max - min) / median; "
+        f"a guided/plain ratio above {IMPOSSIBLE_RATIO} cannot be right (the load changed): printed as invalid"
     )
     print(
-        f"{'tokens':>6} {'plain tok/s':>12} {'guided kv':>10} {'kv/plain':>9} {'guided ref':>11} {'ref/plain':>10}"
-        f" {'steps/answer':>13}  same"
+        f"{'tokens':>6} {'plain tok/s':>12} {'spread':>6} {'guided kv':>10} {'spread':>6} {'kv/plain':>9}"
+        f" {'guided ref':>11} {'ref/plain':>10} {'steps/answer':>13}  same"
     )
 
     def timed(**kw):
@@ -197,22 +227,38 @@ def long_outputs(args, device: str) -> None:
         return out, sum(g.output_tokens for g in out) / (time.perf_counter() - t0)
 
     generate(student, questions=qs[:2], mode="guided", max_new_tokens=32, batch_size=2, guided=guided)  # warm-up
+    invalid = False
     for n in args.lengths:
-        _, plain = timed(mode="plain", max_new_tokens=n)
-        kv_out, kv = timed(mode="guided", max_new_tokens=n, kv_cache=True)
+        plain, kv, ref = [], [], []
+        same = "-"
+        for _ in range(rounds):
+            plain.append(timed(mode="plain", max_new_tokens=n)[1])
+            kv_out, rate = timed(mode="guided", max_new_tokens=n, kv_cache=True)
+            kv.append(rate)
+            if n <= args.reference_max:
+                ref_out, rate = timed(mode="guided", max_new_tokens=n, kv_cache=False)
+                ref.append(rate)
+                same = (
+                    "yes"
+                    if [(g.text, g.signals, g.output_tokens) for g in ref_out]
+                    == [(g.text, g.signals, g.output_tokens) for g in kv_out]
+                    else "NO"
+                )
         steps = sum(len(g.steps) for g in kv_out) / len(kv_out)
-        if n <= args.reference_max:
-            ref_out, ref = timed(mode="guided", max_new_tokens=n, kv_cache=False)
-            same = (
-                "yes"
-                if [(g.text, g.signals, g.output_tokens) for g in ref_out]
-                == [(g.text, g.signals, g.output_tokens) for g in kv_out]
-                else "NO"
-            )
-            ref_cols = f"{ref:>11.1f} {ref / plain:>9.2f}x"
+        kv_ratio = _ratio(kv, plain)
+        if ref:
+            ref_ratio = _ratio(ref, plain)
+            ref_cols = f"{statistics.median(ref):>11.1f} {ref_ratio:>10}"
         else:
-            same, ref_cols = "-", f"{'skipped':>11} {'':>10}"
-        print(f"{n:>6} {plain:>12.1f} {kv:>10.1f} {kv / plain:>8.2f}x {ref_cols} {steps:>13.1f}  {same}", flush=True)
+            ref_ratio, ref_cols = "", f"{'skipped':>11} {'':>10}"
+        invalid |= "invalid" in kv_ratio + ref_ratio
+        print(
+            f"{n:>6} {statistics.median(plain):>12.1f} {_spread(plain):>6} {statistics.median(kv):>10.1f} "
+            f"{_spread(kv):>6} {kv_ratio:>9} {ref_cols} {steps:>13.1f}  {same}",
+            flush=True,
+        )
+    if invalid:
+        print("invalid ratios: guided decoding measured faster than plain, so the load changed; run on a quiet machine")
 
 
 def batch_sizes(args, device: str) -> None:

@@ -81,7 +81,7 @@ SetOpt = Annotated[
         "-s",
         metavar="KEY=VALUE",
         help="Override one config key, e.g. --set training.max_steps=200 --set teacher.sampling.temperature=0.6. "
-        "The value is read as YAML (numbers, true/false, null, [lists], {maps}) and validated like the file; "
+        "The value is read as YAML (numbers, true/false, null, \\[lists], {maps}) and validated like the file; "
         "relative paths are relative to the working directory. Repeatable; applied after the file.",
     ),
 ]
@@ -155,6 +155,18 @@ def _prefect_api(cfg: PipelineConfig) -> Iterator[None]:
         yield
 
 
+def _warn_local_problems(cfg: PipelineConfig) -> None:
+    """The cheap local checks of ``rscaffold doctor`` (vLLM importable, disk space; no request
+    sent), printed as warnings before a run starts."""
+    from rich.markup import escape
+
+    from rscaffold.doctor import check_disk, check_vllm, format_checks
+
+    failed = [c for c in [*check_vllm(cfg), *check_disk(cfg)] if not c.ok]
+    for line in format_checks(failed):
+        err.print(f"[yellow]warning[/]: {escape(line.strip())}", highlight=False)
+
+
 def _print_results(refs: dict[str, dict]) -> None:
     out = Table(title="stage outputs")
     out.add_column("stage")
@@ -217,6 +229,7 @@ def run(
     if bad:
         err.print(f"[bold red]error[/]: unknown stage(s) {bad}; stages are {list(STAGES)}")
         raise typer.Exit(2) from None
+    _warn_local_problems(cfg)
     from rscaffold_flows.pipeline import rscaffold_pipeline
 
     with _prefect_api(cfg):
@@ -245,6 +258,7 @@ def stage(
         err.print(f"[bold red]error[/]: unknown stage {name!r}; stages are {list(STAGES)}")
         raise typer.Exit(2) from None
     cfg = _load(config, artifacts_dir, _run_overrides(no_wait, refresh_requests), assignments=set_, check=False)
+    _warn_local_problems(cfg)
     from rscaffold_flows.pipeline import rscaffold_stage
 
     with _prefect_api(cfg):
@@ -364,6 +378,27 @@ def experiment_command(
             raise typer.Exit(1) from None
     console.print(f"report: {out['files']['report']}")
     console.print(f"table:  {out['files']['results']}")
+
+
+@app.command()
+def doctor(config: ConfigOpt = None, artifacts_dir: ArtifactsOpt = None, *, set_: SetOpt = None) -> None:
+    """Check a config before running it: each endpoint (reachable, model served, the features the stages
+    need, one tiny request each), GPU, vLLM, disk space, the Prefect API. Exit 1 when a check fails."""
+    from rscaffold_flows.ephemeral_server import check_prefect_api
+
+    from rscaffold.doctor import format_checks, run_checks
+
+    cfg = _load(config, artifacts_dir, assignments=set_, check=False)
+    checks = run_checks(cfg)
+    prefect = check_prefect_api()
+    if prefect is not None:
+        checks.append(prefect)
+    for line in format_checks(checks):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    failed = [c for c in checks if not c.ok]
+    console.print(f"{len(checks) - len(failed)} of {len(checks)} checks passed", highlight=False)
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command("report")

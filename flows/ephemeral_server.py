@@ -142,3 +142,25 @@ def prefect_api(timeout_s: float | None = None, meanwhile: Callable[[], object] 
 
 if __name__ == "__main__":
     main()
+
+
+def check_prefect_api(timeout_s: float = 10.0):
+    """The doctor's check of the Prefect API a run will use: ``PREFECT_API_URL``'s ``/health``
+    when it is set (a :class:`rscaffold.doctor.Check`); None without it (runs start a temporary
+    server of their own)."""
+    import urllib.error
+    import urllib.request
+
+    from rscaffold.doctor import Check
+
+    url = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if not url:
+        return None
+    fix = "start it (`prefect server start`), or unset PREFECT_API_URL to let each run start a temporary server"
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as r:
+            if r.status == 200:
+                return Check("Prefect API", "pass", f"{url} answers")
+            return Check("Prefect API", "fail", f"{url}/health answered HTTP {r.status}", fix)
+    except (OSError, urllib.error.URLError) as err:
+        return Check("Prefect API", "fail", f"{url}: {err}", fix)

@@ -170,7 +170,38 @@ def run_stages(
     return refs
 
 
-@flow(name="rscaffold-pipeline", flow_run_name="rscaffold-{config.problems.format}")
+def _run_name(prefix: str, stage: str = "evaluation") -> str:
+    """``<prefix>-<problem set>-<short fingerprint of stage>-<UTC date and time>``, so that two runs
+    of different configs or days are told apart in the UI."""
+    import datetime
+
+    from prefect.runtime import flow_run
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
+    try:
+        from rscaffold.stages.plan import plan_fingerprints
+
+        params = flow_run.parameters
+        cfg = params["config"]
+        cfg = cfg if isinstance(cfg, PipelineConfig) else PipelineConfig.model_validate(cfg)
+        stage = params.get("stage", stage)
+        problems = cfg.problems.custom.name if cfg.problems.custom is not None else cfg.problems.format
+        return f"{prefix}-{problems}-{plan_fingerprints(cfg)[stage][:8]}-{stamp}"
+    except Exception:  # a name is cosmetic; never fail the run over it
+        return f"{prefix}-{stamp}"
+
+
+def _pipeline_run_name() -> str:
+    return _run_name("rscaffold")
+
+
+def _stage_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return _run_name(f"rscaffold-stage-{flow_run.parameters.get('stage', '')}")
+
+
+@flow(name="rscaffold-pipeline", flow_run_name=_pipeline_run_name)
 def rscaffold_pipeline(
     config: PipelineConfig, refresh: list[StageName] | None = None, fresh: bool = False
 ) -> dict[str, dict[str, Any]]:
@@ -184,7 +215,7 @@ def rscaffold_pipeline(
     return run_stages(config, set(refresh or []), fresh=fresh)
 
 
-@flow(name="rscaffold-stage", flow_run_name="rscaffold-stage-{stage}")
+@flow(name="rscaffold-stage", flow_run_name=_stage_run_name)
 def rscaffold_stage(
     config: PipelineConfig, stage: StageName, downstream: bool = False, *, fresh: bool = False
 ) -> dict[str, dict[str, Any]]:

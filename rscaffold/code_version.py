@@ -9,7 +9,8 @@ that can change what a stage computes invalidates its output.
 
 ``rscaffold.config`` is left out on purpose: a stage's fingerprint already holds the *values* of
 its config section (defaults and validators included), which is everything config.py decides;
-its help texts are not behaviour.
+its help texts are not behaviour. ``rscaffold.code_version`` itself is left out too: it computes
+the version, not a stage's output.
 """
 
 from __future__ import annotations
@@ -17,26 +18,43 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
-import importlib.util
 import threading
 from pathlib import Path
 
 PACKAGE = "rscaffold"
 # Modules whose effect on a stage's output is fully captured by the config values in its
 # fingerprint (see the module docstring).
-EXCLUDED = frozenset({"rscaffold.config"})
+EXCLUDED = frozenset({"rscaffold.config", "rscaffold.code_version"})
+
+
+# The package's own directory: modules are resolved to files under it by name, never with
+# ``importlib.util.find_spec``, which imports every parent package (and through them torch,
+# transformers and TRL) just to say where a file is.
+_ROOT = Path(__file__).resolve().parent
+
+
+def _is_ours(module: str) -> bool:
+    return module == PACKAGE or module.startswith(PACKAGE + ".")
 
 
 @functools.cache
 def _source_path(module: str) -> Path | None:
-    """The ``.py`` file of an ``rscaffold`` module or package, or None if there is none."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
+    """The ``.py`` file of an ``rscaffold`` module or package, or None if there is none (a name
+    that is no module, e.g. a function imported with ``from pkg import name``, or another package)."""
+    if not _is_ours(module):
         return None
-    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+    parts = module.split(".")[1:]
+    if not all(part.isidentifier() for part in parts):
         return None
-    return Path(spec.origin)
+    base = _ROOT.joinpath(*parts)
+    # A module's parents must be packages for it to be importable.
+    for i in range(len(parts)):
+        if not _ROOT.joinpath(*parts[:i], "__init__.py").is_file():
+            return None
+    for candidate in (base / "__init__.py", base.with_suffix(".py") if parts else None):
+        if candidate is not None and candidate.is_file():
+            return candidate
+    return None
 
 
 def _parents(module: str) -> list[str]:
@@ -69,11 +87,12 @@ def _tree(path: Path) -> ast.Module:
     return _parse(path)
 
 
-def direct_imports(module: str) -> set[str]:
+@functools.cache
+def direct_imports(module: str) -> frozenset[str]:
     """The ``rscaffold`` modules that ``module``'s source imports (anywhere in the file)."""
     path = _source_path(module)
     if path is None:
-        return set()
+        return frozenset()
     is_package = path.name == "__init__.py"
     found: set[str] = set()
     for node in ast.walk(_tree(path)):
@@ -88,8 +107,9 @@ def direct_imports(module: str) -> set[str]:
                 target = node.module or ""
             found.add(target)
             # `from pkg import submodule` imports the submodule
-            found.update(f"{target}.{a.name}" for a in node.names if _source_path(f"{target}.{a.name}"))
-    return {m for m in found if (m == PACKAGE or m.startswith(PACKAGE + ".")) and _source_path(m)}
+            if _is_ours(target):
+                found.update(f"{target}.{a.name}" for a in node.names if _source_path(f"{target}.{a.name}"))
+    return frozenset(m for m in found if _is_ours(m) and _source_path(m))
 
 
 def import_closure(module: str) -> list[str]:

@@ -9,10 +9,12 @@ can be moved together with its data.
 
 from __future__ import annotations
 
+import difflib
 import os
 import string
 import textwrap
 import typing
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -383,6 +385,13 @@ class LabelingConfig(_Section):
         default=1,
         ge=0,
         description="Retries of a trace whose answer fails validation (the error is quoted back), before the keyword fallback.",
+    )
+    stop_after_nonconforming: int = Field(
+        default=4,
+        ge=0,
+        description="Stop the stage when this many answers in a row ignore the JSON schema the labeler asked the "
+        "server for (response_format): a server that ignores structured output. 0: never stop.",
+        json_schema_extra=EXECUTION,
     )
     with_rationale: bool = Field(
         default=False, description="Ask for a short rationale per label (JSON answers only; costs output tokens)."
@@ -1201,25 +1210,54 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
-def format_validation_error(err: ValidationError) -> str:
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """The config keys next to the one at ``loc`` (the fields of the section holding it)."""
+    model: Any = PipelineConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _flat_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.extend(_flat_keys(v, key + ".") if isinstance(v, dict) and v else [key])
+    return out
+
+
+def format_validation_error(err: ValidationError, overridden: Collection[str] = ()) -> str:
+    """One line per error; an unknown key gets the closest known one as a suggestion, and a key
+    that a command-line override (``overridden``: dotted keys of ``--set``) set says so."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "<root>"
         msg = e["msg"]
+        notes = []
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(
-            f"  {loc}: {msg}"
-            + (
-                f" (got {e['input']!r})"
-                if e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict)
-                else ""
-            )
-        )
+            close = difflib.get_close_matches(str(e["loc"][-1]), _keys_at(e["loc"]), n=1)
+            if close:
+                notes.append(f"did you mean {'.'.join([*map(str, e['loc'][:-1]), close[0]])}?")
+        elif not isinstance(e.get("input"), dict):
+            notes.append(f"got {e['input']!r}")
+        origin = next((k for k in overridden if loc == k or loc.startswith(k + ".") or k.startswith(loc + ".")), None)
+        if origin is not None:
+            notes.insert(0, f"from --set {origin}")
+        lines.append(f"  {loc}: {msg}" + (f" ({'; '.join(notes)})" if notes else ""))
     return "\n".join(lines)
 
 
-def config_from_dict(raw: dict[str, Any], base: Path | None = None, source: str = "<dict>") -> PipelineConfig:
+def config_from_dict(
+    raw: dict[str, Any], base: Path | None = None, source: str = "<dict>", *, overridden: Collection[str] = ()
+) -> PipelineConfig:
+    """Validate ``raw``; ``overridden``: the dotted keys set on the command line (errors name them)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     if base is not None:
@@ -1227,7 +1265,7 @@ def config_from_dict(raw: dict[str, Any], base: Path | None = None, source: str 
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(f"invalid config {source}:\n{format_validation_error(err)}") from None
+        raise ConfigError(f"invalid config {source}:\n{format_validation_error(err, overridden)}") from None
     return cfg
 
 
@@ -1242,7 +1280,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if overrides:
         raw = deep_merge(raw, overrides)
-    return config_from_dict(raw, base=path.parent.resolve(), source=str(path))
+        source = f"{path} with the command-line overrides"
+    else:
+        source = str(path)
+    return config_from_dict(
+        raw, base=path.parent.resolve(), source=source, overridden=_flat_keys(overrides) if overrides else ()
+    )
 
 
 def parse_assignments(assignments: list[str] | tuple[str, ...], base: Path | None = None) -> dict[str, Any]:

@@ -29,10 +29,12 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
 
 from rscaffold.labeling.taxonomy import Taxonomy, load_taxonomy
 from rscaffold.paths import data_dir
-from rscaffold.prompts import STUDENT_SYSTEM_PROMPT
+from rscaffold.prompts import STUDENT_SYSTEM_PROMPT, student_user_message
 from rscaffold.store import MANIFEST, StageDir, is_published_name, published_dirs
 from rscaffold.vocabulary import CUSTOM_FORMAT, STEP_SEPARATOR
 
@@ -173,6 +175,23 @@ class Provenance:
         fmt = self.problem_format
         return [BENCHMARKS[fmt].hub_id] if fmt in BENCHMARKS and not self.built_in_problems else []
 
+    def prompt_family(self) -> str | None:
+        """The benchmark family whose prompt the students are trained on (the training stage's
+        ``benchmark_for(problems.format, problems.custom).prompt_family``); None when the problems
+        stage's manifest is missing."""
+        from rscaffold.config import CustomFormat
+        from rscaffold.evalsets.loaders import benchmark_for
+
+        cfg = self.problems.get("config") or {}
+        if not cfg.get("format"):
+            return None
+        custom = cfg.get("custom")
+        return benchmark_for(cfg["format"], CustomFormat(**custom) if custom else None).prompt_family
+
+    def degenerate_labeling(self) -> list[str]:
+        """The labeling quality gate's reasons to call the labels degenerate (empty: it did not)."""
+        return list((self.labeling.get("summary") or {}).get("degenerate_labeling") or [])
+
     def teacher_model(self) -> str:
         return _model_name(self.teacher.get("config", {}).get("llm", {}))
 
@@ -201,11 +220,19 @@ def _model_name(llm: dict[str, Any]) -> str:
 
 
 def chat_columns(
-    examples: pl.DataFrame, taxonomy: Taxonomy, system_prompt: str = STUDENT_SYSTEM_PROMPT
+    examples: pl.DataFrame,
+    taxonomy: Taxonomy,
+    system_prompt: str = STUDENT_SYSTEM_PROMPT,
+    *,
+    benchmark: str | None = None,
 ) -> pl.DataFrame:
     """``examples`` (ExampleRecord columns) with ``messages`` (the scaffolded answer: each step
     preceded by its signal token) and ``messages_plain`` (the plain answer), both in chat format
-    (system, user, assistant) in the student's training format (:mod:`rscaffold.prompts`)."""
+    (system, user, assistant) in the student's training format (:mod:`rscaffold.prompts`); and the
+    same split into ``prompt`` (system, user) and ``completion`` / ``completion_plain``
+    (assistant), the prompt-completion form. ``benchmark``: the user turn is that benchmark
+    family's prompt (:func:`rscaffold.prompts.student_user_message`, what the students are
+    trained on); None: the bare question."""
     unknown = set(examples.get_column("signals").explode().drop_nulls().unique().to_list()) - set(taxonomy.names)
     if unknown:
         raise ExportError(f"signals not in the dataset's taxonomy: {sorted(unknown)}")
@@ -218,14 +245,22 @@ def chat_columns(
     )
     plain = pl.col("steps").list.eval(step.field("text")).list.join(STEP_SEPARATOR)
 
-    def chat(answer: pl.Expr) -> pl.Expr:
-        return pl.concat_list(
-            pl.struct(role=pl.lit("system"), content=pl.lit(system_prompt)),
-            pl.struct(role=pl.lit("user"), content=pl.col("question")),
-            pl.struct(role=pl.lit("assistant"), content=answer),
-        )
+    user = pl.col("question")
+    if benchmark is not None:
+        user = user.map_elements(lambda q: student_user_message(q, benchmark), return_dtype=pl.String)
+    system_turn = pl.struct(role=pl.lit("system"), content=pl.lit(system_prompt))
+    user_turn = pl.struct(role=pl.lit("user"), content=user)
 
-    return examples.with_columns(messages=chat(scaffolded), messages_plain=chat(plain))
+    def assistant(answer: pl.Expr) -> pl.Expr:
+        return pl.concat_list(pl.struct(role=pl.lit("assistant"), content=answer))
+
+    return examples.with_columns(
+        messages=pl.concat_list(system_turn, user_turn, assistant(scaffolded)),
+        messages_plain=pl.concat_list(system_turn, user_turn, assistant(plain)),
+        prompt=pl.concat_list(system_turn, user_turn),
+        completion=assistant(scaffolded),
+        completion_plain=assistant(plain),
+    )
 
 
 def _plain(t: pa.DataType) -> pa.DataType:
@@ -250,6 +285,9 @@ EXPORT_COLUMNS = (
     "correct",
     "messages",
     "messages_plain",
+    "prompt",
+    "completion",
+    "completion_plain",
     "steps",
     "signals",
     "n_steps",
@@ -297,7 +335,10 @@ def export_dataset(
     examples = pl.read_parquet(examples_path)
     if "source_id" not in examples.columns:  # a dataset made before the user's own ids were kept
         examples = examples.with_columns(pl.lit(None, pl.String).alias("source_id"))
-    examples = chat_columns(examples, taxonomy)
+    examples = chat_columns(examples, taxonomy, benchmark=prov.prompt_family())
+    record_metadata = {
+        k: v for k, v in (pq.read_schema(examples_path).metadata or {}).items() if k.startswith(b"rscaffold.")
+    }
 
     splits: dict[str, datasets.Dataset] = {}
     for split in ("train", "validation"):
@@ -312,11 +353,22 @@ def export_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out_dir / DATA_DIR, ignore_errors=True)
     for split, ds in dsd.items():
-        ds.to_parquet(str(out_dir / DATA_DIR / f"{split}-00000-of-00001.parquet"))
+        path = out_dir / DATA_DIR / f"{split}-00000-of-00001.parquet"
+        ds.to_parquet(str(path))
+        _add_metadata(path, record_metadata)
     card = dataset_card(dsd, prov, taxonomy, license=license or prov.license() or "other", pretty_name=pretty_name)
     card.save(out_dir / CARD)
     log.info("exported %s to %s (%s)", dataset_dir, out_dir, {k: len(v) for k, v in dsd.items()})
     return ExportResult(out_dir, {k: len(v) for k, v in dsd.items()}, out_dir / CARD, dataset_dir)
+
+
+def _add_metadata(path: Path, metadata: dict[bytes, bytes]) -> None:
+    """Add the source file's record metadata (``rscaffold.record``, ``rscaffold.schema_version``)
+    to a Parquet file ``datasets`` wrote (it keeps only its own ``huggingface`` features key)."""
+    if not metadata:
+        return
+    table = pq.read_table(path)
+    pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata}), path)
 
 
 def _size_category(n: int) -> str:
@@ -357,6 +409,41 @@ def dataset_card(dsd, prov: Provenance, taxonomy: Taxonomy, *, license: str, pre
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
+CITATION = """@misc{reasoning_scaffolding_2025,
+  title         = {Reasoning Scaffolding: Distilling the Flow of Thought from LLMs},
+  year          = {2025},
+  eprint        = {2509.23619},
+  archivePrefix = {arXiv},
+  url           = {https://arxiv.org/abs/2509.23619}
+}"""
+
+
+def _hide_local_paths(value: Any) -> Any:
+    """``value`` with absolute local paths replaced by ``<local>/<name>`` (a card is published)."""
+    if isinstance(value, dict):
+        return {k: _hide_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_hide_local_paths(v) for v in value]
+    if isinstance(value, str) and value.startswith(("/", "~")):
+        return f"<local>/{Path(value).name}"
+    return value
+
+
+def _resolved_config(prov: Provenance) -> dict[str, Any]:
+    return _hide_local_paths(
+        {
+            stage: manifest.get("config")
+            for stage, manifest in (
+                ("problems", prov.problems),
+                ("teacher", prov.teacher),
+                ("labeling", prov.labeling),
+                ("dataset", prov.dataset),
+            )
+            if manifest.get("config") is not None
+        }
+    )
+
+
 def _segmentation(prov: Provenance) -> dict[str, Any]:
     return ((prov.labeling.get("config") or {}).get("labeling") or {}).get("segmentation") or {}
 
@@ -377,15 +464,34 @@ def _card_body(dsd, prov: Provenance, taxonomy: Taxonomy, *, name: str, license:
     q = prov.quality
     signal_counts = stats.get("signal_counts") or {}
     total_steps = sum(signal_counts.values()) or None
-    lines = [
-        f"# {name}",
-        "",
+    family = prov.prompt_family()
+    degenerate = prov.degenerate_labeling()
+    lines = [f"# {name}", ""]
+    if degenerate:
+        lines += [
+            "> **Warning: the labeling looks degenerate.** rscaffold's labeling quality gate flagged these labels; "
+            "a student trained on them learns little of the steps' roles:",
+            *(f"> - {reason}" for reason in degenerate),
+            "",
+        ]
+    lines += [
         "Teacher reasoning traces split into steps, each step labeled with a semantic signal, made by rscaffold "
         "for *Reasoning Scaffolding: Distilling the Flow of Thought from LLMs* "
         f"([arXiv 2509.23619]({PAPER})). A student trained on the `messages` column learns to predict the next "
         "signal and to write the step under it; `messages_plain` is the same data for plain CoT-SFT.",
         "",
         "## Use",
+        "",
+        "Train on `prompt` + `completion` (TRL's prompt-completion form: the loss is on the answer only, as "
+        "rscaffold trains its students), or on `messages` (the whole chat, for trainers that take "
+        "conversations; TRL then also learns the prompt unless told `assistant_only_loss`). The user turn is "
+        + (
+            f"the question inside the {family!r} family's prompt, exactly what rscaffold's students are trained "
+            "and evaluated on"
+            if family
+            else "the bare question (the problems stage's manifest was not found, so the family's prompt is unknown)"
+        )
+        + ". For the plain CoT-SFT baseline: `completion_plain` or `messages_plain`.",
         "",
         "```python",
         "from datasets import load_dataset",
@@ -395,15 +501,19 @@ def _card_body(dsd, prov: Provenance, taxonomy: Taxonomy, *, name: str, license:
         f"signal_tokens = {list(taxonomy.tokens)!r}",
         "tokenizer.add_special_tokens({'additional_special_tokens': signal_tokens})",
         "model.resize_token_embeddings(len(tokenizer))",
-        "# then e.g. trl.SFTTrainer(model, train_dataset=ds['train'], processing_class=tokenizer)",
+        "train = ds['train'].select_columns(['prompt', 'completion'])",
+        "# then e.g. trl.SFTTrainer(model, train_dataset=train, processing_class=tokenizer)",
         "```",
         "",
         "## Columns",
         "",
         "| column | meaning |",
         "|---|---|",
-        "| `messages` | chat: the student's system prompt, the question, and the answer as `<signal token>step` per step, steps separated by a blank line |",
-        "| `messages_plain` | the same chat without signal tokens (the CoT-SFT baseline's data) |",
+        "| `prompt` | the student's system prompt and the user turn (chat messages) |",
+        "| `completion` | the answer as `<signal token>step` per step, steps separated by a blank line (one assistant message) |",
+        "| `completion_plain` | the same answer without signal tokens (the CoT-SFT baseline's target) |",
+        "| `messages` | `prompt` and `completion` as one chat |",
+        "| `messages_plain` | the same chat without signal tokens |",
         "| `steps` | the labeled steps: `index`, `signal` (a taxonomy name), `text`, `source` of the label (`llm`, `keyword`, `fallback`) |",
         "| `signals`, `n_steps` | the scaffold (the sequence of signals) and its length |",
         "| `question`, `gold_answer` | the problem and its reference answer |",
@@ -469,6 +579,21 @@ def _card_body(dsd, prov: Provenance, taxonomy: Taxonomy, *, name: str, license:
     else:
         lines.append("The labeling stage's quality report was not found next to this dataset.")
     lines += [
+        "",
+        "## Configuration",
+        "",
+        "The resolved configuration of the stages that made this dataset (from their manifests; local "
+        "directories shown by name):",
+        "",
+        "```yaml",
+        yaml.safe_dump(_resolved_config(prov), sort_keys=False).rstrip(),
+        "```",
+        "",
+        "## Citation",
+        "",
+        "```bibtex",
+        CITATION,
+        "```",
         "",
         "## License",
         "",

@@ -54,6 +54,7 @@ R = TypeVar("R", bound=Record)
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+LATEST = "LATEST"  # <artifacts>/<stage>/LATEST: the fingerprint of the stage's last published output
 WORK_SUFFIX = ".partial"
 LOCK_SUFFIX = ".lock"
 SHARDS = "shards"
@@ -451,6 +452,8 @@ class StageDir:
         os.rename(self.work, self.path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        # the stage's newest complete output, for readers that do not want to read manifests
+        write_text(self.path.parent / LATEST, self.fingerprint + "\n")
 
     # -- partial work -----------------------------------------------------------------------
     def shard_path(self, name: str, key: str) -> Path:

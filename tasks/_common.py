@@ -12,11 +12,14 @@ console.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib
 import logging
 import os
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger
@@ -69,13 +72,45 @@ def artifact_key(stage: str) -> str:
     return f"rscaffold-{stage}"
 
 
-class ProgressReporter:
-    """A Prefect progress artifact (and log lines) for a long stage; throttled."""
+# What a stage's progress(done, total) counts.
+PROGRESS_UNITS = {"teacher": "traces", "labeling": "shards", "evaluation": "shards"}
 
-    def __init__(self, stage: str, every_s: float = 2.0):
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def progress_line(stage: str, done: int, total: int, *, unit: str, first: int, elapsed: float) -> str:
+    """``teacher: 3/6 traces (50%), 0.40 traces/s, about 8 s left``: the rate over what this run
+    did (``first``: the count it started from, e.g. resumed work), and the time left at that rate."""
+    pct = 100.0 * done / total if total else 100.0
+    line = f"{stage}: {done}/{total} {unit} ({pct:.0f}%)"
+    made = done - first
+    if made > 0 and elapsed > 0:
+        rate = made / elapsed
+        line += f", {rate:.2f} {unit}/s"
+        if done < total:
+            line += f", about {_duration((total - done) / rate)} left"
+        else:
+            line += f", in {_duration(elapsed)}"
+    return line
+
+
+class ProgressReporter:
+    """A Prefect progress artifact (and log lines with the unit, the rate and the time left) for
+    a long stage; throttled."""
+
+    def __init__(self, stage: str, every_s: float = 2.0, unit: str | None = None):
         self.stage = stage
+        self.unit = unit or PROGRESS_UNITS.get(stage, "items")
         self.every_s = every_s
         self._last = 0.0
+        self._start: tuple[int, float] | None = None  # (done, time) of the first report
         self._id = None
         try:
             self._id = create_progress_artifact(progress=0.0, description=f"{stage} progress")
@@ -84,11 +119,16 @@ class ProgressReporter:
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
+        if self._start is None:
+            self._start = (done, now)
         if done < total and now - self._last < self.every_s:
             return
         self._last = now
         pct = 100.0 * done / total if total else 100.0
-        get_run_logger().info("%s: %d/%d (%.0f%%)", self.stage, done, total, pct)
+        first, started = self._start
+        get_run_logger().info(
+            "%s", progress_line(self.stage, done, total, unit=self.unit, first=first, elapsed=now - started)
+        )
         if self._id is not None:
             try:
                 update_progress_artifact(self._id, progress=pct)
@@ -96,10 +136,30 @@ class ProgressReporter:
                 pass
 
 
-def publish_stage(ref: StageRef, extra_markdown: str = "") -> None:
-    """Log where the stage's outputs are and publish a markdown artifact describing them."""
+_PNG = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
+
+
+def embed_images(markdown: str, base: str | os.PathLike, max_bytes: int = 1 << 20) -> str:
+    """``markdown`` with each ``![alt](file.png)`` of a file under ``base`` inlined as a data URI
+    (the UI shows the picture, not a file name); larger or missing files keep their link."""
+
+    def inline(m: re.Match) -> str:
+        path = Path(base) / m.group(2)
+        if not path.is_file() or path.stat().st_size > max_bytes:
+            return m.group(0)
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+    return _PNG.sub(inline, markdown)
+
+
+def publish_stage(ref: StageRef, extra_markdown: str = "", *, report: str = "") -> None:
+    """Log where the stage's outputs are and publish a markdown artifact describing them.
+    ``report``: a readable report (markdown; its pictures are inlined), shown first."""
     logger = get_run_logger()
-    lines = [
+    lines = []
+    if report:
+        lines += [embed_images(report, ref.path), ""]
+    lines += [
         f"## {ref.stage} `{ref.fingerprint}`",
         "",
         f"Directory: `{ref.path}`",

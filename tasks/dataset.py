@@ -7,7 +7,7 @@ from rscaffold.config import PipelineConfig
 from rscaffold.store import StageRef
 
 
-@task(name="dataset", cache_key_fn=stage_cache_key("dataset"), persist_result=True)
+@task(name="dataset", task_run_name="dataset", cache_key_fn=stage_cache_key("dataset"), persist_result=True)
 def dataset_task(
     config: PipelineConfig,
     fps: dict[str, str],

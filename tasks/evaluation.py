@@ -55,5 +55,5 @@ def evaluation_task(
         key="rscaffold-accuracy",
         description="accuracy (%) [95% bootstrap interval]: models x benchmarks",
     )
-    publish_stage(ref, extra_markdown=(Path(ref.path) / ref.outputs["report"]).read_text())
+    publish_stage(ref, report=(Path(ref.path) / ref.outputs["report"]).read_text())
     return ref.to_dict()

@@ -22,5 +22,8 @@ def labeling_task(
     ref = run_stage(
         "labeling", config, fps=fps, teacher=StageRef.from_dict(teacher), force=force, fresh=fresh, progress=True
     )
-    publish_stage(ref, extra_markdown=(Path(ref.path) / ref.outputs["quality_report"]).read_text())
+    report = (Path(ref.path) / ref.outputs["quality_report"]).read_text()
+    if "transitions_png" in ref.outputs and ref.outputs["transitions_png"] not in report:
+        report += f"\n\n![signal transitions]({ref.outputs['transitions_png']})\n"
+    publish_stage(ref, report=report)
     return ref.to_dict()

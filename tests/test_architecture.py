@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, int]] = [
     ("rscaffold.labeling", 4),
     ("rscaffold.dataset", 4),
     ("rscaffold.export", 5),  # the dataset stage's output as a Hugging Face dataset
+    ("rscaffold.doctor", 5),  # preflight checks of a config (endpoints, GPU, disk)
     ("rscaffold.training", 4),
     ("rscaffold.inference", 5),
     ("rscaffold.serving", 5),  # students behind an OpenAI-compatible server

@@ -48,3 +48,30 @@ def test_closure_follows_lazy_imports_and_leaves_config_out():
     assert "rscaffold.llm" in closure  # imported inside run_teacher
     assert "rscaffold.config" in closure  # in the closure, but its digest is not hashed:
     assert "rscaffold.config" in cv.EXCLUDED  # its values are in every fingerprint already
+
+
+def test_fingerprints_and_show_config_import_no_torch_transformers_or_trl(tmp_path):
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from typer.testing import CliRunner
+from rscaffold_flows.cli import app
+for command in (["fingerprints"], ["show-config"]):
+    result = CliRunner().invoke(app, [*command, "--artifacts-dir", sys.argv[1]] if command == ["fingerprints"] else command)
+    assert result.exit_code == 0, result.output
+print(sorted(m for m in ("torch", "transformers", "trl", "vllm") if m in sys.modules))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_modules_resolve_to_their_files_by_name():
+    assert cv._source_path("rscaffold.training.trainer").name == "trainer.py"
+    assert cv._source_path("rscaffold.llm").name == "__init__.py"
+    assert cv._source_path("rscaffold.llm.create_backend") is None  # a function, not a module
+    assert cv._source_path("torch") is None  # not ours
+    assert "rscaffold.training.trainer" in cv.import_closure("rscaffold.stages.training")

@@ -7,14 +7,17 @@ import os
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from rscaffold.config import PipelineConfig, config_from_dict
+from rscaffold.evalsets.loaders import benchmark_for
 from rscaffold.export import ExportError, export_dataset, find_dataset_dir, push_to_hub
 from rscaffold.labeling.quality import label_quality_report
 from rscaffold.labeling.taxonomy import load_taxonomy
 from rscaffold.paths import default_model_dir
+from rscaffold.prompts import student_user_message
 from rscaffold.records import LabeledStepRecord, TraceRecord
 from rscaffold.stages.dataset import run_dataset
 from rscaffold.stages.plan import plan_fingerprints
@@ -120,9 +123,12 @@ def test_export_loads_with_datasets_and_has_a_card(artifacts, tmp_path):
     )
     row = ds["train"][0]
     system, user, assistant = row["messages"]
-    assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"] and user["content"] == row[
-        "question"
-    ]
+    assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
+    # the user turn is what the training stage renders: the question in its benchmark family's prompt
+    family = benchmark_for(cfg.problems.format, cfg.problems.custom).prompt_family
+    assert user["content"] == student_user_message(row["question"], family) != row["question"]
+    assert row["prompt"] == [system, user] and row["completion"] == [assistant]
+    assert row["completion_plain"] == [row["messages_plain"][2]]
     assert assistant["content"] == (
         "<sig:reasoning>First, count.\n\n<sig:contrast>But wait, recheck.\n\n<sig:conclusion>So the answer is 4."
     )
@@ -165,9 +171,65 @@ def test_export_loads_with_datasets_and_has_a_card(artifacts, tmp_path):
         "| steps with a keyword pre-label | 0.667 | about 0.74 |",  # labeling quality
         dataset.fingerprint,
         "| train | 8 |",
+        "Train on `prompt` + `completion`",  # which columns to use
+        f"the question inside the {family!r} family's prompt",
+        "eprint        = {2509.23619}",  # the method's citation
+        "## Configuration",  # the resolved configuration of the stages
+        "validation_fraction: 0.2",
     ):
         assert expected in body, expected
-    assert str(Path.home()) not in body  # no local paths in a card meant to be published
+    assert "degenerate" not in body.split("## Use")[0]
+    assert str(Path.home()) not in body and str(tmp_path) not in body  # no local paths in a published card
+    # the record metadata of examples.parquet survives
+    meta = pq.read_schema(next((tmp_path / "out" / "data").glob("train-*.parquet"))).metadata
+    assert meta[b"rscaffold.record"] == b"ExampleRecord" and b"rscaffold.schema_version" in meta
+    assert b"huggingface" in meta
+
+
+def test_degenerate_labels_are_flagged_at_the_top_of_the_card(artifacts, tmp_path):
+    cfg, dataset = artifacts
+    labeling = StageDir(
+        cfg.run.artifacts_dir,
+        "labeling",
+        json.loads((Path(dataset.path) / "manifest.json").read_text())["inputs"]["labeling"],
+    )
+    manifest = json.loads(labeling.manifest_path.read_text())
+    original = labeling.manifest_path.read_text()
+    manifest["summary"] = {"degenerate_labeling": ["kappa 0.05 against the pre-labels"]}
+    try:
+        labeling.manifest_path.write_text(json.dumps(manifest))
+        body = export_dataset(dataset.path, tmp_path / "out").card.read_text().split("---\n", 2)[2]
+    finally:
+        labeling.manifest_path.write_text(original)
+    top = body.split("## Use")[0]
+    assert "the labeling looks degenerate" in top and "kappa 0.05 against the pre-labels" in top
+
+
+def test_plain_trl_trains_two_steps_on_the_export(artifacts, tmp_path, tiny_model_dir):
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    _, dataset = artifacts
+    export_dataset(dataset.path, tmp_path / "out")
+    ds = datasets.load_dataset(str(tmp_path / "out"))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<sig:reasoning>", "<sig:contrast>", "<sig:conclusion>"]})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.resize_token_embeddings(len(tok))
+    args = SFTConfig(
+        output_dir=str(tmp_path / "trl"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        max_length=160,
+    )
+    train = ds["train"].select_columns(["prompt", "completion"])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
+    result = trainer.train()
+    assert result.global_step == 2 and result.training_loss > 0
 
 
 def test_export_of_a_published_benchmark_names_its_license(artifacts, tmp_path, monkeypatch):

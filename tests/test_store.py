@@ -66,6 +66,7 @@ def test_stage_dir_completion_and_shards(tmp_path):
     assert manifest["inputs"] == {"labeling": "f"} and manifest["schema_version"] == 1
     assert set(manifest["files"]) == {"x.parquet"} and len(manifest["files"]["x.parquet"]["sha256"]) == 64
     assert sd.ref().outputs == {"x": "x.parquet"} and sd.verify() == []
+    assert (tmp_path / "dataset" / "LATEST").read_text() == "abc\n"  # the stage's newest output
     # a fresh start discards partial work, never a complete output
     sd.prepare()
     sd.write_shard("examples", [_example(2)], ExampleRecord, key="000002-000002")

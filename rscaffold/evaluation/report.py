@@ -284,9 +284,13 @@ def overlap_section(path: Path) -> str:
     return "\n".join(["", "## Left out: trained on", "", note, "", *md_table(["benchmark", "left out"], rows)]) + "\n"
 
 
-def write_report(eval_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, Path]:
+def write_report(
+    eval_dir: str | Path, out_dir: str | Path | None = None, *, published: str | Path | None = None
+) -> tuple[Path, Path]:
     """(Re)write ``report.md`` and ``accuracy.png`` in ``out_dir`` (default: ``eval_dir``) from the
-    Parquet files of ``eval_dir`` alone (which may then be read-only)."""
+    Parquet files of ``eval_dir`` alone (which may then be read-only).
+    ``published``: where ``eval_dir`` will live once published (the report names that directory,
+    not a work directory that is gone by the time it is read)."""
     eval_dir = Path(eval_dir)
     out = Path(out_dir) if out_dir is not None else eval_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -294,7 +298,7 @@ def write_report(eval_dir: str | Path, out_dir: str | Path | None = None) -> tup
     chart = plot_accuracy(metrics, out / CHART_FILE)
     report = out / REPORT_FILE
     tmp = report.with_suffix(".md.tmp")
-    text = render_report(metrics, predictions, chart.name, source=str(eval_dir))
+    text = render_report(metrics, predictions, chart.name, source=str(published or eval_dir))
     text += overlap_section(eval_dir / OVERLAP_FILE)
     tmp.write_text(text)
     tmp.replace(report)

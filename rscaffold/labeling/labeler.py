@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 from collections import Counter
@@ -87,6 +88,29 @@ class _TraceLabels:
 
 class LabelerUnavailableError(RuntimeError):
     """The labeler's endpoint could not be reached (transport errors after the client's retries)."""
+
+
+class StructuredOutputIgnoredError(RuntimeError):
+    """The labeler's server answers requests that carry a JSON schema with text that does not
+    follow it: it ignores structured output (``response_format``)."""
+
+
+def describe_endpoint(backend: Any) -> str:
+    """``model <id> at <url>`` of a backend (its config's ``base_url``), for error messages."""
+    cfg = getattr(backend, "cfg", None)
+    url = getattr(cfg, "base_url", None) or "the OPENAI_BASE_URL endpoint"
+    return f"model {getattr(backend, 'model_id', '?')!r} at {url}"
+
+
+def conforms_to_json(comp: Completion) -> bool:
+    """Whether an answer to a request with a JSON schema is a JSON object (what a server that
+    honours ``response_format`` returns; of an answer cut at the token limit, its start)."""
+    if comp.truncated:
+        return comp.text.lstrip().startswith("{")
+    try:
+        return isinstance(json.loads(comp.text), dict)
+    except ValueError:
+        return False
 
 
 class Labeler:
@@ -306,6 +330,35 @@ class Labeler:
                     self.stats.prelabel_agreed += int(lab.signal == sig)
         return out
 
+    def _conformance_check(self, requests: list[ChatRequest]):
+        """A result callback that stops the run (raises :class:`StructuredOutputIgnoredError`)
+        after ``stop_after_nonconforming`` answers in a row that ignore the JSON schema they
+        were sent with, on a backend that says it enforces one."""
+        limit = self.cfg.stop_after_nonconforming
+        assert self.backend is not None
+        if not limit or not self.backend.capabilities.json_schema:
+            return None
+        with_schema = {r.request_id for r in requests if r.json_schema}
+        in_a_row = 0
+
+        def check(comp: Completion) -> None:
+            nonlocal in_a_row
+            if comp.request_id not in with_schema or not comp.ok:
+                return
+            in_a_row = 0 if conforms_to_json(comp) else in_a_row + 1
+            if in_a_row >= limit:
+                raise StructuredOutputIgnoredError(
+                    f"the labeler's server ignores structured output: {in_a_row} answers in a row to requests "
+                    f"with a JSON schema (response_format json_schema) are not JSON, from "
+                    f"{describe_endpoint(self.backend)} (e.g. {comp.text[:80]!r}). Serve the labeler from a "
+                    "server that enforces response_format (e.g. vLLM, or a hosted API with structured "
+                    "outputs), or a local labeler that constrains decoding itself (labeling.llm.backend: "
+                    "transformers or vllm); "
+                    "labeling.stop_after_nonconforming: 0 goes on with fallback labels"
+                )
+
+        return check
+
     def _generate(self, requests: list[ChatRequest], budgets: list[int]) -> dict[str, Completion]:
         """Run ``requests``, one batch per answer budget (``max_new_tokens``), in order."""
         out: dict[str, Completion] = {}
@@ -325,7 +378,7 @@ class Labeler:
         # (server down, out of memory) and propagates, so no shard is filled with fallback labels.
         # The same holds for a labeler that cannot be reached: its transport errors (after the
         # client's retries) are not a trace the LLM failed on, and must not become fallback labels.
-        completions = self.backend.generate(requests, sampling)
+        completions = self.backend.generate(requests, sampling, on_result=self._conformance_check(requests))
         unreachable = [c for c in completions if c.error_kind == "transport"]
         if unreachable:
             if all((c.error or "").startswith(RATE_LIMITED) for c in unreachable):
@@ -336,8 +389,8 @@ class Labeler:
                 )
             raise LabelerUnavailableError(
                 f"the labeler is unreachable: {len(unreachable)} of {len(requests)} requests failed with "
-                f"transport errors (e.g. {unreachable[0].error}); the labels made so far are saved, re-run "
-                "when the endpoint is back"
+                f"transport errors (e.g. {unreachable[0].error}) from {describe_endpoint(self.backend)}; the "
+                "labels made so far are saved, re-run when the endpoint is back"
             )
         out: dict[str, Completion] = {}
         for c in completions:

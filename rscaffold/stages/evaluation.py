@@ -346,7 +346,7 @@ def run_evaluation(
             },
         )
         write_json(sd.work / OVERLAP_FILE, {s.name: s.removed_overlap for s in suites})
-        write_report(sd.work)  # report.md + accuracy.png, from the Parquet files just written
+        write_report(sd.work, published=sd.path)  # report.md + accuracy.png, from the Parquet files just written
         return sd.finish(
             outputs={
                 "predictions": "predictions.parquet",

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from rscaffold.config import TRAINER_ARGS_SET_BY_RSCAFFOLD, LoraSettings, SegmentationConfig, TrainingConfig
@@ -477,7 +478,22 @@ def build_trainer(
         signal_token_ids=signal_token_ids,
         signal_loss_weight=signal_loss_weight,
         signal_objective=signal_objective,
+        callbacks=[LogLossesCallback()],
     )
+
+
+class LogLossesCallback(TrainerCallback):
+    """Sends the Trainer's logged figures (loss, signal loss, learning rate, ...) to the
+    ``rscaffold.training`` logger, one line per logging step, so they reach the run's logs
+    (console and Prefect UI) and not only the Trainer's progress bar."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ARG002, PLR0917 - TrainerCallback's signature
+        if not logs:
+            return
+        figures = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items() if k != "epoch"
+        )
+        log.info("step %d/%d: %s", state.global_step, state.max_steps, figures)
 
 
 # ---------------------------------------------------------------------------------------------

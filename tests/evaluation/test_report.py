@@ -44,6 +44,10 @@ def test_report_regenerated_from_parquet(tmp_path):
     report.unlink()
     chart.unlink()
     assert write_report(new)[0].read_text() == text
+    # built in a work directory, the report names the directory it is published as
+    published = write_report(new, published=root / "evaluation" / "cccc")[0].read_text()
+    assert f"Generated from `{root / 'evaluation' / 'cccc'}`" in published and str(new) not in published
+    write_report(new)
 
     # the command accepts the directory itself, the artifacts root and its evaluation/ folder
     assert find_evaluation_dir(new) == new.resolve()

@@ -14,6 +14,7 @@ def test_run_help_documents_options():
     assert out.exit_code == 0
     for opt in ("--config", "--refresh", "--artifacts-dir"):
         assert opt in out.output
+    assert "null, [lists], {maps}" in " ".join(out.output.replace("│", " ").split())  # not eaten as markup
 
 
 def test_bad_config_stops_before_any_stage(tmp_path, monkeypatch):
@@ -64,6 +65,10 @@ def test_set_overrides_show_in_show_config_and_are_validated():
     assert shown["training"]["max_steps"] == 200 and shown["teacher"]["sampling"]["temperature"] == 0.6
     out = runner.invoke(app, ["show-config", "--set", "training.max_stepz=3"])
     assert out.exit_code == 2 and "training.max_stepz" in out.output and "unknown key" in out.output
+    # the override is named (not the config file), with the closest key
+    assert "from --set training.max_stepz; did you mean training.max_steps?" in " ".join(out.output.split())
+    out = runner.invoke(app, ["show-config", "--set", "teacher.llm.concurency=3"])
+    assert "did you mean teacher.llm.concurrency?" in " ".join(out.output.split())
     out = runner.invoke(app, ["fingerprints", "--set", "training.max_steps=many"])
     assert out.exit_code == 2 and "training.max_steps" in out.output
 

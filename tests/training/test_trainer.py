@@ -248,7 +248,8 @@ def test_head_objective_trains_saves_and_decodes(tmp_path):
     assert out[0].signals and out[0].output_tokens <= 20
 
 
-def test_baseline_training_has_no_signals(tmp_path):
+def test_baseline_training_has_no_signals(tmp_path, caplog):
+    caplog.set_level("INFO", logger="rscaffold.training")
     result = train_student(
         synthetic_examples(8),
         training_config(max_steps=2),
@@ -262,6 +263,8 @@ def test_baseline_training_has_no_signals(tmp_path):
     assert not student.scaffolded and student.signal_token_ids == []
     assert len(student.tokenizer) == 49152  # no signal tokens added
     assert result.signal_loss is None and result.step_loss is not None
+    # the losses reach the library's logs (and so the run's console and UI logs)
+    assert any(r.getMessage().startswith("step 2/2: ") and "loss" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="scaffolded"):
         generate(student, questions=["q"], mode="guided")
 
