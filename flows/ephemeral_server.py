@@ -140,10 +140,6 @@ def prefect_api(timeout_s: float | None = None, meanwhile: Callable[[], object] 
             proc.wait()
 
 
-if __name__ == "__main__":
-    main()
-
-
 def check_prefect_api(timeout_s: float = 10.0):
     """The doctor's check of the Prefect API a run will use: ``PREFECT_API_URL``'s ``/health``
     when it is set (a :class:`rscaffold.doctor.Check`); None without it (runs start a temporary
@@ -164,3 +160,7 @@ def check_prefect_api(timeout_s: float = 10.0):
             return Check("Prefect API", "fail", f"{url}/health answered HTTP {r.status}", fix)
     except (OSError, urllib.error.URLError) as err:
         return Check("Prefect API", "fail", f"{url}: {err}", fix)
+
+
+if __name__ == "__main__":
+    main()
