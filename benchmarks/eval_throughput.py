@@ -29,7 +29,7 @@ machine's load changing between runs and is printed as invalid, not as a ratio.
 **Through a server** (``--served-questions 16``): the same tiny student saved to a temporary
 directory and hosted by a real local ``transformers serve`` (started and stopped by
 :class:`rscaffold.serving.StudentServer`); plain decoding of the questions at concurrency 1 and 16
-through :func:`rscaffold.serving.generate_served`, vs in-process plain decoding at batch size 8.
+through :func:`rscaffold.decoding.served.generate_served`, vs in-process plain decoding at batch size 8.
 (Guided decoding through a server needs vLLM's completions dialect, which no server here speaks.)
 
     .venv/bin/python benchmarks/eval_throughput.py [--questions 32] [--max-new-tokens 64] [--repeats 1]
@@ -47,7 +47,7 @@ import time
 import torch
 
 from rscaffold.config import GuidedInferenceConfig, TinyModelConfig
-from rscaffold.inference import generate
+from rscaffold.decoding.in_process import generate
 from rscaffold.labeling.taxonomy import load_taxonomy
 from rscaffold.models import build_tiny_model, resolve_device
 from rscaffold.paths import data_dir, default_model_dir
@@ -143,8 +143,9 @@ def served(args) -> None:
     from pathlib import Path
 
     from rscaffold.config import BackendConfig
+    from rscaffold.decoding.served import generate_served
     from rscaffold.llm import create_backend
-    from rscaffold.serving import StudentServer, generate_served
+    from rscaffold.serving import StudentServer
 
     # as a plain (CoT-SFT) student: transformers serve drops special tokens from the text, so the
     # signal tokens this random model emits are not told to the decoder on either side

@@ -286,7 +286,8 @@ def part_b(setup: Setup) -> Result:
 
 def part_c(setup: Setup) -> Result:
     r = Result(f"c. guided (KV-cached) vs plain decoding, {setup.new_tokens} new tokens, batch {setup.batch}")
-    from rscaffold.inference import GuidedSettings, generate
+    from rscaffold.decoding.in_process import generate
+    from rscaffold.decoding.policy import GuidedSettings
     from rscaffold.student import Student
 
     dtype = torch.bfloat16 if setup.device == "cuda" else torch.float32
@@ -396,11 +397,12 @@ def part_e(setup: Setup) -> Result:
         r.notes.append("vLLM needs a GPU here")
         return r
     from rscaffold.config import BackendConfig, SamplingConfig
-    from rscaffold.inference import GuidedSettings
+    from rscaffold.decoding.policy import GuidedSettings
+    from rscaffold.decoding.served import generate_served
     from rscaffold.llm import create_backend
     from rscaffold.llm.base import ChatRequest
     from rscaffold.llm.vllm_engine import VLLMBackend
-    from rscaffold.serving import StudentServer, generate_served
+    from rscaffold.serving import StudentServer
     from rscaffold.student import load_student
 
     r.figures["vllm"] = vllm.__version__

@@ -796,11 +796,12 @@ class TrainingConfig(_Section):
 
 
 class GuidedInferenceConfig(_Section):
-    """Signal-guided decoding of the scaffolded student (see :mod:`rscaffold.inference`).
+    """Signal-guided decoding of the scaffolded student (see :mod:`rscaffold.decoding.policy`).
 
     Gating and pruning (the paper's adaptive gating and pruning of non-essential steps) are on by
     default; the ablation rows ``scaffolded-nogate`` / ``scaffolded-noprune`` of
-    ``evaluation.models`` switch one of them off. The token budget is ``evaluation.max_new_tokens``,
+    ``evaluation.models`` switch one of them off, ``scaffolded-freefallback`` lets free decoding
+    after an uncommitted gate emit a signal. The token budget is ``evaluation.max_new_tokens``,
     the same as plain decoding.
     """
 
@@ -829,6 +830,10 @@ class GuidedInferenceConfig(_Section):
         default=None,
         ge=1,
         description="Per-step safety cap in tokens (a step cut there is closed and the next one begins). None: the longest step of the student's training data (recorded in the evaluation manifest).",
+    )
+    fallback_may_emit_signal: bool = Field(
+        default=False,
+        description="Free decoding of a step the gate did not commit a signal to: false: signal tokens are suppressed in it (the step is text under no signal); true: it draws from the whole vocabulary, so a signal token of the model's own choosing may open the step (what the evaluation row 'scaffolded-freefallback' does).",
     )
 
 
@@ -938,7 +943,7 @@ class EvaluationConfig(_Section):
 
     models: list[EvalModelName] = Field(
         default_factory=lambda: list(EVAL_MODELS),
-        description="Which models answer, side by side (default: all that training.students gives): 'base' (the untrained student), the trained students of training.students ('short_cot', 'cot_sft', 'scaffolded'), and the scaffolded student's ablations 'scaffolded-nogate' (no adaptive gating: every predicted signal committed) and 'scaffolded-noprune' (no pruning of non-essential signals).",
+        description="Which models answer, side by side (default: all that training.students gives): 'base' (the untrained student), the trained students of training.students ('short_cot', 'cot_sft', 'scaffolded'), and the scaffolded student's ablations 'scaffolded-nogate' (no adaptive gating: every predicted signal committed) and 'scaffolded-noprune' (no pruning of non-essential signals); on request only, 'scaffolded-freefallback' (free decoding after an uncommitted gate may emit a signal).",
     )
     benchmarks: list[BenchmarkSource] = Field(
         default_factory=list,

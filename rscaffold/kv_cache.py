@@ -1,5 +1,5 @@
 """A batched KV cache whose rows keep their own token sequences, for decoders that edit their
-context between forward passes (signal-guided decoding, :mod:`rscaffold.inference`).
+context between forward passes (signal-guided decoding, :mod:`rscaffold.decoding.cached`).
 
 A transformers ``DynamicCache`` holds one ``(batch, heads, columns, head_dim)`` tensor per layer:
 every row has the same number of columns. Here each row also knows which columns hold its

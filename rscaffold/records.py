@@ -122,6 +122,9 @@ class PredictionRecord(Record):
     consistent: bool | None = None  # see rscaffold.evaluation.check_consistency; None: not checked
     consistency_check: str | None = None  # which check decided `consistent` (None: not checked)
     consistency_evidence: str | None = None  # what was compared: the last computation, a verdict
+    # per step of the output, where its signal came from: "gate" (committed by the gate), "free"
+    # (emitted by the model's own decoding), "none" (no signal); None: not recorded (older files)
+    signal_sources: list[str] | None = None
 
 
 class MetricRecord(Record):

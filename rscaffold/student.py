@@ -136,7 +136,7 @@ def load_student(model_dir: str | Path, device: str = "auto", dtype: str = "auto
     """Load a student directory written by ``train_student`` (or any plain causal LM directory).
 
     ``weights=False``: the tokenizer and what the student knows about signals only (``model`` is
-    None), for a student that a server hosts (:mod:`rscaffold.serving`).
+    None), for a student that a server hosts (:mod:`rscaffold.decoding.served`).
     """
     from rscaffold.models import load_causal_lm, resolve_device
     from rscaffold.prompts import STUDENT_SYSTEM_PROMPT

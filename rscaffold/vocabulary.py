@@ -36,14 +36,23 @@ STUDENTS: tuple[str, ...] = get_args(StudentName)
 """The student models: the untrained base student and the trained ones, in the order reports
 list them."""
 
-EvalModelName = Literal["base", "short_cot", "cot_sft", "scaffolded", "scaffolded-nogate", "scaffolded-noprune"]
-EVAL_MODELS: tuple[str, ...] = get_args(EvalModelName)
+EvalModelName = Literal[
+    "base", "short_cot", "cot_sft", "scaffolded", "scaffolded-nogate", "scaffolded-noprune", "scaffolded-freefallback"
+]
+ALL_EVAL_MODELS: tuple[str, ...] = get_args(EvalModelName)
 """What the evaluation can compare (``evaluation.models``), in the order reports list them: the
 students, and the scaffolded student decoded without one inference feature (ablations):
 ``scaffolded-nogate`` commits every predicted signal (no adaptive gating), ``scaffolded-noprune``
-prunes no signal."""
+prunes no signal, ``scaffolded-freefallback`` lets free decoding after an uncommitted gate emit a
+signal token."""
 
-ABLATION_SUFFIXES: dict[str, str] = {"-nogate": "gate", "-noprune": "prune"}
+OPT_IN_EVAL_MODELS: tuple[str, ...] = ("scaffolded-freefallback",)
+"""Evaluation models answered only when ``evaluation.models`` names them."""
+
+EVAL_MODELS: tuple[str, ...] = tuple(m for m in ALL_EVAL_MODELS if m not in OPT_IN_EVAL_MODELS)
+"""The default of ``evaluation.models`` (before it is narrowed to the trained students)."""
+
+ABLATION_SUFFIXES: dict[str, str] = {"-nogate": "gate", "-noprune": "prune", "-freefallback": "fallback_guard"}
 """Evaluation model name suffix -> the inference feature it switches off."""
 
 

@@ -2,12 +2,12 @@
 transformers causal LM (vLLM itself cannot run in the test environment).
 
 :class:`FakeVLLMServer` serves ``POST /v1/completions`` (plus ``GET /health`` and
-``GET /v1/models``) on 127.0.0.1 with the semantics :mod:`rscaffold.serving` relies on, greedy
+``GET /v1/models``) on 127.0.0.1 with the semantics :mod:`rscaffold.decoding.served` relies on, greedy
 decoding only (the request's temperature and seed are ignored):
 
 * the prompt is tokenized with ``add_special_tokens`` as requested (default True);
 * per output token: the last position's logits, plus ``logit_bias`` (token id as a string ->
-  bias), then everything outside ``allowed_token_ids`` (when given) set to -inf; ``logprobs``
+  bias, clamped to [-100, 100] as vLLM does), then everything outside ``allowed_token_ids`` (when given) set to -inf; ``logprobs``
   are the log-softmax of these *processed* logits (vLLM with ``--logprobs-mode
   processed_logprobs``), the top ``logprobs`` of them (and the chosen token, as vLLM adds it) as
   ``{tokenizer.decode([id], skip_special_tokens=False): logprob}``; the token is the argmax;
@@ -122,7 +122,8 @@ class FakeVLLMServer:
         stop = body.get("stop") or []
         stops = [stop] if isinstance(stop, str) else list(stop)
         skip_special = body.get("skip_special_tokens", True)
-        bias = {int(k): float(v) for k, v in (body.get("logit_bias") or {}).items()}
+        # vLLM clamps each bias to [-100, 100]
+        bias = {int(k): max(-100.0, min(100.0, float(v))) for k, v in (body.get("logit_bias") or {}).items()}
         prompt_ids = tok(prompt, add_special_tokens=body.get("add_special_tokens", True))["input_ids"]
         eos = tok.eos_token_id
 

@@ -38,8 +38,8 @@ LAYERS: list[tuple[str, int]] = [
     ("rscaffold.export", 5),  # the dataset stage's output as a Hugging Face dataset
     ("rscaffold.doctor", 5),  # preflight checks of a config (endpoints, GPU, disk)
     ("rscaffold.training", 4),
-    ("rscaffold.inference", 5),
-    ("rscaffold.serving", 5),  # students behind an OpenAI-compatible server
+    ("rscaffold.serving", 3),  # student servers as child processes
+    ("rscaffold.decoding", 5),  # plain and signal-guided decoding, in-process and served
     ("rscaffold.evaluation", 5),
     ("rscaffold.stages", 6),
     ("rscaffold.experiment", 7),  # grids of configs over the stages, their statistics and report
@@ -137,7 +137,7 @@ def test_code_version_follows_the_import_closure():
     # what the teacher stage really runs: the backends' registry, answer checking, its loaders
     assert {"rscaffold.llm", "rscaffold.evalsets.answers", "rscaffold.evalsets.verify_worker"} <= set(teacher)
     # and not what it does not: training, evaluation
-    assert not any(m.startswith(("rscaffold.training", "rscaffold.evaluation", "rscaffold.inference")) for m in teacher)
+    assert not any(m.startswith(("rscaffold.training", "rscaffold.evaluation", "rscaffold.decoding")) for m in teacher)
     problems = import_closure("rscaffold.stages.problems")
     assert "rscaffold.evalsets.answers" in problems  # the loaders import it (missed by the old hand-kept list)
 

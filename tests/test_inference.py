@@ -1,4 +1,4 @@
-"""Student decoding (rscaffold.inference): batched guided decoding equals unbatched, on a random
+"""Student decoding in-process (rscaffold.decoding): batched guided decoding equals unbatched, on a random
 student that takes every stopping path."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _key(g):
     ids=["gated", "pruned"],
 )
 def test_batched_guided_equals_unbatched(random_student, guided):
-    from rscaffold.inference import generate
+    from rscaffold.decoding.in_process import generate
 
     single = generate(
         random_student, questions=QUESTIONS, mode="guided", max_new_tokens=28, batch_size=1, guided=guided
@@ -66,7 +66,7 @@ def test_batched_guided_equals_unbatched(random_student, guided):
 def test_kv_cached_guided_equals_the_reference_decoder(random_student, guided):
     """The KV-cached decoder gives the re-encoding decoder's outputs, batched and not, on a
     student that takes every stopping path (questions finish at different rounds)."""
-    from rscaffold.inference import generate
+    from rscaffold.decoding.in_process import generate
 
     def run(kv_cache, bs):
         return generate(
@@ -90,7 +90,7 @@ def test_kv_cached_guided_equals_the_reference_on_long_outputs_with_the_papers_s
     the cache (with its holes, joins, leaves and compactions) decodes what re-encoding decodes."""
     from paper_scale_shapes import tiny_qwen2
 
-    from rscaffold.inference import generate
+    from rscaffold.decoding.in_process import generate
     from rscaffold.student import Student
     from rscaffold.training.signal_tokens import add_signal_tokens
 

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from rscaffold.config import config_from_dict
-from rscaffold.serving import StudentServer, StudentServerError, split_signals
+from rscaffold.decoding.output import split_signals
+from rscaffold.serving import StudentServer, StudentServerError
 
 
 def _server(tmp_path, command: str, **kw) -> StudentServer:
@@ -57,7 +58,7 @@ def test_config_selects_the_served_students():
 
 
 def test_split_signals_equals_split_output_on_the_ids(random_student):
-    from rscaffold.inference import split_output
+    from rscaffold.decoding.output import split_output
 
     s = random_student
     tok = s.tokenizer
@@ -74,8 +75,8 @@ def test_split_signals_equals_split_output_on_the_ids(random_student):
 def test_a_server_that_adds_a_bos_sees_the_in_process_tokens(smollm2_dir):
     from transformers import AutoTokenizer
 
+    from rscaffold.decoding.served import without_added_bos
     from rscaffold.prompts import render_prompt
-    from rscaffold.serving import without_added_bos
 
     for add_bos in (False, True):  # SmolLM2 as it is; as a tokenizer that adds its BOS (Llama 3, Gemma)
         tok = AutoTokenizer.from_pretrained(str(smollm2_dir), add_bos_token=add_bos)

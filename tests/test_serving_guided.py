@@ -1,5 +1,5 @@
-"""Decoding a student through a server (rscaffold.serving.generate_served) gives what in-process
-decoding (rscaffold.inference.generate) gives, on the random student that takes every stopping
+"""Decoding a student through a server (rscaffold.decoding.served.generate_served) gives what
+in-process decoding (rscaffold.decoding.in_process.generate) gives, on the random student that takes every stopping
 path, through a TEST-ONLY fake of vLLM's completions dialect (tests/serving_fake.py: the same
 tiny model behind an HTTP server, greedy, vLLM's stopping and log-probability semantics)."""
 
@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 # Chosen so that no step request stops at a blank line before the step's text. There the served
 # decoder continues from the re-sent text, re-tokenized ("\n\n" is one token), where in-process
 # decoding continues from the generated ids ("\n", "\n"): the difference documented in
-# rscaffold.serving's docstring, which makes the random student (which writes many newlines)
+# rscaffold.decoding.served's docstring, which makes the random student (which writes many newlines)
 # diverge on most other questions. _no_blank_line_restarts checks that it did not happen here.
 GUIDED_QUESTIONS = [
     "Elena has 20 marbles and buys 13 more. How many marbles does Elena have now?",
@@ -87,8 +87,9 @@ def _no_blank_line_restarts(choices: list[dict]) -> None:
     ids=["nogate", "gated-pruned-capped"],
 )
 def test_guided_through_the_server_equals_in_process(random_student, served, settings):
-    from rscaffold.inference import GuidedSettings, generate
-    from rscaffold.serving import generate_served
+    from rscaffold.decoding.in_process import generate
+    from rscaffold.decoding.policy import GuidedSettings
+    from rscaffold.decoding.served import generate_served
 
     server, backend = served
     s = GuidedSettings(**settings)
@@ -115,14 +116,14 @@ def test_guided_through_the_server_equals_in_process(random_student, served, set
         kinds = {sig is None for w in want for sig in w.step_signals}
         assert kinds == {True, False}, "the gate both committed signals and refused"
         assert not any("elaborate" in w.signals for w in want)
-        body = next(b for b in server.bodies[since:] if "stop_token_ids" in b)
         pruned = random_student.signal_token_ids[random_student.signal_names.index("elaborate")]
-        assert body["logit_bias"] == {str(pruned): -100}
+        bodies = [b for b in server.bodies[since:] if "stop_token_ids" in b]
+        assert all(b["logit_bias"].get(str(pruned)) == -100 for b in bodies)
 
 
 def test_plain_through_the_server_equals_in_process(random_student, served):
-    from rscaffold.inference import generate
-    from rscaffold.serving import generate_served
+    from rscaffold.decoding.in_process import generate
+    from rscaffold.decoding.served import generate_served
 
     server, backend = served
     got = generate_served(backend, random_student, PLAIN_QUESTIONS, mode="plain", max_new_tokens=BUDGET)
@@ -142,8 +143,8 @@ def test_plain_through_the_server_equals_in_process(random_student, served):
 
 
 def test_plain_of_a_scaffolded_student_keeps_its_signal_tokens(random_student, served):
-    from rscaffold.inference import generate
-    from rscaffold.serving import generate_served
+    from rscaffold.decoding.in_process import generate
+    from rscaffold.decoding.served import generate_served
 
     _, backend = served
     q = GUIDED_QUESTIONS[:1]  # its plain answer holds a signal token, inside a line
@@ -155,8 +156,9 @@ def test_plain_of_a_scaffolded_student_keeps_its_signal_tokens(random_student, s
 
 
 def test_a_gate_at_threshold_one_commits_what_in_process_commits(random_student, served):
-    from rscaffold.inference import GuidedSettings, generate
-    from rscaffold.serving import generate_served
+    from rscaffold.decoding.in_process import generate
+    from rscaffold.decoding.policy import GuidedSettings
+    from rscaffold.decoding.served import generate_served
 
     _, backend = served
     s = GuidedSettings(confidence_threshold=1.0, max_step_tokens=8)
@@ -168,8 +170,8 @@ def test_a_gate_at_threshold_one_commits_what_in_process_commits(random_student,
 
 
 def test_a_server_without_logprobs_is_refused(random_student):
-    from rscaffold.inference import GuidedSettings
-    from rscaffold.serving import ServedDecodingError, generate_served
+    from rscaffold.decoding.policy import GuidedSettings
+    from rscaffold.decoding.served import ServedDecodingError, generate_served
 
     with fake_vllm_server(random_student.model, random_student.tokenizer, omit_logprobs=True) as server:
         with pytest.raises(ServedDecodingError, match="logprobs"):

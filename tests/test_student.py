@@ -13,7 +13,8 @@ pytest.importorskip("trl")  # the trained_token fixture trains with TRL
 skip_module_without_student_tokenizer()
 
 from rscaffold.config import GuidedInferenceConfig
-from rscaffold.inference import Generated, generate
+from rscaffold.decoding.in_process import generate
+from rscaffold.decoding.output import Generated
 from rscaffold.student import load_student
 
 

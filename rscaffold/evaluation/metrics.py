@@ -22,7 +22,7 @@ from rscaffold.evaluation.consistency import check_consistency
 from rscaffold.evaluation.signals import signal_agreement
 from rscaffold.records import MetricRecord, PredictionRecord, ProblemRecord
 from rscaffold.segment import split_at_step_boundaries
-from rscaffold.vocabulary import EVAL_MODELS
+from rscaffold.vocabulary import ALL_EVAL_MODELS
 
 
 def score_output(
@@ -39,11 +39,14 @@ def score_output(
     decoding: str | None = None,
     n_steps: int | None = None,
     numeric: bool = False,
+    signal_sources: Sequence[str] | None = None,
 ) -> PredictionRecord:
     """Extract the answer from one output, check it against the gold answer and for consistency.
 
     Multiple choice: ``options`` default to the ``"A. ..."`` lines of the question. ``numeric``:
     the benchmark's answers are numbers (see :func:`rscaffold.evalsets.answers.extract_answer`).
+    ``signal_sources``: per step of the output, where its signal came from (``gate``, ``free``,
+    ``none``).
     """
     if options is None and answer_type == "choice":
         options = choice_options(problem.question) or None
@@ -67,6 +70,7 @@ def score_output(
         consistent=cons.consistent,
         consistency_check=cons.check,
         consistency_evidence=cons.evidence,
+        signal_sources=None if signal_sources is None else list(signal_sources),
     )
 
 
@@ -134,7 +138,7 @@ def compute_metrics(
 
 
 def _model_rank(model: str) -> int:
-    return EVAL_MODELS.index(model) if model in EVAL_MODELS else len(EVAL_MODELS)
+    return ALL_EVAL_MODELS.index(model) if model in ALL_EVAL_MODELS else len(ALL_EVAL_MODELS)
 
 
 def _pct(x: float | None) -> float | None:

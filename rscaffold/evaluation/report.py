@@ -16,7 +16,7 @@ from pathlib import Path
 from rscaffold.markdown import number, percent
 from rscaffold.markdown import table as md_table
 from rscaffold.records import MetricRecord, PredictionRecord
-from rscaffold.vocabulary import BENCHMARK_NAMES, EVAL_MODELS
+from rscaffold.vocabulary import ALL_EVAL_MODELS, BENCHMARK_NAMES
 
 REPORT_FILE = "report.md"
 CHART_FILE = "accuracy.png"
@@ -29,7 +29,7 @@ def _rank(value: str, order: Sequence[str]) -> tuple[int, str]:
 
 
 def models_of(metrics: Sequence[MetricRecord]) -> list[str]:
-    return sorted({m.model for m in metrics}, key=lambda x: _rank(x, EVAL_MODELS))
+    return sorted({m.model for m in metrics}, key=lambda x: _rank(x, ALL_EVAL_MODELS))
 
 
 def benchmarks_of(metrics: Sequence[MetricRecord]) -> list[str]:
@@ -141,6 +141,20 @@ def render_report(
     if examples:
         lines += ["", "Inconsistent examples:", "", *examples]
 
+    lines += ["", "## Signal sources", ""]
+    source_rows = signal_source_rows(predictions, models, benches)
+    if source_rows:
+        lines += [
+            "Where each step's signal came from, as a share of the steps of each model's answers: "
+            "`gate` (committed by the adaptive gate), `free` (emitted by the model's own decoding: "
+            "plain decoding, or free decoding after an uncommitted gate where it may emit a signal) "
+            "and `none` (a step without a signal).",
+            "",
+        ]
+        lines += md_table(["model", "benchmark", "steps", "gate %", "free %", "none %"], source_rows)
+    else:
+        lines.append("No prediction recorded its signal sources.")
+
     lines += ["", "## Generated signals", ""]
     sig_rows = []
     dists = []
@@ -193,6 +207,39 @@ def render_report(
     else:
         lines.append("No model generated signals.")
     return "\n".join(lines) + "\n"
+
+
+SIGNAL_SOURCES = ("gate", "free", "none")
+"""Where a step's signal came from (:attr:`rscaffold.records.PredictionRecord.signal_sources`)."""
+
+
+def signal_source_shares(predictions: Sequence[PredictionRecord]) -> dict[str, float] | None:
+    """The share of steps whose signal came from each source, over ``predictions`` (None when no
+    prediction recorded its sources, or none has a step)."""
+    counts = Counter(src for p in predictions for src in (p.signal_sources or []))
+    total = sum(counts.values())
+    if not total:
+        return None
+    return {src: counts.get(src, 0) / total for src in SIGNAL_SOURCES}
+
+
+def signal_source_rows(
+    predictions: Sequence[PredictionRecord], models: Sequence[str], benches: Sequence[str]
+) -> list[list[object]]:
+    """Report rows: model, benchmark, steps, and the share of each signal source in %."""
+    groups: dict[tuple[str, str], list[PredictionRecord]] = defaultdict(list)
+    for p in predictions:
+        groups[(p.model, p.benchmark)].append(p)
+    rows: list[list[object]] = []
+    for b in benches:
+        for model in models:
+            preds = groups.get((model, b), [])
+            shares = signal_source_shares(preds)
+            if shares is None:
+                continue
+            steps = sum(len(p.signal_sources or []) for p in preds)
+            rows.append([model, b, steps, *(percent(shares[src]) for src in SIGNAL_SOURCES)])
+    return rows
 
 
 def plot_accuracy(metrics: Sequence[MetricRecord], path: str | Path) -> Path:

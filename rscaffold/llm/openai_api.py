@@ -17,7 +17,7 @@ dropped connections ``cfg.max_retries`` times with exponential backoff (honourin
 - reasoning: the ``reasoning_content`` / ``reasoning`` message field (vLLM, DeepSeek, SGLang,
   OpenRouter) and ``<think>`` blocks in the content both go to ``Completion.reasoning``;
 - text completions (``/v1/completions``) for requests that carry a rendered ``prompt`` (a student
-  continuing its own partial answer, :mod:`rscaffold.serving`): the text is kept exactly as
+  continuing its own partial answer, :mod:`rscaffold.decoding.served`): the text is kept exactly as
   generated (empty included), with ``stop`` strings, top ``logprobs`` (in ``extra["top_logprobs"]``,
   one ``{token: logprob}`` per output token) and server-specific ``options`` (sent as extra body
   fields); the stop reason a server reports (vLLM's ``stop_reason``) is in ``extra["stop_reason"]``.

@@ -7,7 +7,7 @@ its own task (:func:`run_evaluation_shard`); :func:`run_evaluation` then finds t
 assembles them in their fixed order (model, benchmark, problem).
 
 Students decode in this process (transformers), or through an OpenAI-compatible server
-(``evaluation.llm`` backend ``openai``, :mod:`rscaffold.serving`): one that runs, or one started
+(``evaluation.llm`` backend ``openai``, :mod:`rscaffold.decoding.served`): one that runs, or one started
 for each student (``evaluation.server.command``) and stopped when its shards are done. A served
 scaffolded student's gate is still calibrated in this process (its weights are loaded for that
 once, and freed before its server starts).
@@ -95,7 +95,8 @@ class _Decoder:
     tokenizer_only: Any = None  # the served student's tokenizer and signal facts (no weights)
 
     def settings(self, name: str) -> tuple[str, Any]:
-        from rscaffold.inference import GuidedSettings, plan_guided_decoding
+        from rscaffold.decoding.calibration import plan_guided_decoding
+        from rscaffold.decoding.policy import GuidedSettings
 
         ecfg = self.cfg.evaluation
         mode = "guided" if student_of(name) == "scaffolded" else "plain"
@@ -114,6 +115,7 @@ class _Decoder:
                 self.validation,
                 gate=not name.endswith("-nogate"),
                 prune=not name.endswith("-noprune"),
+                fallback_guard=not name.endswith("-freefallback"),
             )
             self.decoding[name] = {"mode": "guided", "max_new_tokens": ecfg.max_new_tokens, **provenance}
             write_json(settings_file, self.decoding[name])
@@ -133,8 +135,9 @@ class _Decoder:
         """(request backend, tokenizer-only Student) of a served student. With
         ``evaluation.server``, its server is started (and the previous student's stopped) at the
         first request the request cache cannot answer: a fully cached re-run starts none."""
+        from rscaffold.decoding.served import served_llm
         from rscaffold.llm import backend_class, create_backend
-        from rscaffold.serving import StudentServer, served_llm
+        from rscaffold.serving import StudentServer
         from rscaffold.stages.requests import request_cache
         from rscaffold.student import load_student
 
@@ -171,9 +174,9 @@ class _Decoder:
 
     def predict(self, shard: _Shard) -> list[PredictionRecord]:
         """Answer one shard; persist and return its predictions."""
+        from rscaffold.decoding.in_process import generate
+        from rscaffold.decoding.served import ServedDecodingError, generate_served
         from rscaffold.evaluation.metrics import score_output
-        from rscaffold.inference import generate
-        from rscaffold.serving import ServedDecodingError, generate_served
 
         name, suite = shard.model, shard.suite
         mode, settings = self.settings(name)
@@ -220,6 +223,7 @@ class _Decoder:
                 latency_s=o.latency_s,
                 decoding=mode,
                 n_steps=len([s for s in o.steps if s]),
+                signal_sources=o.signal_sources,
             )
             for p, o in zip(suite.problems[shard.lo : shard.hi], outs, strict=True)
         ]

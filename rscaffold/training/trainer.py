@@ -94,7 +94,7 @@ class ScaffoldTrainer(SFTTrainer):
       signal next" classification, comparable with the head objective, and leaves the
       vocabulary logits at step boundaries to L_step. Consequence: the signal tokens are only
       trained against each other, not against ordinary text, so free decoding rarely emits them;
-      signal-guided decoding (:mod:`rscaffold.inference`) places them.
+      signal-guided decoding (:mod:`rscaffold.decoding`) places them.
     * ``"head"``: a :class:`SignalHead` (``nn.Linear(hidden, K)``) on the hidden state at the
       boundary. It is a submodule of the causal LM (``model.signal_head``), so the optimiser
       sees it and checkpoints hold it (with LoRA it is in ``modules_to_save``).
@@ -915,7 +915,7 @@ def _model_card(meta: dict[str, Any], cfg: TrainingConfig) -> str:
         "",
         "```python",
         "from rscaffold.student import load_student",
-        "from rscaffold.inference import generate",
+        "from rscaffold.decoding.in_process import generate",
         "student = load_student('<this directory>')",
         "out = generate(student, questions=['...'], mode='guided' if student.scaffolded else 'plain')",
         "```",

@@ -67,3 +67,28 @@ def test_render_report_without_signals_or_checks():
     preds = [prediction("base", "commonsenseqa", i, i == 0) for i in range(3)]
     text = render_report(compute_metrics(preds, 0), preds, chart=None)
     assert "| base | 33.3 [33.3, 33.3] |" in text and "No model generated signals." in text and "![" not in text
+
+
+def test_report_shows_where_each_models_signals_came_from(tmp_path):
+    from rscaffold.store import read_records
+
+    preds = [
+        prediction("scaffolded", "gsm8k", 0, True, signals=["A"]).model_copy(
+            update={"signal_sources": ["gate", "none", "none", "none"]}
+        ),
+        prediction("scaffolded-freefallback", "gsm8k", 0, True, signals=["A", "B"]).model_copy(
+            update={"signal_sources": ["gate", "free"]}
+        ),
+        prediction("base", "gsm8k", 0, True),  # recorded no sources (an older file)
+    ]
+    write_records(tmp_path / "p.parquet", preds, PredictionRecord)
+    assert [p.signal_sources for p in read_records(tmp_path / "p.parquet", PredictionRecord)] == [
+        ["gate", "none", "none", "none"],
+        ["gate", "free"],
+        None,
+    ]
+    text = render_report(compute_metrics(preds, 0), preds, chart=None)
+    assert "## Signal sources" in text
+    assert "| scaffolded | gsm8k | 4 | 25.0 | 0.0 | 75.0 |" in text
+    assert "| scaffolded-freefallback | gsm8k | 2 | 50.0 | 50.0 | 0.0 |" in text
+    assert "| base | gsm8k |" not in text.split("## Signal sources")[1].split("##")[0]

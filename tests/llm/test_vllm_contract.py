@@ -241,9 +241,9 @@ def completion_bodies(random_student):
     sends, recorded by a TEST-ONLY fake of vLLM's completions dialect (tests/serving_fake.py)."""
     from serving_fake import fake_vllm_server
 
-    from rscaffold.inference import GuidedSettings
+    from rscaffold.decoding.policy import GuidedSettings
+    from rscaffold.decoding.served import generate_served
     from rscaffold.llm import create_backend
-    from rscaffold.serving import generate_served
 
     questions = ["Sara reads 12 pages a day. How many pages does she read in a week?"]
     with fake_vllm_server(random_student.model, random_student.tokenizer) as server:
@@ -268,7 +268,7 @@ def test_served_student_requests_use_only_declared_fields(completion_bodies):
 def test_the_server_options_served_decoding_needs_exist():
     """The recommended ``vllm serve ... --logprobs-mode processed_logprobs`` is an option of the
     pinned version, and signal requests ask for no more log-probabilities than it returns by default."""
-    from rscaffold.serving import MAX_LOGPROBS
+    from rscaffold.decoding.served import MAX_LOGPROBS
 
     assert "processed_logprobs" in CONTRACT["server"]["logprobs_modes"]
     assert MAX_LOGPROBS <= CONTRACT["server"]["max_logprobs_default"]

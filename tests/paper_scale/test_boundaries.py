@@ -15,7 +15,8 @@ torch = pytest.importorskip("torch")
 from paper_scale_shapes import long_r1_trace, tiny_llama
 
 from rscaffold.config import SegmentationConfig
-from rscaffold.inference import StepBoundaryStop, split_output
+from rscaffold.decoding.output import split_output
+from rscaffold.decoding.reference import StepBoundaryStop
 from rscaffold.prompts import render_completion
 from rscaffold.segment import split_at_step_boundaries, split_steps
 from rscaffold.training.signal_tokens import add_signal_tokens

@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 from paper_scale_shapes import NAMES, TOKENS, tiny_qwen2
 
 from rscaffold.config import GuidedInferenceConfig
-from rscaffold.inference import generate
+from rscaffold.decoding.in_process import generate
 from rscaffold.student import Student
 from rscaffold.training.signal_tokens import add_signal_tokens
 

@@ -18,7 +18,9 @@ torch = pytest.importorskip("torch")
 from paper_scale_shapes import tiny_qwen2
 
 from rscaffold.config import EvaluationConfig, GuidedInferenceConfig
-from rscaffold.inference import calibrate_gate, choose_threshold, generate, plan_guided_decoding, resolve_guided
+from rscaffold.decoding.calibration import calibrate_gate, choose_threshold, plan_guided_decoding
+from rscaffold.decoding.in_process import generate
+from rscaffold.decoding.policy import resolve_guided
 from rscaffold.records import ExampleRecord, Step
 from rscaffold.student import SignalHead, Student
 from rscaffold.training.signal_tokens import add_signal_tokens

@@ -56,7 +56,7 @@ def students(random_student, smollm2_dir, tmp_path_factory) -> Path:
 def test_evaluation_stage_on_five_benchmarks(students, benchmarks_dir, tmp_path, monkeypatch):
     import polars as pl
 
-    import rscaffold.inference as inference
+    import rscaffold.decoding.in_process as inference
     from rscaffold.evalsets.loaders import BENCHMARKS
     from rscaffold.stages.evaluation import run_evaluation
     from rscaffold.stages.plan import plan_fingerprints
@@ -111,6 +111,10 @@ def test_evaluation_stage_on_five_benchmarks(students, benchmarks_dir, tmp_path,
     assert sorted(preds["benchmark"].unique().to_list()) == sorted(names)
     assert set(preds.filter(pl.col("model") == "scaffolded")["decoding"]) == {"guided"}
     assert {"consistent", "consistency_check", "consistency_evidence", "n_steps"} <= set(preds.columns)
+    # every step's signal source is recorded, and the report shows their shares per model
+    sources = preds.filter(pl.col("model") == "scaffolded")["signal_sources"].to_list()
+    assert all(s and set(s) <= {"gate", "free", "none"} for s in sources)
+    assert "## Signal sources" in (Path(ref.path) / "report.md").read_text()
     metrics = pl.read_parquet(Path(ref.path) / "metrics.parquet")
     assert metrics.height == 10 and metrics["accuracy"].is_between(0, 1).all()
     scaf = metrics.filter(pl.col("model") == "scaffolded")

@@ -37,6 +37,7 @@ def test_served_student_answers_as_in_process_and_survives_a_dying_server(
     import polars as pl
 
     import rscaffold.serving as serving
+    from rscaffold.decoding.served import ServedDecodingError
     from rscaffold.stages.evaluation import run_evaluation
     from rscaffold.stages.plan import plan_fingerprints
     from rscaffold.stages.problems import run_problems
@@ -75,7 +76,7 @@ def test_served_student_answers_as_in_process_and_survives_a_dying_server(
             os.killpg(servers[-1].proc.pid, signal.SIGKILL)
             servers[-1].proc.wait()
 
-    with pytest.raises(serving.ServedDecodingError, match="re-run to resume"):
+    with pytest.raises(ServedDecodingError, match="re-run to resume"):
         run_evaluation(served_cfg, sfps, problems=problems, training=training, progress=kill_after_first_shard)
     shard_dir = Path(served_cfg.run.artifacts_dir)
     first = [p for p in shard_dir.rglob("predictions-base-gsm8k-000000-000000.parquet") if sfps["evaluation"] in str(p)]

@@ -24,7 +24,7 @@ pytest.importorskip("trl")
 skip_module_without_student_tokenizer()
 
 from rscaffold.config import GuidedInferenceConfig, LoraSettings
-from rscaffold.inference import generate
+from rscaffold.decoding.in_process import generate
 from rscaffold.models import build_tiny_model
 from rscaffold.prompts import render_example
 from rscaffold.student import SignalHead, Student, load_student
