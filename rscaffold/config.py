@@ -995,6 +995,12 @@ class RunSettings(_Section):
         default=None, ge=0, description="Give up waiting for another run's stage lock after this many seconds."
     )
 
+    @property
+    def artifacts_root(self) -> Path:
+        """``artifacts_dir`` as an absolute path (``~`` expanded; a relative one against the current
+        directory): the one place the artifacts root is resolved."""
+        return Path(os.path.abspath(os.path.expanduser(self.artifacts_dir)))
+
 
 class PipelineConfig(_Section):
     run: RunSettings = Field(

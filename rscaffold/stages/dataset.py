@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from rscaffold.config import PipelineConfig
+from rscaffold.config import PipelineConfig, fingerprint_view
 from rscaffold.records import ExampleRecord
 from rscaffold.stages.common import (
     open_stage,
@@ -12,6 +12,7 @@ from rscaffold.stages.common import (
     stage_inputs,
     write_json,
 )
+from rscaffold.stages.declare import Stage
 from rscaffold.store import StageRef, write_table
 
 
@@ -56,3 +57,13 @@ def run_dataset(
             started=started,
             code=stage_code_version("dataset"),
         )
+
+
+STAGE = Stage(
+    name="dataset",
+    run=run_dataset,
+    description="Assemble the labeled-trace dataset (Parquet, splits, stats).",
+    upstream=("teacher", "labeling"),
+    fingerprint=lambda cfg, fps: [fps["labeling"], fingerprint_view(cfg.dataset), stage_code_version("dataset")],
+    outputs=("examples", "stats", "taxonomy"),
+)

@@ -11,7 +11,8 @@ from rscaffold.stages.common import (
     source_digest,
     stage_code_version,
 )
-from rscaffold.store import StageRef, read_records, write_records
+from rscaffold.stages.declare import Stage
+from rscaffold.store import StageRef, fingerprint, read_records, write_records
 
 
 def run_problems(cfg: PipelineConfig, fps: dict[str, str], *, force: bool = False, fresh: bool = False) -> StageRef:
@@ -42,3 +43,31 @@ def run_problems(cfg: PipelineConfig, fps: dict[str, str], *, force: bool = Fals
 def read_problems(ref: StageRef, split: str | None = None) -> list[ProblemRecord]:
     rows = read_records(ref.output("problems"), ProblemRecord)
     return [r for r in rows if split is None or r.split == split]
+
+
+def train_part(cfg: PipelineConfig) -> str:
+    """The fingerprint of the train part alone (the teacher reads only it)."""
+    p = cfg.problems
+    fmt = [p.format, p.custom]  # custom: its field mapping and answer type
+    return fingerprint(
+        "problems:train", *fmt, source_digest(p.train), p.limit_train, p.seed, stage_code_version("problems")
+    )
+
+
+def eval_part(cfg: PipelineConfig) -> str:
+    """The fingerprint of the eval part alone (the evaluation reads it when no benchmark is configured)."""
+    p = cfg.problems
+    fmt = [p.format, p.custom]
+    return fingerprint(
+        "problems:eval", *fmt, source_digest(p.eval), p.limit_eval, p.seed, stage_code_version("problems")
+    )
+
+
+STAGE = Stage(
+    name="problems",
+    run=run_problems,
+    description="Load the train/eval problems into a Parquet table.",
+    fingerprint=lambda cfg, fps: [train_part(cfg), eval_part(cfg)],
+    outputs=("problems",),
+    run_name=lambda cfg: f"problems[{cfg.problems.format}]",
+)

@@ -4,7 +4,6 @@ what their requests cost (sent vs served from the cache, tokens, estimated cost)
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from rscaffold.config import BackendConfig, PipelineConfig
@@ -15,7 +14,7 @@ log = logging.getLogger("rscaffold.stages")
 
 def request_cache(cfg: PipelineConfig) -> RequestCache:
     """The run's LLM request cache: ``<artifacts_dir>/requests``, in ``run.request_cache`` mode."""
-    return RequestCache(Path(cfg.run.artifacts_dir) / "requests", mode=cfg.run.request_cache)
+    return RequestCache(cfg.run.artifacts_root / "requests", mode=cfg.run.request_cache)
 
 
 def request_summary(backend: Any, llm: BackendConfig) -> dict[str, Any] | None:

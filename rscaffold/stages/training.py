@@ -12,16 +12,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rscaffold.config import PipelineConfig, SegmentationConfig
+from rscaffold.config import PipelineConfig, SegmentationConfig, fingerprint_view
 from rscaffold.records import ExampleRecord
 from rscaffold.stages.common import (
     as_dict,
     log,
     open_stage,
     stage_code_version,
+    stage_dir,
     stage_inputs,
     write_json,
 )
+from rscaffold.stages.declare import Stage
 from rscaffold.store import StageDir, StageRef, read_records, write_records
 from rscaffold.vocabulary import TRAINED_STUDENTS
 
@@ -66,7 +68,7 @@ def run_training(
             sd, done = stack.enter_context(open_stage(cfg, "training", fps, force=force, fresh=fresh))
         procs.wait()
         if not procs.is_main:
-            sd = StageDir(cfg.run.artifacts_dir, "training", fps["training"])
+            sd = stage_dir(cfg, "training", fps)
             done = sd.ref() if sd.is_complete() else None
         if done:
             return done if procs.is_main else None
@@ -219,3 +221,17 @@ def model_path(ref: StageRef, name: str) -> str:
     value = ref.outputs[name]
     p = Path(ref.path) / value
     return str(p) if p.exists() else value
+
+
+STAGE = Stage(
+    name="training",
+    run=run_training,
+    description="Train the students of training.students on the same rows: in this process (a child "
+    "process), or with training.num_processes > 1 on that many processes under accelerate launch.",
+    upstream=("dataset",),
+    fingerprint=lambda cfg, fps: [fps["dataset"], fingerprint_view(cfg.training), stage_code_version("training")],
+    outputs=("base", "metrics", "validation"),
+    loads_model=lambda cfg: True,
+    distributed=lambda cfg: cfg.training.num_processes > 1 or cfg.training.num_machines > 1,
+    run_name=lambda cfg: f"training[lambda={cfg.training.signal_loss_weight}]",
+)
