@@ -36,7 +36,7 @@ from rscaffold.stages.declare import Shards, Stage, SummaryTable
 from rscaffold.stages.problems import eval_part, read_problems
 from rscaffold.stages.training import model_path
 from rscaffold.store import StageDir, StageRef, read_records, write_records
-from rscaffold.vocabulary import student_of
+from rscaffold.vocabulary import kind_of, student_of, switched_off
 
 SHARD = "predictions"  # key <model>-<benchmark>-<first>-<last> (problem indexes in the benchmark)
 
@@ -107,7 +107,7 @@ class _Decoder:
         from rscaffold.inference import GuidedSettings, plan_guided_decoding
 
         ecfg = self.cfg.evaluation
-        mode = "guided" if student_of(name) == "scaffolded" else "plain"
+        mode = kind_of(name).decoding
         if mode == "plain":
             self.decoding[name] = {"mode": "plain", "max_new_tokens": ecfg.max_new_tokens}
             return mode, None
@@ -121,8 +121,8 @@ class _Decoder:
                 ecfg.guided,
                 self.load(student_of(name)),
                 self.validation,
-                gate=not name.endswith("-nogate"),
-                prune=not name.endswith("-noprune"),
+                gate="gate" not in switched_off(name),
+                prune="prune" not in switched_off(name),
             )
             self.decoding[name] = {"mode": "guided", "max_new_tokens": ecfg.max_new_tokens, **provenance}
             write_json(settings_file, self.decoding[name])
@@ -387,11 +387,11 @@ def _needs(cfg: PipelineConfig) -> list[str]:
     """The stages the requested models need: the problems always; the training stage for a trained
     student (or for the random-init base model it saves, ``training.tiny``); the labeling stage for
     the signal consistency of a scaffolded student."""
-    students = {student_of(m) for m in cfg.evaluation.models}
+    kinds = [kind_of(m) for m in cfg.evaluation.models]
     needs = ["problems"]
-    if students - {"base"} or cfg.training.tiny is not None:
+    if any(k.target for k in kinds) or cfg.training.tiny is not None:
         needs.append("training")
-    if "scaffolded" in students:
+    if any(k.scaffolded for k in kinds):
         needs.append("labeling")
     return needs
 

@@ -25,16 +25,12 @@ from rscaffold.stages.common import (
 )
 from rscaffold.stages.declare import Stage
 from rscaffold.store import StageDir, StageRef, read_records, write_records
-from rscaffold.vocabulary import TRAINED_STUDENTS
+from rscaffold.vocabulary import STUDENT_KINDS, TRAINED_STUDENTS
 
 
 def training_variants(cfg: PipelineConfig) -> list[tuple[str, bool]]:
     """The students the config trains, ``(name, scaffolded)``, in training order."""
-    return [(name, name == "scaffolded") for name in TRAINED_STUDENTS if name in cfg.training.students]
-
-
-# What each trained student's completion holds (see rscaffold.training.collator.completion_steps).
-_TARGETS = {"scaffolded": "trace", "cot_sft": "trace", "short_cot": "answer"}
+    return [(name, STUDENT_KINDS[name].scaffolded) for name in TRAINED_STUDENTS if name in cfg.training.students]
 
 
 def run_training(
@@ -140,7 +136,7 @@ def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, 
             output_dir=sd.work / name,
             scaffolded=scaffolded,
             model_card_info=card,
-            target=_TARGETS[name],
+            target=STUDENT_KINDS[name].target,
             prompt_benchmark=benchmark_for(cfg.problems.format, cfg.problems.custom).prompt_family,
             signal_essential=[s.essential for s in tax.signals],
             segmentation=cfg.labeling.segmentation,
@@ -185,35 +181,29 @@ def _identical_twin(
     """A plain student already trained whose completions are, for every example, the ones
     ``name`` would be trained on (the short-CoT and long-thinking students of a teacher that wrote
     no reasoning block); None when there is none."""
-    from rscaffold.training.collator import completion_steps
+    from rscaffold.student_format import completion_steps
 
-    if name == "scaffolded":
+    if STUDENT_KINDS[name].scaffolded:
         return None
 
     def texts(target: str) -> list[list[str]]:
         return [[t for _, t in completion_steps(e, target, segmentation)] for e in examples]
 
-    mine = texts(_TARGETS[name])
+    target = STUDENT_KINDS[name].target
+    mine = texts(target)
     for other in trained:
-        if other not in ("scaffolded", name) and _TARGETS[other] != _TARGETS[name] and texts(_TARGETS[other]) == mine:
+        kind = STUDENT_KINDS[other]
+        if other != name and not kind.scaffolded and kind.target != target and texts(kind.target) == mine:
             return other
     return None
 
 
 def _copy_student(src: Path, dst: Path, *, name: str, twin: str) -> None:
     """Copy a student directory (atomically) as the student ``name``, noting it in its metadata."""
-    from rscaffold.student import STUDENT_META
+    from rscaffold.student import copy_student
 
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    meta = json.loads((tmp / STUDENT_META).read_text())
-    meta.update(target=_TARGETS[name], identical_to=twin)
-    (tmp / STUDENT_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     note = f"\n\nThis `{name}` student is the `{twin}` student: both were trained on the same completions.\n"
-    (tmp / "README.md").write_text((tmp / "README.md").read_text() + note)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
+    copy_student(src, dst, meta_update={"target": STUDENT_KINDS[name].target, "identical_to": twin}, note=note)
 
 
 def model_path(ref: StageRef, name: str) -> str:
