@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rscaffold.prompts import benchmark_prompt
+from rscaffold.prompts import fill_prompt
 from rscaffold.records import ProblemRecord
 
 
@@ -27,7 +27,7 @@ class EvalSuite:
         students' training data use), or the bare question."""
         if style == "question":
             return [p.question for p in self.problems]
-        return [benchmark_prompt(self.name, p.question, self.prompt_template) for p in self.problems]
+        return [fill_prompt(self.prompt_template, p.question) for p in self.problems]
 
 
 def evaluation_suites(ecfg, default_benchmark, default_problems: Sequence[ProblemRecord]) -> list[EvalSuite]:
