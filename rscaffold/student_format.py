@@ -1,4 +1,6 @@
-"""Tokenization of (prompt, completion) pairs and batching for the dual-objective student.
+"""The student's training text format: a dataset row as (prompt, completion) tokens, and batching
+for the dual-objective student. Training and scoring (the gate's calibration, signal accuracy)
+both encode examples through it, so a student is scored on exactly the text it was trained on.
 
 One encoded example holds
 
@@ -106,11 +108,15 @@ def encode_examples(
 ) -> list[dict[str, list[int]]]:
     """Render and tokenize dataset rows (``signal_tokens=None``: the plain baseline form).
 
-    ``benchmark``: the user message is that benchmark family's prompt
-    (:func:`rscaffold.prompts.benchmark_prompt`, as at evaluation); None: the bare question.
+    ``benchmark``: the user message is that benchmark's family prompt (a benchmark name or a
+    family, :func:`rscaffold.evalsets.loaders.prompt_family_of`; the builder of
+    :func:`rscaffold.prompts.benchmark_prompt`, as at evaluation); None: the bare question.
     ``target``: what the completion holds (:func:`completion_steps`, with ``segmentation``). Rows without any loss
     target after truncation (or, for ``answer``, without answer text) are dropped, with a warning.
     """
+    from rscaffold.evalsets.loaders import prompt_family_of
+
+    family = prompt_family_of(benchmark) if benchmark is not None else None
     rows = []
     dropped = 0
     for ex in examples:
@@ -118,9 +124,7 @@ def encode_examples(
         if not steps:
             dropped += 1
             continue
-        prompt, completion = render_example(
-            ex.question, steps, tokenizer, signal_tokens=signal_tokens, benchmark=benchmark
-        )
+        prompt, completion = render_example(ex.question, steps, tokenizer, signal_tokens=signal_tokens, family=family)
         enc = encode_example(
             prompt,
             completion,

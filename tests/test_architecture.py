@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, int]] = [
     ("rscaffold.kv_cache", 3),
     ("rscaffold.llm", 3),
     ("rscaffold.evalsets", 3),
+    ("rscaffold.student_format", 4),  # the training text format: training and scoring both use it
     ("rscaffold.student", 4),
     ("rscaffold.labeling", 4),
     ("rscaffold.dataset", 4),
@@ -128,6 +129,15 @@ def test_stages_do_not_import_each_other_except_their_inputs_readers():
         stages = {i for i in imported if i in OURS and i.startswith("rscaffold.stages.") and i != module}
         extra = stages - shared - allowed.get(module, set())
         assert not extra, f"{module} imports {sorted(extra)}"
+
+
+def test_the_student_owns_its_format_and_never_imports_training():
+    """Scoring a student (the gate's calibration, inference) needs its text format and directory,
+    never the trainer: ``rscaffold.student`` and ``rscaffold.student_format`` import nothing of
+    ``rscaffold.training``."""
+    for module in ("rscaffold.student", "rscaffold.student_format"):
+        bad = {i for i in GRAPH[module] if i == "rscaffold.training" or i.startswith("rscaffold.training.")}
+        assert not bad, f"{module} imports {sorted(bad)}"
 
 
 def test_code_version_follows_the_import_closure():
