@@ -48,7 +48,7 @@ import torch
 
 from rscaffold.config import LoraSettings, TrainingConfig
 from rscaffold.paths import default_model_dir
-from rscaffold.training.collator import encode_examples
+from rscaffold.student_format import encode_examples
 from rscaffold.training.signal_tokens import add_signal_tokens
 from rscaffold.training.trainer import build_trainer
 

@@ -38,7 +38,7 @@ from rscaffold.models import build_tiny_model
 from rscaffold.paths import default_model_dir
 from rscaffold.records import ExampleRecord, Step
 from rscaffold.student import SignalHead
-from rscaffold.training.collator import encode_examples
+from rscaffold.student_format import encode_examples
 from rscaffold.training.signal_tokens import add_signal_tokens
 from rscaffold.training.trainer import build_trainer
 

@@ -117,7 +117,7 @@ def _load(
     fingerprints can be planned)."""
     run = dict(run or {})
     if artifacts_dir:
-        run["artifacts_dir"] = str(artifacts_dir.resolve())
+        run["artifacts_dir"] = str(artifacts_dir)
     try:
         overrides = parse_assignments(assignments or [], base=Path.cwd())
         if run:
@@ -325,12 +325,13 @@ def show_config(
 @app.command()
 def fingerprints(config: ConfigOpt = None, artifacts_dir: ArtifactsOpt = None, *, set_: SetOpt = None) -> None:
     """Print each stage's fingerprint and whether its output is complete."""
+    from rscaffold.stages.common import stage_dir
     from rscaffold.stages.plan import plan_fingerprints
-    from rscaffold.store import StageDir
 
     cfg = _load(config, artifacts_dir, assignments=set_)
-    for stage_name, fp in plan_fingerprints(cfg).items():
-        sd = StageDir(cfg.run.artifacts_dir, stage_name, fp)
+    fps = plan_fingerprints(cfg)
+    for stage_name, fp in fps.items():
+        sd = stage_dir(cfg, stage_name, fps)
         console.print(f"{stage_name:<11} {fp}  {'complete' if sd.is_complete() else 'missing '}  {sd.path}")
 
 

@@ -70,16 +70,16 @@ def launch(
     process's ``StageRef`` when the stage is complete, else None. ``assignments``: ``--set``
     overrides (``training.max_steps=200``)."""
     from rscaffold.config import deep_merge, load_config, parse_assignments
+    from rscaffold.stages.common import stage_dir
     from rscaffold.stages.plan import plan_fingerprints
     from rscaffold.stages.training import run_training, training_variants
-    from rscaffold.store import StageDir
 
     overrides = parse_assignments(list(assignments), base=Path.cwd())
     if artifacts_dir:
-        overrides = deep_merge(overrides, {"run": {"artifacts_dir": str(Path(artifacts_dir).resolve())}})
+        overrides = deep_merge(overrides, {"run": {"artifacts_dir": str(artifacts_dir)}})
     cfg = load_config(config, overrides or None)
     fps = plan_fingerprints(cfg)
-    ds = StageDir(cfg.run.artifacts_dir, "dataset", fps["dataset"])
+    ds = stage_dir(cfg, "dataset", fps)
     if not ds.is_complete():
         raise LaunchError(
             f"the dataset stage for this config is not complete (expected {ds.manifest_path}). "

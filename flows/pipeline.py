@@ -10,27 +10,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from prefect import flow, get_run_logger
-from rscaffold_tasks.dataset import dataset_task
-from rscaffold_tasks.evaluation import evaluation_task
-from rscaffold_tasks.labeling import labeling_task
-from rscaffold_tasks.problems import problems_task
-from rscaffold_tasks.shards import SHARD_TASKS, shard_keys
-from rscaffold_tasks.teacher import teacher_task
-from rscaffold_tasks.training import training_task
+from rscaffold_tasks.stages import SHARD_TASKS, STAGE_TASKS, shard_keys
 
 from rscaffold.config import PipelineConfig
+from rscaffold.stages import registry
+from rscaffold.stages.common import stage_dir
 from rscaffold.stages.plan import plan_fingerprints
-from rscaffold.store import StageDir
 from rscaffold.vocabulary import STAGES, StageName
-
-TASKS = {
-    "problems": problems_task,
-    "teacher": teacher_task,
-    "labeling": labeling_task,
-    "dataset": dataset_task,
-    "training": training_task,
-    "evaluation": evaluation_task,
-}
 
 
 def expand_refresh(refresh: list[str] | set[str]) -> set[str]:
@@ -48,9 +34,9 @@ def _configured(stage: str, config: PipelineConfig, fps: dict[str, str], *, forc
     """The stage task with retries from config; Prefect's cache is bypassed for a forced stage
     and for a stage whose output is missing, incomplete or damaged (a cached result would point
     at nothing, or at something the stage must recompute)."""
-    sd = StageDir(config.run.artifacts_dir, stage, fps[stage])
+    sd = stage_dir(config, stage, fps)
     reusable = sd.is_complete() and not sd.verify()
-    return TASKS[stage].with_options(
+    return STAGE_TASKS[stage].with_options(
         retries=config.run.retries,
         retry_delay_seconds=config.run.retry_delay_s,
         refresh_cache=(stage in forced) or not reusable,
@@ -99,7 +85,7 @@ def fan_out(
     and is not being recomputed."""
     if config.run.task_runner != "ray" or stage not in SHARD_TASKS:
         return None
-    sd = StageDir(config.run.artifacts_dir, stage, fps[stage])
+    sd = stage_dir(config, stage, fps)
     if not force and sd.is_complete() and not sd.verify():
         return None
     keys = shard_keys(stage, config, upstream)
@@ -130,20 +116,22 @@ def ray_session(config: PipelineConfig) -> Iterator[None]:
 def run_stages(
     config: PipelineConfig, refresh: set[str], *, until: str = "evaluation", fresh: bool = False
 ) -> dict[str, dict[str, Any]]:
-    """Run the stages up to ``until``; the ``refresh`` stages (and those after them) recompute,
-    starting from a clean work directory when ``fresh`` (else resuming their partial work)."""
+    """Run the stages up to ``until`` that it needs (and the ``refresh`` stages before it): each
+    stage's declaration names what it needs upstream for this config (evaluating only the base
+    student needs no teacher, labels or training). The ``refresh`` stages (and those after them)
+    recompute, starting from a clean work directory when ``fresh`` (else resuming their partial
+    work). Returns the references of the stages that ran, by stage name."""
     logger = get_run_logger()
     fps = plan_fingerprints(config)
     forced = expand_refresh(refresh)
     refs: dict[str, dict[str, Any]] = {}
-    last = STAGES.index(until)
 
     def call(stage: str, **upstream: dict) -> dict:
         forced_here = stage in forced
         fresh_here = fresh and forced_here
         if fresh_here and config.run.task_runner == "ray" and stage in SHARD_TASKS:
             # the clean start must come before the shards are made, not after
-            StageDir(config.run.artifacts_dir, stage, fps[stage]).prepare(fresh=True)
+            stage_dir(config, stage, fps).prepare(fresh=True)
             fresh_here = False
         shards = fan_out(stage, config, fps, upstream=upstream, force=forced_here)
         task = _configured(stage, config, fps, forced=forced)
@@ -154,19 +142,8 @@ def run_stages(
         return result
 
     with ray_session(config):
-        refs["problems"] = call("problems")
-        if last >= 1:
-            refs["teacher"] = call("teacher", problems=refs["problems"])
-        if last >= 2:
-            refs["labeling"] = call("labeling", teacher=refs["teacher"])
-        if last >= 3:
-            refs["dataset"] = call("dataset", teacher=refs["teacher"], labeling=refs["labeling"])
-        if last >= 4:
-            refs["training"] = call("training", dataset=refs["dataset"])
-        if last >= 5:
-            refs["evaluation"] = call(
-                "evaluation", problems=refs["problems"], training=refs["training"], labeling=refs["labeling"]
-            )
+        for stage in registry.stages_to_run(config, until, also=refresh):
+            refs[stage] = call(stage, **{u: refs[u] for u in registry.stage(stage).needed(config)})
     return refs
 
 

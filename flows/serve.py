@@ -12,7 +12,6 @@ create scheduled runs and disappears with the process, so serving against it is 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prefect import serve
@@ -46,7 +45,7 @@ def deployment_parameters(config: PipelineConfig) -> dict[str, Any]:
     to for ``rscaffold run`` too), so served runs write where a run from here would.
     """
     data = config.model_dump(mode="json")
-    data["run"]["artifacts_dir"] = str(Path(config.run.artifacts_dir).expanduser().resolve())
+    data["run"]["artifacts_dir"] = str(config.run.artifacts_root)
     return {"config": data}
 
 

@@ -1109,6 +1109,12 @@ class RunSettings(_Section):
         "PREFECT_API_URL) before giving up; unset: $RSCAFFOLD_SERVER_START_TIMEOUT_S, else 120.",
     )
 
+    @property
+    def artifacts_root(self) -> Path:
+        """``artifacts_dir`` as an absolute path (``~`` expanded; a relative one against the current
+        directory): the one place the artifacts root is resolved."""
+        return Path(os.path.abspath(os.path.expanduser(self.artifacts_dir)))
+
 
 class PipelineConfig(_Section):
     run: RunSettings = Field(

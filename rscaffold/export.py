@@ -45,14 +45,6 @@ __all__ = ["ExportError", "ExportResult", "Provenance", "export_dataset", "find_
 PAPER = "https://arxiv.org/abs/2509.23619"
 DATA_DIR = "data"
 CARD = "README.md"
-# The licenses of the benchmarks' published releases (see each one's SOURCE.md / hub card).
-SOURCE_LICENSES: dict[str, str] = {
-    "gsm8k": "mit",
-    "math500": "mit",
-    "strategyqa": "mit",
-    "commonsenseqa": "mit",
-    "truthfulqa": "apache-2.0",
-}
 BUILT_IN_LICENSE = "apache-2.0"  # rscaffold's own built-in problem set (data/problems)
 TASK_CATEGORIES = ["text-generation", "question-answering"]
 TAGS = ["reasoning", "chain-of-thought", "distillation", "reasoning-scaffolding", "rscaffold", "synthetic"]
@@ -167,7 +159,10 @@ class Provenance:
     def license(self) -> str | None:
         if self.built_in_problems:
             return BUILT_IN_LICENSE
-        return SOURCE_LICENSES.get(self.problem_format or "")
+        from rscaffold.evalsets.loaders import BENCHMARKS
+
+        bench = BENCHMARKS.get(self.problem_format or "")
+        return bench.license if bench is not None else None  # a benchmark's license is on its registry entry
 
     def source_datasets(self) -> list[str]:
         from rscaffold.evalsets.loaders import BENCHMARKS

@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
-from rscaffold.vocabulary import BENCHMARK_NAMES, STEP_BOUNDARY, STEP_SEPARATOR
+from rscaffold.vocabulary import STEP_BOUNDARY, STEP_SEPARATOR
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,10 @@ def render_prompt(question: str, tokenizer, system_prompt: str = STUDENT_SYSTEM_
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def student_user_message(question: str, benchmark: str | None) -> str:
+def student_user_message(question: str, family: str | None) -> str:
     """The user message a student gets for ``question``: the benchmark family's prompt
-    (:func:`benchmark_prompt`), or the bare question when ``benchmark`` is None."""
-    return question if benchmark is None else benchmark_prompt(benchmark, question)
+    (:func:`benchmark_prompt`), or the bare question when ``family`` is None."""
+    return question if family is None else benchmark_prompt(family, question)
 
 
 def check_step_text(text: str) -> None:
@@ -125,15 +125,15 @@ def render_example(
     *,
     signal_tokens: Mapping[str, str] | None,
     system_prompt: str = STUDENT_SYSTEM_PROMPT,
-    benchmark: str | None = None,
+    family: str | None = None,
 ) -> tuple[str, str]:
     """``(prompt, completion)`` for one example; ``steps`` are ``(signal name, step text)`` pairs.
 
     ``signal_tokens`` (signal name -> token such as ``"<sig:contrast>"``) gives the scaffolded
-    completion; ``None`` gives the plain CoT completion. ``benchmark``: the user message is that
+    completion; ``None`` gives the plain CoT completion. ``family``: the user message is that
     benchmark family's prompt (as at evaluation); None: the bare question.
     """
-    prompt = render_prompt(student_user_message(question, benchmark), tokenizer, system_prompt)
+    prompt = render_prompt(student_user_message(question, family), tokenizer, system_prompt)
     return prompt, render_completion(steps, tokenizer, signal_tokens)
 
 
@@ -171,31 +171,19 @@ FAMILY_TEMPLATES: dict[str, str] = {
 }
 """The prompt template of each benchmark family."""
 
-BENCHMARK_FAMILY: dict[str, str] = {
-    "gsm8k": "math",
-    "math500": "math_latex",
-    "strategyqa": "yesno",
-    "commonsenseqa": "choice",
-    "truthfulqa": "choice",
-}
-"""The family (and so the prompt) of each benchmark."""
-assert tuple(BENCHMARK_FAMILY) == BENCHMARK_NAMES, tuple(BENCHMARK_FAMILY)
 
-
-def benchmark_template(benchmark: str) -> str:
-    """The prompt template of ``benchmark``'s family (``benchmark`` may also name a family
-    directly, as a user's own problems do: ``math``, ``yesno``, ``text``, ...)."""
-    family = BENCHMARK_FAMILY.get(benchmark, benchmark)
+def benchmark_template(family: str) -> str:
+    """The prompt template of a benchmark family (``math``, ``yesno``, ``text``, ...; each
+    benchmark names its family on its registry entry, :data:`rscaffold.evalsets.loaders.BENCHMARKS`)."""
     try:
         return FAMILY_TEMPLATES[family]
     except KeyError:
-        known = ", ".join([*BENCHMARK_FAMILY, *FAMILY_TEMPLATES])
-        raise ValueError(f"unknown benchmark or family {benchmark!r}; known: {known}") from None
+        raise ValueError(f"unknown prompt family {family!r}; known: {', '.join(FAMILY_TEMPLATES)}") from None
 
 
-def benchmark_prompt(benchmark: str, question: str, template: str | None = None) -> str:
-    """The user message for ``question`` of ``benchmark``: its family's template (or ``template``,
-    a user-set override such as ``teacher.prompt_template``) filled by :func:`fill_prompt`.
+def benchmark_prompt(family: str, question: str, template: str | None = None) -> str:
+    """The user message for ``question`` of a benchmark of ``family``: the family's template (or
+    ``template``, a user-set override such as ``teacher.prompt_template``) filled by :func:`fill_prompt`.
 
     The one prompt builder of the teacher, the training data and the evaluation."""
-    return fill_prompt(template if template is not None else benchmark_template(benchmark), question)
+    return fill_prompt(template if template is not None else benchmark_template(family), question)

@@ -1,4 +1,5 @@
-"""The trained student as saved on disk, and how it scores the next signal.
+"""The trained student as saved on disk: writing its directory (:func:`write_student`, the model
+card), reading it (:func:`load_student`), and how it scores the next signal.
 
 Kept apart from :mod:`rscaffold.training` so that inference and evaluation do not import TRL. A student directory holds
 
@@ -16,7 +17,8 @@ student.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from rscaffold.config import TrainingConfig
+from rscaffold.store import follow_umask
+from rscaffold.vocabulary import STUDENT_KINDS, StudentKind
+
 STUDENT_META = "rscaffold_student.json"
+MODEL_CARD = "README.md"
 HEAD_WEIGHTS = "signal_head.pt"
 HEAD_META = "signal_head.json"
 
@@ -177,6 +184,149 @@ def load_student(model_dir: str | Path, device: str = "auto", dtype: str = "auto
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# writing a student directory
+
+
+def write_student(
+    model_dir: str | Path, *, save_weights: Callable[[Path], None], tokenizer: Any, meta: dict[str, Any], card: str
+) -> None:
+    """Write a student directory atomically: built under ``<model_dir>.partial`` (``save_weights``
+    writes the model and its signal head there, then the tokenizer, :data:`STUDENT_META` and the
+    model card), then renamed into place."""
+    model_dir = Path(model_dir)
+    tmp = model_dir.with_name(model_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_weights(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / STUDENT_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    (tmp / MODEL_CARD).write_text(card)
+    follow_umask(tmp)  # the saving library writes weights 0600; every output follows the umask
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    tmp.rename(model_dir)
+
+
+def copy_student(src: str | Path, dst: str | Path, *, meta_update: dict[str, Any], note: str) -> None:
+    """Copy a student directory (atomically) to ``dst``, updating its metadata with ``meta_update``
+    and adding ``note`` to its model card."""
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    meta = json.loads((tmp / STUDENT_META).read_text())
+    meta.update(meta_update)
+    (tmp / STUDENT_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    (tmp / MODEL_CARD).write_text((tmp / MODEL_CARD).read_text() + note)
+    follow_umask(tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def _kind_of(meta: dict[str, Any]) -> StudentKind:
+    """The kind of a trained student, from its metadata (scaffolded or not, and its target)."""
+    scaffolded, target = bool(meta["scaffolded"]), meta.get("target") or "trace"
+    for kind in STUDENT_KINDS.values():
+        if kind.target is not None and kind.scaffolded == scaffolded and kind.target == target:
+            return kind
+    raise ValueError(f"no student kind is trained with target {target!r} (scaffolded: {scaffolded})")
+
+
+def _hub_id(name: str) -> str | None:
+    """``name`` if it reads as a Hugging Face hub id (``owner/model``), not a local directory."""
+    if name.startswith(("/", ".", "~", "tiny:")) or Path(name).expanduser().exists():
+        return None
+    return name if name.count("/") == 1 else None
+
+
+def model_card(meta: dict[str, Any], cfg: TrainingConfig) -> str:
+    """The model card (README.md): a YAML header (``base_model`` when the student came from the hub,
+    library, pipeline, tags) and what the student was trained on and how (the dataset fingerprint,
+    the taxonomy with its tokens, every training setting, the training metrics)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    m = meta["metrics"]
+    info = meta["model_card_info"]
+    kind = _kind_of(meta).title
+    base = meta["base_model"]
+    data = ModelCardData(
+        base_model=_hub_id(base),
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["rscaffold", "reasoning-scaffolding", "sft", "trl"] + (["lora"] if cfg.lora else []),
+    )
+    steps = f"max_steps {cfg.max_steps}" if cfg.max_steps is not None else f"{cfg.epochs} epochs"
+    warmup = f"{cfg.warmup_steps} steps" if cfg.warmup_steps is not None else f"ratio {cfg.warmup_ratio}"
+    lines = [
+        f"# rscaffold student: {kind}",
+        "",
+        "Distilled with rscaffold (Reasoning Scaffolding, arXiv 2509.23619).",
+        "",
+        "## Provenance",
+        "",
+        "| key | value |",
+        "|---|---|",
+        f"| base model | `{base if _hub_id(base) else Path(base.removeprefix('tiny:')).name + ' (local)'}` |",
+    ]
+    for k, v in sorted(info.items()):
+        lines.append(f"| {k} | `{v}` |")
+    lines += [
+        "",
+        "## Objective",
+        "",
+        f"- scaffolded: {meta['scaffolded']}",
+        f"- signal objective: {meta['signal_objective']}",
+        f"- lambda (signal loss weight): {meta['signal_loss_weight']}",
+        "",
+    ]
+    if meta["signal_names"]:
+        lines += ["## Taxonomy", "", "| signal | token | token id |", "|---|---|---|"]
+        lines += [
+            f"| {n} | `{t}` | {i} |"
+            for n, t, i in zip(meta["signal_names"], meta["signal_tokens"], meta["signal_token_ids"])
+        ]
+        lines.append("")
+    lines += [
+        "## Training",
+        "",
+        f"- {steps}, lr {cfg.learning_rate} ({cfg.lr_scheduler}, warm-up {warmup}), weight decay {cfg.weight_decay}, "
+        f"batch {cfg.per_device_batch_size} x accumulation {cfg.gradient_accumulation_steps}, "
+        f"max_length {cfg.max_length}, seed {cfg.seed}",
+        _length_line(meta["metrics"].get("lengths") or {}, cfg),
+        f"- weights {cfg.student_dtype}, bf16 mixed precision {cfg.bf16}, attention {cfg.attn_implementation or 'default'}, "
+        f"gradient checkpointing {cfg.gradient_checkpointing}, "
+        f"LoRA {cfg.lora.model_dump() if cfg.lora else 'no'}{' on a 4-bit base (QLoRA)' if cfg.load_in_4bit else ''}",
+    ]
+    if cfg.args:
+        lines.append(f"- other trainer arguments: `{json.dumps(cfg.args, sort_keys=True, default=str)}`")
+    lines += [
+        "",
+        "## Metrics",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for k in ("train_loss", "step_loss", "signal_loss", "signal_accuracy", "steps", "runtime_s", "tokens_per_s"):
+        lines.append(f"| {k} | {m.get(k)} |")
+    for k, v in sorted(m.get("eval_metrics", {}).items()):
+        lines.append(f"| {k} | {v} |")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from rscaffold.student import load_student",
+        "from rscaffold.decoding.in_process import generate",
+        "student = load_student('<this directory>')",
+        "out = generate(student, questions=['...'], mode='guided' if student.scaffolded else 'plain')",
+        "```",
+        "",
+    ]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
 @torch.no_grad()
 def boundary_signal_logits(
     student: Student,
@@ -189,7 +339,7 @@ def boundary_signal_logits(
     """Teacher-forced next-signal logits at every gold step boundary of ``examples``
     (ExampleRecords, rendered in the training format): ``(N, K)`` float32 logits and the N gold
     signal indices. The gate's calibration and the trainer's signal accuracy both read them."""
-    from rscaffold.training.collator import IGNORE_INDEX, ScaffoldCollator, encode_examples
+    from rscaffold.student_format import IGNORE_INDEX, ScaffoldCollator, encode_examples
 
     if not student.scaffolded or not student.signal_token_ids:
         raise ValueError("boundary signal logits need a scaffolded student")
@@ -226,3 +376,13 @@ def boundary_signal_logits(
         model.train(was_training)
     k = len(student.signal_token_ids)
     return (torch.cat(logits) if logits else torch.zeros((0, k))), gold
+
+
+def _length_line(info: dict[str, Any], cfg: TrainingConfig) -> str:
+    """The model card's line on the training examples' lengths and what max_length did to them."""
+    dist = ", ".join(f"{k} {info.get(k)}" for k in ("mean", "p50", "p90", "p99", "max"))
+    return (
+        f"- training examples: {info.get('count')}, tokens {dist}; {info.get('over_max_length', 0)} longer than "
+        f"max_length {cfg.max_length}: {info.get('dropped', 0)} dropped, {info.get('truncated', 0)} truncated "
+        f"(truncation: {cfg.truncation})"
+    )

@@ -7,6 +7,7 @@ Everything that spells one of these (configs, loaders, reports, the decoder) imp
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 StageName = Literal["problems", "teacher", "labeling", "dataset", "training", "evaluation"]
@@ -56,12 +57,70 @@ ABLATION_SUFFIXES: dict[str, str] = {"-nogate": "gate", "-noprune": "prune", "-f
 """Evaluation model name suffix -> the inference feature it switches off."""
 
 
+@dataclass(frozen=True)
+class StudentKind:
+    """What a student is, and what that implies.
+
+    * ``target``: what its training completions hold: ``trace`` (the teacher's whole trace, as
+      steps) or ``answer`` (the teacher's final answer text, what follows its reasoning block);
+      None for the untrained base student;
+    * ``scaffolded``: trained with a signal token before every step (the dual objective), so its
+      steps carry signals;
+    * ``decoding``: ``guided`` (signal-guided, with the gate and pruning) or ``plain``;
+    * ``ablations``: the evaluation models that decode it with one inference feature switched off
+      (suffixes of :data:`ABLATION_SUFFIXES`);
+    * ``title``: what it is, in words (its model card's heading).
+    """
+
+    name: str
+    title: str
+    target: Literal["trace", "answer"] | None
+    scaffolded: bool = False
+    decoding: Literal["guided", "plain"] = "plain"
+    ablations: tuple[str, ...] = ()
+
+
+STUDENT_KINDS: dict[str, StudentKind] = {
+    k.name: k
+    for k in (
+        StudentKind("base", "the untrained base student", None),
+        StudentKind("short_cot", "short-CoT baseline (the teacher's final answer text)", "answer"),
+        StudentKind("cot_sft", "long-thinking CoT-SFT baseline (the whole teacher trace)", "trace"),
+        StudentKind(
+            "scaffolded",
+            "Reasoning-Scaffolding student (signals + steps)",
+            "trace",
+            scaffolded=True,
+            decoding="guided",
+            ablations=("-nogate", "-noprune", "-freefallback"),
+        ),
+    )
+}
+"""Every student kind, in the order reports list them: the one table of what a kind implies."""
+
+
 def student_of(model: str) -> str:
     """The student an evaluation model name decodes with (``scaffolded-nogate`` -> ``scaffolded``)."""
     for suffix in ABLATION_SUFFIXES:
         if model.endswith(suffix):
             return model[: -len(suffix)]
     return model
+
+
+def kind_of(model: str) -> StudentKind:
+    """The kind of the student an evaluation model name decodes with."""
+    return STUDENT_KINDS[student_of(model)]
+
+
+def switched_off(model: str) -> set[str]:
+    """The inference features an evaluation model name switches off (``scaffolded-nogate`` -> ``{"gate"}``)."""
+    return {feature for suffix, feature in ABLATION_SUFFIXES.items() if model.endswith(suffix)}
+
+
+if tuple(STUDENT_KINDS) != STUDENTS or {k for k in STUDENTS if STUDENT_KINDS[k].target} != set(TRAINED_STUDENTS):
+    raise RuntimeError("STUDENT_KINDS must list the students of StudentName, with a target for each trained one")
+if (*STUDENTS, *(k.name + s for k in STUDENT_KINDS.values() for s in k.ablations)) != ALL_EVAL_MODELS:
+    raise RuntimeError("EvalModelName must list the students, then each kind's ablations")
 
 
 STEP_SEPARATOR = "\n\n"

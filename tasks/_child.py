@@ -38,10 +38,10 @@ from typing import Any
 
 from rscaffold.config import PipelineConfig
 from rscaffold.lifeline import die_with_parent
+from rscaffold.stages import registry
 
 log = logging.getLogger("rscaffold.tasks.child")
 
-_LOCAL_BACKENDS = ("transformers", "vllm")
 STOP_GRACE_S = 3.0
 """How long an interrupted run gives its stage's process after SIGTERM before killing it."""
 EXIT_GRACE_S = 30.0
@@ -54,15 +54,12 @@ class StageProcessError(RuntimeError):
 
 
 def needs_isolation(stage: str, config: PipelineConfig) -> bool:
-    """Whether ``stage`` loads a model here, by ``run.isolate_model_stages``."""
+    """Whether ``stage`` runs in a child process, by ``run.isolate_model_stages`` ('auto': when it
+    loads a model here, by its declaration's ``loads_model``)."""
     mode = config.run.isolate_model_stages
     if mode != "auto":
         return mode == "always"
-    if stage == "teacher":
-        return config.teacher.llm.backend in _LOCAL_BACKENDS
-    if stage == "labeling":
-        return config.labeling.method == "llm" and config.labeler_llm().backend in _LOCAL_BACKENDS
-    return stage in ("training", "evaluation")
+    return registry.stage(stage).loads_model(config)
 
 
 class _QueueLogHandler(logging.Handler):

@@ -33,13 +33,18 @@ from prefect.logging.handlers import APILogHandler
 from rscaffold_tasks._child import needs_isolation, run_in_child
 
 from rscaffold.config import PipelineConfig
+from rscaffold.stages import registry
 from rscaffold.store import StageRef
+
+
+def root_hash(config: PipelineConfig) -> str:
+    """A short hash of the artifacts root (a cached result never points into another root)."""
+    return hashlib.sha256(str(config.run.artifacts_root).encode()).hexdigest()[:12]
 
 
 def stage_cache_key(stage: str):
     def key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
-        root = os.path.abspath(os.path.expanduser(params["config"].run.artifacts_dir))
-        return f"rscaffold-{stage}-{params['fps'][stage]}-{hashlib.sha256(root.encode()).hexdigest()[:12]}"
+        return f"rscaffold-{stage}-{params['fps'][stage]}-{root_hash(params['config'])}"
 
     key.__name__ = f"{stage}_cache_key"
     return key
@@ -184,12 +189,15 @@ def _json(obj: Any) -> str:
 
 
 def run_stage(stage: str, config: PipelineConfig, *, progress: bool = False, **kwargs: Any) -> StageRef:
-    """Run ``rscaffold.stages.<stage>.run_<stage>(config, **kwargs)``: in a spawned child process
-    when the stage loads a model (``run.isolate_model_stages``, see :mod:`rscaffold_tasks._child`),
-    else here. ``progress``: report the stage's progress as a Prefect progress artifact."""
+    """Run the stage's declared ``run`` function (``rscaffold.stages.<stage>.run_<stage>(config,
+    **kwargs)``): in a spawned child process when the stage loads a model
+    (``run.isolate_model_stages``, see :mod:`rscaffold_tasks._child`), else here. ``progress``:
+    report the stage's progress as a Prefect progress artifact."""
+    target = registry.stage(stage).target
     reporter = ProgressReporter(stage) if progress else None
     if needs_isolation(stage, config):
         logging.getLogger("rscaffold.stages").info("%s: running in a child process (run.isolate_model_stages)", stage)
-        return run_in_child(f"rscaffold.stages.{stage}:run_{stage}", {"cfg": config, **kwargs}, progress=reporter)
-    fn = getattr(importlib.import_module(f"rscaffold.stages.{stage}"), f"run_{stage}")
+        return run_in_child(target, {"cfg": config, **kwargs}, progress=reporter)
+    module, _, name = target.partition(":")
+    fn = getattr(importlib.import_module(module), name)  # looked up now: the module's current function
     return fn(config, **kwargs, **({"progress": reporter} if reporter else {}))

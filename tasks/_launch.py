@@ -20,7 +20,8 @@ from pathlib import Path
 import yaml
 
 from rscaffold.config import PipelineConfig
-from rscaffold.store import StageDir, StageRef
+from rscaffold.stages.common import stage_dir
+from rscaffold.store import StageRef
 
 log = logging.getLogger("rscaffold.tasks.launch")
 
@@ -42,7 +43,7 @@ def launch_command(config_file: Path, config: PipelineConfig, *, force: bool = F
     if not t.accelerate_config:
         cmd += ["--main_process_port", "0"]
     cmd += ["-m", "rscaffold_flows.launch", "--config", str(config_file)]
-    cmd += ["--artifacts-dir", str(Path(config.run.artifacts_dir).expanduser().resolve())]
+    cmd += ["--artifacts-dir", str(config.run.artifacts_root)]
     return cmd + (["--force"] if force else []) + (["--fresh"] if fresh else [])
 
 
@@ -67,7 +68,7 @@ def launch_training(
             code = proc.wait()
     if code != 0:
         raise LaunchFailedError(f"accelerate launch of the training stage exited with {code}:\n" + "\n".join(tail))
-    sd = StageDir(config.run.artifacts_dir, "training", fps["training"])
+    sd = stage_dir(config, "training", fps)
     if not sd.is_complete():
         raise LaunchFailedError(f"the launch ended but the training stage is not complete at {sd.path}")
     return sd.ref()

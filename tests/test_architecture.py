@@ -3,7 +3,8 @@
 * the library (``rscaffold``) never imports Prefect or the orchestration packages;
 * imports run one way: flows -> tasks -> stages -> library parts -> records/config/store ->
   vocabulary, never from a lower layer to a higher one;
-* no hand-kept list of modules decides a stage's code version (it is the import closure).
+* no hand-kept list of modules decides a stage's code version (it is the import closure);
+* every stage module declares its stage, and the flow reaches every declared stage.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ LAYERS: list[tuple[str, int]] = [
     ("rscaffold.kv_cache", 3),
     ("rscaffold.llm", 3),
     ("rscaffold.evalsets", 3),
+    ("rscaffold.student_format", 4),  # the training text format: training and scoring both use it
     ("rscaffold.student", 4),
     ("rscaffold.labeling", 4),
     ("rscaffold.dataset", 4),
@@ -116,11 +118,12 @@ def test_imports_run_one_way():
 def test_stages_do_not_import_each_other_except_their_inputs_readers():
     """A stage's code version is its import closure, so a stage module imports another stage only
     for the reader of that stage's output (problems -> read_problems, training -> model_path)."""
-    shared = {"rscaffold.stages.common", "rscaffold.stages.requests"}  # helpers, not stages
+    shared = {"rscaffold.stages.common", "rscaffold.stages.requests", "rscaffold.stages.declare"}  # not stages
     allowed = {
         "rscaffold.stages.teacher": {"rscaffold.stages.problems"},
         "rscaffold.stages.evaluation": {"rscaffold.stages.problems", "rscaffold.stages.training"},
         "rscaffold.stages.plan": None,  # plans every stage's fingerprint
+        "rscaffold.stages.registry": None,  # lists every stage
     }
     for module, imported in GRAPH.items():
         if not module.startswith("rscaffold.stages.") or module in shared or allowed.get(module, 0) is None:
@@ -128,6 +131,15 @@ def test_stages_do_not_import_each_other_except_their_inputs_readers():
         stages = {i for i in imported if i in OURS and i.startswith("rscaffold.stages.") and i != module}
         extra = stages - shared - allowed.get(module, set())
         assert not extra, f"{module} imports {sorted(extra)}"
+
+
+def test_the_student_owns_its_format_and_never_imports_training():
+    """Scoring a student (the gate's calibration, inference) needs its text format and directory,
+    never the trainer: ``rscaffold.student`` and ``rscaffold.student_format`` import nothing of
+    ``rscaffold.training``."""
+    for module in ("rscaffold.student", "rscaffold.student_format"):
+        bad = {i for i in GRAPH[module] if i == "rscaffold.training" or i.startswith("rscaffold.training.")}
+        assert not bad, f"{module} imports {sorted(bad)}"
 
 
 def test_code_version_follows_the_import_closure():
@@ -154,3 +166,47 @@ def test_every_library_package_is_packaged():
     }
     assert found <= listed, f"not packaged: {sorted(found - listed)}"
     assert {"rscaffold_tasks", "rscaffold_flows", "rscaffold._data"} <= listed
+
+
+STAGE_HELPERS = {"common", "requests", "declare", "registry", "plan"}
+
+
+def test_every_stage_module_declares_its_stage_in_the_registry():
+    from rscaffold.stages.registry import DECLARED
+    from rscaffold.vocabulary import STAGES
+
+    stage_modules = sorted(
+        p.stem for p in (ROOT / "rscaffold" / "stages").glob("*.py") if p.stem not in STAGE_HELPERS | {"__init__"}
+    )
+    declared = {d.name: d for d in DECLARED}
+    assert sorted(declared) == stage_modules, "a stage module without a registry entry (or the reverse)"
+    assert tuple(declared) == STAGES
+    for name, decl in declared.items():
+        module = __import__(f"rscaffold.stages.{name}", fromlist=["STAGE"])
+        assert module.STAGE is decl, f"rscaffold.stages.{name}.STAGE is not the registry's entry"
+        assert decl.run.__module__ == f"rscaffold.stages.{name}", f"{name}: runs another module's function"
+
+
+def test_the_flow_reaches_every_declared_stage():
+    """The full run computes every stage (the final one needs each, transitively), and the flow has
+    a Prefect task for each (and for each declared shard function)."""
+    from rscaffold_flows import pipeline
+    from rscaffold_tasks.stages import SHARD_TASKS, STAGE_TASKS
+
+    from rscaffold.config import PipelineConfig
+    from rscaffold.stages.registry import DECLARED, stages_to_run
+
+    names = [d.name for d in DECLARED]
+    assert stages_to_run(PipelineConfig(), names[-1]) == names
+    assert set(STAGE_TASKS) == set(names) and all(STAGE_TASKS[n].name == n for n in names)
+    assert set(SHARD_TASKS) == {d.name for d in DECLARED if d.shards is not None}
+    assert pipeline.STAGE_TASKS is STAGE_TASKS
+
+
+def test_the_flow_names_no_stage():
+    """The flow loops over the declarations: no stage's name is written in it."""
+    from rscaffold.vocabulary import STAGES
+
+    tree = ast.parse((ROOT / "flows" / "pipeline.py").read_text())
+    named = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in STAGES}
+    assert named <= {"evaluation"}, f"flows/pipeline.py names stages {sorted(named)}"

@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from rscaffold.evalsets.answers import AnswerType, find_boxed, format_choice_question
-from rscaffold.prompts import benchmark_prompt, benchmark_template
+from rscaffold.prompts import FAMILY_TEMPLATES, benchmark_prompt, benchmark_template
 from rscaffold.records import ProblemRecord
 from rscaffold.vocabulary import BENCHMARK_NAMES, CUSTOM_FORMAT
 
@@ -449,23 +449,24 @@ class Benchmark:
     read_file: Callable[[Path], Iterator[RawRow]] = field(default=read_json_records, repr=False)
     hub_config: str | None = None
     numeric_answer: bool = False  # the answer is a number: extraction accepts only numbers
-    family: str = ""  # the prompt family when it is not the benchmark's own (a user's problems)
+    family: str = ""  # its prompt family (a key of rscaffold.prompts.FAMILY_TEMPLATES)
+    license: str | None = None  # the license of its published release (a dataset card's license id)
 
     # -- prompts ---------------------------------------------------------------------------
     @property
     def prompt_family(self) -> str:
-        """What picks the prompt (:func:`rscaffold.prompts.benchmark_template`): the family of a
-        user's own problems, else the benchmark's name."""
-        return self.family or self.name
+        """What a student records as the prompt it was trained with (``prompt_benchmark``): the
+        benchmark's name (:func:`prompt_family_of` reads it back as its family)."""
+        return self.name
 
     @property
     def prompt_template(self) -> str:
         """The benchmark family's prompt template (:func:`rscaffold.prompts.benchmark_template`)."""
-        return benchmark_template(self.prompt_family)
+        return benchmark_template(self.family)
 
     def render_prompt(self, question: str) -> str:
         """The prompt for one question (:func:`rscaffold.prompts.benchmark_prompt`)."""
-        return benchmark_prompt(self.prompt_family, question)
+        return benchmark_prompt(self.family, question)
 
     # -- local files -----------------------------------------------------------------------
     def resolve_path(self, source: str | Path) -> Path:
@@ -557,6 +558,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             description="GSM8K grade-school math word problems (Cobbe et al., 2021)",
             convert=_gsm8k,
             numeric_answer=True,
+            family="math",
+            license="mit",
         ),
         Benchmark(
             name="math500",
@@ -566,6 +569,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             hub_splits={"eval": "test"},
             description="MATH-500, the 500-problem MATH test subset of PRM800K (Lightman et al., 2023)",
             convert=_math500,
+            family="math_latex",
+            license="mit",
         ),
         Benchmark(
             name="strategyqa",
@@ -575,6 +580,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             hub_splits={"train": "train", "eval": "test"},
             description="StrategyQA implicit multi-hop yes/no questions (Geva et al., 2021)",
             convert=_strategyqa,
+            family="yesno",
+            license="mit",
         ),
         Benchmark(
             name="commonsenseqa",
@@ -584,6 +591,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             hub_splits={"train": "train", "eval": "validation"},
             description="CommonsenseQA five-way multiple choice (Talmor et al., 2019)",
             convert=_commonsenseqa,
+            family="choice",
+            license="mit",
         ),
         Benchmark(
             name="truthfulqa",
@@ -595,6 +604,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             description="TruthfulQA as multiple choice: best answer against the incorrect answers (Lin et al., 2022)",
             convert=_truthfulqa,
             read_file=_read_truthfulqa_csv,
+            family="choice",
+            license="apache-2.0",
         ),
     )
 }
@@ -602,6 +613,14 @@ BENCHMARKS: dict[str, Benchmark] = {
 
 # One vocabulary: the registry holds exactly the benchmark names of rscaffold.vocabulary, in order.
 assert tuple(BENCHMARKS) == BENCHMARK_NAMES, tuple(BENCHMARKS)
+assert all(b.family in FAMILY_TEMPLATES for b in BENCHMARKS.values()), "every benchmark names a prompt family"
+
+
+def prompt_family_of(name: str) -> str:
+    """The prompt family of a benchmark name (a family name is its own family): what a student's
+    recorded ``prompt_benchmark`` selects."""
+    bench = BENCHMARKS.get(name)
+    return bench.family if bench is not None else name
 
 
 # =============================================================================================
@@ -877,6 +896,11 @@ class CustomBenchmark(Benchmark):
             for warning in question_fragment_warnings(self.spec, rows, where):
                 log.warning("%s", warning)
 
+    @property
+    def prompt_family(self) -> str:
+        """A student trained on a user's own problems records their prompt family."""
+        return self.family
+
     def resolve_path(self, source: str | Path) -> Path:
         path = Path(source).expanduser()
         if path.is_dir():
@@ -987,3 +1011,14 @@ def load_problems(
     """
     bench = benchmark if isinstance(benchmark, Benchmark) else get_benchmark(benchmark)
     return bench.load(source, split, limit, seed=seed, part=part, heldout_fraction=heldout_fraction)
+
+
+def benchmark_source_digest(source: Any) -> str:
+    """What identifies a :class:`~rscaffold.config.BenchmarkSource`'s data in a fingerprint: the
+    content digest of the resolved local file, or the hub string. A missing file raises
+    :class:`BenchmarkNotFoundError`."""
+    from rscaffold.store import file_digest
+
+    if is_hub_source(source.source):
+        return source.source
+    return file_digest(benchmark_for(source.name, source.custom).resolve_path(source.source))

@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from rscaffold.prompts import benchmark_prompt
+from rscaffold.evalsets.loaders import benchmark_source_digest  # noqa: F401 - re-exported
+from rscaffold.prompts import fill_prompt
 from rscaffold.records import ProblemRecord
 
 
@@ -28,7 +29,7 @@ class EvalSuite:
         students' training data use), or the bare question."""
         if style == "question":
             return [p.question for p in self.problems]
-        return [benchmark_prompt(self.name, p.question, self.prompt_template) for p in self.problems]
+        return [fill_prompt(self.prompt_template, p.question) for p in self.problems]
 
 
 def evaluation_suites(
@@ -68,15 +69,3 @@ def evaluation_suites(
             )
         )
     return suites
-
-
-def benchmark_source_digest(source) -> str:
-    """What identifies a :class:`~rscaffold.config.BenchmarkSource`'s data in a fingerprint: the
-    content digest of the resolved local file, or the hub string. A missing file raises
-    :class:`~rscaffold.evalsets.loaders.BenchmarkNotFoundError`."""
-    from rscaffold.evalsets.loaders import benchmark_for, is_hub_source
-    from rscaffold.store import file_digest
-
-    if is_hub_source(source.source):
-        return source.source
-    return file_digest(benchmark_for(source.name, source.custom).resolve_path(source.source))

@@ -130,7 +130,7 @@ class Experiment:
         return list(self.spec.axes)
 
     def report_dir(self) -> Path:
-        root = Path(self.cells[0].config.run.artifacts_dir).expanduser()
+        root = self.cells[0].config.run.artifacts_root
         return root / "experiments" / self.name
 
 
@@ -210,7 +210,7 @@ def expand_experiment(
                 f"(evaluation.models: {cfg.evaluation.models})"
             )
         cells.append(Cell(cell_id, values, settings, cfg))
-    roots = {str(Path(c.config.run.artifacts_dir).expanduser().resolve()) for c in cells}
+    roots = {str(c.config.run.artifacts_root) for c in cells}
     if len(roots) > 1:  # cannot happen through the axes (run.* refused there); kept as a guard
         raise ConfigError(f"{source}: the cells must share one artifacts directory, got {sorted(roots)}")
     return Experiment(spec, cells, source)
@@ -261,9 +261,9 @@ class ExperimentCost:
 
 def _train_problem_count(cfg: PipelineConfig, fps: dict[str, str]) -> int | None:
     from rscaffold.evalsets.loaders import benchmark_for, is_hub_source, load_problems
-    from rscaffold.store import StageDir
+    from rscaffold.stages.common import stage_dir
 
-    sd = StageDir(cfg.run.artifacts_dir, "problems", fps["problems"])
+    sd = stage_dir(cfg, "problems", fps)
     if sd.is_complete():
         return int(sd.read_manifest()["summary"]["train"])
     p = cfg.problems
@@ -276,12 +276,12 @@ def _train_problem_count(cfg: PipelineConfig, fps: dict[str, str]) -> int | None
 def experiment_cost(experiment: Experiment) -> ExperimentCost:
     """Count the stage runs, requests and trainings the experiment's cells need that the
     artifacts directory does not hold (each distinct one once)."""
+    from rscaffold.stages.common import stage_dir
     from rscaffold.stages.plan import preflight
     from rscaffold.stages.training import is_student_stored, student_fingerprint, training_variants
-    from rscaffold.store import StageDir
 
     def done(cfg: PipelineConfig, stage: str, fp: str) -> bool:
-        sd = StageDir(cfg.run.artifacts_dir, stage, fp)
+        sd = stage_dir(cfg, stage, {stage: fp})
         return sd.is_complete() and not sd.verify()
 
     teacher: dict[str, int | None] = {}

@@ -1,5 +1,5 @@
-"""What every stage shares: opening its content-addressed directory, naming its inputs, small
-JSON files, and the progress callback type."""
+"""What every stage shares: finding and opening its content-addressed directory, naming its inputs,
+small JSON files, and the progress callback type."""
 
 from __future__ import annotations
 
@@ -26,6 +26,11 @@ def stage_code_version(stage: str) -> str:
     return code_version(f"rscaffold.stages.{stage}")
 
 
+def stage_dir(cfg: PipelineConfig, stage: str, fps: dict[str, str]) -> StageDir:
+    """The content-addressed directory of ``stage`` under the run's artifacts root."""
+    return StageDir(cfg.run.artifacts_root, stage, fps[stage])
+
+
 def source_digest(source: str) -> str:
     """Content digest of a local input file; hub sources are identified by their id."""
     return source if source.startswith("hub:") else file_digest(source)
@@ -45,7 +50,7 @@ def open_stage(
     ends, so a second run on the same artifacts directory waits (``run.wait_for_locks``) and then
     finds the output complete.
     """
-    sd = StageDir(cfg.run.artifacts_dir, stage, fps[stage])
+    sd = stage_dir(cfg, stage, fps)
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(sd.lock(wait=cfg.run.wait_for_locks, timeout_s=cfg.run.lock_timeout_s))

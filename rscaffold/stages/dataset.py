@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from rscaffold.config import PipelineConfig
+from rscaffold.config import PipelineConfig, fingerprint_view
 from rscaffold.records import ExampleRecord
 from rscaffold.stages.common import (
     log,
@@ -13,6 +13,7 @@ from rscaffold.stages.common import (
     stage_inputs,
     write_json,
 )
+from rscaffold.stages.declare import Stage
 from rscaffold.store import StageRef, read_records, write_table
 
 
@@ -96,3 +97,25 @@ def _token_lengths(cfg: PipelineConfig, train: list[ExampleRecord], tax) -> dict
                 r["max"],
             )
     return report
+
+
+def _length_settings(cfg: PipelineConfig) -> list:
+    """The training settings the dataset's statistics read: they measure every student's examples
+    in the student's tokens against ``training.max_length``."""
+    t = cfg.training
+    return [t.tokenizer or t.student, t.student_gguf_file, t.students, t.max_length, t.truncation]
+
+
+STAGE = Stage(
+    name="dataset",
+    run=run_dataset,
+    description="Assemble the labeled-trace dataset (Parquet, splits, stats).",
+    upstream=("teacher", "labeling"),
+    fingerprint=lambda cfg, fps: [
+        fps["labeling"],
+        fingerprint_view(cfg.dataset),
+        _length_settings(cfg),
+        stage_code_version("dataset"),
+    ],
+    outputs=("examples", "stats", "taxonomy"),
+)

@@ -21,20 +21,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rscaffold.config import PipelineConfig
+from rscaffold.config import PipelineConfig, fingerprint_view
 from rscaffold.records import ExampleRecord, MetricRecord, PredictionRecord
 from rscaffold.stages.common import (
     Progress,
     open_stage,
     read_json,
     stage_code_version,
+    stage_dir,
     stage_inputs,
     write_json,
 )
-from rscaffold.stages.problems import overlap_removed, read_problems
+from rscaffold.stages.declare import Shards, Stage, SummaryTable
+from rscaffold.stages.problems import eval_part, overlap_removed, read_problems
 from rscaffold.stages.training import model_path
 from rscaffold.store import StageDir, StageRef, read_records, write_records
-from rscaffold.vocabulary import student_of
+from rscaffold.vocabulary import kind_of, student_of, switched_off
 
 SHARD = "predictions"  # key <model>-<benchmark>-<first>-<last> (problem indexes in the benchmark)
 
@@ -84,7 +86,7 @@ class _Decoder:
 
     cfg: PipelineConfig
     sd: StageDir
-    training: StageRef
+    training: StageRef | None  # None: only the base student is evaluated, and training did not run
     validation: list[ExampleRecord]
     student: Any = None
     loaded: str | None = None
@@ -94,12 +96,21 @@ class _Decoder:
     served: str | None = None
     tokenizer_only: Any = None  # the served student's tokenizer and signal facts (no weights)
 
+    def model_path(self, student_name: str) -> str:
+        """Where the student's weights are: the training stage's output, or without one (only the
+        base student evaluated) the configured student model."""
+        if self.training is None:
+            if student_name != "base":
+                raise ValueError(f"evaluating {student_name!r} needs the training stage's output")
+            return self.cfg.training.student
+        return model_path(self.training, student_name)
+
     def settings(self, name: str) -> tuple[str, Any]:
         from rscaffold.decoding.calibration import plan_guided_decoding
         from rscaffold.decoding.policy import GuidedSettings
 
         ecfg = self.cfg.evaluation
-        mode = "guided" if student_of(name) == "scaffolded" else "plain"
+        mode = kind_of(name).decoding
         if mode == "plain":
             self.decoding[name] = {"mode": "plain", "max_new_tokens": ecfg.max_new_tokens}
             return mode, None
@@ -113,9 +124,9 @@ class _Decoder:
                 ecfg.guided,
                 self.load(student_of(name)),
                 self.validation,
-                gate=not name.endswith("-nogate"),
-                prune=not name.endswith("-noprune"),
-                fallback_guard=not name.endswith("-freefallback"),
+                gate="gate" not in switched_off(name),
+                prune="prune" not in switched_off(name),
+                fallback_guard="fallback_guard" not in switched_off(name),
             )
             self.decoding[name] = {"mode": "guided", "max_new_tokens": ecfg.max_new_tokens, **provenance}
             write_json(settings_file, self.decoding[name])
@@ -128,7 +139,7 @@ class _Decoder:
         if self.loaded != student_name:
             self.student = None
             free_accelerator_memory()
-            self.student, self.loaded = load_student(model_path(self.training, student_name)), student_name
+            self.student, self.loaded = load_student(self.model_path(student_name)), student_name
         return self.student
 
     def serve(self, student_name: str) -> tuple[Any, Any]:
@@ -143,12 +154,13 @@ class _Decoder:
 
         ecfg = self.cfg.evaluation
         llm = ecfg.served_llm()
-        model_dir = model_path(self.training, student_name)
+        model_dir = self.model_path(student_name)
         if self.served != student_name:
             self.stop_serving()
             bcfg = served_llm(llm, student=student_name, model_dir=model_dir)
             if bcfg.revision is None:  # the request cache tells students (and trainings) apart by it
-                bcfg = bcfg.model_copy(update={"revision": f"{self.training.fingerprint}/{student_name}"})
+                trained = self.training.fingerprint if self.training is not None else "untrained"
+                bcfg = bcfg.model_copy(update={"revision": f"{trained}/{student_name}"})
 
             def connect() -> Any:
                 if ecfg.server is None:
@@ -244,9 +256,15 @@ class _Decoder:
         free_accelerator_memory()
 
 
-def _decoder(cfg: PipelineConfig, sd: StageDir, training: StageRef) -> _Decoder:
-    validation = read_records(training.output("validation"), ExampleRecord) if "validation" in training.outputs else []
-    missing = sorted({student_of(m) for m in cfg.evaluation.models} - {"base"} - set(training.outputs))
+def _decoder(cfg: PipelineConfig, sd: StageDir, training: StageRef | None) -> _Decoder:
+    if training is None:
+        validation, trained = [], set()
+    else:
+        validation = (
+            read_records(training.output("validation"), ExampleRecord) if "validation" in training.outputs else []
+        )
+        trained = set(training.outputs)
+    missing = sorted({student_of(m) for m in cfg.evaluation.models} - {"base"} - trained)
     if missing:
         raise ValueError(
             f"evaluation.models needs the students {missing}, which the training stage did not train "
@@ -256,11 +274,11 @@ def _decoder(cfg: PipelineConfig, sd: StageDir, training: StageRef) -> _Decoder:
 
 
 def run_evaluation_shard(
-    cfg: PipelineConfig, fps: dict[str, str], *, problems: StageRef, training: StageRef, key: str
+    cfg: PipelineConfig, fps: dict[str, str], *, problems: StageRef, training: StageRef | None = None, key: str
 ) -> dict[str, Any]:
     """Answer one (model, benchmark) shard into the stage's work directory (one task of a
     fanned-out stage; :func:`run_evaluation` then assembles and reports)."""
-    sd = StageDir(cfg.run.artifacts_dir, "evaluation", fps["evaluation"])
+    sd = stage_dir(cfg, "evaluation", fps)
     sd.prepare()
     out: dict[str, Any] = {"key": key, "pid": os.getpid(), "host": socket.gethostname(), "answered": 0}
     shards = {sh.key: sh for sh in _shards(cfg, _suites(cfg, problems))}
@@ -283,7 +301,7 @@ def run_evaluation(
     fps: dict[str, str],
     *,
     problems: StageRef,
-    training: StageRef,
+    training: StageRef | None = None,
     labeling: StageRef | None = None,
     force: bool = False,
     fresh: bool = False,
@@ -360,7 +378,7 @@ def run_evaluation(
                 "accuracy_png": CHART_FILE,
             },
             config=ecfg,
-            inputs=stage_inputs(problems, training, *([labeling] if labeling is not None else [])),
+            inputs=stage_inputs(*(r for r in (problems, training, labeling) if r is not None)),
             summary={
                 "table": metrics_table(metrics),
                 "accuracy_table": accuracy_table(metrics),
@@ -371,3 +389,53 @@ def run_evaluation(
             started=started,
             code=stage_code_version("evaluation"),
         )
+
+
+def _needs(cfg: PipelineConfig) -> list[str]:
+    """The stages the requested models need: the problems always; the training stage for a trained
+    student (or for the random-init base model it saves, ``training.tiny``); the labeling stage for
+    the signal consistency of a scaffolded student."""
+    kinds = [kind_of(m) for m in cfg.evaluation.models]
+    needs = ["problems"]
+    if any(k.target for k in kinds) or cfg.training.tiny is not None:
+        needs.append("training")
+    if any(k.scaffolded for k in kinds):
+        needs.append("labeling")
+    return needs
+
+
+def _fingerprint(cfg: PipelineConfig, fps: dict[str, str]) -> list[Any]:
+    from rscaffold.evalsets.loaders import benchmark_source_digest
+
+    return [
+        fps["training"],
+        eval_part(cfg) if not cfg.evaluation.benchmarks else None,
+        fingerprint_view(cfg.evaluation),
+        [benchmark_source_digest(b) for b in cfg.evaluation.benchmarks],
+        stage_code_version("evaluation"),
+    ]
+
+
+def _run_name(cfg: PipelineConfig) -> str:
+    """``evaluation[<benchmark>,...]``: the configured benchmarks, or the problems' format."""
+    names = [b.name for b in cfg.evaluation.benchmarks] or [cfg.problems.format]
+    return f"evaluation[{','.join(names)}]"
+
+
+STAGE = Stage(
+    name="evaluation",
+    run=run_evaluation,
+    description="Answer the evaluation benchmarks with the base and trained students; score and report.",
+    upstream=("problems", "training", "labeling"),
+    optional=("training", "labeling"),
+    needs=_needs,
+    fingerprint=_fingerprint,
+    outputs=("predictions", "metrics", "metrics_json", "report", "accuracy_png"),
+    shards=Shards(keys=evaluation_shards, run=run_evaluation_shard),
+    loads_model=lambda cfg: True,
+    run_name=_run_name,
+    report="report",
+    table=SummaryTable(
+        "rscaffold-accuracy", "accuracy (%) [95% bootstrap interval]: models x benchmarks", ("accuracy_table", "table")
+    ),
+)

@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from rscaffold.config import PipelineConfig
+from rscaffold.config import PipelineConfig, fingerprint_view
 from rscaffold.records import LabeledStepRecord, TraceRecord
 from rscaffold.stages.common import (
     Progress,
@@ -18,9 +18,11 @@ from rscaffold.stages.common import (
     open_stage,
     read_json,
     stage_code_version,
+    stage_dir,
     stage_inputs,
     write_json,
 )
+from rscaffold.stages.declare import LOCAL_BACKENDS, Shards, Stage
 from rscaffold.stages.requests import log_request_stats, request_cache, request_summary
 from rscaffold.store import StageDir, StageRef, read_records, write_records, write_text
 
@@ -110,7 +112,7 @@ def run_labeling_shard(cfg: PipelineConfig, fps: dict[str, str], teacher: StageR
     from rscaffold.labeling.taxonomy import load_taxonomy
     from rscaffold.llm import create_backend
 
-    sd = StageDir(cfg.run.artifacts_dir, "labeling", fps["labeling"])
+    sd = stage_dir(cfg, "labeling", fps)
     out: dict[str, Any] = {"key": key, "pid": os.getpid(), "host": socket.gethostname(), "labeled": 0}
     sd.prepare()
     group = dict(_work(cfg, teacher)[2])[key]
@@ -256,3 +258,33 @@ def run_labeling(
             started=started,
             code=stage_code_version("labeling"),
         )
+
+
+def _fingerprint(cfg: PipelineConfig, fps: dict[str, str]) -> list[Any]:
+    from rscaffold.labeling.taxonomy import load_taxonomy
+
+    view = fingerprint_view(cfg.labeling)
+    view.pop("taxonomy")  # a path: the taxonomy enters by its content digest
+    view.pop("llm")  # None means "the teacher's": the effective labeler enters below
+    return [
+        fps["teacher"],
+        cfg.teacher.keep,  # which traces go on (the teacher's fingerprint leaves it out)
+        view,
+        fingerprint_view(cfg.labeler_llm()) if cfg.labeling.method == "llm" else None,
+        load_taxonomy(cfg.labeling.taxonomy).digest(),
+        stage_code_version("labeling"),
+    ]
+
+
+STAGE = Stage(
+    name="labeling",
+    run=run_labeling,
+    description="Split traces into steps and label each step with a semantic signal.",
+    upstream=("teacher",),
+    fingerprint=_fingerprint,
+    outputs=("labeled_steps", "quality", "quality_report", "transitions_png", "taxonomy"),
+    shards=Shards(keys=labeling_shards, run=run_labeling_shard),
+    loads_model=lambda cfg: cfg.labeling.method == "llm" and cfg.labeler_llm().backend in LOCAL_BACKENDS,
+    run_name=lambda cfg: f"labeling[{cfg.labeling.method}]",
+    report="quality_report",
+)

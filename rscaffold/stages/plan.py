@@ -10,80 +10,27 @@ A fingerprint is a hash of what decides a stage's output, and of nothing else:
   which traces go on, so it enters the labeling fingerprint, not the teacher's;
 * its code version (:func:`rscaffold.stages.common.stage_code_version`, the import closure).
 
+Each stage names these parts in its declaration (``STAGE.fingerprint`` in its module).
+
 The Prefect tasks key their cache on it (plus the artifacts root) and the store names the stage's
 directory after it, so both agree on what "the same work" is.
 """
 
 from __future__ import annotations
 
-from rscaffold.config import ConfigError, PipelineConfig, check_inputs_exist, fingerprint_view
-from rscaffold.evaluation.suites import benchmark_source_digest
+from rscaffold.config import ConfigError, PipelineConfig, check_inputs_exist
 from rscaffold.labeling.taxonomy import TaxonomyError, load_taxonomy
-from rscaffold.stages.common import source_digest, stage_code_version
-from rscaffold.stages.problems import check_problem_files, training_part
+from rscaffold.stages.problems import check_problem_files
+from rscaffold.stages.registry import DECLARED
 from rscaffold.store import fingerprint
-from rscaffold.vocabulary import STAGES
 
 
 def plan_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
-    """The fingerprint of every stage, in stage order."""
-    p = cfg.problems
-    problems_code = stage_code_version("problems")
-    fmt = [p.format, p.custom]  # custom: its field mapping and answer type
-    # the training part follows the evaluated files; the overlap check reads the evaluation benchmarks
-    part = [training_part(cfg), p.heldout_fraction]
-    benchmarks = [[b, benchmark_source_digest(b)] for b in cfg.evaluation.benchmarks]
-    train_part = fingerprint(
-        "problems:train", *fmt, source_digest(p.train), p.limit_train, p.seed, *part, problems_code
-    )
-    eval_part = fingerprint(
-        "problems:eval",
-        *fmt,
-        source_digest(p.eval),
-        p.limit_eval,
-        p.seed,
-        *part,
-        p.on_overlap,
-        benchmarks,
-        cfg.evaluation.limit,
-        problems_code,
-    )
-    teacher = fingerprint_view(cfg.teacher)
-    keep = teacher.pop("keep")
-    labeling = fingerprint_view(cfg.labeling)
-    labeling.pop("taxonomy")  # a path: the taxonomy enters by its content digest
-    labeling.pop("llm")  # None means "the teacher's": the effective labeler enters below
-
+    """The fingerprint of every stage, in stage order: ``fingerprint(name, *parts)`` with the parts
+    its declaration names (:attr:`rscaffold.stages.declare.Stage.fingerprint`)."""
     fps: dict[str, str] = {}
-    fps["problems"] = fingerprint("problems", train_part, eval_part)
-    fps["teacher"] = fingerprint("teacher", train_part, teacher, stage_code_version("teacher"))
-    fps["labeling"] = fingerprint(
-        "labeling",
-        fps["teacher"],
-        keep,
-        labeling,
-        fingerprint_view(cfg.labeler_llm()) if cfg.labeling.method == "llm" else None,
-        load_taxonomy(cfg.labeling.taxonomy).digest(),
-        stage_code_version("labeling"),
-    )
-    # The dataset's statistics measure every student's examples in the student's tokens against max_length.
-    t = cfg.training
-    lengths = [t.tokenizer or t.student, t.student_gguf_file, t.students, t.max_length, t.truncation]
-    fps["dataset"] = fingerprint(
-        "dataset", fps["labeling"], fingerprint_view(cfg.dataset), lengths, stage_code_version("dataset")
-    )
-    fps["training"] = fingerprint(
-        "training", fps["dataset"], fingerprint_view(cfg.training), stage_code_version("training")
-    )
-    fps["evaluation"] = fingerprint(
-        "evaluation",
-        fps["training"],
-        eval_part if not cfg.evaluation.benchmarks else p.on_overlap,
-        fingerprint_view(cfg.evaluation),
-        [benchmark_source_digest(b) for b in cfg.evaluation.benchmarks],
-        stage_code_version("evaluation"),
-    )
-    assert tuple(fps) == STAGES
+    for st in DECLARED:
+        fps[st.name] = fingerprint(st.name, *st.fingerprint(cfg, fps))
     return fps
 
 

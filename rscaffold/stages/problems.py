@@ -16,7 +16,8 @@ from rscaffold.stages.common import (
     stage_code_version,
     write_json,
 )
-from rscaffold.store import StageRef, read_records, write_records
+from rscaffold.stages.declare import Stage
+from rscaffold.store import StageRef, fingerprint, read_records, write_records
 
 
 class ProblemOverlapError(ValueError):
@@ -188,3 +189,51 @@ def overlap_removed(ref: StageRef) -> dict[str, list[str]]:
         return {}
     data = json.loads(ref.output("overlap").read_text())
     return {k: list(v.get("eval_ids", [])) for k, v in data.get("benchmarks", {}).items()}
+
+
+def _benchmarks_part(cfg: PipelineConfig) -> list[Any]:
+    """What the overlap check reads of the evaluation benchmarks: each one and its data's digest."""
+    from rscaffold.evalsets.loaders import benchmark_source_digest
+
+    return [[b, benchmark_source_digest(b)] for b in cfg.evaluation.benchmarks]
+
+
+def train_part(cfg: PipelineConfig) -> str:
+    """The fingerprint of the train part alone (the teacher reads only it). The training part
+    follows the evaluated files (:func:`training_part`)."""
+    p = cfg.problems
+    fmt = [p.format, p.custom]  # custom: its field mapping and answer type
+    part = [training_part(cfg), p.heldout_fraction]
+    return fingerprint(
+        "problems:train", *fmt, source_digest(p.train), p.limit_train, p.seed, *part, stage_code_version("problems")
+    )
+
+
+def eval_part(cfg: PipelineConfig) -> str:
+    """The fingerprint of the eval part alone (the evaluation reads it when no benchmark is
+    configured); the overlap check reads the evaluation benchmarks."""
+    p = cfg.problems
+    fmt = [p.format, p.custom]
+    part = [training_part(cfg), p.heldout_fraction]
+    return fingerprint(
+        "problems:eval",
+        *fmt,
+        source_digest(p.eval),
+        p.limit_eval,
+        p.seed,
+        *part,
+        p.on_overlap,
+        _benchmarks_part(cfg),
+        cfg.evaluation.limit,
+        stage_code_version("problems"),
+    )
+
+
+STAGE = Stage(
+    name="problems",
+    run=run_problems,
+    description="Load the train/eval problems into a Parquet table.",
+    fingerprint=lambda cfg, fps: [train_part(cfg), eval_part(cfg)],
+    outputs=("problems", "overlap"),
+    run_name=lambda cfg: f"problems[{cfg.problems.format}]",
+)

@@ -4,7 +4,6 @@ what their requests cost (sent vs served from the cache, tokens, estimated cost)
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from rscaffold.config import BackendConfig, PipelineConfig
@@ -17,7 +16,7 @@ def request_cache(cfg: PipelineConfig) -> RequestCache:
     """The run's LLM request cache: ``<artifacts_dir>/requests``, in ``run.request_cache`` mode,
     stored as ``run.request_cache_store`` says."""
     return RequestCache(
-        Path(cfg.run.artifacts_dir) / "requests", mode=cfg.run.request_cache, store=cfg.run.request_cache_store
+        cfg.run.artifacts_root / "requests", mode=cfg.run.request_cache, store=cfg.run.request_cache_store
     )
 
 

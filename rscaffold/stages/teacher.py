@@ -40,13 +40,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from rscaffold.config import PipelineConfig, TeacherConfig
+from rscaffold.config import PipelineConfig, TeacherConfig, fingerprint_view
 from rscaffold.llm.base import ChatRequest, Completion, LLMBackend
 from rscaffold.llm.parsing import EMPTY_OUTPUT, RATE_LIMITED, clean_text, derive_seed, describe_error
 from rscaffold.prompts import QUESTION_FIELD, fill_prompt
 from rscaffold.records import ProblemRecord, TraceRecord
-from rscaffold.stages.common import Progress, open_stage, stage_code_version, stage_inputs
-from rscaffold.stages.problems import read_problems
+from rscaffold.stages.common import Progress, open_stage, stage_code_version, stage_dir, stage_inputs
+from rscaffold.stages.declare import LOCAL_BACKENDS, Shards, Stage
+from rscaffold.stages.problems import read_problems, train_part
 from rscaffold.stages.requests import log_request_stats, request_cache, request_summary
 from rscaffold.store import StageDir, StageRef, write_records
 
@@ -413,7 +414,7 @@ def run_teacher_shard(cfg: PipelineConfig, fps: dict[str, str], problems: StageR
     process and kept for its next shard; the shard's own lock keeps two workers off one shard."""
     from rscaffold.llm import create_backend
 
-    sd = StageDir(cfg.run.artifacts_dir, "teacher", fps["teacher"])
+    sd = stage_dir(cfg, "teacher", fps)
 
     sd.prepare()
     answer_fn, check_fn = _answer_fns(cfg)
@@ -492,3 +493,24 @@ def run_teacher(
             started=started,
             code=stage_code_version("teacher"),
         )
+
+
+def _fingerprint(cfg: PipelineConfig, fps: dict[str, str]) -> list[Any]:
+    # Only the train problems are read (``problems.limit_eval`` does not concern the teacher), and
+    # ``teacher.keep`` decides what the later stages take, so it enters the labeling fingerprint.
+    view = fingerprint_view(cfg.teacher)
+    view.pop("keep")
+    return [train_part(cfg), view, stage_code_version("teacher")]
+
+
+STAGE = Stage(
+    name="teacher",
+    run=run_teacher,
+    description="Generate teacher traces (sharded, resumable).",
+    upstream=("problems",),
+    fingerprint=_fingerprint,
+    outputs=("traces",),
+    shards=Shards(keys=teacher_shards, run=run_teacher_shard),
+    loads_model=lambda cfg: cfg.teacher.llm.backend in LOCAL_BACKENDS,
+    run_name=lambda cfg: f"teacher[{cfg.teacher.llm.backend}]",
+)

@@ -19,21 +19,18 @@ from rscaffold.stages.common import (
     log,
     open_stage,
     stage_code_version,
+    stage_dir,
     stage_inputs,
     write_json,
 )
+from rscaffold.stages.declare import Stage
 from rscaffold.store import StageDir, StageRef, fingerprint, read_records, write_records
-from rscaffold.training.collator import STUDENT_TARGETS
-from rscaffold.vocabulary import TRAINED_STUDENTS
+from rscaffold.vocabulary import STUDENT_KINDS, TRAINED_STUDENTS
 
 
 def training_variants(cfg: PipelineConfig) -> list[tuple[str, bool]]:
     """The students the config trains, ``(name, scaffolded)``, in training order."""
-    return [(name, name == "scaffolded") for name in TRAINED_STUDENTS if name in cfg.training.students]
-
-
-# What each trained student's completion holds (see rscaffold.training.collator.completion_steps).
-_TARGETS = STUDENT_TARGETS
+    return [(name, STUDENT_KINDS[name].scaffolded) for name in TRAINED_STUDENTS if name in cfg.training.students]
 
 
 def run_training(
@@ -67,7 +64,7 @@ def run_training(
             sd, done = stack.enter_context(open_stage(cfg, "training", fps, force=force, fresh=fresh))
         procs.wait()
         if not procs.is_main:
-            sd = StageDir(cfg.run.artifacts_dir, "training", fps["training"])
+            sd = stage_dir(cfg, "training", fps)
             done = sd.ref() if sd.is_complete() else None
         if done:
             return done if procs.is_main else None
@@ -147,7 +144,7 @@ def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, 
             output_dir=sd.work / name,
             scaffolded=scaffolded,
             model_card_info=card,
-            target=_TARGETS[name],
+            target=STUDENT_KINDS[name].target,
             prompt_benchmark=benchmark_for(cfg.problems.format, cfg.problems.custom).prompt_family,
             signal_essential=[s.essential for s in tax.signals],
             segmentation=cfg.labeling.segmentation,
@@ -225,35 +222,29 @@ def _identical_twin(
     """A plain student already trained whose completions are, for every example, the ones
     ``name`` would be trained on (the short-CoT and long-thinking students of a teacher that wrote
     no reasoning block); None when there is none."""
-    from rscaffold.training.collator import completion_steps
+    from rscaffold.student_format import completion_steps
 
-    if name == "scaffolded":
+    if STUDENT_KINDS[name].scaffolded:
         return None
 
     def texts(target: str) -> list[list[str]]:
         return [[t for _, t in completion_steps(e, target, segmentation)] for e in examples]
 
-    mine = texts(_TARGETS[name])
+    target = STUDENT_KINDS[name].target
+    mine = texts(target)
     for other in trained:
-        if other not in ("scaffolded", name) and _TARGETS[other] != _TARGETS[name] and texts(_TARGETS[other]) == mine:
+        kind = STUDENT_KINDS[other]
+        if other != name and not kind.scaffolded and kind.target != target and texts(kind.target) == mine:
             return other
     return None
 
 
 def _copy_student(src: Path, dst: Path, *, name: str, twin: str) -> None:
     """Copy a student directory (atomically) as the student ``name``, noting it in its metadata."""
-    from rscaffold.student import STUDENT_META
+    from rscaffold.student import copy_student
 
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    meta = json.loads((tmp / STUDENT_META).read_text())
-    meta.update(target=_TARGETS[name], identical_to=twin)
-    (tmp / STUDENT_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     note = f"\n\nThis `{name}` student is the `{twin}` student: both were trained on the same completions.\n"
-    (tmp / "README.md").write_text((tmp / "README.md").read_text() + note)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
+    copy_student(src, dst, meta_update={"target": STUDENT_KINDS[name].target, "identical_to": twin}, note=note)
 
 
 def model_path(ref: StageRef, name: str) -> str:
@@ -279,20 +270,24 @@ def student_fingerprint(cfg: PipelineConfig, dataset_fingerprint: str, name: str
     """The fingerprint of one trained student: the rows it is trained on (the dataset's
     fingerprint), what it is trained to write, the training settings it depends on and the
     training code. Narrower than the training stage's fingerprint: ``training.students`` does not
-    enter (a student does not depend on which others are trained with it), and a baseline
+    enter (a student does not depend on which others are trained with it, except under
+    ``truncation: drop``, which leaves out the examples too long for any of them), and a baseline
     (``short_cot``, ``cot_sft``) does not depend on :data:`SIGNAL_ONLY_SETTINGS`, so configs that
     differ only in those share it."""
     view = fingerprint_view(cfg.training)
-    view.pop("students")
-    if name != "scaffolded":
+    if cfg.training.truncation != "drop":  # 'drop' leaves out what is too long for any student trained
+        view.pop("students")
+    if not STUDENT_KINDS[name].scaffolded:
         for key in SIGNAL_ONLY_SETTINGS:
             view.pop(key)
-    return fingerprint("student", name, _TARGETS[name], dataset_fingerprint, view, stage_code_version("training"))
+    return fingerprint(
+        "student", name, STUDENT_KINDS[name].target, dataset_fingerprint, view, stage_code_version("training")
+    )
 
 
 def student_store(cfg: PipelineConfig, dataset_fingerprint: str, name: str) -> StageDir:
     """The store directory of one student (see :data:`STUDENT_STORE`)."""
-    return StageDir(cfg.run.artifacts_dir, STUDENT_STORE, student_fingerprint(cfg, dataset_fingerprint, name))
+    return StageDir(cfg.run.artifacts_root, STUDENT_STORE, student_fingerprint(cfg, dataset_fingerprint, name))
 
 
 def is_student_stored(cfg: PipelineConfig, dataset_fingerprint: str, name: str) -> bool:
@@ -354,3 +349,17 @@ def _link_tree(src: Path, dst: Path) -> None:
 
     shutil.copytree(src, tmp, copy_function=link)
     tmp.rename(dst)
+
+
+STAGE = Stage(
+    name="training",
+    run=run_training,
+    description="Train the students of training.students on the same rows: in this process (a child "
+    "process), or with training.num_processes > 1 on that many processes under accelerate launch.",
+    upstream=("dataset",),
+    fingerprint=lambda cfg, fps: [fps["dataset"], fingerprint_view(cfg.training), stage_code_version("training")],
+    outputs=("base", "metrics", "validation"),
+    loads_model=lambda cfg: True,
+    distributed=lambda cfg: cfg.training.num_processes > 1 or cfg.training.num_machines > 1,
+    run_name=lambda cfg: f"training[lambda={cfg.training.signal_loss_weight}]",
+)

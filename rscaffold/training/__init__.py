@@ -1,5 +1,8 @@
-"""Student training: text format, tokenization/collation, the dual-objective TRL trainer.
+"""Student training: the dual-objective TRL trainer (``trainer``), the signal tokens added to the
+student's vocabulary (``signal_tokens``), one process or N (``processes``). The training text
+format is the student's own (:mod:`rscaffold.student_format`), and so is its directory
+(:mod:`rscaffold.student`).
 
 Submodules are imported explicitly (``rscaffold.training.trainer`` imports TRL, which is slow to
-import; ``format``, ``collator`` and ``student`` do not).
+import; the others do not).
 """

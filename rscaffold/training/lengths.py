@@ -18,8 +18,9 @@ from typing import Any
 from rscaffold.config import SegmentationConfig, TrainingConfig
 from rscaffold.dataset import length_summary
 from rscaffold.records import ExampleRecord
-from rscaffold.training.collator import STUDENT_TARGETS, example_lengths
+from rscaffold.student_format import example_lengths
 from rscaffold.training.signal_tokens import add_tokenizer_signal_tokens
+from rscaffold.vocabulary import STUDENT_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,10 @@ def student_lengths(
     prompt and completion, the scaffolded one with its signal tokens). Adds the signal tokens to
     ``tokenizer`` when a scaffolded student is listed."""
     out: dict[str, dict[str, int]] = {}
-    for name in [s for s in students if s != "scaffolded"]:  # plain text first: no signal tokens yet
+    plain = [s for s in students if not STUDENT_KINDS[s].scaffolded]
+    for name in plain:  # plain text first: no signal tokens yet
         out[name] = example_lengths(
-            examples, tokenizer, None, benchmark=benchmark, target=STUDENT_TARGETS[name], segmentation=segmentation
+            examples, tokenizer, None, benchmark=benchmark, target=STUDENT_KINDS[name].target, segmentation=segmentation
         )
     if "scaffolded" in students:
         add_tokenizer_signal_tokens(tokenizer, list(signal_tokens.values()))

@@ -25,7 +25,6 @@ import importlib.util
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,17 +39,17 @@ from trl import SFTConfig, SFTTrainer
 from rscaffold.config import TRAINER_ARGS_SET_BY_RSCAFFOLD, LoraSettings, SegmentationConfig, TrainingConfig
 from rscaffold.prompts import STUDENT_SYSTEM_PROMPT
 from rscaffold.records import ExampleRecord
-from rscaffold.store import follow_umask
 from rscaffold.student import (
-    STUDENT_META,
     SignalHead,
     Student,
     backbone_of,
     boundary_signal_logits,
     causal_lm_of,
+    model_card,
     signal_logits,
+    write_student,
 )
-from rscaffold.training.collator import (
+from rscaffold.student_format import (
     IGNORE_INDEX,
     CompletionTarget,
     LengthCounts,
@@ -100,7 +99,7 @@ class ScaffoldTrainer(SFTTrainer):
       sees it and checkpoints hold it (with LoRA it is in ``modules_to_save``).
 
     Both read the hidden state at position ``p`` where ``input_ids[p + 1]`` is the gold signal.
-    The batch must carry ``signal_positions`` / ``signal_labels`` (see :mod:`.collator`).
+    The batch must carry ``signal_positions`` / ``signal_labels`` (see :mod:`rscaffold.student_format`).
 
     Logged every logging step (through SFTTrainer's metric buffer, which ``log()`` averages over
     the window): ``step_loss``, ``signal_loss``, ``signal_accuracy`` next to TRL's ``loss``,
@@ -457,7 +456,7 @@ def build_trainer(
     eval_rows: list[dict[str, list[int]]] | None = None,
     **config_overrides: Any,
 ) -> ScaffoldTrainer:
-    """A :class:`ScaffoldTrainer` over encoded rows (see ``collator.encode_examples``)."""
+    """A :class:`ScaffoldTrainer` over encoded rows (see :func:`rscaffold.student_format.encode_examples`)."""
     if not train_rows:
         raise ValueError("no training rows")
     args = make_sft_config(cfg, checkpoint_dir, **config_overrides)
@@ -789,149 +788,33 @@ def _write_model_dir(
     signal_names: list[str],
     full: dict[str, Any] | None,
 ) -> None:
-    """The final model directory, built under ``<model_dir>.partial`` and renamed into place;
-    ``full``: a gathered state dict (sharded training) instead of the module's own weights."""
+    """The final model directory (:func:`rscaffold.student.write_student`, atomic); ``full``: a
+    gathered state dict (sharded training) instead of the module's own weights."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     if full is None and hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
         model = model.merge_and_unload()  # a plain model directory: no peft needed to load it
     lm = causal_lm_of(model)
-    tmp = model_dir.with_name(model_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    if full is not None:
-        prefix = "signal_head."
-        head_state = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
-        lm.save_pretrained(tmp, state_dict={k: v for k, v in full.items() if not k.startswith(prefix)})
-        if head_state:
-            head = SignalHead(lm.config.get_text_config().hidden_size, len(signal_names))
-            head.load_state_dict(head_state)
-            head.save(tmp, signal_names)
-    else:
-        head = lm._modules.pop("signal_head", None)  # saved on its own, not inside the LM weights
-        try:
-            lm.save_pretrained(tmp)
-        finally:
+
+    def save_weights(tmp: Path) -> None:
+        if full is not None:
+            prefix = "signal_head."
+            head_state = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+            lm.save_pretrained(tmp, state_dict={k: v for k, v in full.items() if not k.startswith(prefix)})
+            if head_state:
+                head = SignalHead(lm.config.get_text_config().hidden_size, len(signal_names))
+                head.load_state_dict(head_state)
+                head.save(tmp, signal_names)
+        else:
+            head = lm._modules.pop("signal_head", None)  # saved on its own, not inside the LM weights
+            try:
+                lm.save_pretrained(tmp)
+            finally:
+                if head is not None:
+                    lm.signal_head = head
             if head is not None:
-                lm.signal_head = head
-        if head is not None:
-            head.save(tmp, signal_names)
-    tokenizer.save_pretrained(tmp)
-    (tmp / STUDENT_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    (tmp / "README.md").write_text(_model_card(meta, cfg))
-    follow_umask(tmp)
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    tmp.rename(model_dir)
+                head.save(tmp, signal_names)
 
-
-def _hub_id(name: str) -> str | None:
-    """``name`` if it reads as a Hugging Face hub id (``owner/model``), not a local directory."""
-    if name.startswith(("/", ".", "~", "tiny:")) or Path(name).expanduser().exists():
-        return None
-    return name if name.count("/") == 1 else None
-
-
-def _model_card(meta: dict[str, Any], cfg: TrainingConfig) -> str:
-    """The model card (README.md): a YAML header (``base_model`` when the student came from the hub,
-    library, pipeline, tags) and what the student was trained on and how (the dataset fingerprint,
-    the taxonomy with its tokens, every training setting, the training metrics)."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    m = meta["metrics"]
-    info = meta["model_card_info"]
-    kind = (
-        "Reasoning-Scaffolding student (signals + steps)"
-        if meta["scaffolded"]
-        else {"answer": "short-CoT baseline (the teacher's final answer text)"}.get(
-            meta.get("target"), "long-thinking CoT-SFT baseline (the whole teacher trace)"
-        )
-    )
-    base = meta["base_model"]
-    data = ModelCardData(
-        base_model=_hub_id(base),
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=["rscaffold", "reasoning-scaffolding", "sft", "trl"] + (["lora"] if cfg.lora else []),
-    )
-    steps = f"max_steps {cfg.max_steps}" if cfg.max_steps is not None else f"{cfg.epochs} epochs"
-    warmup = f"{cfg.warmup_steps} steps" if cfg.warmup_steps is not None else f"ratio {cfg.warmup_ratio}"
-    lines = [
-        f"# rscaffold student: {kind}",
-        "",
-        "Distilled with rscaffold (Reasoning Scaffolding, arXiv 2509.23619).",
-        "",
-        "## Provenance",
-        "",
-        "| key | value |",
-        "|---|---|",
-        f"| base model | `{base if _hub_id(base) else Path(base.removeprefix('tiny:')).name + ' (local)'}` |",
-    ]
-    for k, v in sorted(info.items()):
-        lines.append(f"| {k} | `{v}` |")
-    lines += [
-        "",
-        "## Objective",
-        "",
-        f"- scaffolded: {meta['scaffolded']}",
-        f"- signal objective: {meta['signal_objective']}",
-        f"- lambda (signal loss weight): {meta['signal_loss_weight']}",
-        "",
-    ]
-    if meta["signal_names"]:
-        lines += ["## Taxonomy", "", "| signal | token | token id |", "|---|---|---|"]
-        lines += [
-            f"| {n} | `{t}` | {i} |"
-            for n, t, i in zip(meta["signal_names"], meta["signal_tokens"], meta["signal_token_ids"])
-        ]
-        lines.append("")
-    lines += [
-        "## Training",
-        "",
-        f"- {steps}, lr {cfg.learning_rate} ({cfg.lr_scheduler}, warm-up {warmup}), weight decay {cfg.weight_decay}, "
-        f"batch {cfg.per_device_batch_size} x accumulation {cfg.gradient_accumulation_steps}, "
-        f"max_length {cfg.max_length}, seed {cfg.seed}",
-        _length_line(meta["metrics"].get("lengths") or {}, cfg),
-        f"- weights {cfg.student_dtype}, bf16 mixed precision {cfg.bf16}, attention {cfg.attn_implementation or 'default'}, "
-        f"gradient checkpointing {cfg.gradient_checkpointing}, "
-        f"LoRA {cfg.lora.model_dump() if cfg.lora else 'no'}{' on a 4-bit base (QLoRA)' if cfg.load_in_4bit else ''}",
-    ]
-    if cfg.args:
-        lines.append(f"- other trainer arguments: `{json.dumps(cfg.args, sort_keys=True, default=str)}`")
-    lines += [
-        "",
-        "## Metrics",
-        "",
-        "| metric | value |",
-        "|---|---|",
-    ]
-    for k in ("train_loss", "step_loss", "signal_loss", "signal_accuracy", "steps", "runtime_s", "tokens_per_s"):
-        lines.append(f"| {k} | {m.get(k)} |")
-    for k, v in sorted(m.get("eval_metrics", {}).items()):
-        lines.append(f"| {k} | {v} |")
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from rscaffold.student import load_student",
-        "from rscaffold.decoding.in_process import generate",
-        "student = load_student('<this directory>')",
-        "out = generate(student, questions=['...'], mode='guided' if student.scaffolded else 'plain')",
-        "```",
-        "",
-    ]
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
-
-
-def _length_line(info: dict[str, Any], cfg: TrainingConfig) -> str:
-    """The model card's line on the training examples' lengths and what max_length did to them."""
-    dist = ", ".join(f"{k} {info.get(k)}" for k in ("mean", "p50", "p90", "p99", "max"))
-    return (
-        f"- training examples: {info.get('count')}, tokens {dist}; {info.get('over_max_length', 0)} longer than "
-        f"max_length {cfg.max_length}: {info.get('dropped', 0)} dropped, {info.get('truncated', 0)} truncated "
-        f"(truncation: {cfg.truncation})"
-    )
+    write_student(model_dir, save_weights=save_weights, tokenizer=tokenizer, meta=meta, card=model_card(meta, cfg))
 
 
 def evaluate_signal_accuracy(

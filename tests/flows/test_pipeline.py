@@ -15,9 +15,10 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from helpers import make_config
+from helpers import make_config, tiny_config_dict
 from prefect.testing.utilities import prefect_test_harness
 
+from rscaffold.config import config_from_dict
 from rscaffold.stages.plan import plan_fingerprints
 from rscaffold.store import StageDir
 from rscaffold.vocabulary import EVAL_MODELS, STAGES, TRAINED_STUDENTS
@@ -91,6 +92,26 @@ def test_pipeline_end_to_end(harness, tiny_model_dir, smollm2_dir, tmp_path, mon
     counter.calls.clear()
     rscaffold_pipeline(config=cfg, refresh=["labeling"])
     assert counter.calls == Counter({"labeling": 1, "dataset": 1, "training": 1, "evaluation": 1})
+
+
+def test_evaluating_only_the_base_student_runs_only_what_it_needs(
+    harness, tiny_model_dir, smollm2_dir, tmp_path, monkeypatch
+):
+    """``evaluation.models: [base]`` (how good is the student before distillation?) runs the
+    problems and the evaluation: no teacher, no labels, no training."""
+    from rscaffold_flows.pipeline import rscaffold_pipeline
+
+    raw = tiny_config_dict(tiny_model_dir, smollm2_dir, tmp_path / "artifacts")
+    raw["training"].update(student=str(tiny_model_dir), tiny=None, tokenizer=None)
+    raw["evaluation"]["models"] = ["base"]
+    cfg = config_from_dict(raw)
+    counter = CallCounter(monkeypatch)
+    refs = rscaffold_pipeline(config=cfg)
+    assert set(refs) == {"problems", "evaluation"}
+    assert counter.calls == Counter({"problems": 1, "evaluation": 1})
+    preds = pl.read_parquet(Path(refs["evaluation"]["path"]) / "predictions.parquet")
+    assert preds.height == 4 and set(preds["model"].unique()) == {"base"}
+    assert not (Path(cfg.run.artifacts_dir) / "teacher").exists()
 
 
 def test_training_failure_keeps_upstream_and_resumes(harness, tiny_model_dir, smollm2_dir, tmp_path, monkeypatch):

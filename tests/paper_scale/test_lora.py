@@ -20,7 +20,7 @@ from paper_scale_shapes import NAMES, TOKENS, VOCAB_PADDING, examples, tiny_llam
 
 from rscaffold.config import LoraSettings, TrainingConfig
 from rscaffold.student import causal_lm_of
-from rscaffold.training.collator import encode_examples
+from rscaffold.student_format import encode_examples
 from rscaffold.training.signal_tokens import add_signal_tokens
 from rscaffold.training.trainer import build_trainer
 

@@ -41,7 +41,7 @@ def test_teacher_training_and_evaluation_send_the_same_user_message(benchmark):
     pytest.importorskip("torch")
     from paper_scale_shapes import examples, tiny_llama
 
-    from rscaffold.training.collator import encode_examples
+    from rscaffold.student_format import encode_examples
 
     _, tok = tiny_llama()
     example = examples(1)[0].model_copy(update={"question": QUESTIONS[benchmark]})

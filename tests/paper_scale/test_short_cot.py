@@ -41,7 +41,7 @@ def test_short_cot_trains_on_the_answer_text_and_cot_sft_on_the_whole_trace():
     pytest.importorskip("torch")
     from paper_scale_shapes import examples, tiny_llama
 
-    from rscaffold.training.collator import completion_steps, encode_examples
+    from rscaffold.student_format import completion_steps, encode_examples
 
     _, tok = tiny_llama()
     (ex,) = examples(1, answer_text=True)

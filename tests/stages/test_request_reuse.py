@@ -130,9 +130,9 @@ def test_every_rerun_sends_zero_requests(proxy, tiny_teacher_dir, tmp_path, monk
     monkeypatch.setattr(
         common, "stage_code_version", lambda stage: original(stage) + ("x" if stage == "teacher" else "")
     )
-    import rscaffold.stages.plan as plan
+    import rscaffold.stages.teacher as teacher_stage
 
-    monkeypatch.setattr(plan, "stage_code_version", common.stage_code_version)
+    monkeypatch.setattr(teacher_stage, "stage_code_version", common.stage_code_version)
     fps3, refs = run_upto_dataset(make_config(proxy, tiny_teacher_dir, artifacts))
     assert fps3["teacher"] != fps["teacher"] and refs["teacher"].path != cold["teacher"].path
     assert proxy.reset() == 0

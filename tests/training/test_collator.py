@@ -1,4 +1,4 @@
-"""Tokenization and collation of training examples (rscaffold.training.collator): masks, signal
+"""Tokenization and collation of training examples (rscaffold.student_format): masks, signal
 positions, truncation, padding."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ pytest.importorskip("torch")
 skip_module_without_student_tokenizer()
 
 from rscaffold.prompts import render_example
-from rscaffold.training.collator import IGNORE_INDEX, ScaffoldCollator, encode_example, encode_examples
+from rscaffold.student_format import IGNORE_INDEX, ScaffoldCollator, encode_example, encode_examples
 from rscaffold.training.signal_tokens import add_signal_tokens
 
 

@@ -22,7 +22,7 @@ from rscaffold.stages.dataset import run_dataset
 from rscaffold.stages.plan import plan_fingerprints
 from rscaffold.stages.training import run_training
 from rscaffold.store import StageDir, write_records
-from rscaffold.training.collator import ExampleTooLongError, LengthCounts, encode_examples
+from rscaffold.student_format import ExampleTooLongError, LengthCounts, encode_examples
 from rscaffold.training.lengths import TooLongExamplesError, length_report
 
 LONG_PARAGRAPHS = 600  # about 12k tokens and 500+ steps, an R1-length trace

@@ -28,7 +28,7 @@ from rscaffold.decoding.in_process import generate
 from rscaffold.models import build_tiny_model
 from rscaffold.prompts import render_example
 from rscaffold.student import SignalHead, Student, load_student
-from rscaffold.training.collator import IGNORE_INDEX, ScaffoldCollator, encode_example, encode_examples
+from rscaffold.student_format import IGNORE_INDEX, ScaffoldCollator, encode_example, encode_examples
 from rscaffold.training.signal_tokens import add_signal_tokens
 from rscaffold.training.trainer import build_trainer, evaluate_signal_accuracy, train_student
 
@@ -406,7 +406,7 @@ def test_epochs_bf16_weights_eager_attention_and_the_model_card(tmp_path):
 def test_model_card_names_a_hub_base_model():
     import yaml
 
-    from rscaffold.training.trainer import _model_card
+    from rscaffold.student import model_card
 
     meta = {
         "scaffolded": False,
@@ -419,7 +419,7 @@ def test_model_card_names_a_hub_base_model():
         "model_card_info": {"dataset_fingerprint": "0123abcd"},
         "metrics": {"steps": 3},
     }
-    card = _model_card(meta, training_config(student="HuggingFaceTB/SmolLM2-135M-Instruct", tiny=None))
+    card = model_card(meta, training_config(student="HuggingFaceTB/SmolLM2-135M-Instruct", tiny=None))
     assert yaml.safe_load(card.split("---\n", 2)[1])["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 

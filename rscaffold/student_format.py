@@ -1,4 +1,6 @@
-"""Tokenization of (prompt, completion) pairs and batching for the dual-objective student.
+"""The student's training text format: a dataset row as (prompt, completion) tokens, and batching
+for the dual-objective student. Training and scoring (the gate's calibration, signal accuracy)
+both encode examples through it, so a student is scored on exactly the text it was trained on.
 
 One encoded example holds
 
@@ -124,8 +126,6 @@ def encode_example(
 
 
 CompletionTarget = Literal["trace", "answer"]
-# What each trained student's completion holds (see completion_steps).
-STUDENT_TARGETS: dict[str, CompletionTarget] = {"scaffolded": "trace", "cot_sft": "trace", "short_cot": "answer"}
 
 
 def completion_steps(
@@ -161,14 +161,18 @@ def encode_examples(
 ) -> list[dict[str, list[int]]]:
     """Render and tokenize dataset rows (``signal_tokens=None``: the plain baseline form).
 
-    ``benchmark``: the user message is that benchmark family's prompt
-    (:func:`rscaffold.prompts.benchmark_prompt`, as at evaluation); None: the bare question.
+    ``benchmark``: the user message is that benchmark's family prompt (a benchmark name or a
+    family, :func:`rscaffold.evalsets.loaders.prompt_family_of`; the builder of
+    :func:`rscaffold.prompts.benchmark_prompt`, as at evaluation); None: the bare question.
     ``target``: what the completion holds (:func:`completion_steps`, with ``segmentation``).
     ``max_length`` / ``truncation``: what happens to longer examples (see the module docstring);
     ``counts`` (filled in when given) says how many there were and what was done with them, and
     a warning says it too. Rows without a completion (``answer`` target without answer text) or
     without any loss target after a cut are dropped, with a warning.
     """
+    from rscaffold.evalsets.loaders import prompt_family_of
+
+    family = prompt_family_of(benchmark) if benchmark is not None else None
     counts = counts if counts is not None else LengthCounts()
     rows = []
     empty = 0
@@ -177,9 +181,7 @@ def encode_examples(
         if not steps:
             empty += 1
             continue
-        prompt, completion = render_example(
-            ex.question, steps, tokenizer, signal_tokens=signal_tokens, benchmark=benchmark
-        )
+        prompt, completion = render_example(ex.question, steps, tokenizer, signal_tokens=signal_tokens, family=family)
         full = encoded_length(prompt, completion, tokenizer)
         counts.lengths.append(full)
         too_long = max_length is not None and full > max_length
@@ -235,12 +237,15 @@ def example_lengths(
     """``trace_id -> tokens`` of each example as the student is trained on it (prompt and completion
     rendered as :func:`encode_examples` renders them, before any cut); examples without a completion
     for ``target`` are left out."""
+    from rscaffold.evalsets.loaders import prompt_family_of
+
+    family = prompt_family_of(benchmark) if benchmark is not None else None
     out: dict[str, int] = {}
     for ex in examples:
         steps = completion_steps(ex, target, segmentation)
         if steps:
             prompt, completion = render_example(
-                ex.question, steps, tokenizer, signal_tokens=signal_tokens, benchmark=benchmark
+                ex.question, steps, tokenizer, signal_tokens=signal_tokens, family=family
             )
             out[ex.trace_id] = encoded_length(prompt, completion, tokenizer)
     return out
