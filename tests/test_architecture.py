@@ -151,7 +151,7 @@ def test_code_version_follows_the_import_closure():
     # and not what it does not: training, evaluation
     assert not any(m.startswith(("rscaffold.training", "rscaffold.evaluation", "rscaffold.decoding")) for m in teacher)
     problems = import_closure("rscaffold.stages.problems")
-    assert "rscaffold.evalsets.answers" in problems  # the loaders import it (missed by the old hand-kept list)
+    assert "rscaffold.evalsets.answers" in problems  # the loaders import it
 
 
 def test_every_library_package_is_packaged():

@@ -88,7 +88,7 @@ def test_kv_cached_guided_equals_the_reference_decoder(random_student, guided):
 def test_kv_cached_guided_equals_the_reference_on_long_outputs_with_the_papers_shapes():
     """Hundreds of output tokens over many rounds, on an untied Qwen2 with a padded vocabulary:
     the cache (with its holes, joins, leaves and compactions) decodes what re-encoding decodes."""
-    from paper_scale_shapes import tiny_qwen2
+    from method_shapes import tiny_qwen2
 
     from rscaffold.decoding.in_process import generate
     from rscaffold.student import Student

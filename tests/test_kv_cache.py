@@ -16,7 +16,7 @@ def alone(backbone, ids: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("shape", ["llama", "qwen2"])
 def test_edited_rows_match_their_sequences_alone(shape):
-    from paper_scale_shapes import tiny_llama, tiny_qwen2
+    from method_shapes import tiny_llama, tiny_qwen2
 
     from rscaffold.kv_cache import RowCache, supports_row_cache
     from rscaffold.student import backbone_of

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers import make_config
-from paper_scale_shapes import long_r1_trace, tokenizer_dir
+from method_shapes import long_r1_trace, tokenizer_dir
 
 from rscaffold.config import TrainingConfig
 from rscaffold.labeling.taxonomy import load_taxonomy

@@ -1,7 +1,7 @@
-"""Issue 11, point 6: the paper's baselines. Besides long-thinking distillation (``cot_sft``, SFT on
+"""The paper's baselines. Besides long-thinking distillation (``cot_sft``, SFT on
 the whole teacher trace), a short-CoT student (``short_cot``) is trained on the teacher's final
 answer text, what follows its reasoning block; the set of students is configuration. The stage
-level (all students trained and evaluated side by side) is in ``tests/paper_scale/test_stages.py``.
+level (all students trained and evaluated side by side) is in ``tests/method/test_stages.py``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_the_dataset_keeps_the_teachers_final_answer_text(tmp_path):
 
 def test_short_cot_trains_on_the_answer_text_and_cot_sft_on_the_whole_trace():
     pytest.importorskip("torch")
-    from paper_scale_shapes import examples, tiny_llama
+    from method_shapes import examples, tiny_llama
 
     from rscaffold.student_format import completion_steps, encode_examples
 

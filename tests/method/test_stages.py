@@ -1,13 +1,13 @@
-"""Issue 11 at the stage level: a tiny run of the six stages (library stage functions) whose student is
-the untied, padded tiny Qwen2, with the default training students and evaluation models.
+"""The method at the stage level: a tiny run of the six stages (library stage functions) whose
+student is the untied, padded tiny Qwen2, with the default training students and evaluation models.
 
-* point 6: base, short-CoT, long-thinking (cot_sft) and scaffolded students, trained on the same
+* baselines: base, short-CoT, long-thinking (cot_sft) and scaffolded students, trained on the same
   data, answer side by side;
-* point 2: the scaffolded student also answers without gating and without pruning; the gate's
+* gating: the scaffolded student also answers without gating and without pruning; the gate's
   threshold is calibrated on the validation rows and recorded in the evaluation manifest;
-* point 1: every model gets the same token budget; the per-step cap is the longest training step,
+* budgets: every model gets the same token budget; the per-step cap is the longest training step,
   recorded in the evaluation manifest;
-* point 5: every student was trained on the problems' benchmark family prompt.
+* prompts: every student was trained on the problems' benchmark family prompt.
 """
 
 from __future__ import annotations

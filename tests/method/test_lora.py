@@ -1,4 +1,4 @@
-"""Issue 11, point 3: LoRA students with untied embeddings and padded vocabularies.
+"""LoRA students with untied embeddings and padded vocabularies.
 
 Qwen2.5-7B/14B have untied input and output embeddings and more embedding rows than tokenizer
 entries. With LoRA and the default ``token`` objective, L_signal is scored by the LM head's signal
@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("trl")
 
-from paper_scale_shapes import NAMES, TOKENS, VOCAB_PADDING, examples, tiny_llama, tiny_qwen2, tokenizer_dir
+from method_shapes import NAMES, TOKENS, VOCAB_PADDING, examples, tiny_llama, tiny_qwen2, tokenizer_dir
 
 from rscaffold.config import LoraSettings, TrainingConfig
 from rscaffold.student import causal_lm_of

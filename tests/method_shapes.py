@@ -1,4 +1,4 @@
-"""The paper's shapes at toy size, for the tests in ``tests/paper_scale`` (no weights needed).
+"""The paper's shapes at toy size, for the tests in ``tests/method`` (no weights needed).
 
 * :func:`tiny_qwen2`: a random-init Qwen2 with *untied* embeddings and a *padded* vocabulary (more
   embedding rows than tokenizer entries), the shape of Qwen2.5-7B/14B;

@@ -1,4 +1,4 @@
-"""Issue 11, point 9: a labeling quality gate.
+"""The labeling quality gate.
 
 A weak labeler (the default 135M one) answers in valid form (so the fallback rate is 0%) while its
 labels collapse to the taxonomy's order: step 1 contrast, step 2 addition, step 3 reasoning, ...

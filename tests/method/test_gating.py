@@ -1,4 +1,4 @@
-"""Issue 11, point 2: adaptive gating and pruning, on by default, switchable for ablations.
+"""Adaptive gating and pruning, on by default, switchable for ablations.
 
 The student here has a signal head whose weights are zero and whose bias sets its next-signal
 distribution, the same at every step, so what the gate and the pruning must do is known exactly.
@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from paper_scale_shapes import tiny_qwen2
+from method_shapes import tiny_qwen2
 
 from rscaffold.config import EvaluationConfig, GuidedInferenceConfig
 from rscaffold.decoding.calibration import calibrate_gate, choose_threshold, plan_guided_decoding

@@ -1,4 +1,4 @@
-"""Issue 11, points 5 and 8: one prompt builder per benchmark family, and templates with braces.
+"""Prompts: one prompt builder per benchmark family, and templates with braces.
 
 * The teacher, the students' training data and the evaluation build the user message with the
   same function (``rscaffold.prompts.benchmark_prompt``): a student is asked at evaluation exactly
@@ -39,7 +39,7 @@ def _problem(benchmark: str) -> ProblemRecord:
 @pytest.mark.parametrize("benchmark", list(BENCHMARKS))
 def test_teacher_training_and_evaluation_send_the_same_user_message(benchmark):
     pytest.importorskip("torch")
-    from paper_scale_shapes import examples, tiny_llama
+    from method_shapes import examples, tiny_llama
 
     from rscaffold.student_format import encode_examples
 
@@ -62,7 +62,7 @@ def test_teacher_training_and_evaluation_send_the_same_user_message(benchmark):
 @pytest.mark.parametrize("benchmark", list(BENCHMARKS))
 def test_each_family_gets_its_own_instruction_and_no_other(benchmark):
     pytest.importorskip("torch")
-    from paper_scale_shapes import tiny_llama
+    from method_shapes import tiny_llama
 
     _, tok = tiny_llama()
     cfg = PipelineConfig.model_validate({"problems": {"format": benchmark}})

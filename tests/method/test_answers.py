@@ -1,9 +1,8 @@
-"""Issue 11, point 7: answers that are not answers.
+"""Answer extraction on outputs that are not clean answers.
 
-The default run printed 0% for every model: the instruction said "The answer is N.", the small
-students copied the letter N, and the extractor returned 'N' for GSM8K although the right number
-stood one line above. For a numeric benchmark a non-numeric anchor must not win (the last number
-counts, for every model alike); the instructions must not invite copying a placeholder; the yes/no
+A small student may copy an instruction's placeholder ("The answer is N.") one line below the
+right number. For a numeric benchmark a non-numeric anchor must not win (the last number counts,
+for every model alike); the instructions must not invite copying a placeholder; the yes/no
 fallback must not read a determiner ("There is no evidence ...") as a verdict.
 """
 

@@ -1,4 +1,4 @@
-"""Issue 11, point 4: one step boundary for the dataset, the training format and the decoder.
+"""One step boundary for the dataset, the training format and the decoder.
 
 An R1-style trace has far more than 64 paragraphs, one-word fragments and blank lines holding
 spaces. Whatever the segmenter makes of it (merged fragments, a capped tail), formatting the
@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from paper_scale_shapes import long_r1_trace, tiny_llama
+from method_shapes import long_r1_trace, tiny_llama
 
 from rscaffold.config import SegmentationConfig
 from rscaffold.decoding.output import split_output
@@ -37,7 +37,7 @@ def tokenizer():
     "cfg",
     [
         SegmentationConfig(),  # the default
-        SegmentationConfig(max_steps=64),  # the old default cap: the tail is joined into one step
+        SegmentationConfig(max_steps=64),  # a cap of 64 steps: the tail is joined into one step
         SegmentationConfig(split_on_discourse_turns=True, max_chars=200, min_chars=20, max_steps=30),
     ],
     ids=["default", "cap-64", "turns-short-cap"],

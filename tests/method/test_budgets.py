@@ -1,10 +1,10 @@
-"""Issue 11, point 1: guided decoding has the same token budget as plain decoding.
+"""Guided decoding has the same token budget as plain decoding.
 
 A scaffolded student trained on R1-style traces writes steps of hundreds of tokens and answers of
 thousands. Guided decoding must be able to spend the whole ``max_new_tokens`` that base and
 CoT-SFT get, must not cut a step that fits the budget (no step cap below the training data's
 longest step, no small constant bound on the number of steps), and its per-step safety cap is the
-longest training step (the evaluation manifest records it: ``tests/paper_scale/test_stages.py``).
+longest training step (the evaluation manifest records it: ``tests/method/test_stages.py``).
 
 The student here is the untied, padded tiny Qwen2 with signal tokens whose LM head can produce
 neither eos nor a line break (those rows are zero, every other logit is a random draw, so greedy
@@ -17,7 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from paper_scale_shapes import NAMES, TOKENS, tiny_qwen2
+from method_shapes import NAMES, TOKENS, tiny_qwen2
 
 from rscaffold.config import GuidedInferenceConfig
 from rscaffold.decoding.in_process import generate
@@ -25,7 +25,7 @@ from rscaffold.student import Student
 from rscaffold.training.signal_tokens import add_signal_tokens
 
 QUESTION = "A farmer has 12 baskets with 7 apples each and sells 30 apples. How many are left?"
-BUDGET = 540  # more than the old bound: 8 steps x (64 tokens + a signal token) = 520
+BUDGET = 540  # more than a bound of 8 steps x (64 tokens + a signal token) = 520
 
 
 def never_ending_student(longest_step_tokens: int) -> Student:
