@@ -1,7 +1,7 @@
 """The fault matrix: nothing lost, nothing mixed (run them alone with ``pytest -m faults``).
 
 Each test is a fault a hostile user can cause (two runs at once, kill -9 at every stage, damaged
-files, dead endpoints, bad input) and checks what happens and what is kept; README.md's
+files, dead endpoints, bad input) and checks what happens and what is kept; docs/faults.md's
 "Faults" table lists them. Real processes, a real model (tiny, random-init) and, for the labeler
 endpoint, a real OpenAI-compatible server behind a switchable proxy (tests/helpers.py).
 """

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 README = REPO / "README.md"
 
-# Top-level Parquet files that are partial work rather than documented outputs (README, "Caching,
+# Top-level Parquet files that are partial work rather than documented outputs (docs/faults.md, "Caching,
 # re-runs and failures": evaluation predictions are persisted per model).
 PARTIAL_WORK = {"evaluation": re.compile(r"predictions-[a-z_-]+-\d{6}-\d{6}\.parquet")}
 
