@@ -7,8 +7,9 @@ hand-kept list. Each module is hashed as its syntax tree without docstrings, so 
 a docstring or the formatting changes nothing, and neither does the package version: only code
 that can change what a stage computes invalidates its output.
 
-``rscaffold.config`` is left out on purpose: a stage's fingerprint already holds the *values* of
-its config section (defaults and validators included), which is everything config.py decides;
+``rscaffold.config`` (the package and its modules) is left out on purpose: a stage's fingerprint
+already holds the *values* of its config section (defaults and validators included), which is
+everything the config package decides;
 its help texts are not behaviour. ``rscaffold.code_version`` itself is left out too: it computes
 the version, not a stage's output.
 """
@@ -25,6 +26,11 @@ PACKAGE = "rscaffold"
 # Modules whose effect on a stage's output is fully captured by the config values in its
 # fingerprint (see the module docstring).
 EXCLUDED = frozenset({"rscaffold.config", "rscaffold.code_version"})
+
+
+def is_excluded(module: str) -> bool:
+    """Whether ``module`` is, or lies inside, one of the :data:`EXCLUDED` modules."""
+    return any(module == e or module.startswith(e + ".") for e in EXCLUDED)
 
 
 # The package's own directory: modules are resolved to files under it by name, never with
@@ -152,7 +158,7 @@ def code_version(module: str, length: int = 12) -> str:
     """The code version of ``module``: a hash over the digests of its import closure."""
     h = hashlib.sha256()
     for m in import_closure(module):
-        if m in EXCLUDED:
+        if is_excluded(m):
             continue
         h.update(m.encode())
         h.update(module_digest(m).encode())

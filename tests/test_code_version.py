@@ -50,6 +50,15 @@ def test_closure_follows_lazy_imports_and_leaves_config_out():
     assert "rscaffold.config" in cv.EXCLUDED  # its values are in every fingerprint already
 
 
+def test_no_module_of_the_config_package_enters_a_code_version(monkeypatch):
+    closure = cv.import_closure("rscaffold.stages.training")
+    assert {"rscaffold.config.training", "rscaffold.config.load"} <= set(closure)  # through the package
+    before = cv.code_version("rscaffold.stages.training")
+    real = cv.module_digest
+    monkeypatch.setattr(cv, "module_digest", lambda m: "edited" if m.startswith("rscaffold.config") else real(m))
+    assert cv.code_version("rscaffold.stages.training") == before
+
+
 def test_fingerprints_and_show_config_import_no_torch_transformers_or_trl(tmp_path):
     import subprocess
     import sys
