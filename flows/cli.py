@@ -22,7 +22,7 @@ from rscaffold.config import (
     load_config,
     parse_assignments,
 )
-from rscaffold.stages.plan import preflight
+from rscaffold.stages.plan import complete_outputs, preflight
 from rscaffold.vocabulary import STAGES
 
 app = typer.Typer(
@@ -131,19 +131,39 @@ def _load(
     return cfg
 
 
-def _preflight(cfg: PipelineConfig) -> None:
-    """Everything that can be checked before any stage starts (exit 2 naming what is wrong)."""
+def _preflight(cfg: PipelineConfig) -> dict[str, str]:
+    """Everything that can be checked before any stage starts (exit 2 naming what is wrong);
+    returns the stages' fingerprints."""
     try:
-        preflight(cfg)
+        return preflight(cfg)
     except ConfigError as e:
         err.print(f"[bold red]config error[/]: {e}")
         raise typer.Exit(2) from None
 
 
+class _NothingToRun(Exception):
+    """Every output the run reads is complete and intact (``refs``): no flow needs to run."""
+
+    def __init__(self, refs: dict[str, dict]):
+        super().__init__("every output is complete")
+        self.refs = refs
+
+
+def _check_and_plan(cfg: PipelineConfig, *, reuse_complete: bool) -> None:
+    """Check the config and plan the stages; with ``reuse_complete``, raise :class:`_NothingToRun`
+    when every output the run reads is already complete and intact."""
+    fps = _preflight(cfg)
+    if reuse_complete:
+        refs = complete_outputs(cfg, fps)
+        if refs is not None:
+            raise _NothingToRun({stage: ref.to_dict() for stage, ref in refs.items()})
+
+
 @contextlib.contextmanager
-def _prefect_api(cfg: PipelineConfig) -> Iterator[None]:
+def _prefect_api(cfg: PipelineConfig, *, reuse_complete: bool = False) -> Iterator[None]:
     """The run's Prefect API (a temporary server unless PREFECT_API_URL is set), started while the
-    config is checked and the stages are planned."""
+    config is checked and the stages are planned (see :func:`_check_and_plan`: a temporary server
+    is stopped at once when there is nothing to run)."""
     from rscaffold_flows.ephemeral_server import prefect_api, start_timeout_s
 
     try:
@@ -151,7 +171,7 @@ def _prefect_api(cfg: PipelineConfig) -> Iterator[None]:
     except ValueError as e:
         err.print(f"[bold red]error[/]: {e}")
         raise typer.Exit(2) from None
-    with prefect_api(timeout_s, meanwhile=lambda: _preflight(cfg)):
+    with prefect_api(timeout_s, meanwhile=lambda: _check_and_plan(cfg, reuse_complete=reuse_complete)):
         yield
 
 
@@ -232,8 +252,18 @@ def run(
     _warn_local_problems(cfg)
     from rscaffold_flows.pipeline import rscaffold_pipeline
 
-    with _prefect_api(cfg):
-        refs = rscaffold_pipeline(config=cfg, refresh=list(refresh or []), fresh=fresh)
+    try:
+        with _prefect_api(cfg, reuse_complete=not refresh):
+            refs = rscaffold_pipeline(config=cfg, refresh=list(refresh or []), fresh=fresh)
+    except _NothingToRun as done:
+        # A Prefect server would only record a run that reuses everything; starting one costs far
+        # more than the check (and a flow run would check the same manifests again).
+        console.print(
+            "every stage output this run reads is complete and intact: nothing to run, no flow run "
+            "recorded (--refresh STAGE recomputes one)",
+            highlight=False,
+        )
+        refs = done.refs
     _print_results(refs)
 
 

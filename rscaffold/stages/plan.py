@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from rscaffold.config import ConfigError, PipelineConfig, check_inputs_exist
 from rscaffold.labeling.taxonomy import TaxonomyError, load_taxonomy
+from rscaffold.stages.common import stage_dir
 from rscaffold.stages.problems import check_problem_files
-from rscaffold.stages.registry import DECLARED
-from rscaffold.store import fingerprint
+from rscaffold.stages.registry import DECLARED, stages_to_run
+from rscaffold.store import StageRef, fingerprint
 
 
 def plan_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
@@ -56,3 +57,18 @@ def preflight(cfg: PipelineConfig) -> dict[str, str]:
         return plan_fingerprints(cfg)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot plan the stages: {err}") from None
+
+
+def complete_outputs(
+    cfg: PipelineConfig, fps: dict[str, str], *, until: str = "evaluation"
+) -> dict[str, StageRef] | None:
+    """The outputs a run up to ``until`` reads, by stage, when every one is published and intact
+    (checked against its manifest, as a run checks it before reuse); None when one is missing,
+    unfinished or damaged, so that a run has work to do."""
+    refs: dict[str, StageRef] = {}
+    for stage in stages_to_run(cfg, until):
+        sd = stage_dir(cfg, stage, fps)
+        if not sd.is_complete() or sd.verify():
+            return None
+        refs[stage] = sd.ref()
+    return refs

@@ -143,3 +143,38 @@ def test_experiment_dry_run_prints_cells_and_cost_and_runs_nothing(tmp_path, mon
     grid.write_text(yaml.safe_dump({"config": cfg, "axes": {"training.no_such": [1]}}))
     out = runner.invoke(app, ["experiment", "--config", str(grid), "--dry-run"])
     assert out.exit_code == 2 and "training.no_such" in out.output
+
+
+def test_a_run_with_every_output_complete_starts_no_flow_and_a_damaged_one_does(
+    tmp_path, monkeypatch, tiny_model_dir, smollm2_dir
+):
+    """Re-running a finished config checks the outputs against their manifests and stops there:
+    no temporary Prefect server, no flow run. A damaged output means work, so the flow runs."""
+    from pathlib import Path
+
+    import rscaffold_flows.pipeline
+    from helpers import tiny_config_dict
+
+    from rscaffold.config import config_from_dict
+    from rscaffold.stages.evaluation import run_evaluation
+    from rscaffold.stages.plan import plan_fingerprints
+    from rscaffold.stages.problems import run_problems
+
+    raw = tiny_config_dict(tiny_model_dir, smollm2_dir, tmp_path / "artifacts")
+    raw["training"].update(student=str(tiny_model_dir), tiny=None, tokenizer=None)
+    raw["evaluation"]["models"] = ["base"]  # the problems and the evaluation: all it needs
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    cfg = config_from_dict(raw)
+    fps = plan_fingerprints(cfg)
+    evaluation = run_evaluation(cfg, fps, problems=run_problems(cfg, fps))
+
+    flows: list[dict] = []
+    monkeypatch.setattr(rscaffold_flows.pipeline, "rscaffold_pipeline", lambda **kw: flows.append(kw) or {})
+    out = runner.invoke(app, ["run", "--config", str(tmp_path / "cfg.yaml")], terminal_width=250)
+    assert out.exit_code == 0, out.output
+    assert "nothing to run" in out.output and fps["evaluation"] in out.output and not flows
+
+    (Path(evaluation.path) / "metrics.parquet").write_bytes(b"damaged")
+    out = runner.invoke(app, ["run", "--config", str(tmp_path / "cfg.yaml")], terminal_width=250)
+    assert out.exit_code == 0, out.output
+    assert "nothing to run" not in out.output and len(flows) == 1
