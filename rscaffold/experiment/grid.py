@@ -157,8 +157,10 @@ def load_experiment_file(path: str | Path, overrides: list[str] | tuple[str, ...
         raise ConfigError(f"experiment file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the experiment file: {err}") from None
     return expand_experiment(raw, base=path.parent.resolve(), source=str(path), overrides=overrides)
 
 
@@ -209,6 +211,11 @@ def expand_experiment(
                 f"{source}, cell {cell_id}: the reference model {spec.reference!r} is not evaluated "
                 f"(evaluation.models: {cfg.evaluation.models})"
             )
+        # Two spellings of one value (1 and 1.0, two labels with the same settings) make the same
+        # config: one cell twice would count its comparisons twice in the report.
+        twin = next((c for c in cells if c.config == cfg), None)
+        if twin is not None:
+            raise ConfigError(f"{source}: cells {twin.id} and {cell_id} have the same config (a value listed twice?)")
         cells.append(Cell(cell_id, values, settings, cfg))
     roots = {str(Path(c.config.run.artifacts_dir).expanduser().resolve()) for c in cells}
     if len(roots) > 1:  # cannot happen through the axes (run.* refused there); kept as a guard
