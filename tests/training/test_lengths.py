@@ -275,3 +275,20 @@ def test_a_max_length_that_drops_every_example_is_refused_even_when_the_share_al
     monkeypatch.setattr("rscaffold.training.trainer.load_student_base", no_model)
     with pytest.raises(TooLongExamplesError, match=r"every one of the 3 training examples .* nothing to train on"):
         run_training(cfg, fps, dataset)
+
+
+def test_truncate_keep_end_with_a_max_length_below_the_prompt_says_every_example_was_dropped(
+    tiny_model_dir, smollm2_dir, tmp_path
+):
+    cfg = _config(
+        tiny_model_dir,
+        smollm2_dir,
+        tmp_path / "e",
+        max_length=16,
+        truncation="truncate_keep_end",
+        max_over_length_share=1.0,
+    )
+    fps = plan_fingerprints(cfg)
+    dataset = _fabricate_upstream(cfg, fps, short=3, long=False)
+    with pytest.raises(TooLongExamplesError, match=r"all 3 training examples .*max_length=16 and were dropped"):
+        run_training(cfg, fps, dataset)
