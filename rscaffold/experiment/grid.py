@@ -52,8 +52,10 @@ class ExperimentSpec(BaseModel):
 
     name: str | None = Field(
         default=None,
-        description="The experiment's name: its report goes to <artifacts_dir>/experiments/<name>/ (default: the "
-        "experiment file's name without its extension).",
+        # one folder name: a path (a/b, ../x, /x) would put the report outside experiments/
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="The experiment's name (letters, digits, '.', '_', '-'): its report goes to "
+        "<artifacts_dir>/experiments/<name>/ (default: the experiment file's name without its extension).",
     )
     config: str | dict[str, Any] | None = Field(
         default=None,

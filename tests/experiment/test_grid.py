@@ -53,6 +53,8 @@ def test_axes_expand_to_every_combination_with_settings_applied(tmp_path):
         ({"axes": {"size": {"a": {"training.seed": 1}, "b": {"training.seed": 1}}}}, "size=a and size=b have the same"),
         ({"axes": {}}, "at least one axis"),
         ({"axes": {"training.seed": [0]}, "colour": 1}, "colour: unknown key"),
+        ({"axes": {"training.seed": [0]}, "name": "../../elsewhere"}, "name: String should match pattern"),
+        ({"axes": {"training.seed": [0]}, "name": "/abs/x"}, "name: String should match pattern"),
         ({"axes": {"training.signal_loss_weight": [-1]}}, "greater than or equal to 0"),
         (
             {"axes": {"training.seed": [0]}, "set": {"evaluation.models": ["scaffolded"]}},
