@@ -160,3 +160,19 @@ def test_a_context_window_smaller_than_the_label_prompt_is_refused_with_the_size
     with pytest.raises(ValueError, match=r"labeling.context_tokens=512 is too small .* at least \d+"):
         list(label_traces([("t", "p", "Q?", _long_trace(3))], tax, backend, sampling=SamplingConfig(), cfg=cfg))
     assert backend.calls == []  # nothing was sent
+
+
+def test_a_context_larger_than_the_local_labeler_model_holds_is_warned_about(tiny_model_dir, caplog) -> None:
+    import logging
+
+    from rscaffold.config import BackendConfig, LabelingConfig
+    from rscaffold.labeling.labeler import warn_context_larger_than_model
+
+    llm = BackendConfig(backend="transformers", model=str(tiny_model_dir))
+    with caplog.at_level(logging.WARNING, logger="rscaffold"):
+        limit = warn_context_larger_than_model(llm, LabelingConfig(context_tokens=8192 + 7))
+        assert limit is not None and limit < 8192
+        assert "labeling.context_tokens=8199 is larger than the labeler model's context window" in caplog.text
+        caplog.clear()
+        assert warn_context_larger_than_model(llm, LabelingConfig(context_tokens=limit)) == limit
+        assert caplog.text == ""
