@@ -24,6 +24,9 @@ from rscaffold.config import BackendConfig, PipelineConfig
 Status = Literal["pass", "warn", "fail"]
 # Seconds one tiny check request may take (a cold server may load the model on the first one).
 REQUEST_TIMEOUT_S = 120.0
+# Seconds listing the served models may take: a server that is up answers at once, one that
+# accepts connections and never answers (hung, or another program on the port) fails quickly.
+REACHABLE_TIMEOUT_S = 15.0
 # The schema of the structured-output probe: what a server that honours response_format returns.
 PROBE_SCHEMA = {
     "type": "object",
@@ -104,7 +107,9 @@ def check_endpoint(ep: Endpoint) -> list[Check]:
     llm, url, role = ep.llm, _url(ep.llm), ep.role
     client = _client(llm)
     try:
-        served = [m.id for m in client.models.list()]
+        served = [
+            m.id for m in client.with_options(timeout=min(llm.request_timeout_s, REACHABLE_TIMEOUT_S)).models.list()
+        ]
     except Exception as err:  # any failure to list models means we cannot go on with this endpoint
         return [
             Check(

@@ -56,6 +56,14 @@ def test_invalid_yaml(tmp_path):
         load_config(write(tmp_path, "teacher: [unclosed"))
 
 
+def test_a_binary_or_directory_config_is_a_config_error(tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(b"\xb4\x00\xff")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "binary.yaml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path)
+
+
 def test_relative_paths_resolve_against_config_dir(tmp_path):
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / "t.jsonl").write_text("")

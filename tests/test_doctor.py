@@ -60,6 +60,25 @@ def test_an_unreachable_endpoint_fails_naming_its_url(tmp_path):
     assert check.status == "fail" and url in check.detail and "base_url" in check.fix
 
 
+def test_a_server_that_accepts_connections_but_never_answers_fails_quickly(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # the kernel accepts connections; nothing ever answers
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        monkeypatch.setattr(doctor, "REACHABLE_TIMEOUT_S", 1.0)
+        cfg = _cfg(tmp_path, teacher={"llm": _openai(url, "m")})
+        started = time.monotonic()
+        (check,) = doctor.check_endpoint(doctor.endpoints(cfg)[0])
+        assert check.status == "fail" and "Timeout" in check.detail
+        assert time.monotonic() - started < 10
+    finally:
+        listener.close()
+
+
 class HonouringFakeServer:
     """Test fake of an OpenAI-compatible server that honours response_format, seed, logprobs and
     allowed_token_ids (answers the probes as vLLM would)."""

@@ -145,7 +145,8 @@ class ProblemsConfig(_Section):
         default="fail",
         description="When an evaluation problem's question (lower-cased, punctuation and spacing normalised) is also "
         "a training question: 'fail' stops the problems stage naming the counts and examples; 'remove' drops those "
-        "problems from the evaluation (counted in the problems manifest and the evaluation report).",
+        "problems from the evaluation (counted in the problems manifest and the evaluation report; refused when "
+        "that would leave a benchmark no problem).",
     )
 
     @model_validator(mode="after")

@@ -52,8 +52,10 @@ class ExperimentSpec(BaseModel):
 
     name: str | None = Field(
         default=None,
-        description="The experiment's name: its report goes to <artifacts_dir>/experiments/<name>/ (default: the "
-        "experiment file's name without its extension).",
+        # one folder name: a path (a/b, ../x, /x) would put the report outside experiments/
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="The experiment's name (letters, digits, '.', '_', '-'): its report goes to "
+        "<artifacts_dir>/experiments/<name>/ (default: the experiment file's name without its extension).",
     )
     config: str | dict[str, Any] | None = Field(
         default=None,
@@ -157,8 +159,10 @@ def load_experiment_file(path: str | Path, overrides: list[str] | tuple[str, ...
         raise ConfigError(f"experiment file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the experiment file: {err}") from None
     return expand_experiment(raw, base=path.parent.resolve(), source=str(path), overrides=overrides)
 
 
@@ -209,6 +213,11 @@ def expand_experiment(
                 f"{source}, cell {cell_id}: the reference model {spec.reference!r} is not evaluated "
                 f"(evaluation.models: {cfg.evaluation.models})"
             )
+        # Two spellings of one value (1 and 1.0, two labels with the same settings) make the same
+        # config: one cell twice would count its comparisons twice in the report.
+        twin = next((c for c in cells if c.config == cfg), None)
+        if twin is not None:
+            raise ConfigError(f"{source}: cells {twin.id} and {cell_id} have the same config (a value listed twice?)")
         cells.append(Cell(cell_id, values, settings, cfg))
     roots = {str(c.config.run.artifacts_root) for c in cells}
     if len(roots) > 1:  # cannot happen through the axes (run.* refused there); kept as a guard

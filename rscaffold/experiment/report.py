@@ -107,7 +107,10 @@ def _axis_columns(experiment: Experiment, cells: list[Cell]) -> pl.DataFrame:
     for a in experiment.axes:
         values = [c.values[a] for c in cells]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        data[a] = [float(v) for v in values] if numeric else [_text(v) for v in values]
+        if numeric and all(isinstance(v, int) for v in values):
+            data[a] = [int(v) for v in values]  # seeds and other integer axes stay integers
+        else:
+            data[a] = [float(v) for v in values] if numeric else [_text(v) for v in values]
     return pl.DataFrame(data)
 
 

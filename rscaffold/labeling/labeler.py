@@ -450,3 +450,43 @@ def _local_tokenizer(name: str) -> Any:
     except Exception as err:  # noqa: BLE001 - any failure means: estimate instead
         log.info("labeling: no local tokenizer for %s (%s); windows sized by characters", name, err)
         return None
+
+
+def labeler_context_limit(llm: BackendConfig) -> int | None:
+    """The labeler model's own context window (``max_position_embeddings`` of its config) when the
+    model is on this machine; None otherwise (an OpenAI-compatible server, a hub id not cached)."""
+    if llm.backend == "openai":
+        return None
+    return _local_context_limit(llm.model)
+
+
+@functools.lru_cache(maxsize=4)
+def _local_context_limit(name: str) -> int | None:
+    try:
+        from transformers import AutoConfig
+
+        conf = AutoConfig.from_pretrained(name, local_files_only=True)
+        limit = getattr(conf.get_text_config(), "max_position_embeddings", None)
+    except Exception:  # noqa: BLE001 - unknown: no check
+        return None
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+_WARNED: set[tuple[str, int]] = set()
+
+
+def warn_context_larger_than_model(llm: BackendConfig, cfg: LabelingConfig) -> int | None:
+    """Warn when ``labeling.context_tokens`` is larger than the local labeler model's own context
+    window: windows sized by it would send requests the model cannot hold. Returns that window."""
+    limit = labeler_context_limit(llm)
+    if limit is not None and limit < cfg.context_tokens and (llm.model, cfg.context_tokens) not in _WARNED:
+        _WARNED.add((llm.model, cfg.context_tokens))  # once per process, not once per shard
+        log.warning(
+            "labeling.context_tokens=%d is larger than the labeler model's context window (%s: %d tokens): "
+            "long traces' label requests will not fit it; set labeling.context_tokens to %d or less",
+            cfg.context_tokens,
+            llm.model,
+            limit,
+            limit,
+        )
+    return limit

@@ -115,6 +115,15 @@ def plan_windows(
     def room(n: int) -> int:
         return context_tokens - PROMPT_OVERHEAD_TOKENS - RETRY_EXTRA_TOKENS - answer_tokens(n) - fixed_tokens
 
+    least = count_tokens(_step_line(1, "x" * PROMPT_MIN_STEP_CHARS, None)) + 1
+    if steps and room(1) < least:
+        need = context_tokens - room(1) + least
+        raise ValueError(
+            f"labeling.context_tokens={context_tokens} is too small for a label request: its instructions, "
+            f"taxonomy and question take about {fixed_tokens} tokens and its answer {answer_tokens(1)}, leaving "
+            f"no room for a step; raise labeling.context_tokens to at least {need} (or use a labeler with a "
+            "larger context window)"
+        )
     start, used = 0, 0
     for i, (step, pre) in enumerate(zip(steps, prelabels)):
         n = i - start + 1

@@ -71,7 +71,7 @@ def _label_shard(
 ) -> int:
     """Label the traces of one shard that are not labeled yet; write the shard with all its
     labels (earlier ones kept). Returns how many traces were labeled now."""
-    from rscaffold.labeling.labeler import label_traces, labeler_token_counter
+    from rscaffold.labeling.labeler import label_traces, labeler_token_counter, warn_context_larger_than_model
     from rscaffold.segment import split_steps, trace_body
 
     existing = sd.read_shard_map(SHARD, LabeledStepRecord).get(key, [])
@@ -92,6 +92,8 @@ def _label_shard(
     batch: list[LabeledStepRecord] = list(existing)
     backend = backend_factory() if cfg.labeling.method == "llm" else None
     count = labeler_token_counter(cfg.labeler_llm()) if backend is not None else None
+    if backend is not None:
+        warn_context_larger_than_model(cfg.labeler_llm(), cfg.labeling)
     for records in label_traces(
         work, tax, backend, sampling=cfg.labeling.sampling, cfg=cfg.labeling, stats=stats, count_tokens=count
     ):

@@ -104,6 +104,14 @@ def check_overlap(cfg: PipelineConfig, train: list[ProblemRecord], evl: list[Pro
             "part: heldout with the seed and heldout_fraction of problems), or set problems.on_overlap: remove to "
             "drop them from the evaluation"
         )
+    emptied = [o for o in hits if o.count == o.problems]
+    if emptied:
+        raise ProblemOverlapError(
+            "problems.on_overlap: remove would leave nothing to evaluate: "
+            + "; ".join(f"all {o.problems} problems of evaluation benchmark {o.benchmark!r}" for o in emptied)
+            + f" are training problems (training reads part {training_part(cfg)!r} of {p.train}); evaluate other "
+            "problems or a held-out part (problems.part: train, or a benchmark's part: heldout)"
+        )
     for o in hits:
         log.warning(
             "removed %d of %d problems of evaluation benchmark %r that are also training problems (e.g. %s)",

@@ -88,7 +88,18 @@ def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, 
     # (one log line per student; refused when too many would be dropped or cut).
     lengths, too_long = _check_lengths(cfg, train_rows, tax)
     if too_long:  # truncation 'drop': left out for every student, so all train on the same problems
-        train_rows = [e for e in train_rows if e.trace_id not in too_long]
+        kept = [e for e in train_rows if e.trace_id not in too_long]
+        if not kept:
+            from rscaffold.training.lengths import TooLongExamplesError
+
+            longest = max((r["max"] or 0) for r in lengths.values())
+            raise TooLongExamplesError(
+                f"every one of the {len(train_rows)} training examples is longer than "
+                f"training.max_length={tcfg.max_length} (longest {longest} tokens) and is dropped "
+                "(training.truncation: drop): nothing to train on. Raise training.max_length, or set "
+                "training.truncation: truncate_keep_end. Nothing was trained."
+            )
+        train_rows = kept
     if tcfg.tiny is not None:
         # The untrained starting point is saved so that "base" is evaluated on exactly the
         # weights every student starts from.

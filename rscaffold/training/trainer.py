@@ -620,6 +620,15 @@ def train_student(
         length_info["truncated"],
         cfg.truncation,
     )
+    if not train_rows and counts.dropped:
+        from rscaffold.training.lengths import TooLongExamplesError
+
+        raise TooLongExamplesError(
+            f"all {counts.dropped} training examples (target {target!r}) are longer than "
+            f"training.max_length={cfg.max_length} and were dropped (truncation: {cfg.truncation}; "
+            "truncate_keep_end drops an example whose prompt alone fills max_length): nothing to train on. "
+            "Raise training.max_length. Nothing was trained."
+        )
     if not train_rows:
         raise ValueError(f"no training rows for target {target!r} (e.g. no teacher answer text)")
     eval_rows = encode_examples(eval_examples, tokenizer, token_map, **encode) if eval_examples else None

@@ -46,8 +46,15 @@ def test_axes_expand_to_every_combination_with_settings_applied(tmp_path):
         ({"axes": {"run.artifacts_dir": ["a", "b"]}}, "share the run settings"),
         ({"axes": {"training.seed": []}}, "has no values"),
         ({"axes": {"training.seed": [0, 0]}}, "lists a value twice"),
+        (
+            {"axes": {"training.signal_loss_weight": [1, 1.0]}},
+            "weight=1 and signal_loss_weight=1.0 have the same config",
+        ),
+        ({"axes": {"size": {"a": {"training.seed": 1}, "b": {"training.seed": 1}}}}, "size=a and size=b have the same"),
         ({"axes": {}}, "at least one axis"),
         ({"axes": {"training.seed": [0]}, "colour": 1}, "colour: unknown key"),
+        ({"axes": {"training.seed": [0]}, "name": "../../elsewhere"}, "name: String should match pattern"),
+        ({"axes": {"training.seed": [0]}, "name": "/abs/x"}, "name: String should match pattern"),
         ({"axes": {"training.signal_loss_weight": [-1]}}, "greater than or equal to 0"),
         (
             {"axes": {"training.seed": [0]}, "set": {"evaluation.models": ["scaffolded"]}},
@@ -58,6 +65,14 @@ def test_axes_expand_to_every_combination_with_settings_applied(tmp_path):
 def test_bad_experiments_are_refused_naming_the_problem(tmp_path, raw, message):
     with pytest.raises(ConfigError, match=message):
         expand_experiment({"config": BASE, **raw}, base=tmp_path)
+
+
+def test_an_unreadable_experiment_file_is_a_config_error(tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(b"\xb4\x00\xff")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_experiment_file(tmp_path / "binary.yaml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_experiment_file(tmp_path)
 
 
 def test_experiment_file_config_path_is_relative_to_the_file(tmp_path):

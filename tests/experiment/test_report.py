@@ -70,6 +70,8 @@ def test_report_shares_baseline_rows_and_counts_each_comparison_once(tmp_path):
 
     results = pl.read_parquet(files["results"])
     assert results.height == 4 * 3
+    # an integer axis (the seed) stays integer, a number axis is float
+    assert (results.schema["training.seed"], results.schema["training.signal_loss_weight"]) == (pl.Int64, pl.Float64)
     assert results["n_comparisons"].drop_nulls().unique().to_list() == [6]  # short_cot x 2 seeds + scaffolded x 4
     row = results.filter((pl.col("cell") == "signal_loss_weight=1.0,seed=1") & (pl.col("model") == "scaffolded"))
     assert row["diff"][0] == pytest.approx(7 / 8 - 3 / 8) and (row["b"][0], row["c"][0]) == (4, 0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from helpers import ScriptedLabelerBackend, llm_labeling_config
 
 from rscaffold.config import SamplingConfig
@@ -151,3 +152,27 @@ def test_windows_are_sized_by_the_labelers_own_tokenizer(tax: Taxonomy, smollm2_
     budgets = [s.max_new_tokens for s, call in zip(backend.samplings, backend.calls) for _ in call]
     assert recs[0].windows > 1 and {r.source for r in recs} == {"llm"}
     assert all(n + b <= cfg.context_tokens for n, b in zip(sizes, budgets))
+
+
+def test_a_context_window_smaller_than_the_label_prompt_is_refused_with_the_size_needed(tax: Taxonomy) -> None:
+    backend = ScriptedLabelerBackend(_answer_by_marker(tax))
+    cfg = llm_labeling_config(context_tokens=512)  # the taxonomy's definitions alone take more
+    with pytest.raises(ValueError, match=r"labeling.context_tokens=512 is too small .* at least \d+"):
+        list(label_traces([("t", "p", "Q?", _long_trace(3))], tax, backend, sampling=SamplingConfig(), cfg=cfg))
+    assert backend.calls == []  # nothing was sent
+
+
+def test_a_context_larger_than_the_local_labeler_model_holds_is_warned_about(tiny_model_dir, caplog) -> None:
+    import logging
+
+    from rscaffold.config import BackendConfig, LabelingConfig
+    from rscaffold.labeling.labeler import warn_context_larger_than_model
+
+    llm = BackendConfig(backend="transformers", model=str(tiny_model_dir))
+    with caplog.at_level(logging.WARNING, logger="rscaffold"):
+        limit = warn_context_larger_than_model(llm, LabelingConfig(context_tokens=8192 + 7))
+        assert limit is not None and limit < 8192
+        assert "labeling.context_tokens=8199 is larger than the labeler model's context window" in caplog.text
+        caplog.clear()
+        assert warn_context_larger_than_model(llm, LabelingConfig(context_tokens=limit)) == limit
+        assert caplog.text == ""

@@ -176,3 +176,11 @@ def test_custom_question_template_for_problems_and_evaluation_benchmarks(tmp_pat
     (suite,) = evaluation_suites(cfg.evaluation, "gsm8k", [], exclude=overlap_removed(ref))
     assert suite.problems and all(p.question.endswith(" more. How many pens now?") for p in suite.problems)
     assert not {p.problem_id for p in suite.problems} & {p.problem_id for p in train}
+
+
+def test_removing_an_overlap_that_is_the_whole_evaluation_is_refused(tmp_path: Path) -> None:
+    raw = _custom_config(tmp_path)
+    raw["problems"].update(eval="train.json", part="all", on_overlap="remove")
+    cfg = config_from_dict(raw, base=tmp_path)
+    with pytest.raises(ProblemOverlapError, match=r"nothing to evaluate: all 4 problems of evaluation benchmark"):
+        run_problems(cfg, plan_fingerprints(cfg))

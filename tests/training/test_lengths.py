@@ -260,3 +260,35 @@ def test_a_student_trains_on_a_long_trace_cut_in_the_middle_and_its_card_says_so
     assert result.lengths["max"] > 8000
     card = (result.model_dir / "README.md").read_text()
     assert "1 longer than max_length 512: 0 dropped, 1 truncated (truncation: truncate_keep_end)" in card
+
+
+def test_a_max_length_that_drops_every_example_is_refused_even_when_the_share_allows_it(
+    tiny_model_dir, smollm2_dir, tmp_path, monkeypatch
+):
+    cfg = _config(tiny_model_dir, smollm2_dir, tmp_path / "d", max_length=16, max_over_length_share=1.0)
+    fps = plan_fingerprints(cfg)
+    dataset = _fabricate_upstream(cfg, fps, short=3, long=False)
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("rscaffold.training.trainer.load_student_base", no_model)
+    with pytest.raises(TooLongExamplesError, match=r"every one of the 3 training examples .* nothing to train on"):
+        run_training(cfg, fps, dataset)
+
+
+def test_truncate_keep_end_with_a_max_length_below_the_prompt_says_every_example_was_dropped(
+    tiny_model_dir, smollm2_dir, tmp_path
+):
+    cfg = _config(
+        tiny_model_dir,
+        smollm2_dir,
+        tmp_path / "e",
+        max_length=16,
+        truncation="truncate_keep_end",
+        max_over_length_share=1.0,
+    )
+    fps = plan_fingerprints(cfg)
+    dataset = _fabricate_upstream(cfg, fps, short=3, long=False)
+    with pytest.raises(TooLongExamplesError, match=r"all 3 training examples .*max_length=16 and were dropped"):
+        run_training(cfg, fps, dataset)
