@@ -84,7 +84,7 @@ def test_experiment_file_config_path_is_relative_to_the_file(tmp_path):
     assert exp.name == "grid"
     assert [(c.config.training.max_steps, c.config.training.seed) for c in exp.cells] == [(9, 1), (9, 2)]
     assert exp.cells[0].config.training.learning_rate == 0.001
-    assert exp.report_dir() == Path("artifacts") / "experiments" / "grid"
+    assert exp.report_dir() == Path("artifacts").absolute() / "experiments" / "grid"
 
 
 def test_baselines_do_not_depend_on_the_signal_settings():
@@ -107,10 +107,14 @@ def test_baselines_do_not_depend_on_the_signal_settings():
     assert len(set(fps["cot_sft"].values())) == 2  # one per seed
     assert len(set(fps["short_cot"].values())) == 2
     assert not set(fps["cot_sft"].values()) & set(fps["short_cot"].values())
-    # the students trained alongside do not enter a student's fingerprint; the rows it learns from do
+    # the rows a student learns from enter its fingerprint; the students trained alongside it only
+    # where they decide those rows (truncation 'drop' leaves out what is too long for any of them)
     cfg = exp.cells[0].config
     only = cfg.model_copy(deep=True)
     only.training.students = ["cot_sft"]
+    assert cfg.training.truncation == "drop"
+    assert student_fingerprint(only, "dataset-fp", "cot_sft") != student_fingerprint(cfg, "dataset-fp", "cot_sft")
+    cfg.training.truncation = only.training.truncation = "truncate_keep_end"
     assert student_fingerprint(only, "dataset-fp", "cot_sft") == student_fingerprint(cfg, "dataset-fp", "cot_sft")
     assert student_fingerprint(cfg, "other-dataset", "cot_sft") != student_fingerprint(cfg, "dataset-fp", "cot_sft")
 
