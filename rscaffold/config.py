@@ -254,6 +254,47 @@ def _check_custom(fmt: str, custom: CustomFormat | None, what: str) -> None:
         raise ValueError(f"a 'custom' section needs {what} 'custom' (got {fmt!r})")
 
 
+class ProblemSource(_Section):
+    """One benchmark of a mixed training set (``problems.mix``): its format, files and limits.
+
+    Its problems keep their own family's prompt and answer checker at training and evaluation."""
+
+    format: BenchmarkName | Literal["custom"] = Field(
+        description="The benchmark family of these problems (its file format, answer checker and prompt), or "
+        "'custom' (with 'custom')."
+    )
+    custom: CustomFormat | None = Field(
+        default=None, description="format 'custom': the problem set's name, answer type and field mapping."
+    )
+    train: str = Field(
+        description="Training problems: a local file in the format's layout, or hub:<dataset id>[@<config>][:<split>]."
+    )
+    eval: str | None = Field(
+        default=None,
+        description="Evaluation problems of this benchmark (same forms as 'train'); none: it adds nothing to the "
+        "eval split.",
+    )
+    limit_train: int | None = Field(
+        default=None, ge=1, description="Use a seeded subsample of this many of its training problems."
+    )
+    limit_eval: int | None = Field(
+        default=None, ge=1, description="Use a seeded subsample of this many of its evaluation problems."
+    )
+
+    @model_validator(mode="after")
+    def _check_format(self) -> ProblemSource:
+        _check_custom(self.format, self.custom, "format")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The benchmark's name (the problems' ``source``): the built-in name, or the custom set's name."""
+        return self.custom.name if self.custom is not None else self.format
+
+
+_SINGLE_SOURCE_KEYS = ("format", "custom", "train", "eval", "limit_train", "limit_eval")
+
+
 class ProblemsConfig(_Section):
     """Where the training and evaluation problems come from.
 
@@ -303,10 +344,49 @@ class ProblemsConfig(_Section):
         "problems from the evaluation (counted in the problems manifest and the evaluation report).",
     )
 
+    mix: list[ProblemSource] = Field(
+        default_factory=list,
+        description="Train on several benchmarks at once: a list of {format, custom, train, eval, limit_train, "
+        "limit_eval}, one per benchmark, instead of the single-benchmark keys above. Each problem keeps its own "
+        "family's prompt and answer checker (teacher, training, evaluation); seed, part, heldout_fraction and "
+        "on_overlap apply to each.",
+    )
+
     @model_validator(mode="after")
     def _check_format(self) -> ProblemsConfig:
         _check_custom(self.format, self.custom, "format")
+        if self.mix:
+            both = [k for k in _SINGLE_SOURCE_KEYS if k in self.model_fields_set]
+            if both:
+                raise ValueError(
+                    f"give either mix (several benchmarks) or {', '.join(both)} (one benchmark), not both; "
+                    "put them in the mix's entries"
+                )
+            family: dict[str, tuple[str, CustomFormat | None]] = {}
+            for s in self.mix:
+                if family.setdefault(s.label, (s.format, s.custom)) != (s.format, s.custom):
+                    raise ValueError(f"mix: two different problem sets are both called {s.label!r}; rename one")
         return self
+
+    def sources(self) -> list[ProblemSource]:
+        """The benchmarks trained on: the entries of ``mix``, or the one the single-benchmark keys give."""
+        if self.mix:
+            return list(self.mix)
+        return [
+            ProblemSource(
+                format=self.format,
+                custom=self.custom,
+                train=self.train,
+                eval=self.eval,
+                limit_train=self.limit_train,
+                limit_eval=self.limit_eval,
+            )
+        ]
+
+    @property
+    def name(self) -> str:
+        """What the problems are called in run names: the benchmark, or the mix's joined by '+'."""
+        return "+".join(dict.fromkeys(s.label for s in self.sources()))
 
 
 # The answer-format instruction comes from the benchmark family's prompt template.
@@ -1203,6 +1283,17 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
                 if k in llm:
                     llm[k] = _resolve(llm[k], base)
             out[section] = {**sec, "llm": llm}
+    pr = out.get("problems")
+    if isinstance(pr, dict) and isinstance(pr.get("mix"), list):
+        out["problems"] = {
+            **pr,
+            "mix": [
+                {**m, **{k: _resolve(m[k], base) for k in ("train", "eval") if isinstance(m.get(k), str)}}
+                if isinstance(m, dict)
+                else m
+                for m in pr["mix"]
+            ],
+        }
     ev = out.get("evaluation")
     if isinstance(ev, dict) and isinstance(ev.get("benchmarks"), list):
         out["evaluation"] = {
@@ -1338,10 +1429,12 @@ def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 def check_inputs_exist(cfg: PipelineConfig) -> None:
     """Fail fast on local files the run will need (before any stage starts)."""
     problems: list[str] = []
-    for name in ("train", "eval"):
-        v = getattr(cfg.problems, name)
-        if not v.startswith("hub:") and not Path(v).exists():
-            problems.append(f"  problems.{name}: file not found: {v}")
+    mixed = bool(cfg.problems.mix)
+    for i, src in enumerate(cfg.problems.sources()):
+        for name in ("train", "eval"):
+            v = getattr(src, name)
+            if v is not None and not v.startswith("hub:") and not Path(v).exists():
+                problems.append(f"  problems.{f'mix.{i}.' if mixed else ''}{name}: file not found: {v}")
     for i, b in enumerate(cfg.evaluation.benchmarks):
         if not b.source.startswith("hub:") and not Path(b.source).expanduser().exists():
             problems.append(f"  evaluation.benchmarks.{i}.source: file not found: {b.source}")

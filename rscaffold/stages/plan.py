@@ -33,14 +33,19 @@ def plan_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     # the training part follows the evaluated files; the overlap check reads the evaluation benchmarks
     part = [training_part(cfg), p.heldout_fraction]
     benchmarks = [[b, benchmark_source_digest(b)] for b in cfg.evaluation.benchmarks]
-    train_part = fingerprint(
-        "problems:train", *fmt, source_digest(p.train), p.limit_train, p.seed, *part, problems_code
-    )
+    train_in: list = [source_digest(p.train), p.limit_train]
+    eval_in: list = [source_digest(p.eval), p.limit_eval]
+    if p.mix:  # every benchmark of the mix: its format, files, limits and parts
+        srcs = p.sources()
+        fmt = [[[s.format, s.custom] for s in srcs]]
+        part = [[training_part(cfg, s) for s in srcs], p.heldout_fraction]
+        train_in = [[[source_digest(s.train), s.limit_train] for s in srcs]]
+        eval_in = [[[s.eval and source_digest(s.eval), s.limit_eval] for s in srcs]]
+    train_part = fingerprint("problems:train", *fmt, *train_in, p.seed, *part, problems_code)
     eval_part = fingerprint(
         "problems:eval",
         *fmt,
-        source_digest(p.eval),
-        p.limit_eval,
+        *eval_in,
         p.seed,
         *part,
         p.on_overlap,

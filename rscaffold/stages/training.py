@@ -75,7 +75,7 @@ def run_training(
 
 
 def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, only: str | None) -> StageRef | None:
-    from rscaffold.evalsets.loaders import benchmark_for
+    from rscaffold.evalsets.loaders import prompt_families
     from rscaffold.labeling.taxonomy import load_taxonomy
     from rscaffold.models import save_tiny_model
     from rscaffold.student import STUDENT_META
@@ -148,7 +148,7 @@ def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, 
             scaffolded=scaffolded,
             model_card_info=card,
             target=_TARGETS[name],
-            prompt_benchmark=benchmark_for(cfg.problems.format, cfg.problems.custom).prompt_family,
+            prompt_benchmark=prompt_families(cfg.problems),
             signal_essential=[s.essential for s in tax.signals],
             segmentation=cfg.labeling.segmentation,
             lengths=lengths[name],
@@ -203,7 +203,7 @@ def _check_lengths(cfg: PipelineConfig, train_rows: list[ExampleRecord], tax: An
     """Every student's length report (:func:`rscaffold.training.lengths.length_report`, which logs
     it and raises when max_length is too short) and, under ``truncation: drop``, the examples too
     long for any student."""
-    from rscaffold.evalsets.loaders import benchmark_for
+    from rscaffold.evalsets.loaders import prompt_families
     from rscaffold.training.lengths import length_report, load_student_tokenizer, student_lengths, too_long
 
     per_student = student_lengths(
@@ -211,7 +211,7 @@ def _check_lengths(cfg: PipelineConfig, train_rows: list[ExampleRecord], tax: An
         [n for n, _ in training_variants(cfg)],
         load_student_tokenizer(cfg.training),
         signal_tokens=dict(zip(tax.names, tax.tokens)),
-        benchmark=benchmark_for(cfg.problems.format, cfg.problems.custom).prompt_family,
+        benchmark=prompt_families(cfg.problems),
         segmentation=cfg.labeling.segmentation,
     )
     report = length_report(per_student, cfg.training)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rscaffold.config import SegmentationConfig
-from rscaffold.prompts import render_example
+from rscaffold.prompts import example_benchmark, render_example
 from rscaffold.records import ExampleRecord
 from rscaffold.segment import split_steps
 
@@ -154,7 +154,7 @@ def encode_examples(
     signal_token_ids: Sequence[int] = (),
     max_length: int | None = None,
     truncation: Truncation = "truncate_end",
-    benchmark: str | None = None,
+    benchmark: str | Mapping[str, str] | None = None,
     target: CompletionTarget = "trace",
     segmentation: SegmentationConfig | None = None,
     counts: LengthCounts | None = None,
@@ -162,7 +162,8 @@ def encode_examples(
     """Render and tokenize dataset rows (``signal_tokens=None``: the plain baseline form).
 
     ``benchmark``: the user message is that benchmark family's prompt
-    (:func:`rscaffold.prompts.benchmark_prompt`, as at evaluation); None: the bare question.
+    (:func:`rscaffold.prompts.benchmark_prompt`, as at evaluation), or for a mix of benchmarks a
+    map of each example's ``source`` to its family; None: the bare question.
     ``target``: what the completion holds (:func:`completion_steps`, with ``segmentation``).
     ``max_length`` / ``truncation``: what happens to longer examples (see the module docstring);
     ``counts`` (filled in when given) says how many there were and what was done with them, and
@@ -178,7 +179,11 @@ def encode_examples(
             empty += 1
             continue
         prompt, completion = render_example(
-            ex.question, steps, tokenizer, signal_tokens=signal_tokens, benchmark=benchmark
+            ex.question,
+            steps,
+            tokenizer,
+            signal_tokens=signal_tokens,
+            benchmark=example_benchmark(benchmark, ex.source),
         )
         full = encoded_length(prompt, completion, tokenizer)
         counts.lengths.append(full)
@@ -228,7 +233,7 @@ def example_lengths(
     tokenizer,
     signal_tokens: Mapping[str, str] | None,
     *,
-    benchmark: str | None = None,
+    benchmark: str | Mapping[str, str] | None = None,
     target: CompletionTarget = "trace",
     segmentation: SegmentationConfig | None = None,
 ) -> dict[str, int]:
@@ -240,7 +245,11 @@ def example_lengths(
         steps = completion_steps(ex, target, segmentation)
         if steps:
             prompt, completion = render_example(
-                ex.question, steps, tokenizer, signal_tokens=signal_tokens, benchmark=benchmark
+                ex.question,
+                steps,
+                tokenizer,
+                signal_tokens=signal_tokens,
+                benchmark=example_benchmark(benchmark, ex.source),
             )
             out[ex.trace_id] = encoded_length(prompt, completion, tokenizer)
     return out
