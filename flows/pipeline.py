@@ -162,8 +162,7 @@ def _run_name(prefix: str, stage: str = "evaluation") -> str:
         cfg = params["config"]
         cfg = cfg if isinstance(cfg, PipelineConfig) else PipelineConfig.model_validate(cfg)
         stage = params.get("stage", stage)
-        problems = cfg.problems.custom.name if cfg.problems.custom is not None else cfg.problems.format
-        return f"{prefix}-{problems}-{plan_fingerprints(cfg)[stage][:8]}-{stamp}"
+        return f"{prefix}-{cfg.problems.name}-{plan_fingerprints(cfg)[stage][:8]}-{stamp}"
     except Exception:  # a name is cosmetic; never fail the run over it
         return f"{prefix}-{stamp}"
 

@@ -37,6 +37,7 @@ _EXAMPLE_COLUMNS = (
     "n_steps",
     "answer_text",
     "source_id",
+    "source",
 )
 
 
@@ -98,6 +99,8 @@ def assemble_examples(
         pl.col("source_id")
         if "source_id" in scanned.collect_schema().names()
         else pl.lit(None, pl.String).alias("source_id"),
+        # the problem's benchmark (absent from traces written before it was kept)
+        pl.col("source") if "source" in scanned.collect_schema().names() else pl.lit(None, pl.String).alias("source"),
         "question",
         "gold_answer",
         "predicted_answer",

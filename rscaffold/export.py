@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ import yaml
 
 from rscaffold.labeling.taxonomy import Taxonomy, load_taxonomy
 from rscaffold.paths import data_dir
-from rscaffold.prompts import STUDENT_SYSTEM_PROMPT, student_user_message
+from rscaffold.prompts import STUDENT_SYSTEM_PROMPT, example_benchmark, student_user_message
 from rscaffold.store import MANIFEST, StageDir, is_published_name, published_dirs
 from rscaffold.vocabulary import CUSTOM_FORMAT, STEP_SEPARATOR
 
@@ -170,14 +171,16 @@ class Provenance:
         fmt = self.problem_format
         return [BENCHMARKS[fmt].hub_id] if fmt in BENCHMARKS and not self.built_in_problems else []
 
-    def prompt_family(self) -> str | None:
+    def prompt_family(self) -> str | dict[str, str] | None:
         """The benchmark family whose prompt the students are trained on (the training stage's
-        ``benchmark_for(problems.format, problems.custom).prompt_family``); None when the problems
-        stage's manifest is missing."""
-        from rscaffold.config import CustomFormat
-        from rscaffold.evalsets.loaders import benchmark_for
+        ``prompt_families(problems)``: for a mix of benchmarks, the family of each problem source);
+        None when the problems stage's manifest is missing."""
+        from rscaffold.config import CustomFormat, ProblemsConfig
+        from rscaffold.evalsets.loaders import benchmark_for, prompt_families
 
         cfg = self.problems.get("config") or {}
+        if cfg.get("mix"):
+            return prompt_families(ProblemsConfig.model_validate({"mix": cfg["mix"]}))
         if not cfg.get("format"):
             return None
         custom = cfg.get("custom")
@@ -219,7 +222,7 @@ def chat_columns(
     taxonomy: Taxonomy,
     system_prompt: str = STUDENT_SYSTEM_PROMPT,
     *,
-    benchmark: str | None = None,
+    benchmark: str | Mapping[str, str] | None = None,
 ) -> pl.DataFrame:
     """``examples`` (ExampleRecord columns) with ``messages`` (the scaffolded answer: each step
     preceded by its signal token) and ``messages_plain`` (the plain answer), both in chat format
@@ -227,7 +230,8 @@ def chat_columns(
     same split into ``prompt`` (system, user) and ``completion`` / ``completion_plain``
     (assistant), the prompt-completion form. ``benchmark``: the user turn is that benchmark
     family's prompt (:func:`rscaffold.prompts.student_user_message`, what the students are
-    trained on); None: the bare question."""
+    trained on), or for a mix of benchmarks a map of each example's ``source`` to its family;
+    None: the bare question."""
     unknown = set(examples.get_column("signals").explode().drop_nulls().unique().to_list()) - set(taxonomy.names)
     if unknown:
         raise ExportError(f"signals not in the dataset's taxonomy: {sorted(unknown)}")
@@ -240,9 +244,19 @@ def chat_columns(
     )
     plain = pl.col("steps").list.eval(step.field("text")).list.join(STEP_SEPARATOR)
 
+    from rscaffold.evalsets.loaders import prompt_family_of
+
+    def family(source: str | None) -> str | None:  # of a benchmark name, or of a mix's source
+        name = example_benchmark(benchmark, source)
+        return prompt_family_of(name) if name is not None else None
+
     user = pl.col("question")
-    if benchmark is not None:
-        user = user.map_elements(lambda q: student_user_message(q, benchmark), return_dtype=pl.String)
+    if isinstance(benchmark, Mapping):
+        user = pl.struct("question", "source").map_elements(
+            lambda r: student_user_message(r["question"], family(r["source"])), return_dtype=pl.String
+        )
+    elif benchmark is not None:
+        user = user.map_elements(lambda q: student_user_message(q, family(None)), return_dtype=pl.String)
     system_turn = pl.struct(role=pl.lit("system"), content=pl.lit(system_prompt))
     user_turn = pl.struct(role=pl.lit("user"), content=user)
 
@@ -481,7 +495,12 @@ def _card_body(dsd, prov: Provenance, taxonomy: Taxonomy, *, name: str, license:
         "rscaffold trains its students), or on `messages` (the whole chat, for trainers that take "
         "conversations; TRL then also learns the prompt unless told `assistant_only_loss`). The user turn is "
         + (
-            f"the question inside the {family!r} family's prompt, exactly what rscaffold's students are trained "
+            (
+                f"the question inside its own benchmark's family prompt ({', '.join(sorted(family))})"
+                if isinstance(family, dict)
+                else f"the question inside the {family!r} family's prompt"
+            )
+            + ", exactly what rscaffold's students are trained "
             "and evaluated on"
             if family
             else "the bare question (the problems stage's manifest was not found, so the family's prompt is unknown)"

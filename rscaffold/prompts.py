@@ -84,6 +84,19 @@ def student_user_message(question: str, family: str | None) -> str:
     return question if family is None else benchmark_prompt(family, question)
 
 
+def example_benchmark(benchmark: str | Mapping[str, str] | None, source: str | None) -> str | None:
+    """The benchmark (or family) whose prompt one example gets: ``benchmark`` itself, or when it
+    maps each problem source to its family (a mix of benchmarks) the family of ``source``."""
+    if benchmark is None or isinstance(benchmark, str):
+        return benchmark
+    try:
+        return benchmark[source or ""]
+    except KeyError:
+        raise ValueError(
+            f"an example of benchmark {source!r} in a mix of {sorted(benchmark)}: no prompt family for it"
+        ) from None
+
+
 def check_step_text(text: str) -> None:
     """Raise if ``text`` holds a step boundary: the decoder would read it as two steps."""
     if STEP_BOUNDARY.search(text):

@@ -56,6 +56,7 @@ class TraceRecord(Record):
     backend: str = ""
     model: str = ""
     source_id: str | None = None  # the problem's own id in the user's file, as written
+    source: str | None = None  # the problem's benchmark (ProblemRecord.source; absent in older files)
 
 
 class LabeledStepRecord(Record):
@@ -99,6 +100,7 @@ class ExampleRecord(Record):
     source_id: str | None = (
         None  # the problem's own id in the user's file, as written (nullable: absent in older files)
     )
+    source: str | None = None  # the problem's benchmark (ProblemRecord.source): its prompt family in a mix
 
 
 class PredictionRecord(Record):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,8 +134,9 @@ class Student:
         return int(value) if value else None
 
     @property
-    def prompt_benchmark(self) -> str | None:
-        """The benchmark whose family prompt the student was trained with (None: bare questions)."""
+    def prompt_benchmark(self) -> str | dict[str, str] | None:
+        """The benchmark whose family prompt the student was trained with (None: bare questions),
+        or for a mix of benchmarks the family of each problem source."""
         return self.meta.get("prompt_benchmark")
 
 
@@ -332,7 +333,7 @@ def boundary_signal_logits(
     student: Student,
     examples: Sequence[Any],
     *,
-    benchmark: str | None = None,
+    benchmark: str | Mapping[str, str] | None = None,
     max_length: int | None = None,
     batch_size: int = 8,
 ) -> tuple[torch.Tensor, list[int]]:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rscaffold.config import SegmentationConfig
-from rscaffold.prompts import render_example
+from rscaffold.prompts import example_benchmark, render_example
 from rscaffold.records import ExampleRecord
 from rscaffold.segment import split_steps
 
@@ -146,6 +146,16 @@ def completion_steps(
     return [("", text) for text in split_steps(example.answer_text or "", segmentation)]
 
 
+def family_of(benchmark: str | Mapping[str, str] | None, source: str | None) -> str | None:
+    """The prompt family of one example: of ``benchmark`` (a benchmark name or a family), or for a
+    mix of benchmarks (a map of each problem source to its family) of the example's ``source``;
+    None: the bare question."""
+    from rscaffold.evalsets.loaders import prompt_family_of
+
+    name = example_benchmark(benchmark, source)
+    return prompt_family_of(name) if name is not None else None
+
+
 def encode_examples(
     examples: Sequence[ExampleRecord],
     tokenizer,
@@ -154,7 +164,7 @@ def encode_examples(
     signal_token_ids: Sequence[int] = (),
     max_length: int | None = None,
     truncation: Truncation = "truncate_end",
-    benchmark: str | None = None,
+    benchmark: str | Mapping[str, str] | None = None,
     target: CompletionTarget = "trace",
     segmentation: SegmentationConfig | None = None,
     counts: LengthCounts | None = None,
@@ -163,16 +173,14 @@ def encode_examples(
 
     ``benchmark``: the user message is that benchmark's family prompt (a benchmark name or a
     family, :func:`rscaffold.evalsets.loaders.prompt_family_of`; the builder of
-    :func:`rscaffold.prompts.benchmark_prompt`, as at evaluation); None: the bare question.
+    :func:`rscaffold.prompts.benchmark_prompt`, as at evaluation), or for a mix of benchmarks a
+    map of each example's ``source`` to its family; None: the bare question.
     ``target``: what the completion holds (:func:`completion_steps`, with ``segmentation``).
     ``max_length`` / ``truncation``: what happens to longer examples (see the module docstring);
     ``counts`` (filled in when given) says how many there were and what was done with them, and
     a warning says it too. Rows without a completion (``answer`` target without answer text) or
     without any loss target after a cut are dropped, with a warning.
     """
-    from rscaffold.evalsets.loaders import prompt_family_of
-
-    family = prompt_family_of(benchmark) if benchmark is not None else None
     counts = counts if counts is not None else LengthCounts()
     rows = []
     empty = 0
@@ -181,7 +189,9 @@ def encode_examples(
         if not steps:
             empty += 1
             continue
-        prompt, completion = render_example(ex.question, steps, tokenizer, signal_tokens=signal_tokens, family=family)
+        prompt, completion = render_example(
+            ex.question, steps, tokenizer, signal_tokens=signal_tokens, family=family_of(benchmark, ex.source)
+        )
         full = encoded_length(prompt, completion, tokenizer)
         counts.lengths.append(full)
         too_long = max_length is not None and full > max_length
@@ -230,22 +240,19 @@ def example_lengths(
     tokenizer,
     signal_tokens: Mapping[str, str] | None,
     *,
-    benchmark: str | None = None,
+    benchmark: str | Mapping[str, str] | None = None,
     target: CompletionTarget = "trace",
     segmentation: SegmentationConfig | None = None,
 ) -> dict[str, int]:
     """``trace_id -> tokens`` of each example as the student is trained on it (prompt and completion
     rendered as :func:`encode_examples` renders them, before any cut); examples without a completion
     for ``target`` are left out."""
-    from rscaffold.evalsets.loaders import prompt_family_of
-
-    family = prompt_family_of(benchmark) if benchmark is not None else None
     out: dict[str, int] = {}
     for ex in examples:
         steps = completion_steps(ex, target, segmentation)
         if steps:
             prompt, completion = render_example(
-                ex.question, steps, tokenizer, signal_tokens=signal_tokens, family=family
+                ex.question, steps, tokenizer, signal_tokens=signal_tokens, family=family_of(benchmark, ex.source)
             )
             out[ex.trace_id] = encoded_length(prompt, completion, tokenizer)
     return out

@@ -36,7 +36,7 @@ from rscaffold.config.load import (
     parse_assignments,
 )
 from rscaffold.config.pipeline import PipelineConfig
-from rscaffold.config.problems import CustomAnswerType, CustomFormat, FieldMapping, ProblemsConfig
+from rscaffold.config.problems import CustomAnswerType, CustomFormat, FieldMapping, ProblemsConfig, ProblemSource
 from rscaffold.config.run import RaySettings, RunSettings
 from rscaffold.config.teacher import DEFAULT_SYSTEM_PROMPT, TeacherConfig
 from rscaffold.config.training import (
@@ -68,6 +68,7 @@ __all__ = [
     "LrScheduler",
     "PipelineConfig",
     "ProblemsConfig",
+    "ProblemSource",
     "RaySettings",
     "RunSettings",
     "SamplingConfig",

@@ -62,6 +62,17 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
                 if k in llm:
                     llm[k] = _resolve(llm[k], base)
             out[section] = {**sec, "llm": llm}
+    pr = out.get("problems")
+    if isinstance(pr, dict) and isinstance(pr.get("mix"), list):
+        out["problems"] = {
+            **pr,
+            "mix": [
+                {**m, **{k: _resolve(m[k], base) for k in ("train", "eval") if isinstance(m.get(k), str)}}
+                if isinstance(m, dict)
+                else m
+                for m in pr["mix"]
+            ],
+        }
     ev = out.get("evaluation")
     if isinstance(ev, dict) and isinstance(ev.get("benchmarks"), list):
         out["evaluation"] = {
@@ -199,10 +210,12 @@ def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 def check_inputs_exist(cfg: PipelineConfig) -> None:
     """Fail fast on local files the run will need (before any stage starts)."""
     problems: list[str] = []
-    for name in ("train", "eval"):
-        v = getattr(cfg.problems, name)
-        if not v.startswith("hub:") and not Path(v).exists():
-            problems.append(f"  problems.{name}: file not found: {v}")
+    mixed = bool(cfg.problems.mix)
+    for i, src in enumerate(cfg.problems.sources()):
+        for name in ("train", "eval"):
+            v = getattr(src, name)
+            if v is not None and not v.startswith("hub:") and not Path(v).exists():
+                problems.append(f"  problems.{f'mix.{i}.' if mixed else ''}{name}: file not found: {v}")
     for i, b in enumerate(cfg.evaluation.benchmarks):
         if not b.source.startswith("hub:") and not Path(b.source).expanduser().exists():
             problems.append(f"  evaluation.benchmarks.{i}.source: file not found: {b.source}")

@@ -99,6 +99,47 @@ def _check_custom(fmt: str, custom: CustomFormat | None, what: str) -> None:
         raise ValueError(f"a 'custom' section needs {what} 'custom' (got {fmt!r})")
 
 
+class ProblemSource(_Section):
+    """One benchmark of a mixed training set (``problems.mix``): its format, files and limits.
+
+    Its problems keep their own family's prompt and answer checker at training and evaluation."""
+
+    format: BenchmarkName | Literal["custom"] = Field(
+        description="The benchmark family of these problems (its file format, answer checker and prompt), or "
+        "'custom' (with 'custom')."
+    )
+    custom: CustomFormat | None = Field(
+        default=None, description="format 'custom': the problem set's name, answer type and field mapping."
+    )
+    train: str = Field(
+        description="Training problems: a local file in the format's layout, or hub:<dataset id>[@<config>][:<split>]."
+    )
+    eval: str | None = Field(
+        default=None,
+        description="Evaluation problems of this benchmark (same forms as 'train'); none: it adds nothing to the "
+        "eval split.",
+    )
+    limit_train: int | None = Field(
+        default=None, ge=1, description="Use a seeded subsample of this many of its training problems."
+    )
+    limit_eval: int | None = Field(
+        default=None, ge=1, description="Use a seeded subsample of this many of its evaluation problems."
+    )
+
+    @model_validator(mode="after")
+    def _check_format(self) -> ProblemSource:
+        _check_custom(self.format, self.custom, "format")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The benchmark's name (the problems' ``source``): the built-in name, or the custom set's name."""
+        return self.custom.name if self.custom is not None else self.format
+
+
+_SINGLE_SOURCE_KEYS = ("format", "custom", "train", "eval", "limit_train", "limit_eval")
+
+
 class ProblemsConfig(_Section):
     """Where the training and evaluation problems come from.
 
@@ -149,7 +190,46 @@ class ProblemsConfig(_Section):
         "that would leave a benchmark no problem).",
     )
 
+    mix: list[ProblemSource] = Field(
+        default_factory=list,
+        description="Train on several benchmarks at once: a list of {format, custom, train, eval, limit_train, "
+        "limit_eval}, one per benchmark, instead of the single-benchmark keys above. Each problem keeps its own "
+        "family's prompt and answer checker (teacher, training, evaluation); seed, part, heldout_fraction and "
+        "on_overlap apply to each.",
+    )
+
     @model_validator(mode="after")
     def _check_format(self) -> ProblemsConfig:
         _check_custom(self.format, self.custom, "format")
+        if self.mix:
+            both = [k for k in _SINGLE_SOURCE_KEYS if k in self.model_fields_set]
+            if both:
+                raise ValueError(
+                    f"give either mix (several benchmarks) or {', '.join(both)} (one benchmark), not both; "
+                    "put them in the mix's entries"
+                )
+            family: dict[str, tuple[str, CustomFormat | None]] = {}
+            for s in self.mix:
+                if family.setdefault(s.label, (s.format, s.custom)) != (s.format, s.custom):
+                    raise ValueError(f"mix: two different problem sets are both called {s.label!r}; rename one")
         return self
+
+    def sources(self) -> list[ProblemSource]:
+        """The benchmarks trained on: the entries of ``mix``, or the one the single-benchmark keys give."""
+        if self.mix:
+            return list(self.mix)
+        return [
+            ProblemSource(
+                format=self.format,
+                custom=self.custom,
+                train=self.train,
+                eval=self.eval,
+                limit_train=self.limit_train,
+                limit_eval=self.limit_eval,
+            )
+        ]
+
+    @property
+    def name(self) -> str:
+        """What the problems are called in run names: the benchmark, or the mix's joined by '+'."""
+        return "+".join(dict.fromkeys(s.label for s in self.sources()))

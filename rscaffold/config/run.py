@@ -26,6 +26,12 @@ class RaySettings(_Section):
     init_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments of ray.init (e.g. runtime_env, num_cpus)."
     )
+    gpus_per_cell: float | None = Field(
+        default=None,
+        ge=0,
+        description="An experiment's cells run in parallel, one Ray task each: the GPUs Ray reserves for one "
+        "cell. None: training.num_processes (1 when unset) on a cluster with GPUs, 0 on one without.",
+    )
 
 
 class RunSettings(_Section):

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +68,7 @@ def calibrate_gate(
     *,
     prune_signals: Sequence[str] = (),
     precision: float = 0.5,
-    benchmark: str | None = None,
+    benchmark: str | Mapping[str, str] | None = None,
     max_length: int | None = None,
     batch_size: int = 8,
 ) -> GateCalibration | None:

@@ -939,6 +939,22 @@ def benchmark_for(fmt: str, custom: CustomFormat | None = None) -> Benchmark:
     return get_benchmark(fmt)
 
 
+def problem_benchmarks(problems: Any) -> dict[str, Benchmark]:
+    """The :class:`Benchmark` of each problem ``source`` (its name) of a
+    :class:`~rscaffold.config.ProblemsConfig`: the single benchmark's, or every one of its mix."""
+    return {s.label: benchmark_for(s.format, s.custom) for s in problems.sources()}
+
+
+def prompt_families(problems: Any) -> str | dict[str, str]:
+    """The prompt family the students are trained on, for a :class:`~rscaffold.config.ProblemsConfig`:
+    one family name, or for a mix (``problems.mix``) the family of each problem source
+    (``ExampleRecord.source``)."""
+    benches = problem_benchmarks(problems)
+    if not problems.mix:
+        return next(iter(benches.values())).prompt_family
+    return {name: b.prompt_family for name, b in benches.items()}
+
+
 def get_benchmark(name: str) -> Benchmark:
     try:
         return BENCHMARKS[name]

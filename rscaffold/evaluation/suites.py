@@ -42,11 +42,19 @@ def evaluation_suites(
     """What the evaluation stage answers: ``ecfg.benchmarks`` (an :class:`EvaluationConfig`), or
     when it is empty the problems stage's eval split (``default_problems``, the first
     ``ecfg.limit`` of them) as ``default_benchmark`` (a benchmark name, or a
-    :class:`~rscaffold.evalsets.loaders.Benchmark` such as a custom format's). ``exclude``: per
+    :class:`~rscaffold.evalsets.loaders.Benchmark` such as a custom format's; a list of them for
+    a mix of benchmarks: one suite each, of the problems whose ``source`` it is). ``exclude``: per
     benchmark name, problem ids left out of a loaded benchmark (trained on)."""
     from rscaffold.evalsets.loaders import Benchmark, benchmark_for, get_benchmark
 
     if not ecfg.benchmarks:
+        if isinstance(default_benchmark, (list, tuple)):  # a mix: one suite per benchmark, its own problems
+            return [
+                s
+                for b in default_benchmark
+                for s in evaluation_suites(ecfg, b, [p for p in default_problems if p.source == b.name])
+                if s.problems
+            ]
         bench = default_benchmark if isinstance(default_benchmark, Benchmark) else get_benchmark(default_benchmark)
         rows = list(default_problems)[: ecfg.limit] if ecfg.limit else list(default_problems)
         return [EvalSuite(bench.name, bench.answer_type, bench.prompt_template, rows, bench.numeric_answer)]

@@ -275,11 +275,18 @@ def _train_problem_count(cfg: PipelineConfig, fps: dict[str, str]) -> int | None
     sd = stage_dir(cfg, "problems", fps)
     if sd.is_complete():
         return int(sd.read_manifest()["summary"]["train"])
-    p = cfg.problems
-    if is_hub_source(p.train):
-        return p.limit_train
-    bench = benchmark_for(p.format, p.custom)
-    return len(load_problems(p.train, benchmark=bench, split="train", limit=p.limit_train, seed=p.seed))
+    total = 0
+    for src in cfg.problems.sources():  # each benchmark of a mix
+        if is_hub_source(src.train):
+            if src.limit_train is None:
+                return None
+            total += src.limit_train
+            continue
+        bench = benchmark_for(src.format, src.custom)
+        total += len(
+            load_problems(src.train, benchmark=bench, split="train", limit=src.limit_train, seed=cfg.problems.seed)
+        )
+    return total
 
 
 def experiment_cost(experiment: Experiment) -> ExperimentCost:

@@ -70,7 +70,7 @@ def _token_lengths(cfg: PipelineConfig, train: list[ExampleRecord], tax) -> dict
     """Per trained student: the token-length distribution of its training examples (with the
     student's tokenizer) and how many are longer than ``training.max_length``; a warning when
     the training stage will refuse them."""
-    from rscaffold.evalsets.loaders import benchmark_for
+    from rscaffold.evalsets.loaders import prompt_families
     from rscaffold.training.lengths import length_report, load_student_tokenizer, student_lengths
 
     lengths = student_lengths(
@@ -78,7 +78,7 @@ def _token_lengths(cfg: PipelineConfig, train: list[ExampleRecord], tax) -> dict
         cfg.training.students,
         load_student_tokenizer(cfg.training),
         signal_tokens=dict(zip(tax.names, tax.tokens)),
-        benchmark=benchmark_for(cfg.problems.format, cfg.problems.custom).prompt_family,
+        benchmark=prompt_families(cfg.problems),
         segmentation=cfg.labeling.segmentation,
     )
     report = length_report(lengths, cfg.training, check=False, stage="dataset")

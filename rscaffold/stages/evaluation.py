@@ -42,10 +42,11 @@ SHARD = "predictions"  # key <model>-<benchmark>-<first>-<last> (problem indexes
 
 
 def _suites(cfg: PipelineConfig, problems: StageRef) -> list[Any]:
-    from rscaffold.evalsets.loaders import benchmark_for
+    from rscaffold.evalsets.loaders import problem_benchmarks
     from rscaffold.evaluation.suites import evaluation_suites
 
-    default = benchmark_for(cfg.problems.format, cfg.problems.custom)
+    benches = list(problem_benchmarks(cfg.problems).values())  # the eval split: each benchmark of a mix its own suite
+    default = benches[0] if len(benches) == 1 else benches
     return evaluation_suites(
         cfg.evaluation, default, read_problems(problems, "eval"), exclude=overlap_removed(problems)
     )
@@ -418,7 +419,7 @@ def _fingerprint(cfg: PipelineConfig, fps: dict[str, str]) -> list[Any]:
 
 def _run_name(cfg: PipelineConfig) -> str:
     """``evaluation[<benchmark>,...]``: the configured benchmarks, or the problems' format."""
-    names = [b.name for b in cfg.evaluation.benchmarks] or [cfg.problems.format]
+    names = [b.name for b in cfg.evaluation.benchmarks] or [cfg.problems.name]
     return f"evaluation[{','.join(names)}]"
 
 

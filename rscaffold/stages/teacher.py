@@ -34,7 +34,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,16 @@ TRACES_SHARD = "traces"
 AnswerFn = Callable[[str], "str | None"]
 CheckFn = Callable[["str | None", str], bool]
 ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Family:
+    """How the teacher asks and checks the problems of one benchmark of a mix (``problems.mix``):
+    its prompt template (None: ``teacher.prompt_template``) and answer extraction and check."""
+
+    template: str | None
+    answer_fn: AnswerFn
+    check_fn: CheckFn
 
 
 class TeacherFailureError(RuntimeError):
@@ -94,24 +104,27 @@ def trace_id_for(problem_id: str, sample_index: int) -> str:
     return f"{problem_id}#{sample_index}"
 
 
-def build_messages(problem: ProblemRecord, cfg: TeacherConfig) -> list[dict[str, str]]:
+def build_messages(problem: ProblemRecord, cfg: TeacherConfig, template: str | None = None) -> list[dict[str, str]]:
     messages = []
     if cfg.system_prompt.strip():
         messages.append({"role": "system", "content": cfg.system_prompt})
-    # The pipeline fills in the benchmark family's template (teacher_prompt_config); filled by
-    # plain replacement of '{question}', so other braces (\boxed{}) are literal.
-    template = cfg.prompt_template or QUESTION_FIELD
+    # The pipeline fills in the benchmark family's template (teacher_prompt_config, or the
+    # problem's own family's in a mix: ``template``); filled by plain replacement of '{question}',
+    # so other braces (\boxed{}) are literal.
+    template = cfg.prompt_template or template or QUESTION_FIELD
     messages.append({"role": "user", "content": fill_prompt(template, problem.question)})
     return messages
 
 
-def build_request(problem: ProblemRecord, cfg: TeacherConfig, sample_index: int = 0) -> ChatRequest:
+def build_request(
+    problem: ProblemRecord, cfg: TeacherConfig, sample_index: int = 0, *, template: str | None = None
+) -> ChatRequest:
     """The chat request for one (problem, sample): ``request_id`` is the trace id and the seed is
     derived from (run seed, problem id, sample index), the same for every backend, so a resumed
     or re-run request samples what the first one did."""
     return ChatRequest(
         request_id=trace_id_for(problem.problem_id, sample_index),
-        messages=build_messages(problem, cfg),
+        messages=build_messages(problem, cfg, template),
         seed=derive_seed(cfg.sampling.seed, problem.problem_id, sample_index),
     )
 
@@ -148,6 +161,7 @@ def trace_from_completion(
     return TraceRecord(
         trace_id=trace_id_for(problem.problem_id, sample_index),
         problem_id=problem.problem_id,
+        source=problem.source,
         source_id=problem.source_id,
         sample_index=sample_index,
         question=problem.question,
@@ -224,6 +238,7 @@ def generate_traces(
     check_fn: CheckFn,
     progress: ProgressFn | None = None,
     only: Collection[str] | None = None,
+    families: Mapping[str, Family] | None = None,
 ) -> TraceRunResult:
     """Generate (or resume) the teacher traces of ``problems``; see the module doc.
 
@@ -242,7 +257,15 @@ def generate_traces(
 
     ``only``: generate just the shards with these keys (:func:`shard_keys`; one shard task of a
     stage fanned out over workers); the failure threshold is then left to the whole stage.
+
+    ``families``: per problem ``source``, its prompt template and answer functions (a mix of
+    benchmarks); a problem of a source not listed is an error. None: ``cfg``'s template and
+    ``answer_fn`` / ``check_fn`` for every problem.
     """
+    if families is not None:
+        unknown = sorted({p.source for p in problems} - set(families))
+        if unknown:
+            raise ValueError(f"problems of benchmark(s) {unknown} but no prompt and answer check for them")
     items = work_items(problems, cfg.samples_per_problem)
     by_trace = {w.trace_id: w for w in items}
     size = cfg.shard_size
@@ -283,12 +306,13 @@ def generate_traces(
         if w is None or k is None or c.request_id not in waiting.get(k, ()):
             log.warning("ignoring an unexpected completion %r #%d", c.request_id, c.sample_index)
             return
+        fam = families[w.problem.source] if families is not None else None
         record = trace_from_completion(
             w.problem,
             c,
             w.sample_index,
-            answer_fn=answer_fn,
-            check_fn=check_fn,
+            answer_fn=fam.answer_fn if fam else answer_fn,
+            check_fn=fam.check_fn if fam else check_fn,
             backend=backend.name,
             model=backend.model_id,
         )
@@ -311,7 +335,12 @@ def generate_traces(
         for call in calls:
             if not call:
                 continue
-            requests = [build_request(w.problem, cfg, w.sample_index) for w in call]
+            requests = [
+                build_request(
+                    w.problem, cfg, w.sample_index, template=families[w.problem.source].template if families else None
+                )
+                for w in call
+            ]
             returned = backend.generate(requests, cfg.sampling, on_result=on_result)
             for c in returned:  # backends that do not call on_result (or skipped some)
                 if c.request_id in by_trace and c.request_id not in new:
@@ -385,22 +414,36 @@ def teacher_prompt_config(cfg: PipelineConfig) -> TeacherConfig:
     """The teacher config with its prompt template filled in from the benchmark family if unset."""
     from rscaffold.evalsets.loaders import benchmark_for
 
-    if cfg.teacher.prompt_template is not None:
+    if cfg.teacher.prompt_template is not None or cfg.problems.mix:  # a mix: each problem's own (teacher_families)
         return cfg.teacher
     template = benchmark_for(cfg.problems.format, cfg.problems.custom).prompt_template
     return cfg.teacher.model_copy(update={"prompt_template": template})
 
 
-def _answer_fns(cfg: PipelineConfig) -> tuple[AnswerFn, CheckFn]:
+def _bench_fns(bench: Any) -> tuple[AnswerFn, CheckFn]:
     from rscaffold.evalsets.answers import extract_answer, is_correct
-    from rscaffold.evalsets.loaders import benchmark_for
 
-    bench = benchmark_for(cfg.problems.format, cfg.problems.custom)
     answer_type, numeric = bench.answer_type, bench.numeric_answer
     return (
         lambda text: extract_answer(text, answer_type, numeric=numeric),
         lambda pred, gold: pred is not None and is_correct(pred, gold, answer_type),
     )
+
+
+def _answer_fns(cfg: PipelineConfig) -> tuple[AnswerFn, CheckFn]:
+    from rscaffold.evalsets.loaders import benchmark_for
+
+    return _bench_fns(benchmark_for(cfg.problems.format, cfg.problems.custom))
+
+
+def teacher_families(cfg: PipelineConfig) -> dict[str, Family] | None:
+    """Per benchmark of a mix (``problems.mix``): its family's prompt template (unless
+    ``teacher.prompt_template`` is set) and answer check; None for a single benchmark."""
+    from rscaffold.evalsets.loaders import problem_benchmarks
+
+    if not cfg.problems.mix:
+        return None
+    return {name: Family(b.prompt_template, *_bench_fns(b)) for name, b in problem_benchmarks(cfg.problems).items()}
 
 
 def teacher_shards(cfg: PipelineConfig, problems: StageRef) -> list[str]:
@@ -429,6 +472,7 @@ def run_teacher_shard(cfg: PipelineConfig, fps: dict[str, str], problems: StageR
                 answer_fn=answer_fn,
                 check_fn=check_fn,
                 only={key},
+                families=teacher_families(cfg),
             )
         finally:
             backend.close()
@@ -475,6 +519,7 @@ def run_teacher(
                 answer_fn=answer_fn,
                 check_fn=check_fn,
                 progress=progress,
+                families=teacher_families(cfg),
             )
         finally:
             backend.close()

@@ -72,7 +72,7 @@ def run_training(
 
 
 def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, only: str | None) -> StageRef | None:
-    from rscaffold.evalsets.loaders import benchmark_for
+    from rscaffold.evalsets.loaders import prompt_families
     from rscaffold.labeling.taxonomy import load_taxonomy
     from rscaffold.models import save_tiny_model
     from rscaffold.student import STUDENT_META
@@ -121,55 +121,63 @@ def _train(cfg: PipelineConfig, *, sd: StageDir, dataset: StageRef, procs: Any, 
         raise ValueError(f"this config does not train {only!r} (students: {[n for n, _ in variants]})")
     results: dict[str, Any] = {}
     outputs = {"base": "base" if cfg.training.tiny is not None else base}
-    for name, scaffolded in variants:
-        if procs.is_main:  # trained before for another config that it does not depend on
-            restore_student(cfg, dataset.fingerprint, name, dest=sd.work / name / MODEL_DIRNAME)
-        procs.wait()
-        final_meta = sd.work / name / MODEL_DIRNAME / STUDENT_META
-        if final_meta.exists():
-            # This student finished in an earlier attempt of the stage (a later one failed).
-            log.info("training: %s already trained, reusing %s", name, final_meta.parent)
-            results[name] = json.loads(final_meta.read_text())["metrics"]
-            outputs[name] = os.path.join(name, MODEL_DIRNAME)
-            continue
-        if only is not None and name != only:
-            continue
-        twin = _identical_twin(name, results, train_rows + validation_rows, segmentation=cfg.labeling.segmentation)
-        if twin is not None:
-            # The same completions as a baseline already trained (a teacher without a reasoning
-            # block writes only answer text): the same training, so the same model.
-            if procs.is_main:
-                log.info("training: %s has the same training text as %s; copying that student", name, twin)
-                _copy_student(sd.work / twin / MODEL_DIRNAME, sd.work / name / MODEL_DIRNAME, name=name, twin=twin)
+    with contextlib.ExitStack() as held:  # the store lock of the student being trained
+        for name, scaffolded in variants:
+            held.close()  # the previous student's claim
+            dest = sd.work / name / MODEL_DIRNAME
+            if procs.is_main and not dest.exists() and (only is None or name == only):
+                # Another run (a cell of an experiment) training this very student holds the store's
+                # lock: wait for it, then take its model instead of training a second copy.
+                store = student_store(cfg, dataset.fingerprint, name)
+                held.enter_context(store.lock(wait=cfg.run.wait_for_locks, timeout_s=cfg.run.lock_timeout_s))
+            if procs.is_main:  # trained before for another config that it does not depend on
+                restore_student(cfg, dataset.fingerprint, name, dest=dest)
             procs.wait()
-            results[name] = {**results[twin], "identical_to": twin}
-            outputs[name] = os.path.join(name, MODEL_DIRNAME)
-            continue
-        if procs.is_main:
-            log.info("training: %s on %d process(es)", name, procs.num)
-        res = train_student(
-            train_rows,
-            tcfg,
-            tax.names,
-            signal_tokens=tax.tokens,
-            output_dir=sd.work / name,
-            scaffolded=scaffolded,
-            model_card_info=card,
-            target=STUDENT_KINDS[name].target,
-            prompt_benchmark=benchmark_for(cfg.problems.format, cfg.problems.custom).prompt_family,
-            signal_essential=[s.essential for s in tax.signals],
-            segmentation=cfg.labeling.segmentation,
-            lengths=lengths[name],
-        )
-        procs.wait()
-        results[name] = {**as_dict(res), "model_dir": os.path.join(name, MODEL_DIRNAME)}
-        if procs.is_main and not cfg.training.keep_checkpoints:
-            # Checkpoints (weights + optimizer state) exist to resume a killed run; once the final
-            # model is saved they only cost disk.
-            shutil.rmtree(sd.work / name / CHECKPOINTS_DIRNAME, ignore_errors=True)
-        outputs[name] = os.path.relpath(Path(res.model_dir).resolve(), sd.work.resolve())
-        if procs.is_main:
-            store_student(cfg, dataset.fingerprint, name, model_dir=Path(res.model_dir))
+            final_meta = sd.work / name / MODEL_DIRNAME / STUDENT_META
+            if final_meta.exists():
+                # This student finished in an earlier attempt of the stage (a later one failed).
+                log.info("training: %s already trained, reusing %s", name, final_meta.parent)
+                results[name] = json.loads(final_meta.read_text())["metrics"]
+                outputs[name] = os.path.join(name, MODEL_DIRNAME)
+                continue
+            if only is not None and name != only:
+                continue
+            twin = _identical_twin(name, results, train_rows + validation_rows, segmentation=cfg.labeling.segmentation)
+            if twin is not None:
+                # The same completions as a baseline already trained (a teacher without a reasoning
+                # block writes only answer text): the same training, so the same model.
+                if procs.is_main:
+                    log.info("training: %s has the same training text as %s; copying that student", name, twin)
+                    _copy_student(sd.work / twin / MODEL_DIRNAME, sd.work / name / MODEL_DIRNAME, name=name, twin=twin)
+                procs.wait()
+                results[name] = {**results[twin], "identical_to": twin}
+                outputs[name] = os.path.join(name, MODEL_DIRNAME)
+                continue
+            if procs.is_main:
+                log.info("training: %s on %d process(es)", name, procs.num)
+            res = train_student(
+                train_rows,
+                tcfg,
+                tax.names,
+                signal_tokens=tax.tokens,
+                output_dir=sd.work / name,
+                scaffolded=scaffolded,
+                model_card_info=card,
+                target=STUDENT_KINDS[name].target,
+                prompt_benchmark=prompt_families(cfg.problems),
+                signal_essential=[s.essential for s in tax.signals],
+                segmentation=cfg.labeling.segmentation,
+                lengths=lengths[name],
+            )
+            procs.wait()
+            results[name] = {**as_dict(res), "model_dir": os.path.join(name, MODEL_DIRNAME)}
+            if procs.is_main and not cfg.training.keep_checkpoints:
+                # Checkpoints (weights + optimizer state) exist to resume a killed run; once the final
+                # model is saved they only cost disk.
+                shutil.rmtree(sd.work / name / CHECKPOINTS_DIRNAME, ignore_errors=True)
+            outputs[name] = os.path.relpath(Path(res.model_dir).resolve(), sd.work.resolve())
+            if procs.is_main:
+                store_student(cfg, dataset.fingerprint, name, model_dir=Path(res.model_dir), locked=True)
     missing = [n for n, _ in variants if n not in results]
     ref = None
     if procs.is_main:
@@ -211,7 +219,7 @@ def _check_lengths(cfg: PipelineConfig, train_rows: list[ExampleRecord], tax: An
     """Every student's length report (:func:`rscaffold.training.lengths.length_report`, which logs
     it and raises when max_length is too short) and, under ``truncation: drop``, the examples too
     long for any student."""
-    from rscaffold.evalsets.loaders import benchmark_for
+    from rscaffold.evalsets.loaders import prompt_families
     from rscaffold.training.lengths import length_report, load_student_tokenizer, student_lengths, too_long
 
     per_student = student_lengths(
@@ -219,7 +227,7 @@ def _check_lengths(cfg: PipelineConfig, train_rows: list[ExampleRecord], tax: An
         [n for n, _ in training_variants(cfg)],
         load_student_tokenizer(cfg.training),
         signal_tokens=dict(zip(tax.names, tax.tokens)),
-        benchmark=benchmark_for(cfg.problems.format, cfg.problems.custom).prompt_family,
+        benchmark=prompt_families(cfg.problems),
         segmentation=cfg.labeling.segmentation,
     )
     report = length_report(per_student, cfg.training)
@@ -325,13 +333,19 @@ def restore_student(cfg: PipelineConfig, dataset_fingerprint: str, name: str, *,
     return True
 
 
-def store_student(cfg: PipelineConfig, dataset_fingerprint: str, name: str, *, model_dir: Path) -> None:
-    """Publish a trained student's model directory to the store (a no-op when it holds it)."""
+def store_student(
+    cfg: PipelineConfig, dataset_fingerprint: str, name: str, *, model_dir: Path, locked: bool = False
+) -> None:
+    """Publish a trained student's model directory to the store (a no-op when it holds it).
+    ``locked``: the caller holds the store's lock (it trained the student under it)."""
     sd = student_store(cfg, dataset_fingerprint, name)
     if sd.is_complete() and not sd.verify():
         return
     started = time.time()
-    with sd.lock(wait=cfg.run.wait_for_locks, timeout_s=cfg.run.lock_timeout_s):
+    lock = (
+        contextlib.nullcontext() if locked else sd.lock(wait=cfg.run.wait_for_locks, timeout_s=cfg.run.lock_timeout_s)
+    )
+    with lock:
         if sd.is_complete() and not sd.verify():
             return
         sd.prepare(fresh=True)

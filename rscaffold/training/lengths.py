@@ -45,7 +45,7 @@ def student_lengths(
     tokenizer,
     *,
     signal_tokens: Mapping[str, str],
-    benchmark: str | None,
+    benchmark: str | Mapping[str, str] | None,
     segmentation: SegmentationConfig | None,
 ) -> dict[str, dict[str, int]]:
     """``student -> {trace_id: tokens}``: every example as that student is trained on it (its

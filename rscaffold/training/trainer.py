@@ -27,6 +27,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -546,7 +547,7 @@ def train_student(
     scaffolded: bool = True,
     model_card_info: dict[str, Any] | None = None,
     target: CompletionTarget = "trace",
-    prompt_benchmark: str | None = None,
+    prompt_benchmark: str | Mapping[str, str] | None = None,
     signal_essential: list[bool] | None = None,
     segmentation: SegmentationConfig | None = None,
     lengths: dict[str, Any] | None = None,
@@ -558,7 +559,8 @@ def train_student(
     chooses their completion: ``trace`` the whole teacher trace (long-thinking distillation,
     ``cot_sft``), ``answer`` the teacher's final answer text (CoT distillation, ``short_cot``).
     ``prompt_benchmark``: the user message is that benchmark family's prompt (the same builder
-    the teacher and the evaluation use); None: the bare question. ``signal_essential``: per
+    the teacher and the evaluation use), or for a mix of benchmarks a map of each example's
+    ``source`` to its family; None: the bare question. ``signal_essential``: per
     signal, whether the taxonomy marks it essential (kept with the student: guided decoding
     prunes the others by default). ``segmentation``: how the ``answer`` target's text is split into
     steps (the labeling stage's segmenter, which split the traces).
@@ -680,7 +682,7 @@ def train_student(
         "format_version": 1,
         "scaffolded": scaffolded,
         "target": target,
-        "prompt_benchmark": prompt_benchmark,
+        "prompt_benchmark": dict(prompt_benchmark) if isinstance(prompt_benchmark, Mapping) else prompt_benchmark,
         "signal_essential": (list(signal_essential) if signal_essential is not None else None) if scaffolded else None,
         "longest_step_tokens": result.longest_step_tokens,
         "max_length": cfg.max_length,
