@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from rscaffold.evalsets.loaders import prompt_family_of
 from rscaffold.labeling.taxonomy import Taxonomy, load_taxonomy
 from rscaffold.paths import data_dir
 from rscaffold.prompts import STUDENT_SYSTEM_PROMPT, example_benchmark, student_user_message
@@ -243,8 +244,6 @@ def chat_columns(
         .list.join(STEP_SEPARATOR)
     )
     plain = pl.col("steps").list.eval(step.field("text")).list.join(STEP_SEPARATOR)
-
-    from rscaffold.evalsets.loaders import prompt_family_of
 
     def family(source: str | None) -> str | None:  # of a benchmark name, or of a mix's source
         name = example_benchmark(benchmark, source)
@@ -498,7 +497,7 @@ def _card_body(dsd, prov: Provenance, taxonomy: Taxonomy, *, name: str, license:
             (
                 f"the question inside its own benchmark's family prompt ({', '.join(sorted(family))})"
                 if isinstance(family, dict)
-                else f"the question inside the {family!r} family's prompt"
+                else f"the question inside the {prompt_family_of(family)!r} family's prompt"
             )
             + ", exactly what rscaffold's students are trained "
             "and evaluated on"

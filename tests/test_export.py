@@ -125,7 +125,7 @@ def test_export_loads_with_datasets_and_has_a_card(artifacts, tmp_path):
     system, user, assistant = row["messages"]
     assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
     # the user turn is what the training stage renders: the question in its benchmark family's prompt
-    family = benchmark_for(cfg.problems.format, cfg.problems.custom).prompt_family
+    family = benchmark_for(cfg.problems.format, cfg.problems.custom).family
     assert user["content"] == student_user_message(row["question"], family) != row["question"]
     assert row["prompt"] == [system, user] and row["completion"] == [assistant]
     assert row["completion_plain"] == [row["messages_plain"][2]]
