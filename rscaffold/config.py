@@ -14,9 +14,10 @@ import os
 import string
 import textwrap
 import typing
+import warnings
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -313,6 +314,24 @@ class ProblemsConfig(_Section):
 DEFAULT_SYSTEM_PROMPT = "You are a careful tutor. Think step by step. Put a blank line between steps."
 
 
+ShardSize = Annotated[int, Field(ge=1)] | Literal["auto"]
+
+AUTO_SHARD_SIZE: dict[str, int] = {"vllm": 512}
+"""``shard_size: auto`` per backend: a GPU engine batches continuously, so a shard (one engine call)
+must hold enough sequences to fill it; the CPU backends and remote APIs take small shards, which
+resume at a fine grain."""
+DEFAULT_SHARD_SIZE = 8
+ENGINE_MIN_SHARD = 64
+"""Fewer sequences per shard than this on a GPU engine draws a warning."""
+
+
+def shard_size_for(size: int | str, backend: str | None) -> int:
+    """A ``shard_size`` setting as a number: 'auto' follows the backend (:data:`AUTO_SHARD_SIZE`)."""
+    if size == "auto":
+        return AUTO_SHARD_SIZE.get(backend or "", DEFAULT_SHARD_SIZE)
+    return int(size)
+
+
 class TeacherConfig(_Section):
     llm: BackendConfig = Field(
         default_factory=BackendConfig, description="The teacher model and the engine that serves it."
@@ -331,8 +350,11 @@ class TeacherConfig(_Section):
         "(finish reason not 'length', no unclosed reasoning block), 'correct' finished ones whose answer checks "
         "out, or 'all' successful ones, cut-off ones included (students then learn unfinished reasoning).",
     )
-    shard_size: int = Field(
-        default=8, ge=1, description="Traces per persisted shard (the unit of resume).", json_schema_extra=EXECUTION
+    shard_size: ShardSize = Field(
+        default="auto",
+        description="Traces per persisted shard (the unit of resume, and of one engine call for a local backend); "
+        "'auto': 512 for vllm (enough sequences to keep a GPU engine's continuous batching full), 8 otherwise.",
+        json_schema_extra=EXECUTION,
     )
     max_failure_rate: float = Field(
         default=0.5,
@@ -423,10 +445,10 @@ class LabelingConfig(_Section):
     segmentation: SegmentationConfig = Field(
         default_factory=SegmentationConfig, description="How traces are split into steps."
     )
-    shard_size: int = Field(
-        default=8,
-        ge=1,
-        description="Traces per labeling batch and persisted shard (the unit of resume).",
+    shard_size: ShardSize = Field(
+        default="auto",
+        description="Traces per labeling batch and persisted shard (the unit of resume); 'auto': 512 when the "
+        "labeler runs on vllm, 8 otherwise.",
         json_schema_extra=EXECUTION,
     )
     max_fallback_rate: float = Field(
@@ -1055,6 +1077,11 @@ class RaySettings(_Section):
     gpus_per_shard: float = Field(
         default=0, ge=0, description="GPUs Ray reserves for one shard task (1: one model replica per GPU)."
     )
+    resources_per_shard: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources one shard task reserves (e.g. {'a100': 1} to keep shards on the "
+        "nodes started with that resource).",
+    )
     init_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments of ray.init (e.g. runtime_env, num_cpus)."
     )
@@ -1156,10 +1183,34 @@ class PipelineConfig(_Section):
                 f"(training.students: {self.training.students}); drop those models from evaluation.models "
                 "or add the students to training.students"
             )
+        for what, backend, size in (
+            ("teacher", self.teacher.llm.backend, self.teacher_shard_size()),
+            (
+                "labeling",
+                self.labeler_llm().backend if self.labeling.method == "llm" else None,
+                self.labeling_shard_size(),
+            ),
+        ):
+            if backend in AUTO_SHARD_SIZE and size < ENGINE_MIN_SHARD:
+                warnings.warn(
+                    f"{what}.shard_size {size} is small for the {backend} engine: it sees at most {size} sequences "
+                    f"at a time, a small fraction of what fills a GPU; use 'auto' ({AUTO_SHARD_SIZE[backend]}) or "
+                    f"at least {ENGINE_MIN_SHARD}",
+                    stacklevel=2,
+                )
         return self
 
     def labeler_llm(self) -> BackendConfig:
         return self.labeling.llm or self.teacher.llm
+
+    def teacher_shard_size(self) -> int:
+        """``teacher.shard_size``, with 'auto' resolved for the teacher's backend."""
+        return shard_size_for(self.teacher.shard_size, self.teacher.llm.backend)
+
+    def labeling_shard_size(self) -> int:
+        """``labeling.shard_size``, with 'auto' resolved for the labeler's backend (none for rules)."""
+        backend = self.labeler_llm().backend if self.labeling.method == "llm" else None
+        return shard_size_for(self.labeling.shard_size, backend)
 
 
 # ---------------------------------------------------------------------------------------------
