@@ -18,7 +18,8 @@ Two more figures, on Ray:
   shards, worker processes and model loads, from the shard results (``pid``, ``loads``). Ray's
   default for a task that takes GPUs is a fresh worker per task (one load per shard); the flow's
   reusable workers load once per worker;
-* a shard-size sweep (``--sweep``): wall time of the Ray run at each shard size, same work.
+* a shard-size sweep (``--sweep``): wall time of the Ray run at each shard size, same work, on a
+  2-worker cluster warmed by an untimed run.
 
     .venv/bin/python benchmarks/fanout.py [--problems 32] [--shard-size 4] [--tokens 96]
         [--workers 1 2 4] [--fake-gpus 2] [--sweep 2 8 32]
@@ -42,7 +43,7 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=32)
     ap.add_argument("--shard-size", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=96)
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4])
     ap.add_argument("--fake-gpus", type=int, default=2, help="GPUs the engine-reuse cluster declares (0: skip)")
     ap.add_argument("--sweep", type=int, nargs="*", default=[2, 8, 32], help="shard sizes of the sweep (2 workers)")
     args = ap.parse_args()
@@ -106,7 +107,8 @@ def main() -> None:
         if args.sweep:
             ray.init(num_cpus=2, include_dashboard=False, namespace="prefect", log_to_driver=False,
                      runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})  # fmt: skip
-            try:
+            try:  # an untimed run first: every size then finds the workers started (as in a long run)
+                rscaffold_stage(config=config("sweep-warm", "ray", shard_size=max(args.sweep)), stage="teacher")
                 for size in args.sweep:
                     t0 = time.perf_counter()
                     rscaffold_stage(config=config(f"sweep-{size}", "ray", shard_size=size), stage="teacher")
