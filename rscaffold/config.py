@@ -1208,7 +1208,7 @@ class PipelineConfig(_Section):
         return shard_size_for(self.teacher.shard_size, self.teacher.llm.backend)
 
     def labeling_shard_size(self) -> int:
-        """``labeling.shard_size``, with 'auto' resolved for the labeler's backend (none for rules)."""
+        """``labeling.shard_size``, with 'auto' resolved for the labeler's backend (none for keyword labels)."""
         backend = self.labeler_llm().backend if self.labeling.method == "llm" else None
         return shard_size_for(self.labeling.shard_size, backend)
 

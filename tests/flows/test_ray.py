@@ -1,7 +1,7 @@
 """Data-parallel stages on a real local Ray cluster (2 CPU workers, started by the test) through
 prefect-ray: one Prefect task per shard, in different worker processes; a worker killed mid-shard
 is retried; the stage's Parquet output is the one a sequential run writes; a worker holding a GPU
-serves many shards with one model load (the cluster declares 2 GPUs that do not exist: Ray then
+serves many shards with one model load, or one student server (the cluster declares 2 GPUs that do not exist: Ray then
 schedules `num_gpus` tasks on them and sets CUDA_VISIBLE_DEVICES, which is all these tests need)."""
 
 from __future__ import annotations
@@ -135,3 +135,30 @@ def test_a_gpu_worker_serves_many_shards_with_one_model_load(
     assert max(len(v) for v in evaluation.values()) >= 2
     for shards in evaluation.values():
         assert [s["loads"]["student"] for s in shards] == [1] * len(shards)
+
+
+def test_a_gpu_worker_runs_one_student_server_for_its_evaluation_shards(
+    ray_cluster, harness, tiny_model_dir, smollm2_dir, tmp_path
+):
+    from helpers import SERVE_ENV, TRANSFORMERS_SERVE, serve_available
+    from rscaffold_flows.pipeline import rscaffold_stage
+
+    why = serve_available()
+    if why:
+        pytest.skip(why)
+    raw = tiny_config_dict(tiny_model_dir, smollm2_dir, tmp_path / "served")
+    raw["run"].update(task_runner="ray", ray={"gpus_per_shard": 1})
+    raw["problems"].update(limit_eval=4)
+    raw["training"].update(tiny=None, student=str(tiny_model_dir), tokenizer=None)
+    raw["evaluation"].update(
+        models=["base"],
+        shard_size=1,
+        max_new_tokens=4,
+        server={"command": TRANSFORMERS_SERVE, "env": SERVE_ENV},
+        llm={"backend": "openai", "model": "{model_dir}", "base_url": "http://x/v1", "max_retries": 0},
+    )
+    evaluation = by_worker(rscaffold_stage(config=config_from_dict(raw), stage="evaluation")["evaluation"]["shards"])
+    assert sum(len(v) for v in evaluation.values()) == 4
+    assert max(len(v) for v in evaluation.values()) >= 2
+    for shards in evaluation.values():
+        assert [s["loads"]["server"] for s in shards] == [1] * len(shards)  # one server per worker
