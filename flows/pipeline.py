@@ -72,7 +72,13 @@ def run_shards(
     task = SHARD_TASKS[stage].with_options(
         retries=config.run.retries, retry_delay_seconds=config.run.retry_delay_s, refresh_cache=force
     )
-    with remote_options(num_cpus=config.run.ray.cpus_per_shard, num_gpus=config.run.ray.gpus_per_shard):
+    r = config.run.ray
+    # max_calls=0: the worker is reused for the next shard. Ray makes a worker of a task that
+    # takes GPUs exit after one call by default (max_calls=1), which would load the model (start
+    # the engine, the server) once per shard; the worker keeps it instead (rscaffold.process_cache).
+    with remote_options(
+        num_cpus=r.cpus_per_shard, num_gpus=r.gpus_per_shard, resources=r.resources_per_shard, max_calls=0
+    ):
         futures = [task.submit(config, fps, key=key, **upstream) for key in keys]
     return [f.result() for f in futures]
 

@@ -37,7 +37,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -470,12 +470,14 @@ class StageDir:
         """The keys of the readable shards of ``name`` (see :meth:`read_shards`), sorted."""
         return sorted(key for key, _ in self._shards(name))
 
-    def read_shards(self, name: str, record_type: type[R]) -> list[R]:
-        """The rows of every shard of ``name``, in key order. A shard that cannot be read (a
-        truncated or corrupt file) is set aside into ``shards/damaged/`` with a warning, so its
-        work is redone instead of failing every re-run."""
+    def read_shards(self, name: str, record_type: type[R], *, keys: Collection[str] | None = None) -> list[R]:
+        """The rows of every shard of ``name`` (only those with ``keys`` when given), in key order.
+        A shard that cannot be read (a truncated or corrupt file) is set aside into
+        ``shards/damaged/`` with a warning, so its work is redone instead of failing every re-run."""
         out: list[R] = []
-        for _key, path in self._shards(name):
+        for key, path in self._shards(name):
+            if keys is not None and key not in keys:
+                continue
             try:
                 out.extend(read_records(path, record_type))
             except Exception as err:  # noqa: BLE001 - any unreadable file is the same case

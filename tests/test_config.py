@@ -201,3 +201,21 @@ def test_training_args_refuse_what_rscaffold_sets_and_execution_keys_leave_the_f
     ):
         with pytest.raises(ValueError, match=match):
             TrainingConfig(**bad)
+
+
+def test_shard_size_auto_follows_the_backend_and_tiny_engine_shards_warn():
+    import warnings
+
+    cpu = PipelineConfig()
+    assert (cpu.teacher_shard_size(), cpu.labeling_shard_size()) == (8, 8)
+    vllm = {"llm": {"backend": "vllm", "model": "m"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine = PipelineConfig(teacher=vllm)
+        assert (engine.teacher_shard_size(), engine.labeling_shard_size()) == (512, 512)  # the labeler is the teacher's
+        mixed = PipelineConfig(teacher=vllm, labeling={"llm": {"backend": "openai", "model": "m"}, "shard_size": 3})
+        assert (mixed.teacher_shard_size(), mixed.labeling_shard_size()) == (512, 3)
+    with pytest.warns(UserWarning, match="teacher.shard_size 8 is small for the vllm engine"):
+        PipelineConfig(teacher={**vllm, "shard_size": 8})
+    with pytest.raises(ValueError):
+        PipelineConfig(teacher={"shard_size": 0})

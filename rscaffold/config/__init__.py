@@ -25,7 +25,16 @@ from rscaffold.config.evaluation import (
 )
 from rscaffold.config.fingerprint import fingerprint_view
 from rscaffold.config.labeling import LabelingConfig, SegmentationConfig
-from rscaffold.config.llm import BackendConfig, BackendName, SamplingConfig
+from rscaffold.config.llm import (
+    AUTO_SHARD_SIZE,
+    DEFAULT_SHARD_SIZE,
+    ENGINE_MIN_SHARD,
+    BackendConfig,
+    BackendName,
+    SamplingConfig,
+    ShardSize,
+    shard_size_for,
+)
 from rscaffold.config.load import (
     check_inputs_exist,
     config_from_dict,
@@ -49,6 +58,11 @@ from rscaffold.config.training import (
 )
 
 __all__ = [
+    "AUTO_SHARD_SIZE",
+    "DEFAULT_SHARD_SIZE",
+    "ENGINE_MIN_SHARD",
+    "ShardSize",
+    "shard_size_for",
     "DEFAULT_SYSTEM_PROMPT",
     "EXECUTION",
     "EXECUTION_TRAINER_ARGS",

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from rscaffold.config.base import EXECUTION, _Section
-from rscaffold.config.llm import BackendConfig, SamplingConfig
+from rscaffold.config.llm import BackendConfig, SamplingConfig, ShardSize
 from rscaffold.paths import data_dir
 
 
@@ -84,10 +84,10 @@ class LabelingConfig(_Section):
     segmentation: SegmentationConfig = Field(
         default_factory=SegmentationConfig, description="How traces are split into steps."
     )
-    shard_size: int = Field(
-        default=8,
-        ge=1,
-        description="Traces per labeling batch and persisted shard (the unit of resume).",
+    shard_size: ShardSize = Field(
+        default="auto",
+        description="Traces per labeling batch and persisted shard (the unit of resume); 'auto': 512 when the "
+        "labeler runs on vllm, 8 otherwise.",
         json_schema_extra=EXECUTION,
     )
     max_fallback_rate: float = Field(

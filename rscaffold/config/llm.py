@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -120,3 +120,21 @@ class SamplingConfig(_Section):
     seed: int = Field(
         default=0, description="Run seed; each request's sampling seed derives from it and the request's identity."
     )
+
+
+ShardSize = Annotated[int, Field(ge=1)] | Literal["auto"]
+
+AUTO_SHARD_SIZE: dict[str, int] = {"vllm": 512}
+"""``shard_size: auto`` per backend: a GPU engine batches continuously, so a shard (one engine call)
+must hold enough sequences to fill it; the CPU backends and remote APIs take small shards, which
+resume at a fine grain."""
+DEFAULT_SHARD_SIZE = 8
+ENGINE_MIN_SHARD = 64
+"""Fewer sequences per shard than this on a GPU engine draws a warning."""
+
+
+def shard_size_for(size: int | str, backend: str | None) -> int:
+    """A ``shard_size`` setting as a number: 'auto' follows the backend (:data:`AUTO_SHARD_SIZE`)."""
+    if size == "auto":
+        return AUTO_SHARD_SIZE.get(backend or "", DEFAULT_SHARD_SIZE)
+    return int(size)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 from pydantic import Field, model_validator
 
 from rscaffold.config.base import _Section
 from rscaffold.config.dataset import DatasetConfig
 from rscaffold.config.evaluation import EvaluationConfig
 from rscaffold.config.labeling import LabelingConfig
-from rscaffold.config.llm import BackendConfig
+from rscaffold.config.llm import AUTO_SHARD_SIZE, ENGINE_MIN_SHARD, BackendConfig, shard_size_for
 from rscaffold.config.problems import ProblemsConfig
 from rscaffold.config.run import RunSettings
 from rscaffold.config.teacher import TeacherConfig
@@ -56,7 +58,31 @@ class PipelineConfig(_Section):
                 f"(training.students: {self.training.students}); drop those models from evaluation.models "
                 "or add the students to training.students"
             )
+        for what, backend, size in (
+            ("teacher", self.teacher.llm.backend, self.teacher_shard_size()),
+            (
+                "labeling",
+                self.labeler_llm().backend if self.labeling.method == "llm" else None,
+                self.labeling_shard_size(),
+            ),
+        ):
+            if backend in AUTO_SHARD_SIZE and size < ENGINE_MIN_SHARD:
+                warnings.warn(
+                    f"{what}.shard_size {size} is small for the {backend} engine: it sees at most {size} sequences "
+                    f"at a time, a small fraction of what fills a GPU; use 'auto' ({AUTO_SHARD_SIZE[backend]}) or "
+                    f"at least {ENGINE_MIN_SHARD}",
+                    stacklevel=2,
+                )
         return self
 
     def labeler_llm(self) -> BackendConfig:
         return self.labeling.llm or self.teacher.llm
+
+    def teacher_shard_size(self) -> int:
+        """``teacher.shard_size``, with 'auto' resolved for the teacher's backend."""
+        return shard_size_for(self.teacher.shard_size, self.teacher.llm.backend)
+
+    def labeling_shard_size(self) -> int:
+        """``labeling.shard_size``, with 'auto' resolved for the labeler's backend (none for keyword labels)."""
+        backend = self.labeler_llm().backend if self.labeling.method == "llm" else None
+        return shard_size_for(self.labeling.shard_size, backend)

@@ -23,6 +23,11 @@ class RaySettings(_Section):
     gpus_per_shard: float = Field(
         default=0, ge=0, description="GPUs Ray reserves for one shard task (1: one model replica per GPU)."
     )
+    resources_per_shard: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources one shard task reserves (e.g. {'a100': 1} to keep shards on the "
+        "nodes started with that resource).",
+    )
     init_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments of ray.init (e.g. runtime_env, num_cpus)."
     )

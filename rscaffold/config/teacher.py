@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from rscaffold.config.base import EXECUTION, _Section
-from rscaffold.config.llm import BackendConfig, SamplingConfig
+from rscaffold.config.llm import BackendConfig, SamplingConfig, ShardSize
 
 # The answer-format instruction comes from the benchmark family's prompt template.
 DEFAULT_SYSTEM_PROMPT = "You are a careful tutor. Think step by step. Put a blank line between steps."
@@ -31,8 +31,11 @@ class TeacherConfig(_Section):
         "(finish reason not 'length', no unclosed reasoning block), 'correct' finished ones whose answer checks "
         "out, or 'all' successful ones, cut-off ones included (students then learn unfinished reasoning).",
     )
-    shard_size: int = Field(
-        default=8, ge=1, description="Traces per persisted shard (the unit of resume).", json_schema_extra=EXECUTION
+    shard_size: ShardSize = Field(
+        default="auto",
+        description="Traces per persisted shard (the unit of resume, and of one engine call for a local backend); "
+        "'auto': 512 for vllm (enough sequences to keep a GPU engine's continuous batching full), 8 otherwise.",
+        json_schema_extra=EXECUTION,
     )
     max_failure_rate: float = Field(
         default=0.5,

@@ -8,7 +8,6 @@ Backends are imported lazily, so a heavy or optional dependency (vLLM) is loaded
 from __future__ import annotations
 
 import importlib
-import threading
 from collections.abc import Callable
 
 from rscaffold.config import BackendConfig
@@ -31,11 +30,6 @@ def backend_class(name: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
-# Backends kept for the life of this process, one per config (see ``create_backend(shared=True)``).
-_SHARED: dict[str, LLMBackend] = {}
-_SHARED_LOCK = threading.Lock()
-
-
 class _Borrowed:
     """A shared backend lent to one user: everything passes through but ``close``, which is the
     process's business (the model stays loaded for the next shard on this worker)."""
@@ -52,11 +46,11 @@ class _Borrowed:
 
 
 def _shared(cfg: BackendConfig, cls: type) -> LLMBackend:
-    key = cfg.model_dump_json()
-    with _SHARED_LOCK:
-        if key not in _SHARED:
-            _SHARED[key] = cls(cfg)
-        return _Borrowed(_SHARED[key])
+    """The process's backend for ``cfg`` (:mod:`rscaffold.process_cache`: one model per process,
+    replaced when another config asks, closed at exit), lent to this caller."""
+    from rscaffold import process_cache
+
+    return _Borrowed(process_cache.kept("llm", cfg.model_dump_json(), lambda: cls(cfg), close=lambda b: b.close()))
 
 
 def create_backend(

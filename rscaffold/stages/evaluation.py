@@ -8,7 +8,9 @@ assembles them in their fixed order (model, benchmark, problem).
 
 Students decode in this process (transformers), or through an OpenAI-compatible server
 (``evaluation.llm`` backend ``openai``, :mod:`rscaffold.decoding.served`): one that runs, or one started
-for each student (``evaluation.server.command``) and stopped when its shards are done. A served
+for each student (``evaluation.server.command``) and stopped when its shards are done (a Ray
+worker keeps its loaded student or running server for its next shard of the same student, see
+:mod:`rscaffold.process_cache`, and stops it when it moves on or exits). A served
 scaffolded student's gate is still calibrated in this process (its weights are loaded for that
 once, and freed before its server starts).
 """
@@ -21,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from rscaffold import process_cache
 from rscaffold.config import PipelineConfig, fingerprint_view
 from rscaffold.records import ExampleRecord, MetricRecord, PredictionRecord
 from rscaffold.stages.common import (
@@ -141,6 +144,7 @@ class _Decoder:
             self.student = None
             free_accelerator_memory()
             self.student, self.loaded = load_student(self.model_path(student_name)), student_name
+            process_cache.count("student")
         return self.student
 
     def serve(self, student_name: str) -> tuple[Any, Any]:
@@ -178,6 +182,7 @@ class _Decoder:
                     startup_timeout_s=sc.startup_timeout_s,
                     env=sc.env,
                 ).start()
+                process_cache.count("server")
                 return backend_class(bcfg.backend)(bcfg.model_copy(update={"base_url": self.server.base_url}))
 
             self.backend = create_backend(bcfg, cache=request_cache(self.cfg), connect=connect)
@@ -288,13 +293,26 @@ def run_evaluation_shard(
     with sd.shard_lock(SHARD, key):
         if sd.shard_path(SHARD, key).exists():
             return out
-        decoder = _decoder(cfg, sd, training)
+        # The worker keeps its decoder (the loaded student, the running student server) for the
+        # next shard of this evaluation; another run's, or the worker's exit, closes it.
+        decoder = process_cache.kept(
+            "evaluation",
+            "|".join([str(sd.path), training.fingerprint if training else "", cfg.model_dump_json()]),
+            lambda: _decoder(cfg, sd, training),
+            close=_close_decoder,
+        )
         try:
             out["answered"] = len(decoder.predict(shards[key]))
-        finally:
-            decoder.stop_serving()
-            decoder.close()
+        except BaseException:
+            process_cache.release("evaluation")  # a failed shard's retry starts from a clean decoder
+            raise
+    out["loads"] = process_cache.loads()
     return out
+
+
+def _close_decoder(decoder: _Decoder) -> None:
+    decoder.stop_serving()
+    decoder.close()
 
 
 def run_evaluation(

@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from rscaffold import process_cache
 from rscaffold.config import PipelineConfig, fingerprint_view
 from rscaffold.records import LabeledStepRecord, TraceRecord
 from rscaffold.stages.common import (
@@ -42,7 +43,7 @@ def _work(
 
     all_traces = read_records(teacher.output("traces"), TraceRecord)
     traces, dropped = select_traces(all_traces, cfg.teacher.keep)
-    size = cfg.labeling.shard_size
+    size = cfg.labeling_shard_size()
     groups = [traces[k : k + size] for k in range(0, len(traces), size)]
     return (
         traces,
@@ -74,7 +75,7 @@ def _label_shard(
     from rscaffold.labeling.labeler import label_traces, labeler_token_counter, warn_context_larger_than_model
     from rscaffold.segment import split_steps, trace_body
 
-    existing = sd.read_shard_map(SHARD, LabeledStepRecord).get(key, [])
+    existing = sd.read_shards(SHARD, LabeledStepRecord, keys={key})  # its own shard, not every one
     labeled = {s.trace_id for s in existing}
     empty = set(read_json(sd.shards / f"empty-{key}.json", []))
     work = []
@@ -137,6 +138,7 @@ def run_labeling_shard(cfg: PipelineConfig, fps: dict[str, str], teacher: StageR
         )
     if holder:
         out["requests"] = request_summary(holder[0], cfg.labeler_llm())
+    out["loads"] = process_cache.loads()
     return out
 
 

@@ -40,7 +40,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from rscaffold.config import PipelineConfig, TeacherConfig, fingerprint_view
+from rscaffold import process_cache
+from rscaffold.config import PipelineConfig, TeacherConfig, fingerprint_view, shard_size_for
 from rscaffold.llm.base import ChatRequest, Completion, LLMBackend
 from rscaffold.llm.parsing import EMPTY_OUTPUT, RATE_LIMITED, clean_text, derive_seed, describe_error
 from rscaffold.prompts import QUESTION_FIELD, fill_prompt
@@ -220,8 +221,23 @@ def shard_key(items: Sequence[TraceWork]) -> str:
 
 def shard_keys(problems: Sequence[ProblemRecord], cfg: TeacherConfig) -> list[str]:
     """The keys of every shard of the teacher's work, in order."""
-    items = work_items(problems, cfg.samples_per_problem)
-    return [shard_key(items[k : k + cfg.shard_size]) for k in range(0, len(items), cfg.shard_size)]
+    items, size = work_items(problems, cfg.samples_per_problem), shard_size_for(cfg.shard_size, cfg.llm.backend)
+    return [shard_key(items[k : k + size]) for k in range(0, len(items), size)]
+
+
+def _overlapping(keys: Collection[str], shards: Sequence[Sequence[TraceWork]]) -> set[str]:
+    """The shard keys (index ranges ``<first>-<last>``) that hold any item of ``shards``."""
+    ranges = [(s[0].index, s[-1].index) for s in shards if s]
+    out = set()
+    for key in keys:
+        lo, _, hi = key.partition("-")
+        try:
+            a, b = int(lo), int(hi)
+        except ValueError:
+            continue
+        if any(a <= hi_ and lo_ <= b for lo_, hi_ in ranges):
+            out.add(key)
+    return out
 
 
 class TeacherUnavailableError(RuntimeError):
@@ -268,7 +284,7 @@ def generate_traces(
             raise ValueError(f"problems of benchmark(s) {unknown} but no prompt and answer check for them")
     items = work_items(problems, cfg.samples_per_problem)
     by_trace = {w.trace_id: w for w in items}
-    size = cfg.shard_size
+    size = shard_size_for(cfg.shard_size, cfg.llm.backend)
     shards = [items[k : k + size] for k in range(0, len(items), size)]
     shard_of = {w.trace_id: k for k, shard in enumerate(shards) for w in shard}
     if cfg.sampling.temperature == 0 and cfg.samples_per_problem > 1:
@@ -278,7 +294,14 @@ def generate_traces(
 
     # -- resume ---------------------------------------------------------------------------
     records: dict[str, TraceRecord] = {}
-    for t in stage.read_shards(TRACES_SHARD, TraceRecord):
+    # A shard task reads only the shards over its own items (every finished shard of the stage,
+    # for each of n shard tasks, would be n^2 reads); older shards of another size are among them.
+    mine = (
+        None
+        if only is None
+        else _overlapping(stage.shard_keys(TRACES_SHARD), [s for s in shards if shard_key(s) in only])
+    )
+    for t in stage.read_shards(TRACES_SHARD, TraceRecord, keys=mine):
         if t.trace_id in by_trace and (t.status == "ok" or t.trace_id not in records):
             records[t.trace_id] = t  # an ok trace wins over a failed one
     finished = {tid for tid, t in records.items() if t.status == "ok"}
@@ -481,6 +504,7 @@ def run_teacher_shard(cfg: PipelineConfig, fps: dict[str, str], problems: StageR
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "generated": result.counts["requested"],
+        "loads": process_cache.loads(),
         "requests": request_summary(backend, cfg.teacher.llm),
     }
 

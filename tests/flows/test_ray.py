@@ -1,6 +1,8 @@
 """Data-parallel stages on a real local Ray cluster (2 CPU workers, started by the test) through
 prefect-ray: one Prefect task per shard, in different worker processes; a worker killed mid-shard
-is retried; the stage's Parquet output is the one a sequential run writes."""
+is retried; the stage's Parquet output is the one a sequential run writes; a worker holding a GPU
+serves many shards with one model load, or one student server (the cluster declares 2 GPUs that do not exist: Ray then
+schedules `num_gpus` tasks on them and sets CUDA_VISIBLE_DEVICES, which is all these tests need)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ pytest.importorskip("prefect_ray", reason="the Ray tests need rscaffold[ray]")
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, namespace="prefect", log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, namespace="prefect", log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -99,3 +101,64 @@ def test_a_worker_killed_mid_shard_is_retried(ray_cluster, harness, tiny_model_d
     pids = {s["pid"] for s in refs["teacher"]["shards"]}
     assert killed[0] not in pids  # the killed worker's shard was done again elsewhere
     assert len(pq.read_table(Path(refs["teacher"]["path"]) / "traces.parquet")) == 8
+
+
+def by_worker(shards: list[dict]) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for s in shards:
+        out.setdefault(s["pid"], []).append(s)
+    return out
+
+
+def test_a_gpu_worker_serves_many_shards_with_one_model_load(
+    ray_cluster, harness, tiny_model_dir, smollm2_dir, tmp_path
+):
+    from rscaffold_flows.pipeline import rscaffold_stage
+
+    raw = tiny_config_dict(tiny_model_dir, smollm2_dir, tmp_path / "gpu")
+    raw["run"].update(task_runner="ray", ray={"gpus_per_shard": 1})
+    raw["teacher"].update(shard_size=1)
+    raw["teacher"]["sampling"].update(max_new_tokens=4)
+    raw["problems"].update(limit_train=6, limit_eval=4)
+    raw["training"].update(tiny=None, student=str(tiny_model_dir), tokenizer=None)
+    raw["evaluation"].update(models=["base"], shard_size=1, max_new_tokens=4)
+    cfg = config_from_dict(raw)
+
+    teacher = by_worker(rscaffold_stage(config=cfg, stage="teacher")["teacher"]["shards"])
+    assert sum(len(v) for v in teacher.values()) == 6
+    assert max(len(v) for v in teacher.values()) >= 2  # a worker is reused for several shards
+    for shards in teacher.values():
+        assert [s["loads"]["llm"] for s in shards] == [1] * len(shards)  # ...and loads the teacher once
+
+    evaluation = by_worker(rscaffold_stage(config=cfg, stage="evaluation")["evaluation"]["shards"])
+    assert sum(len(v) for v in evaluation.values()) == 4
+    assert max(len(v) for v in evaluation.values()) >= 2
+    for shards in evaluation.values():
+        assert [s["loads"]["student"] for s in shards] == [1] * len(shards)
+
+
+def test_a_gpu_worker_runs_one_student_server_for_its_evaluation_shards(
+    ray_cluster, harness, tiny_model_dir, smollm2_dir, tmp_path
+):
+    from helpers import SERVE_ENV, TRANSFORMERS_SERVE, serve_available
+    from rscaffold_flows.pipeline import rscaffold_stage
+
+    why = serve_available()
+    if why:
+        pytest.skip(why)
+    raw = tiny_config_dict(tiny_model_dir, smollm2_dir, tmp_path / "served")
+    raw["run"].update(task_runner="ray", ray={"gpus_per_shard": 1})
+    raw["problems"].update(limit_eval=4)
+    raw["training"].update(tiny=None, student=str(tiny_model_dir), tokenizer=None)
+    raw["evaluation"].update(
+        models=["base"],
+        shard_size=1,
+        max_new_tokens=4,
+        server={"command": TRANSFORMERS_SERVE, "env": SERVE_ENV},
+        llm={"backend": "openai", "model": "{model_dir}", "base_url": "http://x/v1", "max_retries": 0},
+    )
+    evaluation = by_worker(rscaffold_stage(config=config_from_dict(raw), stage="evaluation")["evaluation"]["shards"])
+    assert sum(len(v) for v in evaluation.values()) == 4
+    assert max(len(v) for v in evaluation.values()) >= 2
+    for shards in evaluation.values():
+        assert [s["loads"]["server"] for s in shards] == [1] * len(shards)  # one server per worker

@@ -49,3 +49,33 @@ def test_fallback_rate_above_threshold_fails_after_saving(tiny_model_dir, tmp_pa
     assert not sd.is_complete()
     saved = sd.read_shards("labeled_steps", LabeledStepRecord)
     assert saved and {s.source for s in saved} <= {"fallback", "keyword"}
+
+
+def test_a_shard_task_reads_only_its_own_shard(tiny_model_dir, tmp_path, monkeypatch):
+    import rscaffold.store as store
+
+    d = data_dir() / "problems"
+    cfg = config_from_dict(
+        {
+            "run": {"artifacts_dir": str(tmp_path)},
+            "problems": {"train": str(d / "train.jsonl"), "eval": str(d / "eval.jsonl"), "limit_train": 4},
+            "teacher": {
+                "llm": {"model": str(tiny_model_dir)},
+                "sampling": {"max_new_tokens": 16, "temperature": 1.0, "seed": 1},
+                "keep": "all",
+            },
+            "labeling": {"method": "keyword", "shard_size": 1},
+        }
+    )
+    fps = plan_fingerprints(cfg)
+    teacher = run_teacher(cfg, fps, run_problems(cfg, fps))
+    keys = labeling_stage.labeling_shards(cfg, teacher)
+    for key in keys:
+        labeling_stage.run_labeling_shard(cfg, fps, teacher, key=key)
+    made = StageDir(tmp_path, "labeling", fps["labeling"]).shard_keys("labeled_steps")
+    assert len(made) >= 2
+    read: list[str] = []
+    real = store.read_records
+    monkeypatch.setattr(store, "read_records", lambda path, *a, **k: read.append(path.name) or real(path, *a, **k))
+    assert labeling_stage.run_labeling_shard(cfg, fps, teacher, key=made[-1])["labeled"] == 0  # done before
+    assert read == [f"labeled_steps-{made[-1]}.parquet"]

@@ -381,3 +381,22 @@ def test_progress_bar_closed_when_the_backend_crashes(tmp_path, monkeypatch):
     bar = RecordingBar.instances[-1]
     assert bar.n == 2 and bar.closed
     assert len(stage_dir(tmp_path).read_shards(TRACES_SHARD, TraceRecord)) == 2  # still flushed
+
+
+def test_a_shard_task_reads_only_the_shards_over_its_own_items(tmp_path, monkeypatch):
+    import rscaffold.store as store
+
+    sd = stage_dir(tmp_path)
+    backend = ScriptedTeacherBackend(lambda pid, i: dict(text=f"The answer is {pid[1:]}.", finish_reason="stop"))
+    args = dict(stage=sd, answer_fn=answer_fn, check_fn=check_fn)
+    generate_traces(problems(6), backend, TeacherConfig(shard_size=2), **args)  # shards 0-1, 2-3, 4-5
+    read: list[str] = []
+    real = store.read_records
+    monkeypatch.setattr(store, "read_records", lambda path, *a, **k: read.append(path.name) or real(path, *a, **k))
+
+    res = generate_traces(problems(6), backend, TeacherConfig(shard_size=2), only={"000002-000003"}, **args)
+    assert read == ["traces-000002-000003.parquet"] and res.counts["requested"] == 0
+    read.clear()  # shards of an earlier size are read where they overlap the task's items
+    res = generate_traces(problems(6), backend, TeacherConfig(shard_size=4), only={"000000-000003"}, **args)
+    assert read == ["traces-000000-000001.parquet", "traces-000002-000003.parquet"]
+    assert res.counts["requested"] == 0 and len(backend.requests) == 6
