@@ -36,8 +36,9 @@ import yaml
 from rscaffold.evalsets.loaders import prompt_family_of
 from rscaffold.labeling.taxonomy import Taxonomy, load_taxonomy
 from rscaffold.paths import data_dir
-from rscaffold.prompts import STUDENT_SYSTEM_PROMPT, example_benchmark, student_user_message
+from rscaffold.prompts import STUDENT_SYSTEM_PROMPT, student_user_message
 from rscaffold.store import MANIFEST, StageDir, is_published_name, published_dirs
+from rscaffold.student_format import family_of
 from rscaffold.vocabulary import CUSTOM_FORMAT, STEP_SEPARATOR
 
 log = logging.getLogger(__name__)
@@ -245,17 +246,13 @@ def chat_columns(
     )
     plain = pl.col("steps").list.eval(step.field("text")).list.join(STEP_SEPARATOR)
 
-    def family(source: str | None) -> str | None:  # of a benchmark name, or of a mix's source
-        name = example_benchmark(benchmark, source)
-        return prompt_family_of(name) if name is not None else None
-
     user = pl.col("question")
     if isinstance(benchmark, Mapping):
         user = pl.struct("question", "source").map_elements(
-            lambda r: student_user_message(r["question"], family(r["source"])), return_dtype=pl.String
+            lambda r: student_user_message(r["question"], family_of(benchmark, r["source"])), return_dtype=pl.String
         )
     elif benchmark is not None:
-        user = user.map_elements(lambda q: student_user_message(q, family(None)), return_dtype=pl.String)
+        user = user.map_elements(lambda q: student_user_message(q, family_of(benchmark, None)), return_dtype=pl.String)
     system_turn = pl.struct(role=pl.lit("system"), content=pl.lit(system_prompt))
     user_turn = pl.struct(role=pl.lit("user"), content=user)
 

@@ -7,7 +7,6 @@ import time
 from rscaffold.config import PipelineConfig, fingerprint_view
 from rscaffold.records import ExampleRecord
 from rscaffold.stages.common import (
-    log,
     open_stage,
     stage_code_version,
     stage_inputs,
@@ -70,33 +69,12 @@ def _token_lengths(cfg: PipelineConfig, train: list[ExampleRecord], tax) -> dict
     """Per trained student: the token-length distribution of its training examples (with the
     student's tokenizer) and how many are longer than ``training.max_length``; a warning when
     the training stage will refuse them."""
-    from rscaffold.evalsets.loaders import prompt_families
-    from rscaffold.training.lengths import length_report, load_student_tokenizer, student_lengths
+    from rscaffold.training.lengths import length_report, measure_students
 
-    lengths = student_lengths(
-        train,
-        cfg.training.students,
-        load_student_tokenizer(cfg.training),
-        signal_tokens=dict(zip(tax.names, tax.tokens)),
-        benchmark=prompt_families(cfg.problems),
-        segmentation=cfg.labeling.segmentation,
+    lengths = measure_students(
+        cfg, train, signal_tokens=dict(zip(tax.names, tax.tokens)), students=cfg.training.students
     )
-    report = length_report(lengths, cfg.training, check=False, stage="dataset")
-    for name, r in report.items():
-        affected = max(r["dropped"], r["over_max_length"])
-        if r["count"] and (
-            affected / r["count"] > cfg.training.max_over_length_share or cfg.training.truncation == "fail" and affected
-        ):
-            log.warning(
-                "dataset: %d of %d %s examples are longer than training.max_length=%d (longest %s tokens): "
-                "the training stage will refuse to start; raise training.max_length",
-                affected,
-                r["count"],
-                name,
-                cfg.training.max_length,
-                r["max"],
-            )
-    return report
+    return length_report(lengths, cfg.training, check=False, stage="dataset")
 
 
 def _length_settings(cfg: PipelineConfig) -> list:

@@ -219,16 +219,10 @@ def _check_lengths(cfg: PipelineConfig, train_rows: list[ExampleRecord], tax: An
     """Every student's length report (:func:`rscaffold.training.lengths.length_report`, which logs
     it and raises when max_length is too short) and, under ``truncation: drop``, the examples too
     long for any student."""
-    from rscaffold.evalsets.loaders import prompt_families
-    from rscaffold.training.lengths import length_report, load_student_tokenizer, student_lengths, too_long
+    from rscaffold.training.lengths import length_report, measure_students, too_long
 
-    per_student = student_lengths(
-        train_rows,
-        [n for n, _ in training_variants(cfg)],
-        load_student_tokenizer(cfg.training),
-        signal_tokens=dict(zip(tax.names, tax.tokens)),
-        benchmark=prompt_families(cfg.problems),
-        segmentation=cfg.labeling.segmentation,
+    per_student = measure_students(
+        cfg, train_rows, signal_tokens=dict(zip(tax.names, tax.tokens)), students=[n for n, _ in training_variants(cfg)]
     )
     report = length_report(per_student, cfg.training)
     drop = too_long(per_student, cfg.training.max_length) if cfg.training.truncation == "drop" else set()

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rscaffold.config import SegmentationConfig, TrainingConfig
+from rscaffold.config import PipelineConfig, SegmentationConfig, TrainingConfig
 from rscaffold.dataset import length_summary
 from rscaffold.records import ExampleRecord
 from rscaffold.student_format import example_lengths
@@ -65,6 +65,23 @@ def student_lengths(
     return {name: out[name] for name in students}
 
 
+def measure_students(
+    cfg: PipelineConfig, examples: Sequence[ExampleRecord], *, signal_tokens: Mapping[str, str], students: Sequence[str]
+) -> dict[str, dict[str, int]]:
+    """:func:`student_lengths` of a pipeline's ``students``: the student's tokenizer, the problems'
+    prompt families and the labeling stage's segmentation (what the training stage renders)."""
+    from rscaffold.evalsets.loaders import prompt_families
+
+    return student_lengths(
+        examples,
+        students,
+        load_student_tokenizer(cfg.training),
+        signal_tokens=signal_tokens,
+        benchmark=prompt_families(cfg.problems),
+        segmentation=cfg.labeling.segmentation,
+    )
+
+
 def too_long(lengths: Mapping[str, Mapping[str, int]], max_length: int) -> set[str]:
     """The examples (trace ids) longer than ``max_length`` for at least one student."""
     return {tid for per in lengths.values() for tid, n in per.items() if n > max_length}
@@ -80,7 +97,8 @@ def length_report(
     Logs one line per student (also when nothing is affected), prefixed with ``stage``.
 
     ``check``: raise :class:`TooLongExamplesError` when a student's affected share exceeds
-    ``max_over_length_share``, or when any example is too long under ``truncation: fail``.
+    ``max_over_length_share``, or when any example is too long under ``truncation: fail``; without
+    it, the same finding is a warning that the training stage will refuse to start.
     """
     dropped_ids = too_long(lengths, cfg.max_length) if cfg.truncation == "drop" else set()
     report: dict[str, dict[str, Any]] = {}
@@ -118,6 +136,10 @@ def length_report(
                 f"{'dropped' if cfg.truncation == 'drop' else 'truncated'} (p90 {s['p90']}, p99 {s['p99']}, "
                 f"longest {s['max']} tokens)"
             )
+    if problems and not check:
+        log.warning(
+            "%s: %s; the training stage will refuse to start; raise training.max_length", stage, "; ".join(problems)
+        )
     if check and problems:
         longest = max((r["max"] or 0) for r in report.values())
         p99 = max((r["p99"] or 0) for r in report.values())
