@@ -1,4 +1,4 @@
-"""Benchmark loaders on the published files (../shared/benchmarks) and on malformed files."""
+"""Benchmark loaders on the published benchmark files (found by tests/conftest.py) and on malformed files."""
 
 from __future__ import annotations
 
